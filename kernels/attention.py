@@ -1,0 +1,97 @@
+"""Paged attention over a flattened batch: decode rows (one query) and prefill chunks
+(several queries whose earlier context is already in the cache) in one call."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """How the flattened batch maps onto sequences and cache blocks.
+
+    Rows are ordered decodes first: rows [0, num_decodes) have exactly one query token,
+    which lets the reference handle all of them in one batched matmul.
+    """
+    query_start_loc: list[int]    # [B+1] offsets of each row's queries in the flat batch
+    seq_lens: list[int]           # [B] KV length of each row after this step (context + new)
+    block_tables: torch.Tensor    # [B, max_blocks] int64 block ids (padded with 0)
+    seq_lens_t: torch.Tensor      # [B] int64, seq_lens as a tensor on the cache's device
+    num_decodes: int              # leading rows with a single query
+    block_size: int
+
+
+def paged_attention(
+    q: torch.Tensor,           # [T, H, D]
+    k_cache: torch.Tensor,     # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,     # [num_blocks, block_size, Hkv, D]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:             # [T, H, D]
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        out[:nd] = _decode_rows(q[:nd], k_cache, v_cache, meta, scale)
+    for row in range(nd, len(meta.seq_lens)):
+        start, end = meta.query_start_loc[row], meta.query_start_loc[row + 1]
+        out[start:end] = _prefill_row(q[start:end], k_cache, v_cache, meta, row, scale)
+    return out
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Blocks [..., nb] -> contiguous tokens [..., nb * block_size, Hkv, D]."""
+    g = cache[block_ids]
+    return g.reshape(*block_ids.shape[:-1], -1, *cache.shape[2:])
+
+
+def _decode_rows(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    nd, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_len = max(meta.seq_lens[:nd])
+    nb = -(-max_len // meta.block_size)
+    k = _gather(k_cache, meta.block_tables[:nd, :nb]).to(q.dtype)   # [nd, L, Hkv, D]
+    v = _gather(v_cache, meta.block_tables[:nd, :nb]).to(q.dtype)
+    # Grouped queries share their KV head: [nd, Hkv, G, D] x [nd, Hkv, D, L] without repeating K.
+    qg = q.view(nd, num_kv_heads, group, head_dim)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale          # [nd, Hkv, G, L]
+    valid = torch.arange(k.shape[1], device=q.device)[None, :] < meta.seq_lens_t[:nd, None]
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    o = torch.matmul(probs, v.permute(0, 2, 1, 3))                              # [nd, Hkv, G, D]
+    return o.reshape(nd, num_heads, head_dim)
+
+
+def _prefill_row(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, row: int, scale: float
+) -> torch.Tensor:
+    num_q, num_heads, head_dim = q.shape
+    seq_len = meta.seq_lens[row]
+    nb = -(-seq_len // meta.block_size)
+    k = _gather(k_cache, meta.block_tables[row, :nb])[:seq_len].to(q.dtype)   # [L, Hkv, D]
+    v = _gather(v_cache, meta.block_tables[row, :nb])[:seq_len].to(q.dtype)
+    group = num_heads // k.shape[1]
+    k = k.transpose(0, 1).repeat_interleave(group, dim=0)                      # [H, L, D]
+    v = v.transpose(0, 1).repeat_interleave(group, dim=0)
+    context = seq_len - num_q
+    # Query i sits at position context + i and sees keys at positions <= context + i.
+    q_pos = torch.arange(context, seq_len, device=q.device)[:, None]
+    k_pos = torch.arange(seq_len, device=q.device)[None, :]
+    mask = k_pos <= q_pos
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k, v, attn_mask=mask, scale=scale
+    )                                                                           # [H, Q, D]
+    return o.transpose(0, 1)

@@ -1,0 +1,98 @@
+"""`weft` command line: serve | generate | client | models."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from service.config import EngineConfig
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model directory or GGUF file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--kv-cache-gb", type=float, default=2.0)
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def _engine_config(a: argparse.Namespace, **extra) -> EngineConfig:
+    return EngineConfig(
+        model=a.model, dtype=a.dtype, device=a.device, kv_cache_gb=a.kv_cache_gb,
+        max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
+        max_model_len=a.max_model_len, **extra,
+    )
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from decoding.sampling import SamplingParams
+    from service.llm import LLM
+
+    cfg = _engine_config(a, progress=not a.json)
+    llm = LLM(**{k: getattr(cfg, k) for k in cfg.__slots__})
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed,
+                            top_p=a.top_p, top_k=a.top_k)
+    tok = llm.tokenizer
+    if tok.has_chat_template and not a.raw:
+        text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True)
+        prompt: str | list[int] = tok.encode(text, add_special_tokens=False)
+    else:
+        prompt = a.prompt
+    out = llm.generate(prompt, params)[0].outputs[0]
+    if a.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}))
+    else:
+        print(out.text)
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from service.loader import default_model_path
+
+    print(default_model_path())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="weft", description="Weft LLM inference engine")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="complete one prompt offline")
+    _engine_args(g)
+    g.add_argument("prompt")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--raw", action="store_true", help="no chat template")
+    g.add_argument("--json", action="store_true", help='print {"text", "token_ids", "finish_reason"}')
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", help="show the default model path")
+    m.set_defaults(func=cmd_models)
+
+    try:
+        from service import server_cli
+        server_cli.add_commands(sub, _engine_args, _engine_config)
+    except ImportError:
+        pass
+
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except Exception as exc:  # clear one-line errors for user mistakes
+        from service.errors import WeftError
+
+        if isinstance(exc, WeftError):
+            print(f"weft: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""AsyncEngine: the step loop on its own thread, requests and deltas on the asyncio side.
+
+The engine thread alone touches EngineCore; callers talk to it through a command queue, and
+deltas come back with one `call_soon_threadsafe` per step, so the event loop never waits on a
+forward pass and the model never waits on the network.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from decoding.sampling import SamplingParams
+from service.config import EngineConfig
+from service.engine.core import EngineCore
+from service.engine.request import RequestOutput
+from service.errors import ResourceExhaustedError, WeftError
+
+log = logging.getLogger("weft.engine")
+
+
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+class _Stop:
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[list[RequestOutput] | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self._pending_adds = 0   # adds sent but not yet seen by the engine thread (queue-limit accounting)
+        self.steps = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
+        return cls(EngineCore(config))
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name="weft-engine", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self) -> None:
+        if self._thread is not None:
+            self._commands.put(_Stop())
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream deltas for a request. Raises InvalidArgumentError / ResourceExhaustedError before
+        the first delta. Leaving the iteration early (cancel, disconnect) aborts the request."""
+        self.start()
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self._streams:
+            from service.errors import InvalidArgumentError
+
+            raise InvalidArgumentError("request_id", f"{rid!r} is already in flight")
+        ids = self.core.validate(prompt, params)
+        if self.core.num_waiting + self._pending_adds >= self.core.config.max_queue_len:
+            raise ResourceExhaustedError(
+                f"waiting queue is full ({self.core.config.max_queue_len} requests); retry later"
+            )
+        stream: asyncio.Queue[list[RequestOutput] | BaseException] = asyncio.Queue()
+        self._streams[rid] = stream
+        self._pending_adds += 1
+        self._commands.put(_Add(rid, ids, params))
+        remaining = params.n
+        try:
+            while remaining:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                for out in item:
+                    if out.finished:
+                        remaining -= 1
+                    yield out
+        finally:
+            self._streams.pop(rid, None)
+            if remaining:
+                self._commands.put(_Abort(rid))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    # ---- engine thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        core = self.core
+        while True:
+            # Idle: block until a command arrives instead of spinning.
+            commands = [self._commands.get()] if not core.has_unfinished() else []
+            while True:
+                try:
+                    commands.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+            outputs: list[RequestOutput] = []
+            errors: list[tuple[str, BaseException]] = []
+            for cmd in commands:
+                if isinstance(cmd, _Stop):
+                    return
+                if isinstance(cmd, _Add):
+                    self._loop.call_soon_threadsafe(self._added)
+                    try:
+                        core.add_request(cmd.request_id, cmd.prompt_ids, cmd.params)
+                    except WeftError as exc:
+                        errors.append((cmd.request_id, exc))
+                else:
+                    outputs.extend(core.abort(cmd.request_id))
+            try:
+                outputs.extend(core.step())
+                self.steps += 1
+            except Exception as exc:  # keep the loop alive; fail what was running
+                log.exception("engine step failed")
+                for rid in list(core.requests):
+                    core.abort(rid)
+                    errors.append((rid, RuntimeError(f"engine step failed: {exc}")))
+            if outputs or errors:
+                self._loop.call_soon_threadsafe(self._deliver, outputs, errors)
+
+    def _added(self) -> None:
+        self._pending_adds -= 1
+
+    def _deliver(self, outputs: list[RequestOutput], errors: list[tuple[str, BaseException]]) -> None:
+        by_id: dict[str, list[RequestOutput]] = {}
+        for out in outputs:
+            by_id.setdefault(out.request_id, []).append(out)
+        for rid, outs in by_id.items():
+            stream = self._streams.get(rid)
+            if stream is not None:
+                stream.put_nowait(outs)
+        for rid, exc in errors:
+            stream = self._streams.get(rid)
+            if stream is not None:
+                stream.put_nowait(exc)

@@ -1,0 +1,198 @@
+"""EngineCore: owns the model, the KV cache and the scheduler; `step()` advances every running
+request by one scheduled chunk. Single-threaded by design: the async engine calls it from one
+thread, the offline LLM from the caller's."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+
+from decoding.sampling import Sampler, SampleRequest, SamplingParams
+from decoding.stopping import StopChecker
+from service.config import EngineConfig
+from service.engine.kv_cache import KVCacheManager
+from service.engine.request import Request, RequestOutput, RequestStatus
+from service.engine.runner import ModelRunner
+from service.engine.scheduler import Scheduler, SchedulerConfig
+from service.errors import InvalidArgumentError, ModelLoadError
+from service.loader import LoadedModel, load_model
+from service.models import MODEL_CLASSES
+
+log = logging.getLogger("weft.engine")
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        dtype = config.torch_dtype()
+        self.device = torch.device(config.device)
+        loaded = loaded or load_model(config.model, dtype=dtype, progress=config.progress)
+        self.loaded = loaded
+        self.model_name = loaded.name
+        self.tokenizer = loaded.tokenizer
+        hf = loaded.config
+        arch = (getattr(hf, "architectures", None) or ["?"])[0]
+        if arch not in MODEL_CLASSES:
+            raise ModelLoadError(f"unsupported architecture {arch!r}; supported: {sorted(MODEL_CLASSES)}")
+        context = int(getattr(hf, "max_position_embeddings", 2048))
+        window = getattr(hf, "sliding_window", None)
+        if window and getattr(hf, "use_sliding_window", True):
+            # Sliding-window attention is not implemented: stay within the window, where it is exact.
+            context = min(context, int(window))
+        model = MODEL_CLASSES[arch](hf, max_positions=context)
+        model.load_weights(loaded.weights)
+        model.to(device=self.device, dtype=dtype).eval()
+        loaded.weights.clear()  # the model holds its own (fused) copies now
+        self.model = model
+
+        block_bytes = ModelRunner.kv_bytes_per_block(model, config.block_size, dtype)
+        num_blocks = config.num_blocks or max(1, int(config.kv_cache_gb * 2**30) // block_bytes)
+        self.num_blocks = num_blocks
+        self.max_model_len = min(config.max_model_len or context, context, num_blocks * config.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len), self.kv
+        )
+        self.runner = ModelRunner(model, self.kv, num_blocks, config.block_size, dtype, self.device)
+        self.sampler = Sampler()
+        self.requests: dict[str, list[Request]] = {}   # parent id -> its n sequences
+        self.eos_token_ids = tuple(self.tokenizer.eos_token_ids)
+        self.vocab_size = int(hf.vocab_size)
+
+    # ---- requests in -------------------------------------------------------------------------
+
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Check a request without adding it; returns the prompt's token ids."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidArgumentError("prompt", "must not be empty")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in ids):
+                raise InvalidArgumentError("prompt_token_ids", f"every id must be an int in [0, {self.vocab_size})")
+        if not ids:
+            raise InvalidArgumentError("prompt", "must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidArgumentError(
+                "prompt", f"is {len(ids)} tokens; the model's context is {self.max_model_len} (prompt must be shorter)"
+            )
+        params.validate(self.vocab_size)
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> int:
+        """Queue a request (n sequences). Returns the prompt length. Raises InvalidArgumentError."""
+        if request_id in self.requests:
+            raise InvalidArgumentError("request_id", f"{request_id!r} is already running")
+        ids = self.validate(prompt, params)
+        # Generation never runs past the context: cap max_tokens so the stop checker says "length".
+        room = self.max_model_len - len(ids)
+        if params.max_tokens > room:
+            params = dataclasses.replace(params, max_tokens=room)
+        children = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            child_params = dataclasses.replace(params, n=1, seed=seed)
+            req = Request(
+                request_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                parent_id=request_id,
+                index=i,
+                prompt_ids=ids,
+                params=child_params,
+                stop_checker=StopChecker(child_params, self.tokenizer, ids, self.eos_token_ids),
+                generator=None if seed is None else Sampler.make_generator(seed),
+            )
+            children.append(req)
+            self.scheduler.add(req)
+        self.requests[request_id] = children
+        return len(ids)
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Stop a request now and free its blocks. Unknown or finished ids are ignored."""
+        outs = []
+        for req in self.requests.pop(request_id, []):
+            if not req.finished:
+                self.scheduler.finish(req, "cancelled")
+                outs.append(self._output(req))
+        return outs
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    def pool_is_whole(self) -> bool:
+        return self.kv.num_free_blocks == self.num_blocks
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        try:
+            sample_reqs, logits = self.runner.execute(batch)
+        except Exception as exc:  # a failing batch must not take the engine down with it
+            log.exception("model step failed")
+            return self._fail(batch.requests, f"model step failed: {exc}")
+        for req, n in zip(batch.requests, batch.num_tokens):
+            req.num_computed_tokens += n
+        touched: list[Request] = []
+        if sample_reqs:
+            rows = [SampleRequest(r.params, r.prompt_ids, r.output_ids, r.generator) for r in sample_reqs]
+            tokens, logprobs = self.sampler(logits, rows)
+            for req, tok, lp in zip(sample_reqs, tokens, logprobs):
+                self._append(req, tok, lp)
+                touched.append(req)
+        return [self._output(r) for r in touched]
+
+    def _append(self, req: Request, token: int, logprob) -> None:
+        req.token_ids.append(token)
+        req.pending_ids.append(token)
+        if logprob is not None:
+            req.pending_logprobs.append(logprob)
+        text, reason = req.stop_checker.append(token)
+        req.pending_text += text
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+
+    def _fail(self, reqs: list[Request], message: str) -> list[RequestOutput]:
+        outs = []
+        for req in reqs:
+            self.scheduler.finish(req, "error")
+            out = self._output(req)
+            out.error = message
+            outs.append(out)
+        return outs
+
+    def _output(self, req: Request) -> RequestOutput:
+        out = RequestOutput(
+            request_id=req.parent_id,
+            index=req.index,
+            text=req.pending_text,
+            token_ids=req.pending_ids,
+            logprobs=req.pending_logprobs if req.params.logprobs is not None else None,
+            finished=req.finished,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_checker.stop_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+        )
+        req.pending_text, req.pending_ids, req.pending_logprobs = "", [], []
+        if req.finished:
+            self._forget(req)
+        return out
+
+    def _forget(self, req: Request) -> None:
+        family = self.requests.get(req.parent_id)
+        if family is not None and all(r.finished for r in family):
+            del self.requests[req.parent_id]

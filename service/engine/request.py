@@ -1,0 +1,89 @@
+"""Per-request state the scheduler and runner share."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from decoding.sampling import SamplingParams, TokenLogprobs
+from decoding.stopping import StopChecker
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+# Why a sequence ended; the API layers map these names one to one.
+FINISH_REASONS = ("length", "stop", "eos", "cancelled", "error")
+
+
+@dataclass(slots=True)
+class Request:
+    """One sequence. A request with n > 1 becomes n of these, `index` 0..n-1 under one `parent_id`.
+
+    There is no prefill or decode phase: `num_computed_tokens` catches up with `token_ids`
+    (prompt + generated). Chunked prefill, preemption by recompute and prefix hits only move it.
+    """
+    request_id: str
+    parent_id: str
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_checker: StopChecker
+    generator: torch.Generator | None = None
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    # Output not yet handed to the caller (drained by the engine after each step).
+    pending_text: str = ""
+    pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids):]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """A delta for one sequence: what it produced since the last output."""
+    request_id: str                 # the caller's id (parent id for n > 1)
+    index: int                      # which of the n samples
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None

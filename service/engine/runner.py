@@ -1,0 +1,82 @@
+"""Flattens a scheduled batch into tensors (input ids, positions, slot mapping, block tables),
+owns the KV cache tensors, and runs the model."""
+from __future__ import annotations
+
+import torch
+
+from kernels.attention import AttentionMetadata
+from service.engine.kv_cache import KVCacheManager
+from service.engine.request import Request
+from service.engine.scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv: KVCacheManager, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.kv = kv
+        self.block_size = block_size
+        self.device = device
+        n_layers = model.config.num_hidden_layers
+        shape = (n_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        self.kv_tensor = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv_caches = [(self.kv_tensor[i, 0], self.kv_tensor[i, 1]) for i in range(n_layers)]
+
+    @staticmethod
+    def kv_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return model.config.num_hidden_layers * 2 * block_size * model.num_kv_heads * model.head_dim * elem
+
+    def execute(self, batch: ScheduledBatch) -> tuple[list[Request], torch.Tensor]:
+        """Run one step. Returns the requests that reach the end of their tokens (they get a new
+        token sampled) and their logits [len, V] in float32."""
+        # Single-query rows first: the attention reference batches them in one matmul.
+        order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] != 1)
+        num_decodes = sum(1 for n in batch.num_tokens if n == 1)
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        sample_rows: list[int] = []
+        sample_reqs: list[Request] = []
+        bs = self.block_size
+        for i in order:
+            req, n = batch.requests[i], batch.num_tokens[i]
+            start = req.num_computed_tokens
+            end = start + n
+            blocks = self.kv.block_ids(req.request_id)
+            ids.extend(req.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            starts.append(starts[-1] + n)
+            seq_lens.append(end)
+            tables.append(blocks)
+            if end == req.num_tokens:
+                sample_rows.append(starts[-1] - 1)
+                sample_reqs.append(req)
+        width = max(len(t) for t in tables)
+        table_t = torch.zeros((len(tables), width), dtype=torch.long)
+        for r, t in enumerate(tables):
+            table_t[r, : len(t)] = torch.tensor(t, dtype=torch.long)
+        dev = self.device
+        meta = AttentionMetadata(
+            query_start_loc=starts,
+            seq_lens=seq_lens,
+            block_tables=table_t.to(dev),
+            seq_lens_t=torch.tensor(seq_lens, dtype=torch.long, device=dev),
+            num_decodes=num_decodes,
+            block_size=bs,
+        )
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            self.kv_caches,
+            torch.tensor(slots, dtype=torch.long, device=dev),
+            meta,
+        )
+        if not sample_reqs:
+            return [], hidden.new_empty((0, 0), dtype=torch.float32)
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        return sample_reqs, logits

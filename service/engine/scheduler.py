@@ -1,0 +1,110 @@
+"""One token budget per step, shared by decodes and prefill chunks (vLLM v1's scheduler).
+
+Each step: running requests first (in arrival order), each taking what it still needs up to
+the remaining budget — one token for a decode, a chunk for a long prompt. When the pool can't
+hold a running request's next tokens, the newest running request is preempted (its blocks
+freed, recomputed later). Then waiting requests are admitted in FCFS order while budget,
+sequence slots and blocks allow; the head of the queue is never skipped, so none starves.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from service.engine.kv_cache import KVCacheManager
+from service.engine.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 1024   # the per-step token budget
+    max_num_seqs: int = 256              # running sequences at once
+    max_model_len: int = 2048            # prompt + output, per sequence
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)   # tokens computed for each request this step
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if self._make_room(req, n, batch):
+                batch.requests.append(req)
+                batch.num_tokens.append(n)
+                budget -= n
+                i += 1
+            # else: req itself was preempted and removed from running; index i now holds the next one.
+        if not batch.preempted:
+            self._admit(batch, budget)
+        return batch
+
+    def _make_room(self, req: Request, n: int, batch: ScheduledBatch) -> bool:
+        """Allocate KV for `req`'s next n tokens, preempting from the back of `running` as needed."""
+        while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+            victim = self.running.pop()
+            self._preempt(victim)
+            batch.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        # Recompute, not swap: drop the KV; prompt + output so far is recomputed when it returns.
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            batch.requests.append(req)
+            batch.num_tokens.append(n)
+            budget -= n
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Take a request out (done, aborted or failed) and return its blocks."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.kv.free(req.request_id)

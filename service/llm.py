@@ -1,0 +1,76 @@
+"""Offline use: `LLM(...).generate(prompts, SamplingParams)` runs the step loop in the caller's thread."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from decoding.sampling import SamplingParams, TokenLogprobs
+from service.config import EngineConfig
+from service.engine.core import EngineCore
+from service.engine.request import RequestOutput
+
+
+@dataclass(slots=True)
+class Completion:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass(slots=True)
+class GenerateResult:
+    request_id: str
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    outputs: list[Completion]
+
+
+def accumulate(completions: list[Completion], out: RequestOutput) -> None:
+    """Fold one delta into the running completion for its sample."""
+    c = completions[out.index]
+    c.text += out.text
+    c.token_ids.extend(out.token_ids)
+    if out.logprobs is not None:
+        c.logprobs = (c.logprobs or []) + list(out.logprobs)
+    if out.finished:
+        c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_args) -> None:
+        self.engine = EngineCore(EngineConfig(model=model, **engine_args))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[GenerateResult]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt, as text or as ids
+        params = params or SamplingParams()
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError("params: need one SamplingParams per prompt")
+        results: dict[str, GenerateResult] = {}
+        order = []
+        for prompt, p in zip(prompts, plist):
+            rid = f"offline-{next(self._ids)}"
+            n_prompt = self.engine.add_request(rid, list(prompt) if not isinstance(prompt, str) else prompt, p)
+            results[rid] = GenerateResult(rid, n_prompt, 0, [Completion(i) for i in range(p.n)])
+            order.append(rid)
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                res = results[out.request_id]
+                accumulate(res.outputs, out)
+                res.num_cached_tokens = out.num_cached_tokens
+        return [results[rid] for rid in order]
+
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> GenerateResult:
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate(self.tokenizer.encode(prompt, add_special_tokens=False), params)[0]
