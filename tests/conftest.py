@@ -1,0 +1,142 @@
+"""Shared model fixtures: the real SmolLM2 (GGUF and its converted HF dir) and tiny random models.
+
+Nothing here downloads: the hub is switched off before transformers is imported anywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hashlib  # noqa: E402
+import shutil  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from service.loader import default_model_path, resolve_hf_dir  # noqa: E402
+
+TINY_KINDS = ("llama", "qwen2", "mistral")
+
+# Tokenizer files copied from the converted SmolLM2 into every tiny model.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+# The tiny models' shape. initializer_range 0.2 (not the usual 0.02) makes the logits spread
+# enough that greedy decoding walks through many tokens instead of repeating one.
+_TINY_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "initializer_range": 0.2,
+    "rope_theta": 50000.0,  # not any family's default, so a model that ignores it is caught
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+}
+# A different seed per family so that llama and mistral do not share weights.
+_SEEDS = {"llama": 0, "qwen2": 1, "mistral": 2}
+
+TinyModelFactory = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf: Path) -> Path:
+    """The GGUF converted to an HF directory (about 20 s the first time, then cached in ~/.cache/weft)."""
+    return resolve_hf_dir(smollm2_gguf, progress=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers_gguf(smollm2_gguf: Path) -> torch.nn.Module:
+    """transformers' own load of the GGUF (float32, eval): the reference. Slow (~12 s), so loaded
+    once per session; do not modify it. `from_pretrained(smollm2_dir)` has the same weights in ~1 s."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32, local_files_only=True
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> TinyModelFactory:
+    """`make(kind, **config_overrides) -> Path`: a tiny random model dir, written once per distinct args.
+
+    kind is "llama", "qwen2" or "mistral". Overrides go to the transformers config, e.g.
+    `make("llama", tie_word_embeddings=False)` or
+    `make("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 128})`.
+    """
+    root = tmp_path_factory.mktemp("tiny_models")
+    made: dict[str, Path] = {}
+
+    def make(kind: str, **config_overrides: Any) -> Path:
+        if kind not in TINY_KINDS:
+            raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {TINY_KINDS}")
+        key = json.dumps([kind, config_overrides], sort_keys=True, default=str)
+        if key not in made:
+            name = f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+            made[key] = _write_tiny_model(root / name, kind, config_overrides, smollm2_dir)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory: TinyModelFactory) -> Path:
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_model_factory: TinyModelFactory) -> Path:
+    return tiny_model_factory("qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tiny_model_factory: TinyModelFactory) -> Path:
+    return tiny_model_factory("mistral")
+
+
+def _write_tiny_model(out: Path, kind: str, overrides: dict[str, Any], tokenizer_dir: Path) -> Path:
+    import transformers
+
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[kind]
+    vocab_size = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    config = config_cls(**{"vocab_size": vocab_size, **_TINY_DEFAULTS, **overrides})
+    torch.manual_seed(_SEEDS[kind])
+    model = model_cls(config).to(torch.float32)
+    _perturb_ones_and_zeros(model, config.initializer_range)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in _TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, out / name)
+    return out
+
+
+@torch.no_grad()
+def _perturb_ones_and_zeros(model: torch.nn.Module, scale: float) -> None:
+    """Norm weights start at 1 and biases at 0; make them random so a forward pass that skips
+    them (or mixes up q/k/v biases) gives different logits from transformers'."""
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.add_(torch.randn_like(param) * 0.1)
+        elif name.endswith(".bias"):
+            param.copy_(torch.randn_like(param) * scale)
