@@ -20,6 +20,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None    # default: the model's context, capped by the pool
     max_queue_len: int = 1024           # waiting requests beyond this are refused
+    enable_prefix_caching: bool = True  # reuse KV of full blocks shared with earlier requests
     progress: bool = True               # show loading progress
 
     def torch_dtype(self) -> torch.dtype:

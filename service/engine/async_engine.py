@@ -28,6 +28,7 @@ class _Add:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    cache_salt: str | None = None
 
 
 @dataclass(slots=True)
@@ -39,10 +40,16 @@ class _Stop:
     pass
 
 
+@dataclass(slots=True)
+class _Ping:
+    """Resolved once the engine has no unfinished request (tests and drains wait on it)."""
+    future: asyncio.Future
+
+
 class AsyncEngine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Ping | _Stop] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[list[RequestOutput] | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -75,7 +82,8 @@ class AsyncEngine:
     # ---- requests ----------------------------------------------------------------------------
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream deltas for a request. Raises InvalidArgumentError / ResourceExhaustedError before
         the first delta. Leaving the iteration early (cancel, disconnect) aborts the request."""
@@ -93,7 +101,7 @@ class AsyncEngine:
         stream: asyncio.Queue[list[RequestOutput] | BaseException] = asyncio.Queue()
         self._streams[rid] = stream
         self._pending_adds += 1
-        self._commands.put(_Add(rid, ids, params))
+        self._commands.put(_Add(rid, ids, params, cache_salt))
         remaining = params.n
         try:
             while remaining:
@@ -112,10 +120,18 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
+    async def wait_idle(self) -> None:
+        """Return once every queued command is applied and no request is left unfinished."""
+        self.start()
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(_Ping(future))
+        await future
+
     # ---- engine thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
         core = self.core
+        pings: list[_Ping] = []
         while True:
             # Idle: block until a command arrives instead of spinning.
             commands = [self._commands.get()] if not core.has_unfinished() else []
@@ -129,10 +145,13 @@ class AsyncEngine:
             for cmd in commands:
                 if isinstance(cmd, _Stop):
                     return
+                if isinstance(cmd, _Ping):
+                    pings.append(cmd)
+                    continue
                 if isinstance(cmd, _Add):
                     self._loop.call_soon_threadsafe(self._added)
                     try:
-                        core.add_request(cmd.request_id, cmd.prompt_ids, cmd.params)
+                        core.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.cache_salt)
                     except WeftError as exc:
                         errors.append((cmd.request_id, exc))
                 else:
@@ -147,6 +166,10 @@ class AsyncEngine:
                     errors.append((rid, RuntimeError(f"engine step failed: {exc}")))
             if outputs or errors:
                 self._loop.call_soon_threadsafe(self._deliver, outputs, errors)
+            if pings and not core.has_unfinished():
+                for ping in pings:
+                    self._loop.call_soon_threadsafe(_resolve, ping.future)
+                pings = []
 
     def _added(self) -> None:
         self._pending_adds -= 1
@@ -163,3 +186,8 @@ class AsyncEngine:
             stream = self._streams.get(rid)
             if stream is not None:
                 stream.put_nowait(exc)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 
 import torch
 
@@ -51,7 +50,7 @@ class EngineCore:
         num_blocks = config.num_blocks or max(1, int(config.kv_cache_gb * 2**30) // block_bytes)
         self.num_blocks = num_blocks
         self.max_model_len = min(config.max_model_len or context, context, num_blocks * config.block_size)
-        self.kv = KVCacheManager(num_blocks, config.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len), self.kv
         )
@@ -82,7 +81,9 @@ class EngineCore:
         params.validate(self.vocab_size)
         return ids
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> int:
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, cache_salt: str | None = None
+    ) -> int:
         """Queue a request (n sequences). Returns the prompt length. Raises InvalidArgumentError."""
         if request_id in self.requests:
             raise InvalidArgumentError("request_id", f"{request_id!r} is already running")
@@ -103,6 +104,7 @@ class EngineCore:
                 params=child_params,
                 stop_checker=StopChecker(child_params, self.tokenizer, ids, self.eos_token_ids),
                 generator=None if seed is None else Sampler.make_generator(seed),
+                cache_salt=cache_salt or "",
             )
             children.append(req)
             self.scheduler.add(req)
@@ -132,6 +134,9 @@ class EngineCore:
     def pool_is_whole(self) -> bool:
         return self.kv.num_free_blocks == self.num_blocks
 
+    def reset_prefix_cache(self) -> None:
+        self.kv.reset_prefix_cache()
+
     # ---- one step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -145,6 +150,10 @@ class EngineCore:
             return self._fail(batch.requests, f"model step failed: {exc}")
         for req, n in zip(batch.requests, batch.num_tokens):
             req.num_computed_tokens += n
+            req.num_registered_blocks = self.kv.cache_full_blocks(
+                req.request_id, req.token_ids, req.num_computed_tokens, req.block_hashes,
+                req.num_registered_blocks, req.cache_salt,
+            )
         touched: list[Request] = []
         if sample_reqs:
             rows = [SampleRequest(r.params, r.prompt_ids, r.output_ids, r.generator) for r in sample_reqs]

@@ -1,47 +1,93 @@
-"""Paged KV cache bookkeeping: a pool of fixed-size blocks, per-request block lists, ref counts.
+"""Paged KV cache bookkeeping: a pool of fixed-size blocks, per-request block lists, ref counts,
+and the prefix cache (full blocks addressed by a chained hash of their tokens).
 
-The scheduler only asks "can this request get room for n more tokens?" and "free it"; which
-blocks those are stays in here (vLLM v1's KVCacheManager). The tensors themselves live in the
-runner; this class hands out block ids into them.
+The scheduler only asks "what prefix is already cached?", "can this request get room for n
+more tokens?" and "free it"; which blocks those are stays in here (vLLM v1's KVCacheManager).
+The tensors themselves live in the runner; this class hands out block ids into them.
+
+A freed block keeps its contents and its hash: it sits in the free queue (LRU order) where a
+later request with the same prefix can take it back, until the pool needs it for new tokens
+and evicts it from the front. Shared blocks are always full and never written again — a
+request always recomputes at least its last prompt token into a block of its own.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from decoding.prefix_cache import BlockHash, extend_block_hashes
 
 
 class BlockPool:
-    """Free list + reference counts over block ids [0, num_blocks)."""
+    """Ref counts, the LRU free queue, and the hash -> block map."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.ref_cnt = [0] * num_blocks
-        self.free: deque[int] = deque(range(num_blocks))
+        # Free blocks, least recently freed first; OrderedDict so a cache hit can pull one out in O(1).
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.hash_of: dict[int, BlockHash] = {}
+        self.cached: dict[BlockHash, int] = {}
 
     @property
     def num_free(self) -> int:
         return len(self.free)
 
     def take(self, n: int) -> list[int]:
-        blocks = [self.free.popleft() for _ in range(n)]
-        for b in blocks:
+        """Fresh blocks for new tokens: evicts the least recently used cached ones."""
+        blocks = []
+        for _ in range(n):
+            b, _ = self.free.popitem(last=False)
+            h = self.hash_of.pop(b, None)
+            if h is not None and self.cached.get(h) == b:
+                del self.cached[h]
             self.ref_cnt[b] = 1
+            blocks.append(b)
         return blocks
 
+    def touch(self, blocks: list[int]) -> None:
+        """Take a reference on cache hits (pulling any free ones out of the free queue)."""
+        for b in blocks:
+            if self.ref_cnt[b] == 0:
+                del self.free[b]
+            self.ref_cnt[b] += 1
+
     def release(self, blocks: list[int]) -> None:
-        # Reverse order: a request's tail blocks are reused first, its head (likeliest shared) last.
+        # Reverse order: a request's tail blocks are evicted first, its head (likeliest shared) last.
         for b in reversed(blocks):
             self.ref_cnt[b] -= 1
             if self.ref_cnt[b] == 0:
-                self.free.append(b)
+                self.free[b] = None
             elif self.ref_cnt[b] < 0:
                 raise RuntimeError(f"block {b} freed twice")
 
+    def register(self, block: int, h: BlockHash) -> None:
+        if h not in self.cached:  # an equal block may already be cached; keep the first
+            self.cached[h] = block
+            self.hash_of[block] = h
+
+    def reset_hashes(self) -> None:
+        self.cached.clear()
+        self.hash_of.clear()
+
+
+@dataclass(slots=True)
+class PrefixStats:
+    queries: int = 0      # prompt tokens looked up
+    hits: int = 0         # of those, found cached
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.blocks: dict[str, list[int]] = {}
+        self.enable_prefix_caching = enable_prefix_caching
+        self.stats = PrefixStats()
 
     @property
     def num_free_blocks(self) -> int:
@@ -54,16 +100,58 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate(self, request_id: str, total_tokens: int) -> bool:
-        """Make room for `total_tokens` KV slots for the request; False (and no change) if the pool can't."""
-        held = self.blocks.setdefault(request_id, [])
+    def cached_prefix(self, token_ids: list[int], hashes: list[BlockHash], salt: str = "") -> list[int]:
+        """Blocks holding the longest cached prefix of token_ids, leaving at least the last token
+        to compute (its logits are needed). `hashes` is the request's hash list, extended here."""
+        if not self.enable_prefix_caching:
+            return []
+        usable = (len(token_ids) - 1) // self.block_size
+        extend_block_hashes(hashes, token_ids, usable * self.block_size, self.block_size, salt)
+        hit: list[int] = []
+        for h in hashes[:usable]:
+            b = self.pool.cached.get(h)
+            if b is None:
+                break
+            hit.append(b)
+        return hit
+
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.stats.queries += num_tokens
+        self.stats.hits += num_hit_tokens
+
+    def allocate(self, request_id: str, total_tokens: int, cached: list[int] | None = None) -> bool:
+        """Make room for `total_tokens` KV slots, starting from `cached` prefix blocks for a new
+        request; False (and no change) if the pool can't."""
+        held = self.blocks.get(request_id)
+        if held is None:
+            held = []
+            cached = cached or []
+            # Hit blocks sitting in the free queue stop counting as free once we take them.
+            reclaimed = sum(1 for b in cached if self.pool.ref_cnt[b] == 0)
+            need = self.blocks_needed(total_tokens) - len(cached)
+            if need + reclaimed > self.pool.num_free:
+                return False
+            self.pool.touch(cached)
+            held = self.blocks[request_id] = list(cached)
         need = self.blocks_needed(total_tokens) - len(held)
-        if need <= 0:
-            return True
         if need > self.pool.num_free:
             return False
-        held.extend(self.pool.take(need))
+        if need > 0:
+            held.extend(self.pool.take(need))
         return True
+
+    def cache_full_blocks(self, request_id: str, token_ids: list[int], num_computed: int,
+                          hashes: list[BlockHash], start: int, salt: str = "") -> int:
+        """Register the request's blocks [start, ...) that are now completely computed; returns
+        how many of its blocks are registered in all."""
+        if not self.enable_prefix_caching:
+            return start
+        held = self.blocks.get(request_id, [])
+        full = min(len(held), num_computed // self.block_size)
+        extend_block_hashes(hashes, token_ids, full * self.block_size, self.block_size, salt)
+        for i in range(start, full):
+            self.pool.register(held[i], hashes[i])
+        return max(start, full)
 
     def free(self, request_id: str) -> None:
         blocks = self.blocks.pop(request_id, None)
@@ -72,3 +160,7 @@ class KVCacheManager:
 
     def block_ids(self, request_id: str) -> list[int]:
         return self.blocks.get(request_id, [])
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash (admin call). Blocks in use keep their contents; nothing new hits them."""
+        self.pool.reset_hashes()

@@ -36,6 +36,9 @@ class Request:
     params: SamplingParams
     stop_checker: StopChecker
     generator: torch.Generator | None = None
+    cache_salt: str = ""
+    block_hashes: list[bytes] = field(default_factory=list)   # chained hashes of its full blocks
+    num_registered_blocks: int = 0                            # how many of them are in the prefix cache
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0

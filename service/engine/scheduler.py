@@ -89,15 +89,31 @@ class Scheduler:
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+            if self._sibling_prefilling(req):
+                break  # n > 1: let one sample compute the prompt, the others then hit the cache
+            cached = self.kv.cached_prefix(req.token_ids, req.block_hashes, req.cache_salt)
+            num_cached = len(cached) * self.kv.block_size
+            n = min(req.num_tokens - num_cached, budget)
+            if not self.kv.allocate(req.request_id, num_cached + n, cached):
                 break
+            req.num_computed_tokens = num_cached
+            if req.status is RequestStatus.WAITING:
+                # Reported in usage and metrics; a preempted request's re-run doesn't count again.
+                req.num_cached_tokens = num_cached
+                self.kv.record_lookup(req.num_prompt_tokens, num_cached)
+            req.num_registered_blocks = len(cached)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             batch.requests.append(req)
             batch.num_tokens.append(n)
             budget -= n
+
+    def _sibling_prefilling(self, req: Request) -> bool:
+        if req.index == 0 or not self.kv.enable_prefix_caching:
+            return False
+        return any(r.parent_id == req.parent_id and r.num_computed_tokens < r.num_prompt_tokens
+                   for r in self.running)
 
     def finish(self, req: Request, reason: str) -> None:
         """Take a request out (done, aborted or failed) and return its blocks."""
