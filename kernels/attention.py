@@ -2,6 +2,7 @@
 (several queries whose earlier context is already in the cache) in one call."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,10 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:             # [T, H, D]
+    if q.is_cuda or os.environ.get("WEFT_FORCE_TRITON") == "1":
+        from kernels.triton_attention import paged_attention_triton
+
+        return paged_attention_triton(q, k_cache, v_cache, meta, scale)
     return paged_attention_ref(q, k_cache, v_cache, meta, scale)
 
 
