@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from decoding.sampling import Sampler, SampleRequest, SamplingParams
+from decoding.sampling import NoValidTokenError, Sampler, SampleRequest, SamplingParams
 from decoding.stopping import StopChecker
 from service.config import EngineConfig
 from service.engine.kv_cache import KVCacheManager
@@ -154,14 +154,24 @@ class EngineCore:
                 req.request_id, req.token_ids, req.num_computed_tokens, req.block_hashes,
                 req.num_registered_blocks, req.cache_salt,
             )
-        touched: list[Request] = []
+        outputs: list[RequestOutput] = []
         if sample_reqs:
             rows = [SampleRequest(r.params, r.prompt_ids, r.output_ids, r.generator) for r in sample_reqs]
-            tokens, logprobs = self.sampler(logits, rows)
+            try:
+                tokens, logprobs = self.sampler(logits, rows)
+            except NoValidTokenError as exc:
+                # Rows with nothing to sample (NaN logits, a mask that allows nothing) fail alone;
+                # the rest of the batch is sampled again without them.
+                bad = set(exc.rows)
+                outputs += self._fail([sample_reqs[i] for i in sorted(bad)], "no valid token to sample")
+                keep = [i for i in range(len(sample_reqs)) if i not in bad]
+                sample_reqs = [sample_reqs[i] for i in keep]
+                rows = [rows[i] for i in keep]
+                tokens, logprobs = self.sampler(logits[keep], rows) if keep else ([], [])
             for req, tok, lp in zip(sample_reqs, tokens, logprobs):
                 self._append(req, tok, lp)
-                touched.append(req)
-        return [self._output(r) for r in touched]
+                outputs.append(self._output(req))
+        return outputs
 
     def _append(self, req: Request, token: int, logprob) -> None:
         req.token_ids.append(token)
