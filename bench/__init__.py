@@ -1,1 +1,5 @@
 """Benchmarks: `make bench BENCH=<suite>` runs bench/<suite>.py and writes bench/results/<suite>.json."""
+import os as _os
+
+# Same OpenMP setting as the server (see service/__init__.py), for Weft and its peers alike.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

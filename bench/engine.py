@@ -149,7 +149,9 @@ def bench_llamacpp(gguf_path, workloads: dict[int, list[Item]]) -> list[dict]:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="bench engine")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
+                    help="both systems run in this dtype (float32 is Weft's CPU default)")
+    ap.add_argument("--suite-name", default="engine", help="results file name (bench/results/<name>.json)")
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, 2*concurrency)")
     ap.add_argument("--skip-transformers", action="store_true")
@@ -178,6 +180,7 @@ def main(argv: list[str]) -> int:
     print(ratios)
     workload = {"prompt_tokens": 100, "output_tokens": "16-256 spread", "greedy": True, "dtype": a.dtype,
                 "levels": levels, "model": str(core.loaded.source)}
-    path = write_results("engine", workload, rows, ratios, "make bench BENCH=engine")
+    cmd = "make bench BENCH=engine" + (f" ARGS='{' '.join(argv)}'" if argv else "")
+    path = write_results(a.suite_name, workload, rows, ratios, cmd)
     print(f"wrote {path}")
     return 0
