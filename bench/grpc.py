@@ -1,0 +1,186 @@
+"""make bench BENCH=grpc: the engine-core workload through gRPC vs in-process AsyncEngine, one run.
+
+The server is a real `weft serve` subprocess on a loopback port (as a deployment would run it);
+the in-process side drives an AsyncEngine on the same model and settings in this process. Each
+level's requests are split in two halves run A-B-B-A (in-process, gRPC, gRPC, in-process), so
+load that drifts on a shared machine hits both sides alike. A row sums both halves; the ratio
+grpc_vs_inprocess_c<N> = gRPC tok/s ÷ in-process tok/s (target >= 0.95).
+
+Usage: python -m bench grpc [--model PATH] [--dtype auto|float32|bfloat16] [--levels 1,8,32]
+                            [--requests-per-level K]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+from bench.common import median, percentile, print_table, write_results
+from bench.workload import Item, make_workload
+from decoding.sampling import SamplingParams
+from service.config import EngineConfig
+from service.engine.async_engine import AsyncEngine
+from service.engine.core import EngineCore
+
+# One request: yields the number of new tokens in each delta.
+Stream = Callable[[Item], AsyncIterator[int]]
+
+
+Result = tuple[float, list[float], list[float]]   # wall seconds, TTFTs, TPOTs
+
+
+async def _level(stream: Stream, items: list[Item], conc: int) -> Result:
+    sem = asyncio.Semaphore(conc)
+    ttfts: list[float] = []
+    tpots: list[float] = []
+
+    async def one(item: Item) -> None:
+        async with sem:
+            t0 = time.perf_counter()
+            first = None
+            n = 0
+            async for k in stream(item):
+                if k and first is None:
+                    first = time.perf_counter()
+                n += k
+            end = time.perf_counter()
+            if n != item.max_tokens or first is None:
+                raise RuntimeError(f"expected {item.max_tokens} tokens, got {n}")
+            ttfts.append(first - t0)
+            tpots.append((end - first) / max(1, n - 1))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in items))
+    return time.perf_counter() - t0, ttfts, tpots
+
+
+def _row(system: str, conc: int, items: list[Item], results: list[Result]) -> dict:
+    wall = sum(r[0] for r in results)
+    ttfts = [t for r in results for t in r[1]]
+    tpots = [t for r in results for t in r[2]]
+    tokens = sum(i.max_tokens for i in items)
+    return {
+        "system": system, "concurrency": conc, "requests": len(items), "output_tokens": tokens,
+        "tok_per_s": tokens / wall, "ttft_p50_ms": 1000 * percentile(ttfts, 50),
+        "ttft_p99_ms": 1000 * percentile(ttfts, 99), "tpot_ms": 1000 * median(tpots),
+    }
+
+
+def _inprocess(engine: AsyncEngine) -> Stream:
+    async def stream(item: Item) -> AsyncIterator[int]:
+        params = SamplingParams(temperature=0, max_tokens=item.max_tokens, ignore_eos=True)
+        async for out in engine.generate(item.prompt_ids, params):
+            yield len(out.token_ids)
+    return stream
+
+
+def _grpc(client) -> Stream:  # client: AsyncWeftClient
+    async def stream(item: Item) -> AsyncIterator[int]:
+        async for msg in client.generate_stream(item.prompt_ids, temperature=0, max_tokens=item.max_tokens,
+                                                ignore_eos=True):
+            yield len(msg.choice.token_ids)
+    return stream
+
+
+class ServerProcess:
+    """`weft serve` in a subprocess on a free loopback port; ready once it logs "serving"."""
+
+    def __init__(self, model: str | None, dtype: str, kv_cache_gb: float) -> None:
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+               "--dtype", dtype, "--kv-cache-gb", str(kv_cache_gb)]
+        if model:
+            cmd += ["--model", model]
+        env = {**os.environ, "WEFT_API_KEY": ""}
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        assert self.proc.stderr is not None
+        self._stderr = self.proc.stderr
+        self.log: list[str] = []
+        self.port = self._wait_serving()
+        # Keep draining its log so the pipe never fills and blocks the server.
+        threading.Thread(target=lambda: self.log.extend(self._stderr), daemon=True).start()
+
+    def _wait_serving(self) -> int:
+        port = None
+        for line in self._stderr:
+            self.log.append(line)
+            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                port = int(m.group(1))
+            if "serving " in line and port:
+                return port
+        raise RuntimeError("weft serve exited before serving:\n" + "".join(self.log))
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def _run(core: EngineCore, server: ServerProcess, workloads: dict[int, list[Item]]) -> list[dict]:
+    from clients.client import AsyncWeftClient
+
+    engine = AsyncEngine(core)
+    rows: list[dict] = []
+    try:
+        async with AsyncWeftClient(server.target, timeout=3600) as client:
+            await client.wait_ready(120)
+            local, remote = _inprocess(engine), _grpc(client)
+            warm = workloads[min(workloads)][:1]
+            await _level(local, warm, 1)    # first-call costs (allocations, connection) out of the timings
+            await _level(remote, warm, 1)
+            for conc, items in workloads.items():
+                half = (len(items) + 1) // 2
+                a, b = items[:half], items[half:]
+                results: dict[str, list[Result]] = {"in-process": [], "grpc": []}
+                for system, part in (("in-process", a), ("grpc", a), ("grpc", b), ("in-process", b)):
+                    if part:
+                        results[system].append(await _level(local if system == "in-process" else remote, part, conc))
+                for system in ("in-process", "grpc"):
+                    rows.append(_row(system, conc, items, results[system]))
+                print_table(rows[-2:])
+    finally:
+        await engine.shutdown()
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="bench grpc")
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    ap.add_argument("--dtype", default="bfloat16", choices=["auto", "bfloat16", "float32"])
+    ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, 2*concurrency)")
+    ap.add_argument("--kv-cache-gb", type=float, default=2.0)
+    a = ap.parse_args(argv)
+    levels = [int(x) for x in a.levels.split(",")]
+
+    core = EngineCore(EngineConfig(model=a.model, dtype=a.dtype, kv_cache_gb=a.kv_cache_gb))
+    workloads = {c: make_workload(core.tokenizer, a.requests_per_level or max(4, 2 * c), seed=c) for c in levels}
+    server = ServerProcess(a.model, a.dtype, a.kv_cache_gb)
+    try:
+        rows = asyncio.run(_run(core, server, workloads))
+    finally:
+        server.stop()
+
+    by = {(r["system"], r["concurrency"]): r for r in rows}
+    ratios = {f"grpc_vs_inprocess_c{c}": by[("grpc", c)]["tok_per_s"] / by[("in-process", c)]["tok_per_s"]
+              for c in levels}
+    print()
+    print_table(rows)
+    print(ratios)
+    workload = {"prompt_tokens": 100, "output_tokens": "16-256 spread", "greedy": True, "dtype": a.dtype,
+                "levels": levels, "model": str(core.loaded.source),
+                "server": "weft serve subprocess on loopback; client AsyncWeftClient streaming"}
+    path = write_results("grpc", workload, rows, ratios, "make bench BENCH=grpc")
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,745 @@
+"""The gRPC front end: weft.v1.InferenceService on grpc.aio, beside grpc.health.v1 and reflection.
+
+What lives here: proto <-> engine conversion, status codes (INVALID_ARGUMENT names the field),
+request ids, deadlines, cancellation, API-key auth, TLS and the graceful drain. The engine
+(`AsyncEngine`) runs its step loop on its own thread; this module only runs on the event loop.
+
+Lifecycle: `WeftServer.start()` listens at once with health NOT_SERVING, so orchestrators see
+the process while the model loads (requests get UNAVAILABLE); `attach()`/`load()` flip it to
+SERVING; `stop(grace)` flips it back, refuses new calls and lets in-flight ones finish.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import logging
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from clients.weft.v1 import inference_pb2 as pb
+from clients.weft.v1 import inference_pb2_grpc as pb_grpc
+from decoding.sampling import MAX_LOGPROBS, MAX_N, SamplingParams, TokenLogprobs
+from service.config import EngineConfig
+from service.engine.async_engine import AsyncEngine
+from service.engine.core import EngineCore
+from service.engine.request import RequestOutput
+from service.errors import InvalidArgumentError, ResourceExhaustedError
+
+log = logging.getLogger("weft.server")
+T = TypeVar("T")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name  # "weft.v1.InferenceService"
+DEFAULT_PORT = 50051
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_SPECULATIVE_TOKENS = 16
+MAX_CACHE_SALT_CHARS = 256
+MAX_REQUEST_ID_CHARS = 256
+INVALID_FIELD_KEY = "weft-invalid-field"     # trailing metadata: the offending field's path
+REQUEST_ID_KEY = "x-request-id"
+
+_FINISH = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    "length": pb.FINISH_REASON_LENGTH,
+    "stop": pb.FINISH_REASON_STOP,
+    "eos": pb.FINISH_REASON_EOS,
+    "cancelled": pb.FINISH_REASON_CANCELLED,
+    "error": pb.FINISH_REASON_ERROR,
+}
+# Engine field names -> their path in GenerateRequest (engine errors name SamplingParams fields).
+_SAMPLING_FIELDS = frozenset(
+    ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed")
+)
+_STOPPING_FIELDS = frozenset(("max_tokens", "stop", "stop_token_ids", "ignore_eos", "include_stop_str_in_output"))
+
+# Called once per Generate/GenerateStream call as it ends: (request id, outcome), outcome one of
+# "ok", "cancelled", "deadline_exceeded" or a lower-case status code name ("invalid_argument", ...).
+RequestEndHook = Callable[[str, str], None]
+
+
+class StatusError(Exception):
+    """A status to end the call with (other than the engine's own errors)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.field = code, message, field
+
+
+@dataclass(slots=True)
+class ServerOptions:
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT                # 0 picks a free port (see WeftServer.port)
+    api_key: str | None = None              # require `authorization: Bearer <key>` (health stays open)
+    tls_cert: str | None = None             # PEM files; both or neither
+    tls_key: str | None = None
+    served_model_name: str | None = None    # the name requests use; default: the model's own name
+    grace_s: float = 30.0                   # drain time for in-flight calls on stop()
+
+
+# ---- proto -> engine ------------------------------------------------------------------------
+
+
+def _opt(msg: Any, name: str, default: Any) -> Any:
+    return getattr(msg, name) if msg.HasField(name) else default
+
+
+def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
+    """The engine's parameters for a request; unset fields take the documented defaults."""
+    s, t = req.sampling, req.stopping
+    return SamplingParams(
+        n=_opt(req, "n", 1),
+        max_tokens=_opt(t, "max_tokens", 16),
+        temperature=_opt(s, "temperature", 1.0),
+        top_k=_opt(s, "top_k", 0),
+        top_p=_opt(s, "top_p", 1.0),
+        min_p=_opt(s, "min_p", 0.0),
+        repetition_penalty=_opt(s, "repetition_penalty", 1.0),
+        presence_penalty=_opt(s, "presence_penalty", 0.0),
+        frequency_penalty=_opt(s, "frequency_penalty", 0.0),
+        seed=_opt(s, "seed", None),
+        stop=list(t.stop),
+        stop_token_ids=list(t.stop_token_ids),
+        ignore_eos=t.ignore_eos,
+        include_stop_str_in_output=t.include_stop_str_in_output,
+        logprobs=_opt(req, "logprobs", None),
+        skip_special_tokens=_opt(req, "skip_special_tokens", True),
+    )
+
+
+def field_path(engine_field: str, prompt_kind: str | None) -> str:
+    """Where an engine-side field lives in GenerateRequest ("temperature" -> "sampling.temperature")."""
+    if engine_field in _SAMPLING_FIELDS:
+        return f"sampling.{engine_field}"
+    if engine_field in _STOPPING_FIELDS:
+        return f"stopping.{engine_field}"
+    if engine_field in ("prompt", "prompt_token_ids"):
+        return prompt_kind or "prompt"
+    if engine_field == "messages":
+        return "chat.messages"
+    if engine_field == "request_id":
+        return REQUEST_ID_KEY
+    return engine_field
+
+
+def chat_messages(chat: pb.Chat) -> list[dict[str, str]]:
+    if not chat.messages:
+        raise InvalidArgumentError("chat.messages", "must hold at least one message")
+    for i, m in enumerate(chat.messages):
+        if m.role not in CHAT_ROLES:
+            raise InvalidArgumentError(
+                f"chat.messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}; got {m.role!r}"
+            )
+    return [{"role": m.role, "content": m.content} for m in chat.messages]
+
+
+def check_unsupported(req: pb.GenerateRequest) -> None:
+    """Fields the API defines ahead of the engine: validated here, refused or ignored for now."""
+    kind = req.guided.WhichOneof("kind") if req.HasField("guided") else None
+    if kind is not None:
+        raise InvalidArgumentError(f"guided.{kind}", "guided decoding is not supported yet")
+    if req.HasField("num_speculative_tokens") and not 0 <= req.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+        raise InvalidArgumentError(
+            "num_speculative_tokens", f"must be in [0, {MAX_SPECULATIVE_TOKENS}], got {req.num_speculative_tokens}"
+        )
+    if len(req.cache_salt) > MAX_CACHE_SALT_CHARS:
+        raise InvalidArgumentError("cache_salt", f"at most {MAX_CACHE_SALT_CHARS} characters, got {len(req.cache_salt)}")
+
+
+# ---- the servicer ---------------------------------------------------------------------------
+
+
+def _handler(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Turn Weft errors into statuses; anything unexpected is INTERNAL (and logged)."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error must leave as a status
+            code, message, field = _status_of(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", fn.__name__)
+            metadata = ((INVALID_FIELD_KEY, field),) if field else ()
+            await context.abort(code, message, trailing_metadata=metadata)
+
+    return wrapper
+
+
+def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str, str | None]:
+    if isinstance(exc, StatusError):
+        return exc.code, exc.message, exc.field
+    if isinstance(exc, InvalidArgumentError):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}", exc.field
+    if isinstance(exc, ResourceExhaustedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), None
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; the request was aborted", None
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", None
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, served_model_name: str | None = None, on_request_end: RequestEndHook | None = None) -> None:
+        self.engine: AsyncEngine | None = None
+        self.draining = False
+        self._served_name = served_model_name
+        self._on_request_end = on_request_end
+        self._model_info: pb.ModelInfo | None = None
+        self._token_text: dict[int, str] = {}  # id -> its text alone, for logprobs
+        self._in_flight = 0                    # generation calls running (the drain waits on them)
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ---- state --------------------------------------------------------------------------
+
+    def attach(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._model_info = _model_info(engine.core, self.model_name)
+
+    @property
+    def model_info(self) -> pb.ModelInfo | None:
+        """The served model's description (None until an engine is attached)."""
+        return self._model_info
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def wait_idle(self) -> None:
+        """Return once no generation call is running."""
+        await self._idle.wait()
+
+    @property
+    def model_name(self) -> str:
+        return self._served_name or (self.engine.core.model_name if self.engine else "")
+
+    def _ready(self, model: str = "") -> AsyncEngine:
+        if self.draining:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+        if self.engine is None:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+        if model and model not in (self.model_name, self.engine.core.model_name):
+            raise StatusError(
+                grpc.StatusCode.NOT_FOUND, f"model {model!r} is not served here; this server serves {self.model_name!r}",
+                field="model",
+            )
+        return self.engine
+
+    # ---- generation -----------------------------------------------------------------------
+
+    def _prepare(self, req: pb.GenerateRequest, engine: AsyncEngine) -> tuple[str | list[int], SamplingParams]:
+        kind = req.WhichOneof("prompt")
+        try:
+            check_unsupported(req)
+            params = sampling_params(req)
+            if kind is None:
+                raise InvalidArgumentError("prompt", "set one of text, token_ids or chat")
+            if kind == "text":
+                if not req.text:
+                    raise InvalidArgumentError("text", "must not be empty")
+                return req.text, params
+            if kind == "token_ids":
+                if not req.token_ids.ids:
+                    raise InvalidArgumentError("token_ids", "must hold at least one token id")
+                return list(req.token_ids.ids), params
+            return self._render_chat(req.chat, engine, add_special_tokens=False), params
+        except InvalidArgumentError as exc:
+            raise _renamed(exc, kind) from None
+
+    def _render_chat(self, chat: pb.Chat, engine: AsyncEngine, add_special_tokens: bool) -> list[int]:
+        tok = engine.core.tokenizer
+        messages = chat_messages(chat)
+        text = tok.apply_chat_template(messages, add_generation_prompt=_opt(chat, "add_generation_prompt", True))
+        return tok.encode(text, add_special_tokens=add_special_tokens)
+
+    async def _generate(
+        self, req: pb.GenerateRequest, context: grpc.aio.ServicerContext, rid: str,
+        on_output: Callable[[RequestOutput], Awaitable[None]],
+    ) -> None:
+        """Run one request, handing every delta to on_output; report how it ended."""
+        outcome = "internal"
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            engine = self._ready(req.model)
+            prompt, params = self._prepare(req, engine)
+            kind = req.WhichOneof("prompt")
+            try:
+                # asyncio.timeout(None) never fires; the deadline aborts the request like a cancel.
+                async with asyncio.timeout(context.time_remaining()):
+                    # aclosing: a cancel or deadline closes the engine stream at once, which aborts
+                    # the request and frees its KV blocks within a step.
+                    gen = engine.generate(prompt, params, rid)
+                    async with contextlib.aclosing(gen) as stream:  # type: ignore[type-var]
+                        async for out in stream:
+                            await on_output(out)
+            except InvalidArgumentError as exc:
+                raise _renamed(exc, kind) from None
+            outcome = "ok"
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            outcome = "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+            raise
+        except Exception as exc:
+            outcome = _status_of(exc)[0].name.lower()
+            raise
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+            if self._on_request_end is not None:
+                self._on_request_end(rid, outcome)
+
+    @_handler
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        rid = _request_id(context)
+        choices: dict[int, pb.Choice] = {}
+        usage = _UsageCounter()
+        error: str | None = None
+
+        async def collect(out: RequestOutput) -> None:
+            nonlocal error
+            choice = choices.get(out.index)
+            if choice is None:
+                choice = choices[out.index] = pb.Choice(index=out.index)
+            choice.text += out.text
+            choice.token_ids.extend(out.token_ids)
+            if out.logprobs:
+                choice.logprobs.extend(self._logprobs(out.logprobs))
+            if out.finished:
+                _set_finish(choice, out)
+                usage.add(out)
+                error = error or out.error
+
+        await self._generate(request, context, rid, collect)
+        if error:
+            raise StatusError(grpc.StatusCode.INTERNAL, f"generation failed: {error}")
+        await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+        return pb.GenerateResponse(
+            request_id=rid, model=self.model_name, choices=[choices[i] for i in sorted(choices)], usage=usage.proto()
+        )
+
+    @_handler
+    async def GenerateStream(  # type: ignore[override]  # writes with context.write, returns nothing
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        rid = _request_id(context)
+        n = request.n if request.HasField("n") else 1
+        usage = _UsageCounter()
+        started = False
+        error: str | None = None
+
+        async def send(out: RequestOutput) -> None:
+            nonlocal started, error
+            if not started:
+                # Headers go out with the first token, so that refusals stay trailers-only.
+                await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+                started = True
+            choice = pb.Choice(index=out.index, text=out.text, token_ids=out.token_ids)
+            if out.logprobs:
+                choice.logprobs.extend(self._logprobs(out.logprobs))
+            msg = pb.GenerateStreamResponse(request_id=rid, choice=choice)
+            if out.finished:
+                _set_finish(msg.choice, out)
+                usage.add(out)
+                error = error or out.error
+                if usage.finished == n:
+                    msg.usage.CopyFrom(usage.proto())
+            await context.write(msg)
+
+        await self._generate(request, context, rid, send)
+        if error:
+            raise StatusError(grpc.StatusCode.INTERNAL, f"generation failed: {error}")
+
+    def _logprobs(self, items: Sequence[TokenLogprobs]) -> list[pb.TokenLogprob]:
+        text = self._token_str
+        return [
+            pb.TokenLogprob(
+                token_id=lp.token_id, logprob=lp.logprob, token=text(lp.token_id),
+                top_logprobs=[pb.TopLogprob(token_id=t, logprob=v, token=text(t)) for t, v in lp.top],
+            )
+            for lp in items
+        ]
+
+    def _token_str(self, token_id: int) -> str:
+        s = self._token_text.get(token_id)
+        if s is None:
+            assert self.engine is not None
+            s = self._token_text[token_id] = self.engine.core.tokenizer.decode([token_id], skip_special_tokens=False)
+        return s
+
+    # ---- tokens and models ----------------------------------------------------------------
+
+    @_handler
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        engine = self._ready(request.model)
+        tok = engine.core.tokenizer
+        kind = request.WhichOneof("input")
+        if kind is None:
+            raise InvalidArgumentError("input", "set text or chat")
+        if kind == "text":
+            ids = tok.encode(request.text, add_special_tokens=_opt(request, "add_special_tokens", True))
+        else:
+            try:
+                ids = self._render_chat(request.chat, engine, _opt(request, "add_special_tokens", False))
+            except InvalidArgumentError as exc:
+                raise _renamed(exc, kind) from None
+        resp = pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=engine.core.max_model_len)
+        if request.return_tokens:
+            resp.tokens.extend(tok.convert_ids_to_tokens(ids))
+        return resp
+
+    @_handler
+    async def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
+        engine = self._ready(request.model)
+        tok = engine.core.tokenizer
+        limit = min(engine.core.vocab_size, tok.vocab_size)
+        bad = next((t for t in request.token_ids if not 0 <= t < limit), None)
+        if bad is not None:
+            raise InvalidArgumentError("token_ids", f"every id must be in [0, {limit}), got {bad}")
+        text = tok.decode(list(request.token_ids), skip_special_tokens=_opt(request, "skip_special_tokens", True))
+        return pb.DetokenizeResponse(text=text)
+
+    @_handler
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        self._ready()
+        assert self._model_info is not None
+        return pb.ListModelsResponse(models=[self._model_info])
+
+    @_handler
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        self._ready(request.model)
+        return pb.GetModelInfoResponse(model=self._model_info)
+
+
+def _renamed(exc: InvalidArgumentError, prompt_kind: str | None) -> InvalidArgumentError:
+    return InvalidArgumentError(field_path(exc.field, prompt_kind), exc.message)
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and value:
+            if len(value) > MAX_REQUEST_ID_CHARS:
+                raise InvalidArgumentError(REQUEST_ID_KEY, f"at most {MAX_REQUEST_ID_CHARS} characters")
+            return value
+    return uuid.uuid4().hex
+
+
+def _set_finish(choice: pb.Choice, out: RequestOutput) -> None:
+    choice.finish_reason = _FINISH.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
+    if out.finish_reason == "stop":
+        if isinstance(out.stop_reason, str):
+            choice.stop_string = out.stop_reason
+        elif isinstance(out.stop_reason, int):
+            choice.stop_token_id = out.stop_reason
+    if out.error:
+        choice.error = out.error
+
+
+class _UsageCounter:
+    """Usage over the n sequences of one request, from each one's final delta."""
+
+    __slots__ = ("prompt", "completion", "cached", "finished")
+
+    def __init__(self) -> None:
+        self.prompt = self.completion = self.cached = self.finished = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.finished += 1
+        self.prompt = out.num_prompt_tokens
+        self.completion += out.num_output_tokens
+        self.cached = max(self.cached, out.num_cached_tokens)   # the n share one prompt
+
+    def proto(self) -> pb.Usage:
+        return pb.Usage(
+            prompt_tokens=self.prompt, completion_tokens=self.completion, cached_prompt_tokens=self.cached,
+            total_tokens=self.prompt + self.completion,
+        )
+
+
+def _model_info(core: EngineCore, name: str) -> pb.ModelInfo:
+    cfg = core.config
+    tok = core.tokenizer
+    arch = (getattr(core.loaded.config, "architectures", None) or [""])[0]
+    info = pb.ModelInfo(
+        name=name,
+        max_model_len=core.max_model_len,
+        vocab_size=core.vocab_size,
+        eos_token_ids=list(core.eos_token_ids),
+        architecture=arch,
+        dtype=str(cfg.torch_dtype()).removeprefix("torch."),
+        device=str(core.device),
+        max_logprobs=MAX_LOGPROBS,
+        max_n=MAX_N,
+        kv_cache_tokens=core.num_blocks * cfg.block_size,
+        features=pb.Features(
+            chat_template=tok.has_chat_template,
+            logprobs=True,
+            guided_decoding=False,
+            speculative_decoding=False,
+            # Reported from the engine config once prefix caching lands there.
+            prefix_caching=bool(getattr(cfg, "enable_prefix_caching", False)),
+        ),
+    )
+    if tok.bos_token_id is not None:
+        info.bos_token_id = tok.bos_token_id
+    return info
+
+
+# ---- auth -----------------------------------------------------------------------------------
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Require `authorization: Bearer <key>` on every call except health checks (load balancers
+    and orchestrators probe without credentials)."""
+
+    OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+    def __init__(self, api_key: str) -> None:
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self.OPEN_PREFIXES) or self._authorized(details):
+            return handler
+        return _deny_handler(handler)
+
+    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else value
+                return hmac.compare_digest(given, self._expected)   # constant time
+        return False
+
+
+def _deny_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that only answers UNAUTHENTICATED."""
+    message = "missing or wrong API key: send metadata `authorization: Bearer <key>`"
+
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    serdes = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(deny, **serdes)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(deny_stream, **serdes)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(deny, **serdes)
+    return grpc.stream_stream_rpc_method_handler(deny_stream, **serdes)
+
+
+# ---- the server -----------------------------------------------------------------------------
+
+
+async def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) on a daemon thread. Unlike asyncio.to_thread, a process told to stop while a
+    big model is still loading exits at once instead of waiting for the load to finish."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            future.set_result(value) if ok else future.set_exception(value)
+
+    def work() -> None:
+        try:
+            result: tuple[bool, Any] = (True, fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            result = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+            loop.call_soon_threadsafe(settle, *result)
+
+    threading.Thread(target=work, name="weft-load", daemon=True).start()
+    return await future
+
+
+def _bind_address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6 literal
+    return f"{host}:{port}"
+
+
+class WeftServer:
+    """grpc.aio server with InferenceService, health and reflection. Run on one event loop."""
+
+    def __init__(
+        self, options: ServerOptions | None = None, engine: AsyncEngine | None = None,
+        on_request_end: RequestEndHook | None = None,
+    ) -> None:
+        self.options = options or ServerOptions()
+        self.servicer = InferenceServicer(self.options.served_model_name, on_request_end)
+        self.health = health_aio.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._engine_to_attach = engine
+        self._owns_engine = False
+        self._stopped = asyncio.Event()
+
+    @property
+    def engine(self) -> AsyncEngine | None:
+        return self.servicer.engine
+
+    async def start(self) -> int:
+        """Listen (health NOT_SERVING until an engine is attached); returns the bound port."""
+        o = self.options
+        interceptors = [ApiKeyInterceptor(o.api_key)] if o.api_key else []
+        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_InferenceServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        address = _bind_address(o.host, o.port)
+        if bool(o.tls_cert) != bool(o.tls_key):
+            raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+        if o.tls_cert and o.tls_key:
+            with open(o.tls_key, "rb") as k, open(o.tls_cert, "rb") as c:
+                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            self.port = server.add_secure_port(address, creds)
+        else:
+            self.port = server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        if self._engine_to_attach is not None:
+            await self.attach(self._engine_to_attach)
+        return self.port
+
+    async def attach(self, engine: AsyncEngine, owned: bool = False) -> None:
+        """Serve requests with this engine (its loop is this server's loop); health -> SERVING.
+        An `owned` engine is shut down by stop()."""
+        self._owns_engine = owned
+        engine.start()
+        self.servicer.attach(engine)
+        if not self.servicer.draining:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def load(self, config: EngineConfig) -> AsyncEngine:
+        """Load the model off the event loop (health and UNAVAILABLE answers keep flowing), then attach."""
+        core = await _in_daemon_thread(EngineCore, config)
+        engine = AsyncEngine(core)
+        await self.attach(engine, owned=True)
+        return engine
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, new calls UNAVAILABLE (clients retry elsewhere), in-flight
+        generations get `grace` seconds (default options.grace_s) to finish, then the rest are
+        cancelled (their requests aborted) and the engine stops."""
+        if self.servicer.draining:
+            await self._stopped.wait()
+            return
+        self.servicer.draining = True
+        grace = self.options.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        # The listener stays open while draining: a call that arrives now gets a clear
+        # UNAVAILABLE from the servicer rather than a refused connection or a bare CANCELLED.
+        if self.servicer.in_flight:
+            log.info("draining %d in-flight call(s), up to %.0fs", self.servicer.in_flight, grace)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.servicer.wait_idle(), grace)
+        if self._server is not None:
+            await self._server.stop(0.5)   # short: only unary side calls (tokenize, info) are left
+        if self._owns_engine and self.engine is not None:
+            await self.engine.shutdown()
+        self._stopped.set()
+
+    async def force_stop(self) -> None:
+        """Cancel every in-flight call now (a second SIGTERM or Ctrl-C during a drain)."""
+        if self._server is not None:
+            await self._server.stop(0)
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+
+class BackgroundServer:
+    """A WeftServer on its own event loop in a daemon thread: for tests, benchmarks and notebooks
+    that want a real server on a loopback port without a subprocess."""
+
+    def __init__(
+        self, options: ServerOptions | None = None, config: EngineConfig | None = None,
+        core: EngineCore | None = None, on_request_end: RequestEndHook | None = None,
+    ) -> None:
+        if (config is None) == (core is None):
+            raise ValueError("pass exactly one of config or core")
+        self.options = options or ServerOptions(host="127.0.0.1", port=0)
+        self._config, self._core, self._hook = config, core, on_request_end
+        self.loop = asyncio.new_event_loop()
+        self.server: WeftServer | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="weft-grpc", daemon=True)
+
+    def start(self, timeout: float = 300.0) -> BackgroundServer:
+        self._thread.start()
+        self.call(self._start(), timeout)
+        return self
+
+    async def _start(self) -> None:
+        self.server = WeftServer(self.options, on_request_end=self._hook)
+        await self.server.start()
+        if self._core is not None:
+            await self.server.attach(AsyncEngine(self._core), owned=True)
+        else:
+            assert self._config is not None
+            await self.server.load(self._config)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run a coroutine on the server's loop from another thread and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None and self.server.port is not None, "not started"
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def engine(self) -> AsyncEngine:
+        assert self.server is not None and self.server.engine is not None, "not started"
+        return self.server.engine
+
+    @property
+    def core(self) -> EngineCore:
+        return self.engine.core
+
+    def stop(self, grace: float = 0.0) -> None:
+        if self.server is not None and self._thread.is_alive():
+            self.call(self.server.stop(grace), timeout=grace + 60)
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,271 @@
+"""`weft serve` (the gRPC server) and `weft client ...` (manual calls against one).
+
+service/cli.py calls `add_commands(sub, engine_args, engine_config)` when this module exists.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from service.config import EngineConfig
+
+if TYPE_CHECKING:  # the server pulls in grpc and torch: load it only for the commands that use it
+    from clients.client import WeftClient
+    from service.server import ServerOptions, WeftServer
+
+log = logging.getLogger("weft.serve")
+
+EngineArgs = Callable[[argparse.ArgumentParser], None]
+EngineConfigFn = Callable[..., EngineConfig]
+
+
+def add_commands(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_config: EngineConfigFn) -> None:
+    _add_serve(sub, engine_args, engine_config)
+    _add_client(sub)
+
+
+# ---- weft serve -----------------------------------------------------------------------------
+
+
+def _add_serve(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_config: EngineConfigFn) -> None:
+    from service.server import DEFAULT_PORT
+
+    s = sub.add_parser("serve", help="serve the model over gRPC (weft.v1.InferenceService, health, reflection)")
+    engine_args(s)
+    s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT}; 0 = any free port)")
+    s.add_argument("--api-key", default=os.environ.get("WEFT_API_KEY") or None,
+                   help="require `authorization: Bearer KEY` metadata (default: $WEFT_API_KEY; health checks stay open)")
+    s.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
+    s.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    s.add_argument("--max-queue-len", type=int, default=1024,
+                   help="waiting requests beyond this are refused with RESOURCE_EXHAUSTED")
+    s.add_argument("--served-model-name", default=None, help="the name clients use in `model` (default: the model's own)")
+    s.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get to finish on SIGTERM")
+    s.set_defaults(func=lambda a: cmd_serve(a, engine_config))
+
+
+def cmd_serve(a: argparse.Namespace, engine_config: EngineConfigFn) -> int:
+    from service.server import ServerOptions
+
+    if bool(a.tls_cert) != bool(a.tls_key):
+        print("weft: error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    config = engine_config(a, max_queue_len=a.max_queue_len)
+    options = ServerOptions(host=a.host, port=a.port, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                            served_model_name=a.served_model_name, grace_s=a.grace)
+    return asyncio.run(serve(options, config))
+
+
+async def serve(options: ServerOptions, config: EngineConfig) -> int:
+    """Listen at once (health NOT_SERVING, calls UNAVAILABLE), load the model, serve until
+    SIGTERM/SIGINT, then drain: a second signal cancels what is still running."""
+    from service.server import WeftServer
+
+    server = WeftServer(options)
+    port = await server.start()
+    where = f"{options.host}:{port}"
+    log.info("listening on %s (gRPC); loading the model, health NOT_SERVING until it is ready", where)
+
+    stop = asyncio.Event()
+    _install_signal_handlers(stop, server)
+    loading = asyncio.create_task(server.load(config))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():
+        log.info("stopped while loading the model")
+        await server.stop(0)
+        return 0
+    stopping.cancel()
+    error = loading.exception()
+    if error is not None:
+        await server.stop(0)
+        raise error
+    _log_serving(server, where)
+
+    # The REST shim (OpenAI / Ollama JSON on :8000) plugs in here: start it on this loop with
+    # `server.engine` (one engine behind both front ends) and stop it before `server.stop()`.
+
+    await stop.wait()
+    log.info("draining: health NOT_SERVING, refusing new calls, up to %.0fs for in-flight ones",
+             server.options.grace_s)
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+def _install_signal_handlers(stop: asyncio.Event, server: WeftServer) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signame: str) -> None:
+        if not stop.is_set():
+            log.info("%s received", signame)
+            stop.set()
+        else:
+            log.warning("%s received again: cancelling in-flight calls", signame)
+            asyncio.ensure_future(server.force_stop())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+
+def _log_serving(server: WeftServer, where: str) -> None:
+    o = server.options
+    info = server.servicer.model_info
+    assert info is not None
+    log.info(
+        "serving %s on %s (gRPC weft.v1.InferenceService + grpc.health.v1 + reflection; %s; %s); "
+        "context %d tokens, KV cache %d tokens",
+        info.name, where, "TLS" if o.tls_cert else "plaintext",
+        "API key required" if o.api_key else "no API key", info.max_model_len, info.kv_cache_tokens,
+    )
+
+
+# ---- weft client ----------------------------------------------------------------------------
+
+
+def _add_client(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("client", help="call a running Weft server (generate, tokenize, models, health)")
+    c.add_argument("--target", default="localhost:50051", help="host:port of the server")
+    c.add_argument("--api-key", default=os.environ.get("WEFT_API_KEY") or None, help="default: $WEFT_API_KEY")
+    c.add_argument("--tls", action="store_true", help="connect with TLS (system roots, or --ca-cert)")
+    c.add_argument("--ca-cert", default=None, help="PEM root certificate to trust (implies --tls)")
+    c.add_argument("--timeout", type=float, default=None, help="deadline per call, in seconds")
+    csub = c.add_subparsers(dest="client_cmd", required=True)
+
+    g = csub.add_parser("generate", help="complete a prompt")
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    g.add_argument("--system", default=None, help="with --chat: a system message first")
+    g.add_argument("--model", default="")
+    g.add_argument("--max-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--n", type=int, default=None)
+    g.add_argument("--logprobs", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    g.add_argument("--json", action="store_true", help="print the response message(s) as JSON")
+    g.add_argument("--request-id", default=None)
+    g.set_defaults(func=cmd_client_generate)
+
+    t = csub.add_parser("tokenize", help="text to token ids")
+    t.add_argument("text")
+    t.add_argument("--tokens", action="store_true", help="also print each token's text")
+    t.set_defaults(func=cmd_client_tokenize)
+
+    d = csub.add_parser("detokenize", help="token ids to text")
+    d.add_argument("token_ids", type=int, nargs="+")
+    d.set_defaults(func=cmd_client_detokenize)
+
+    m = csub.add_parser("models", help="the served model(s) and their limits")
+    m.set_defaults(func=cmd_client_models)
+
+    h = csub.add_parser("health", help="grpc.health.v1 status")
+    h.set_defaults(func=cmd_client_health)
+
+
+def _client(a: argparse.Namespace) -> WeftClient:
+    from clients.client import WeftClient
+
+    root = open(a.ca_cert, "rb").read() if a.ca_cert else None
+    return WeftClient(a.target, api_key=a.api_key, tls=a.tls or bool(root), root_certificates=root, timeout=a.timeout)
+
+
+def _to_json(msg: object) -> str:
+    from google.protobuf.json_format import MessageToJson
+
+    return MessageToJson(msg, preserving_proto_field_name=True, indent=None)  # type: ignore[arg-type]
+
+
+def _run_client(fn: Callable[[], int]) -> int:
+    import grpc
+
+    try:
+        return fn()
+    except grpc.RpcError as exc:
+        print(f"weft client: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+def cmd_client_generate(a: argparse.Namespace) -> int:
+    messages = None
+    if a.chat:
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+    params = dict(model=a.model, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                  min_p=a.min_p, seed=a.seed, n=a.n, logprobs=a.logprobs, stop=a.stop, ignore_eos=a.ignore_eos)
+    prompt = messages if messages is not None else a.prompt
+
+    def run() -> int:
+        with _client(a) as client:
+            if a.stream:
+                several = (a.n or 1) > 1
+                for msg in client.generate_stream(prompt, request_id=a.request_id, **params):
+                    if a.json:
+                        print(_to_json(msg), flush=True)
+                    elif several:   # interleaved deltas: one line each, tagged with the completion
+                        print(f"[{msg.choice.index}] {msg.choice.text!r}", flush=True)
+                    else:
+                        print(msg.choice.text, end="", flush=True)
+                if not a.json and not several:
+                    print()
+                return 0
+            resp = client.generate(prompt, request_id=a.request_id, **params)
+            if a.json:
+                print(_to_json(resp))
+            else:
+                for choice in resp.choices:
+                    print((f"[{choice.index}] " if len(resp.choices) > 1 else "") + choice.text)
+            return 0
+
+    return _run_client(run)
+
+
+def cmd_client_tokenize(a: argparse.Namespace) -> int:
+    def run() -> int:
+        with _client(a) as client:
+            resp = client.tokenize(a.text, return_tokens=a.tokens)
+            print(_to_json(resp) if a.tokens else json.dumps(list(resp.token_ids)))
+            return 0
+
+    return _run_client(run)
+
+
+def cmd_client_detokenize(a: argparse.Namespace) -> int:
+    def run() -> int:
+        with _client(a) as client:
+            print(client.detokenize(a.token_ids))
+            return 0
+
+    return _run_client(run)
+
+
+def cmd_client_models(a: argparse.Namespace) -> int:
+    def run() -> int:
+        with _client(a) as client:
+            for info in client.models():
+                print(_to_json(info))
+            return 0
+
+    return _run_client(run)
+
+
+def cmd_client_health(a: argparse.Namespace) -> int:
+    def run() -> int:
+        with _client(a) as client:
+            status = client.health(timeout=a.timeout or 5.0)
+            print(status)
+            return 0 if status == "SERVING" else 1
+
+    return _run_client(run)
