@@ -228,6 +228,9 @@ class WeftClient(_Base):
     def model_info(self, model: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
         return self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest(model=model), timeout).model
 
+    def reset_prefix_cache(self, model: str = "", *, timeout: float | None = None) -> pb.ResetPrefixCacheResponse:
+        return self._unary(self.stub.ResetPrefixCache, pb.ResetPrefixCacheRequest(model=model), timeout)
+
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING", ... (grpc.health.v1; needs no API key)."""
         resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

@@ -279,7 +279,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 async with asyncio.timeout(context.time_remaining()):
                     # aclosing: a cancel or deadline closes the engine stream at once, which aborts
                     # the request and frees its KV blocks within a step.
-                    gen = engine.generate(prompt, params, rid)
+                    gen = engine.generate(prompt, params, rid, cache_salt=req.cache_salt or None)
                     async with contextlib.aclosing(gen) as stream:  # type: ignore[type-var]
                         async for out in stream:
                             await on_output(out)
@@ -422,6 +422,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.GetModelInfoResponse:
         self._ready(request.model)
         return pb.GetModelInfoResponse(model=self._model_info)
+
+    @_handler
+    async def ResetPrefixCache(
+        self, request: pb.ResetPrefixCacheRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResetPrefixCacheResponse:
+        engine = self._ready(request.model)
+        await engine.reset_prefix_cache()
+        stats = engine.core.kv.stats
+        return pb.ResetPrefixCacheResponse(queried_tokens=stats.queries, hit_tokens=stats.hits)
 
 
 def _renamed(exc: InvalidArgumentError, prompt_kind: str | None) -> InvalidArgumentError:

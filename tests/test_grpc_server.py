@@ -423,7 +423,7 @@ def test_reflection_lists_and_describes_the_service(client) -> None:
              for b in described.file_descriptor_response.file_descriptor_proto]
     main = next(f for f in files if f.name == "weft/v1/inference.proto")
     assert [m.name for m in main.service[0].method] == [
-        "Generate", "GenerateStream", "Tokenize", "Detokenize", "ListModels", "GetModelInfo"]
+        "Generate", "GenerateStream", "Tokenize", "Detokenize", "ListModels", "GetModelInfo", "ResetPrefixCache"]
     assert "weft/v1/guided.proto" in main.dependency
     assert dependency.file_descriptor_response.file_descriptor_proto
 
@@ -468,3 +468,19 @@ def test_weft_client_cli(server, client, capsys) -> None:
 
     assert main(["client", "--target", server.target, "generate", "x", "--max-tokens", "0"]) == 1
     assert "INVALID_ARGUMENT: stopping.max_tokens" in capsys.readouterr().err
+
+
+def test_prefix_cache_usage_salts_and_reset(client) -> None:
+    prompt = list(range(5000, 5040))  # 40 tokens: two full blocks of 16 can be reused
+    kw = dict(max_tokens=2, temperature=0, ignore_eos=True)
+    first = client.generate(prompt, **kw)
+    again = client.generate(prompt, **kw)
+    assert first.usage.cached_prompt_tokens == 0
+    assert again.usage.cached_prompt_tokens == 32
+    assert again.choices[0].token_ids == first.choices[0].token_ids
+    # Another tenant's salt sees none of it; the same salt twice does.
+    assert client.generate(prompt, cache_salt="tenant-b", **kw).usage.cached_prompt_tokens == 0
+    assert client.generate(prompt, cache_salt="tenant-b", **kw).usage.cached_prompt_tokens == 32
+    stats = client.reset_prefix_cache()
+    assert 0 < stats.hit_tokens <= stats.queried_tokens
+    assert client.generate(prompt, **kw).usage.cached_prompt_tokens == 0

@@ -11,9 +11,11 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
+from decoding.guided import CompiledGrammar
 from decoding.sampling import SamplingParams
 from service.config import EngineConfig
 from service.engine.core import EngineCore
@@ -29,6 +31,7 @@ class _Add:
     prompt_ids: list[int]
     params: SamplingParams
     cache_salt: str | None = None
+    grammar: CompiledGrammar | None = None   # params.guided, compiled before the add is queued
 
 
 @dataclass(slots=True)
@@ -46,10 +49,18 @@ class _Ping:
     future: asyncio.Future
 
 
+@dataclass(slots=True)
+class _Call:
+    """Run fn(core) on the engine thread (the only thread that may touch the core) and resolve
+    the future with its result; for admin calls such as resetting the prefix cache."""
+    fn: Callable[[EngineCore], Any]
+    future: asyncio.Future
+
+
 class AsyncEngine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Ping | _Stop] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Ping | _Call | _Stop] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[list[RequestOutput] | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -94,14 +105,20 @@ class AsyncEngine:
 
             raise InvalidArgumentError("request_id", f"{rid!r} is already in flight")
         ids = self.core.validate(prompt, params)
-        if self.core.num_waiting + self._pending_adds >= self.core.config.max_queue_len:
-            raise ResourceExhaustedError(
-                f"waiting queue is full ({self.core.config.max_queue_len} requests); retry later"
-            )
+        self._check_queue()
+        grammar = None
+        if params.guided is not None:
+            # On the compiler's threads: the engine keeps stepping while this request waits.
+            grammar = await self.core.guide_compiler.compile(params.guided)
+            if rid in self._streams:   # the id was taken while we waited
+                from service.errors import InvalidArgumentError
+
+                raise InvalidArgumentError("request_id", f"{rid!r} is already in flight")
+            self._check_queue()
         stream: asyncio.Queue[list[RequestOutput] | BaseException] = asyncio.Queue()
         self._streams[rid] = stream
         self._pending_adds += 1
-        self._commands.put(_Add(rid, ids, params, cache_salt))
+        self._commands.put(_Add(rid, ids, params, cache_salt, grammar))
         remaining = params.n
         try:
             while remaining:
@@ -117,8 +134,24 @@ class AsyncEngine:
             if remaining:
                 self._commands.put(_Abort(rid))
 
+    def _check_queue(self) -> None:
+        if self.core.num_waiting + self._pending_adds >= self.core.config.max_queue_len:
+            raise ResourceExhaustedError(
+                f"waiting queue is full ({self.core.config.max_queue_len} requests); retry later"
+            )
+
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
+
+    async def call(self, fn: Callable[[EngineCore], Any]) -> Any:
+        """Run fn(core) between two engine steps and return its result."""
+        self.start()
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(_Call(fn, future))
+        return await future
+
+    async def reset_prefix_cache(self) -> None:
+        await self.call(EngineCore.reset_prefix_cache)
 
     async def wait_idle(self) -> None:
         """Return once every queued command is applied and no request is left unfinished."""
@@ -148,10 +181,13 @@ class AsyncEngine:
                 if isinstance(cmd, _Ping):
                     pings.append(cmd)
                     continue
+                if isinstance(cmd, _Call):
+                    self._loop.call_soon_threadsafe(_resolve, cmd.future, cmd.fn(core))
+                    continue
                 if isinstance(cmd, _Add):
                     self._loop.call_soon_threadsafe(self._added)
                     try:
-                        core.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.cache_salt)
+                        core.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.cache_salt, cmd.grammar)
                     except WeftError as exc:
                         errors.append((cmd.request_id, exc))
                 else:
@@ -188,6 +224,6 @@ class AsyncEngine:
                 stream.put_nowait(exc)
 
 
-def _resolve(future: asyncio.Future) -> None:
+def _resolve(future: asyncio.Future, value: Any = None) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(value)

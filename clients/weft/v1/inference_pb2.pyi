@@ -993,3 +993,56 @@ class Features(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Features: _TypeAlias = Features  # noqa: Y015
+
+@_typing.final
+class ResetPrefixCacheRequest(_message.Message):
+    """---------------------------------------------------------------------------------------------
+    Admin
+    ---------------------------------------------------------------------------------------------
+
+    Which model's prefix cache to reset.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model whose cache to reset; empty means the served model."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetPrefixCacheRequest: _TypeAlias = ResetPrefixCacheRequest  # noqa: Y015
+
+@_typing.final
+class ResetPrefixCacheResponse(_message.Message):
+    """Prefix-cache counters at the moment of the reset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERIED_TOKENS_FIELD_NUMBER: _builtins.int
+    HIT_TOKENS_FIELD_NUMBER: _builtins.int
+    queried_tokens: _builtins.int
+    """Prompt tokens looked up in the prefix cache since start-up."""
+    hit_tokens: _builtins.int
+    """Of those, tokens found cached (the hit rate is hit_tokens / queried_tokens)."""
+    def __init__(
+        self,
+        *,
+        queried_tokens: _builtins.int = ...,
+        hit_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hit_tokens", b"hit_tokens", "queried_tokens", b"queried_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetPrefixCacheResponse: _TypeAlias = ResetPrefixCacheResponse  # noqa: Y015

@@ -65,6 +65,8 @@ class InferenceServiceStub:
     """The models this server serves (one today)."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetModelInfoRequest, _inference_pb2.GetModelInfoResponse]
     """Limits and features of one model: context length, vocabulary, end-of-sequence ids, ..."""
+    ResetPrefixCache: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ResetPrefixCacheRequest, _inference_pb2.ResetPrefixCacheResponse]
+    """Admin: forget every cached prefix block (blocks in use keep serving their requests)."""
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -85,6 +87,8 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """The models this server serves (one today)."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetModelInfoRequest, _inference_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Limits and features of one model: context length, vocabulary, end-of-sequence ids, ..."""
+    ResetPrefixCache: _aio.UnaryUnaryMultiCallable[_inference_pb2.ResetPrefixCacheRequest, _inference_pb2.ResetPrefixCacheResponse]  # type: ignore[assignment]
+    """Admin: forget every cached prefix block (blocks in use keep serving their requests)."""
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """One process serves one model. Requests may name it in `model` (empty means that model)."""
@@ -138,5 +142,13 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.GetModelInfoResponse, _abc.Awaitable[_inference_pb2.GetModelInfoResponse]]:
         """Limits and features of one model: context length, vocabulary, end-of-sequence ids, ..."""
+
+    @_abc_1.abstractmethod
+    def ResetPrefixCache(
+        self,
+        request: _inference_pb2.ResetPrefixCacheRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ResetPrefixCacheResponse, _abc.Awaitable[_inference_pb2.ResetPrefixCacheResponse]]:
+        """Admin: forget every cached prefix block (blocks in use keep serving their requests)."""
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
