@@ -19,7 +19,7 @@ import threading
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -64,6 +64,19 @@ _STOPPING_FIELDS = frozenset(("max_tokens", "stop", "stop_token_ids", "ignore_eo
 # Called once per Generate/GenerateStream call as it ends: (request id, outcome), outcome one of
 # "ok", "cancelled", "deadline_exceeded" or a lower-case status code name ("invalid_argument", ...).
 RequestEndHook = Callable[[str, str], None]
+
+
+class RequestTrace(Protocol):
+    """Follows one Generate/GenerateStream call (metrics): every engine delta, then the outcome."""
+
+    def output(self, out: RequestOutput) -> None: ...
+    def ended(self, outcome: str) -> None: ...
+
+
+class RequestObserver(Protocol):
+    """Called as each Generate/GenerateStream call starts (service.metrics.WeftMetrics is one)."""
+
+    def request_started(self, request_id: str) -> RequestTrace: ...
 
 
 class StatusError(Exception):
@@ -189,8 +202,10 @@ def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str, str | None]:
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, served_model_name: str | None = None, on_request_end: RequestEndHook | None = None) -> None:
+    def __init__(self, served_model_name: str | None = None, on_request_end: RequestEndHook | None = None,
+                 observer: RequestObserver | None = None) -> None:
         self.engine: AsyncEngine | None = None
+        self._observer = observer
         self.draining = False
         self._served_name = served_model_name
         self._on_request_end = on_request_end
@@ -268,6 +283,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> None:
         """Run one request, handing every delta to on_output; report how it ended."""
         outcome = "internal"
+        trace = self._observer.request_started(rid) if self._observer is not None else None
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -282,6 +298,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     gen = engine.generate(prompt, params, rid, cache_salt=req.cache_salt or None)
                     async with contextlib.aclosing(gen) as stream:  # type: ignore[type-var]
                         async for out in stream:
+                            if trace is not None:
+                                trace.output(out)
                             await on_output(out)
             except InvalidArgumentError as exc:
                 raise _renamed(exc, kind) from None
@@ -297,6 +315,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
+            if trace is not None:
+                trace.ended(outcome)
             if self._on_request_end is not None:
                 self._on_request_end(rid, outcome)
 
@@ -593,10 +613,10 @@ class WeftServer:
 
     def __init__(
         self, options: ServerOptions | None = None, engine: AsyncEngine | None = None,
-        on_request_end: RequestEndHook | None = None,
+        on_request_end: RequestEndHook | None = None, observer: RequestObserver | None = None,
     ) -> None:
         self.options = options or ServerOptions()
-        self.servicer = InferenceServicer(self.options.served_model_name, on_request_end)
+        self.servicer = InferenceServicer(self.options.served_model_name, on_request_end, observer)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -695,11 +715,12 @@ class BackgroundServer:
     def __init__(
         self, options: ServerOptions | None = None, config: EngineConfig | None = None,
         core: EngineCore | None = None, on_request_end: RequestEndHook | None = None,
+        observer: RequestObserver | None = None,
     ) -> None:
         if (config is None) == (core is None):
             raise ValueError("pass exactly one of config or core")
         self.options = options or ServerOptions(host="127.0.0.1", port=0)
-        self._config, self._core, self._hook = config, core, on_request_end
+        self._config, self._core, self._hook, self._observer = config, core, on_request_end, observer
         self.loop = asyncio.new_event_loop()
         self.server: WeftServer | None = None
         self._thread = threading.Thread(target=self.loop.run_forever, name="weft-grpc", daemon=True)
@@ -710,7 +731,7 @@ class BackgroundServer:
         return self
 
     async def _start(self) -> None:
-        self.server = WeftServer(self.options, on_request_end=self._hook)
+        self.server = WeftServer(self.options, on_request_end=self._hook, observer=self._observer)
         await self.server.start()
         if self._core is not None:
             await self.server.attach(AsyncEngine(self._core), owned=True)

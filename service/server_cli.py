@@ -1,4 +1,5 @@
-"""`weft serve` (the gRPC server) and `weft client ...` (manual calls against one).
+"""`weft serve` (the gRPC server, with the REST shim beside it), `weft shim` (the REST shim alone,
+in front of a remote server) and `weft client ...` (manual calls against one).
 
 service/cli.py calls `add_commands(sub, engine_args, engine_config)` when this module exists.
 """
@@ -28,6 +29,7 @@ EngineConfigFn = Callable[..., EngineConfig]
 
 def add_commands(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_config: EngineConfigFn) -> None:
     _add_serve(sub, engine_args, engine_config)
+    _add_shim(sub)
     _add_client(sub)
 
 
@@ -49,6 +51,10 @@ def _add_serve(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_
                    help="waiting requests beyond this are refused with RESOURCE_EXHAUSTED")
     s.add_argument("--served-model-name", default=None, help="the name clients use in `model` (default: the model's own)")
     s.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get to finish on SIGTERM")
+    s.add_argument("--http-port", type=int, default=None,
+                   help="OpenAI/Ollama-compatible HTTP API and /metrics on this port (default 8000, skipped with "
+                        "a warning if taken; 0 = off)")
+    s.add_argument("--http-host", default=None, help="address of the HTTP API (default: --host)")
     s.set_defaults(func=lambda a: cmd_serve(a, engine_config))
 
 
@@ -61,18 +67,39 @@ def cmd_serve(a: argparse.Namespace, engine_config: EngineConfigFn) -> int:
     config = engine_config(a, max_queue_len=a.max_queue_len)
     options = ServerOptions(host=a.host, port=a.port, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
                             served_model_name=a.served_model_name, grace_s=a.grace)
-    return asyncio.run(serve(options, config))
+    http_host = a.http_host if a.http_host is not None else a.host
+    return asyncio.run(serve(options, config, http_host=http_host, http_port=a.http_port))
 
 
-async def serve(options: ServerOptions, config: EngineConfig) -> int:
-    """Listen at once (health NOT_SERVING, calls UNAVAILABLE), load the model, serve until
-    SIGTERM/SIGINT, then drain: a second signal cancels what is still running."""
+async def serve(options: ServerOptions, config: EngineConfig, http_host: str = "0.0.0.0",
+                http_port: int | None = 0) -> int:
+    """Listen at once (health NOT_SERVING, calls UNAVAILABLE; HTTP /health 503), load the model,
+    serve until SIGTERM/SIGINT, then drain: a second signal cancels what is still running.
+    `http_port` 0 leaves the REST shim off; None means the default port, skipped (with a warning)
+    when another process holds it, whereas a port asked for explicitly must be free."""
+    from service.metrics import WeftMetrics
+    from service.openai_shim import DEFAULT_HTTP_PORT
     from service.server import WeftServer
 
-    server = WeftServer(options)
+    metrics = WeftMetrics()
+    server = WeftServer(options, observer=metrics)
+    metrics.bind(lambda: server.engine)
     port = await server.start()
     where = f"{options.host}:{port}"
     log.info("listening on %s (gRPC); loading the model, health NOT_SERVING until it is ready", where)
+    # The REST shim starts with the gRPC listener, not after the load, so that its /health answers
+    # 503 while the model loads (as gRPC health says NOT_SERVING); it reaches the engine only
+    # through this server's gRPC port.
+    http = None
+    if http_port != 0:
+        try:
+            http = await _start_http(options, port, http_host, http_port or DEFAULT_HTTP_PORT, metrics)
+        except OSError as exc:
+            if http_port is not None:
+                await server.stop(0)
+                raise
+            log.warning("HTTP API off: cannot listen on %s:%d (%s); pass --http-port", http_host,
+                        DEFAULT_HTTP_PORT, exc)
 
     stop = asyncio.Event()
     _install_signal_handlers(stop, server)
@@ -82,21 +109,90 @@ async def serve(options: ServerOptions, config: EngineConfig) -> int:
     if not loading.done():
         log.info("stopped while loading the model")
         await server.stop(0)
+        await _stop_http(http)
         return 0
     stopping.cancel()
     error = loading.exception()
     if error is not None:
         await server.stop(0)
+        await _stop_http(http)
         raise error
     _log_serving(server, where)
 
-    # The REST shim (OpenAI / Ollama JSON on :8000) plugs in here: start it on this loop with
-    # `server.engine` (one engine behind both front ends) and stop it before `server.stop()`.
+    # The REST shim (OpenAI / Ollama JSON) started with the listener above (see _start_http).
 
     await stop.wait()
     log.info("draining: health NOT_SERVING, refusing new calls, up to %.0fs for in-flight ones",
              server.options.grace_s)
+    # The HTTP side stays up while gRPC drains: its new requests get 503 (the servicer's
+    # UNAVAILABLE), its in-flight streams finish through gRPC; then it closes.
     await server.stop()
+    await _stop_http(http)
+    log.info("stopped")
+    return 0
+
+
+async def _start_http(options: ServerOptions, grpc_port: int, host: str, port: int, metrics: object):
+    """The REST shim on this event loop, talking to this process's gRPC port over loopback."""
+    from service.openai_shim import HttpServer
+
+    tls, root, target = False, None, f"127.0.0.1:{grpc_port}"
+    if options.tls_cert:
+        # Loopback TLS trusting the server's own certificate (which must name localhost).
+        tls, target = True, f"localhost:{grpc_port}"
+        with open(options.tls_cert, "rb") as f:
+            root = f.read()
+    http = HttpServer(target, host, port, api_key=options.api_key, metrics=metrics, tls=tls, root_certificates=root)
+    bound = await http.start()
+    log.info("HTTP on %s:%d (OpenAI /v1, Ollama /api, /health, /metrics)", host, bound)
+    return http
+
+
+async def _stop_http(http: object) -> None:
+    if http is not None:
+        await http.stop()  # type: ignore[attr-defined]
+
+
+# ---- weft shim ------------------------------------------------------------------------------
+
+
+def _add_shim(sub: argparse._SubParsersAction) -> None:
+    from service.openai_shim import DEFAULT_HTTP_PORT
+
+    s = sub.add_parser("shim", help="serve the OpenAI/Ollama-compatible HTTP API in front of a remote Weft server")
+    s.add_argument("--target", default="localhost:50051", help="host:port of the Weft gRPC server")
+    s.add_argument("--host", default="0.0.0.0", help="HTTP address to listen on (default: all interfaces)")
+    s.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help=f"HTTP port (default {DEFAULT_HTTP_PORT})")
+    s.add_argument("--api-key", default=os.environ.get("WEFT_API_KEY") or None,
+                   help="require `Authorization: Bearer KEY` from HTTP clients and send it to the target "
+                        "(default: $WEFT_API_KEY; without it a client's own header is passed through)")
+    s.add_argument("--tls", action="store_true", help="connect to the target with TLS (system roots, or --ca-cert)")
+    s.add_argument("--ca-cert", default=None, help="PEM root certificate to trust for the target (implies --tls)")
+    s.set_defaults(func=cmd_shim)
+
+
+def cmd_shim(a: argparse.Namespace) -> int:
+    return asyncio.run(shim(a.target, a.host, a.port, api_key=a.api_key, tls=a.tls or bool(a.ca_cert),
+                            ca_cert=a.ca_cert))
+
+
+async def shim(target: str, host: str, port: int, api_key: str | None = None, tls: bool = False,
+               ca_cert: str | None = None) -> int:
+    """The REST shim alone until SIGTERM/SIGINT. Its /metrics has only the HTTP request counts
+    (engine metrics are on the `weft serve` process's own HTTP port)."""
+    from service.metrics import WeftMetrics
+    from service.openai_shim import HttpServer
+
+    root = open(ca_cert, "rb").read() if ca_cert else None
+    http = HttpServer(target, host, port, api_key=api_key, metrics=WeftMetrics(), tls=tls, root_certificates=root)
+    bound = await http.start()
+    log.info("HTTP on %s:%d in front of %s (OpenAI /v1, Ollama /api, /health)", host, bound, target)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await http.stop()
     log.info("stopped")
     return 0
 

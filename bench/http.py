@@ -1,0 +1,218 @@
+"""make bench BENCH=http: the engine-core workload through the REST shim (the official `openai`
+client, streaming completions) vs straight gRPC (AsyncWeftClient), one server, one run.
+
+The server is a real `weft serve` subprocess with its HTTP port on (gRPC and HTTP in one process,
+as deployed). Both sides send the same prompts as token ids, greedy, EOS ignored, so every
+request produces exactly max_tokens tokens; the HTTP side counts them with vLLM's
+`return_token_ids` extension. Each level's requests are split in two halves run A-B-B-A (gRPC,
+HTTP, HTTP, gRPC) so that load drifting on a shared machine hits both alike, and each side
+has its own prefix-cache salt so that neither finds the other's prompts cached. A row sums both
+halves; http_vs_grpc_c<N> = HTTP tok/s ÷ gRPC tok/s (target >= 0.9), and
+ttft_p50_http_over_grpc_c<N> = HTTP TTFT p50 ÷ gRPC TTFT p50 (the shim's latency cost).
+
+Usage: python -m bench http [--model PATH] [--dtype auto|float32|bfloat16] [--levels 1,8,32]
+                            [--requests-per-level K]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+from bench.common import median, percentile, print_table, write_results
+from bench.workload import Item, make_workload
+
+Stream = Callable[[Item], AsyncIterator[int]]        # one request: the number of new tokens per delta
+Result = tuple[float, list[float], list[float]]      # wall seconds, TTFTs, TPOTs
+
+
+async def _level(stream: Stream, items: list[Item], conc: int) -> Result:
+    sem = asyncio.Semaphore(conc)
+    ttfts: list[float] = []
+    tpots: list[float] = []
+
+    async def one(item: Item) -> None:
+        async with sem:
+            t0 = time.perf_counter()
+            first = None
+            n = 0
+            async for k in stream(item):
+                if k and first is None:
+                    first = time.perf_counter()
+                n += k
+            end = time.perf_counter()
+            if n != item.max_tokens or first is None:
+                raise RuntimeError(f"expected {item.max_tokens} tokens, got {n}")
+            ttfts.append(first - t0)
+            tpots.append((end - first) / max(1, n - 1))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in items))
+    return time.perf_counter() - t0, ttfts, tpots
+
+
+def _row(system: str, conc: int, items: list[Item], results: list[Result]) -> dict:
+    wall = sum(r[0] for r in results)
+    ttfts = [t for r in results for t in r[1]]
+    tpots = [t for r in results for t in r[2]]
+    tokens = sum(i.max_tokens for i in items)
+    return {
+        "system": system, "concurrency": conc, "requests": len(items), "output_tokens": tokens,
+        "tok_per_s": tokens / wall, "ttft_p50_ms": 1000 * percentile(ttfts, 50),
+        "ttft_p99_ms": 1000 * percentile(ttfts, 99), "tpot_ms": 1000 * median(tpots),
+    }
+
+
+def _grpc(client, salt: str) -> Stream:  # client: AsyncWeftClient
+    async def stream(item: Item) -> AsyncIterator[int]:
+        async for msg in client.generate_stream(item.prompt_ids, temperature=0, max_tokens=item.max_tokens,
+                                                ignore_eos=True, cache_salt=salt):
+            yield len(msg.choice.token_ids)
+    return stream
+
+
+def _http(client, model: str, salt: str) -> Stream:  # client: openai.AsyncOpenAI
+    async def stream(item: Item) -> AsyncIterator[int]:
+        chunks = await client.completions.create(
+            model=model, prompt=item.prompt_ids, max_tokens=item.max_tokens, temperature=0, stream=True,
+            extra_body={"ignore_eos": True, "return_token_ids": True, "cache_salt": salt})
+        async for chunk in chunks:
+            for choice in chunk.choices:
+                yield len((choice.model_extra or {}).get("token_ids") or ())
+    return stream
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`weft serve` (gRPC on a free port, HTTP on another) in a subprocess; ready once it logs "serving"."""
+
+    def __init__(self, model: str | None, dtype: str, kv_cache_gb: float) -> None:
+        self.http_port = _free_port()
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+               "--http-port", str(self.http_port), "--dtype", dtype, "--kv-cache-gb", str(kv_cache_gb)]
+        if model:
+            cmd += ["--model", model]
+        env = {**os.environ, "WEFT_API_KEY": ""}
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        assert self.proc.stderr is not None
+        self._stderr = self.proc.stderr
+        self.log: list[str] = []
+        self.port = self._wait_serving()
+        threading.Thread(target=lambda: self.log.extend(self._stderr), daemon=True).start()
+
+    def _wait_serving(self) -> int:
+        port = None
+        for line in self._stderr:
+            self.log.append(line)
+            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                port = int(m.group(1))
+            if "serving " in line and port:
+                return port
+        raise RuntimeError("weft serve exited before serving:\n" + "".join(self.log))
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class _RemoteTokenizer:
+    """make_workload's tokenizer, through the server's Tokenize call."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.client.tokenize(text, add_special_tokens=add_special_tokens).token_ids)
+
+
+async def _run(server: ServerProcess, workloads: dict[int, list[Item]]) -> list[dict]:
+    import openai
+
+    from clients.client import AsyncWeftClient
+
+    rows: list[dict] = []
+    async with AsyncWeftClient(server.target, timeout=3600) as grpc_client, openai.AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key="bench", max_retries=0, timeout=3600) as oa:
+        await grpc_client.wait_ready(120)
+        model = (await oa.models.list()).data[0].id
+        # One prefix-cache salt per system: neither reuses the other's prompt blocks, so both see
+        # the same (cold) prefills whatever the order they run in.
+        systems: dict[str, Stream] = {"grpc": _grpc(grpc_client, "grpc"), "http": _http(oa, model, "http")}
+        warm = workloads[min(workloads)][:1]
+        # First-call costs (connections, allocations) out of the timings; another salt, so that the
+        # measured run of this prompt is cold too.
+        for s in (_grpc(grpc_client, "warmup-grpc"), _http(oa, model, "warmup-http")):
+            await _level(s, warm, 1)
+        for conc, items in workloads.items():
+            half = (len(items) + 1) // 2
+            a, b = items[:half], items[half:]
+            results: dict[str, list[Result]] = {"grpc": [], "http": []}
+            for system, part in (("grpc", a), ("http", a), ("http", b), ("grpc", b)):
+                if part:
+                    results[system].append(await _level(systems[system], part, conc))
+            for system in ("grpc", "http"):
+                rows.append(_row(system, conc, items, results[system]))
+            print_table(rows[-2:])
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    from clients.client import WeftClient
+
+    ap = argparse.ArgumentParser(prog="bench http")
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    ap.add_argument("--dtype", default="bfloat16", choices=["auto", "bfloat16", "float32"])
+    ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, 2*concurrency)")
+    ap.add_argument("--kv-cache-gb", type=float, default=2.0)
+    a = ap.parse_args(argv)
+    levels = [int(x) for x in a.levels.split(",")]
+
+    server = ServerProcess(a.model, a.dtype, a.kv_cache_gb)
+    try:
+        with WeftClient(server.target, timeout=60) as c:
+            tok = _RemoteTokenizer(c)
+            workloads = {lvl: make_workload(tok, a.requests_per_level or max(4, 2 * lvl), seed=lvl) for lvl in levels}
+            model_name = c.models()[0].name
+        rows = asyncio.run(_run(server, workloads))
+    finally:
+        server.stop()
+
+    by = {(r["system"], r["concurrency"]): r for r in rows}
+    ratios = {f"http_vs_grpc_c{c}": by[("http", c)]["tok_per_s"] / by[("grpc", c)]["tok_per_s"] for c in levels}
+    for c in levels:
+        ratios[f"ttft_p50_http_over_grpc_c{c}"] = by[("http", c)]["ttft_p50_ms"] / by[("grpc", c)]["ttft_p50_ms"]
+    print()
+    print_table(rows)
+    print(ratios)
+    workload = {"prompt_tokens": 100, "output_tokens": "16-256 spread", "greedy": True, "dtype": a.dtype,
+                "levels": levels, "model": a.model or model_name,
+                "server": "weft serve subprocess (gRPC + HTTP shim in one process) on loopback",
+                "clients": "grpc: AsyncWeftClient streaming; http: openai.AsyncOpenAI completions stream=True "
+                           "(prompt as token ids, ignore_eos and return_token_ids in extra_body)"}
+    path = write_results("http", workload, rows, ratios, "make bench BENCH=http")
+    print(f"wrote {path}")
+    return 0

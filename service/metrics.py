@@ -1,0 +1,180 @@
+"""Prometheus metrics of a Weft server, served on the HTTP port's `/metrics`.
+
+Two kinds of numbers:
+- Per request, recorded as it runs (the gRPC servicer calls `WeftMetrics.request_started` for each
+  Generate/GenerateStream call and feeds the returned `RequestTrace` every engine delta): time to
+  first token, time per output token, end-to-end latency, tokens in and out, how each completion
+  ended (finish reason) and how each call ended (outcome).
+- Engine state, read when Prometheus scrapes (a collector over the bound engine): running and
+  waiting requests, KV-cache usage, prefix-cache queries and hits, preemptions, speculative
+  decoding counters and guided-decoding compile times.
+
+One registry per `WeftMetrics` (not the process-global one), so tests can run several servers in
+one process. The HTTP shim adds its own request counter (`weft_http_requests_total`).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from service.engine.async_engine import AsyncEngine
+    from service.engine.request import RequestOutput
+
+# Buckets: CPU steps are tens of ms, GPU steps a few ms; queues can add seconds.
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0, 160.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+               960.0, 1920.0)
+COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# Finish reasons as the engine names them (RequestOutput.finish_reason).
+FINISH_REASONS = ("length", "stop", "eos", "cancelled", "error")
+
+
+class WeftMetrics:
+    """The metrics of one server. `bind(get_engine)` makes the engine's state scrapeable."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        # First: a scrape collects in registration order, and this collector moves new guided
+        # compile times into `guided_compile` before that histogram is read.
+        self._engine_collector = _EngineCollector(self)
+        r.register(self._engine_collector)
+        self.ttft = Histogram("weft_time_to_first_token_seconds", "Time from a call's arrival to its first token.",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("weft_time_per_output_token_seconds",
+                              "Mean time between output tokens of one completion (after its first).",
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("weft_e2e_request_latency_seconds",
+                             "Time from a call's arrival to its last token (successful calls).",
+                             buckets=E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("weft_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.generation_tokens = Counter("weft_generation_tokens", "Tokens generated.", registry=r)
+        self.finished = Counter("weft_request_finished", "Completions ended, by finish reason "
+                                "(length, stop, eos, cancelled, error).", ["finish_reason"], registry=r)
+        self.outcomes = Counter("weft_requests", "Generate/GenerateStream calls ended, by outcome (ok, cancelled, "
+                                "deadline_exceeded, invalid_argument, resource_exhausted, unavailable, ...).",
+                                ["outcome"], registry=r)
+        self.http_requests = Counter("weft_http_requests", "HTTP requests answered by the REST shim, by route "
+                                     "and status code.", ["route", "status"], registry=r)
+        for reason in FINISH_REASONS:
+            self.finished.labels(reason)   # present at 0 from the start
+        self.guided_compile = Histogram("weft_guided_compile_seconds", "Time to compile one guided-decoding spec "
+                                        "(cache misses only).", buckets=COMPILE_BUCKETS, registry=r)
+
+    def bind(self, get_engine: Callable[[], AsyncEngine | None]) -> None:
+        """Scrapes read the state of `get_engine()` (None while the model loads)."""
+        self._engine_collector.get_engine = get_engine
+
+    # ---- the server hook --------------------------------------------------------------------
+
+    def request_started(self, request_id: str) -> RequestTrace:
+        return RequestTrace(self)
+
+
+class RequestTrace:
+    """One Generate/GenerateStream call, from arrival to end. Fed on the server's event loop."""
+
+    __slots__ = ("_m", "_t0", "_first", "_seq_first", "_seq_tokens", "_prompt_counted")
+
+    def __init__(self, metrics: WeftMetrics) -> None:
+        self._m = metrics
+        self._t0 = time.perf_counter()
+        self._first: float | None = None
+        self._seq_first: dict[int, float] = {}     # completion index -> time of its first token
+        self._seq_tokens: dict[int, int] = {}
+        self._prompt_counted = False
+
+    def output(self, out: RequestOutput) -> None:
+        """One engine delta of one of the request's completions."""
+        now = time.perf_counter()
+        n = len(out.token_ids)
+        if n:
+            if self._first is None:
+                self._first = now
+                self._m.ttft.observe(now - self._t0)
+            self._seq_first.setdefault(out.index, now)
+            self._seq_tokens[out.index] = self._seq_tokens.get(out.index, 0) + n
+            self._m.generation_tokens.inc(n)
+        if out.finished:
+            reason = out.finish_reason or "error"
+            self._m.finished.labels(reason).inc()
+            first = self._seq_first.get(out.index)
+            tokens = self._seq_tokens.get(out.index, 0)
+            if first is not None and tokens > 1:
+                self._m.tpot.observe((now - first) / (tokens - 1))
+            if not self._prompt_counted:
+                self._prompt_counted = True
+                self._m.prompt_tokens.inc(out.num_prompt_tokens)
+
+    def ended(self, outcome: str) -> None:
+        self._m.outcomes.labels(outcome).inc()
+        if outcome == "ok" and self._first is not None:
+            self._m.e2e.observe(time.perf_counter() - self._t0)
+
+
+class _EngineCollector(Collector):
+    """Engine state at scrape time. Reads plain counters the engine thread updates (ints under
+    the GIL); nothing here blocks the engine."""
+
+    def __init__(self, metrics: WeftMetrics) -> None:
+        self.metrics = metrics
+        self.get_engine: Callable[[], AsyncEngine | None] = lambda: None
+        self._compiles_seen = 0
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())   # unchecked collector: the families depend on the engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.get_engine()
+        core = getattr(engine, "core", None)
+        running = waiting = 0
+        usage = 0.0
+        queries = hits = preemptions = 0
+        drafts = draft_tokens = accepted = 0
+        if core is not None:
+            running, waiting = core.num_running, core.num_waiting
+            usage = float(core.kv.usage)
+            queries, hits = core.kv.stats.queries, core.kv.stats.hits
+            preemptions = core.scheduler.num_preemptions
+            spec = getattr(core, "spec_stats", None)   # present once speculative decoding runs
+            if spec is not None:
+                drafts, draft_tokens, accepted = spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens
+            self._observe_compiles(getattr(core, "guide_compiler", None))
+        yield GaugeMetricFamily("weft_num_requests_running", "Sequences in the running batch.", value=running)
+        yield GaugeMetricFamily("weft_num_requests_waiting", "Sequences waiting to be scheduled.", value=waiting)
+        yield GaugeMetricFamily("weft_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0-1).", value=usage)
+        yield CounterMetricFamily("weft_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=queries)
+        yield CounterMetricFamily("weft_prefix_cache_hits", "Prompt tokens found in the prefix cache.", value=hits)
+        yield CounterMetricFamily("weft_num_preemptions", "Sequences preempted (recomputed later) for KV space.",
+                                  value=preemptions)
+        yield CounterMetricFamily("weft_spec_decode_num_drafts", "Speculative verifications with >= 1 draft token.",
+                                  value=drafts)
+        yield CounterMetricFamily("weft_spec_decode_num_draft_tokens", "Draft tokens proposed.", value=draft_tokens)
+        yield CounterMetricFamily("weft_spec_decode_num_accepted_tokens", "Draft tokens accepted.", value=accepted)
+
+    def _observe_compiles(self, compiler: Any) -> None:
+        """Move compile times the guide compiler recorded since the last scrape into the histogram."""
+        if compiler is None or not hasattr(compiler, "compile_times_s"):
+            return
+        lock = getattr(compiler, "_lock", None) or contextlib.nullcontext()
+        with lock:
+            total = int(getattr(compiler, "num_compiled", 0))
+            times = list(compiler.compile_times_s)
+        new = total - self._compiles_seen
+        if new <= 0:
+            return
+        self._compiles_seen = total
+        for t in times[-min(new, len(times)):]:
+            self.metrics.guided_compile.observe(t)

@@ -1,0 +1,184 @@
+"""Request bodies of the REST shim as pydantic models: they validate types (a wrong type is a 400
+naming the field), document the API in the served OpenAPI document, and drive the fuzz tests.
+
+Unknown fields are accepted and ignored, as OpenAI's and Ollama's clients add fields over time;
+known fields Weft cannot honour (tools, logit_bias, images, ...) are refused by the shim with a
+400 naming them rather than silently ignored.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JsonSchema = dict[str, Any]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+# ---- OpenAI -----------------------------------------------------------------------------------
+
+
+class ContentPart(_Body):
+    type: str = Field(description='Only "text" parts are supported.')
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: str = Field(description='"system", "developer" (read as system), "user", "assistant" or "tool".')
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: JsonSchema | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's structured outputs: set exactly one member."""
+    json_: JsonSchema | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = None
+
+
+class _Sampling(_Body):
+    model: str | None = Field(default=None, description="The served model's name; empty or unset means it.")
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: JsonSchema | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    cache_salt: str | None = None
+    return_token_ids: bool | None = Field(default=None, description="Add `token_ids` to each choice (vLLM).")
+    num_speculative_tokens: int | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: `prompt` text, or `messages` rendered with the chat template."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+
+# ---- Ollama -----------------------------------------------------------------------------------
+
+
+class OllamaOptions(_Body):
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    num_predict: int | None = None
+    stop: list[str] | str | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+class OllamaGenerateRequest(_Body):
+    model: str | None = ""
+    prompt: str | None = ""
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    stream: bool | None = True
+    raw: bool | None = False
+    format: str | JsonSchema | None = None
+    options: OllamaOptions | None = None
+    images: list[str] | None = None
+    keep_alive: str | float | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class OllamaMessage(_Body):
+    role: str
+    content: str | None = ""
+    images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class OllamaChatRequest(_Body):
+    model: str | None = ""
+    messages: list[OllamaMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+    format: str | JsonSchema | None = None
+    options: OllamaOptions | None = None
+    stream: bool | None = True
+    keep_alive: str | float | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class OllamaShowRequest(_Body):
+    model: str | None = None
+    name: str | None = None     # older clients
+    verbose: bool | None = None
