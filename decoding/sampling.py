@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from decoding.guided.spec import GuidedSpec
 from service.errors import InvalidArgumentError
 
 # Temperatures below this are treated as greedy (vLLM's _SAMPLING_EPS): dividing by them would
@@ -60,6 +61,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None       # None: none; k >= 0: chosen token's logprob plus top-k alternatives
     skip_special_tokens: bool = True
+    guided: GuidedSpec | None = None  # constrain the output to a JSON schema / regex / choice / grammar
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidArgumentError naming the first bad field."""
@@ -91,6 +93,10 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(name, "must be a boolean")
+        if self.guided is not None:
+            if not isinstance(self.guided, GuidedSpec):
+                raise InvalidArgumentError("guided", "must be a GuidedSpec")
+            self.guided.validate()
 
     def _validate_stops(self, vocab_size: int | None) -> None:
         # A bare string would otherwise be taken as a list of one-character stop strings.

@@ -61,7 +61,10 @@ class LLM:
         order = []
         for prompt, p in zip(prompts, plist):
             rid = f"offline-{next(self._ids)}"
-            n_prompt = self.engine.add_request(rid, list(prompt) if not isinstance(prompt, str) else prompt, p)
+            # Guided specs compile here, synchronously (cached: a repeated spec compiles once).
+            grammar = self.engine.guide_compiler.compile_sync(p.guided) if p.guided is not None else None
+            n_prompt = self.engine.add_request(
+                rid, list(prompt) if not isinstance(prompt, str) else prompt, p, guide=grammar)
             results[rid] = GenerateResult(rid, n_prompt, 0, [Completion(i) for i in range(p.n)])
             order.append(rid)
         while self.engine.has_unfinished():

@@ -26,8 +26,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from clients.weft.v1 import guided_pb2
 from clients.weft.v1 import inference_pb2 as pb
 from clients.weft.v1 import inference_pb2_grpc as pb_grpc
+from decoding.guided.spec import GuidedSpec
 from decoding.sampling import MAX_LOGPROBS, MAX_N, SamplingParams, TokenLogprobs
 from service.config import EngineConfig
 from service.engine.async_engine import AsyncEngine
@@ -125,7 +127,26 @@ def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
         include_stop_str_in_output=t.include_stop_str_in_output,
         logprobs=_opt(req, "logprobs", None),
         skip_special_tokens=_opt(req, "skip_special_tokens", True),
+        guided=guided_spec(req),
     )
+
+
+def guided_spec(req: pb.GenerateRequest) -> GuidedSpec | None:
+    """The `guided` oneof as the engine's GuidedSpec (None when unset)."""
+    kind = req.guided.WhichOneof("kind") if req.HasField("guided") else None
+    if kind is None:
+        return None
+    g = req.guided
+    if kind == "json_schema":
+        return GuidedSpec("json_schema", g.json_schema)
+    if kind == "regex":
+        return GuidedSpec("regex", g.regex)
+    if kind == "choice":
+        return GuidedSpec("choice", list(g.choice.choices))
+    if kind == "grammar":
+        syntax = "gbnf" if g.grammar.syntax == guided_pb2.Grammar.GBNF else "lark"
+        return GuidedSpec("grammar", g.grammar.definition, grammar_syntax=syntax)
+    return GuidedSpec("json_object")
 
 
 def field_path(engine_field: str, prompt_kind: str | None) -> str:
@@ -156,9 +177,6 @@ def chat_messages(chat: pb.Chat) -> list[dict[str, str]]:
 
 def check_unsupported(req: pb.GenerateRequest) -> None:
     """Fields the API defines ahead of the engine: validated here, refused or ignored for now."""
-    kind = req.guided.WhichOneof("kind") if req.HasField("guided") else None
-    if kind is not None:
-        raise InvalidArgumentError(f"guided.{kind}", "guided decoding is not supported yet")
     if req.HasField("num_speculative_tokens") and not 0 <= req.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
         raise InvalidArgumentError(
             "num_speculative_tokens", f"must be in [0, {MAX_SPECULATIVE_TOKENS}], got {req.num_speculative_tokens}"
@@ -516,7 +534,7 @@ def _model_info(core: EngineCore, name: str) -> pb.ModelInfo:
         features=pb.Features(
             chat_template=tok.has_chat_template,
             logprobs=True,
-            guided_decoding=False,
+            guided_decoding=True,
             speculative_decoding=False,
             # Reported from the engine config once prefix caching lands there.
             prefix_caching=bool(getattr(cfg, "enable_prefix_caching", False)),

@@ -284,11 +284,11 @@ INVALID: list[tuple[str, Build, str]] = [
     ("stop_too_many", _req(stop=[f"s{i}" for i in range(17)]), "stopping.stop"),
     ("stop_token_id_negative", _req(stop_token_ids=[-1]), "stopping.stop_token_ids"),
     ("stop_token_id_past_vocab", _req(stop_token_ids=[10**6]), "stopping.stop_token_ids"),
-    ("guided_json_schema", _guided(json_schema='{"type": "object"}'), "guided.json_schema"),
-    ("guided_regex", _guided(regex="[a-z]+"), "guided.regex"),
-    ("guided_choice", _guided(choice=guided_pb2.ChoiceList(choices=["yes", "no"])), "guided.choice"),
-    ("guided_grammar", _guided(grammar=guided_pb2.Grammar(definition='start: "a"')), "guided.grammar"),
-    ("guided_json_object", _guided(json_object=guided_pb2.JsonObject()), "guided.json_object"),
+    ("guided_json_schema", _guided(json_schema='{"type": "objekt"}'), "guided.json_schema"),
+    ("guided_json_schema_not_json", _guided(json_schema='{"type": '), "guided.json_schema"),
+    ("guided_regex", _guided(regex="([a-z]+"), "guided.regex"),
+    ("guided_choice", _guided(choice=guided_pb2.ChoiceList(choices=[])), "guided.choice"),
+    ("guided_grammar", _guided(grammar=guided_pb2.Grammar(definition="start: (")), "guided.grammar"),
     ("num_speculative_tokens_17", _req(num_speculative_tokens=17), "num_speculative_tokens"),
     ("num_speculative_tokens_negative", _with(lambda r: setattr(r, "num_speculative_tokens", -1)),
      "num_speculative_tokens"),
@@ -395,7 +395,7 @@ def test_models_and_model_info(client, server) -> None:
     assert info.max_logprobs == 20 and info.max_n == 16
     assert info.kv_cache_tokens == NUM_BLOCKS * 16
     assert info.features.chat_template and info.features.logprobs
-    assert not info.features.guided_decoding
+    assert info.features.guided_decoding
 
 
 def test_health_reports_serving(client, server) -> None:
@@ -484,3 +484,15 @@ def test_prefix_cache_usage_salts_and_reset(client) -> None:
     stats = client.reset_prefix_cache()
     assert 0 < stats.hit_tokens <= stats.queried_tokens
     assert client.generate(prompt, **kw).usage.cached_prompt_tokens == 0
+
+
+def test_guided_regex_and_choice_hold(client) -> None:
+    import re
+
+    regex = client.generate("Say a code:", max_tokens=24, temperature=1.0, seed=3,
+                            guided=guided_pb2.GuidedDecoding(regex=r"[A-Z]{2}-[0-9]{3}"))
+    assert re.fullmatch(r"[A-Z]{2}-[0-9]{3}", regex.choices[0].text)
+    assert regex.choices[0].finish_reason == pb.FINISH_REASON_STOP
+    choice = client.generate("Pick:", max_tokens=16, temperature=0,
+                             guided=guided_pb2.GuidedDecoding(choice=guided_pb2.ChoiceList(choices=["red", "green"])))
+    assert choice.choices[0].text in {"red", "green"}

@@ -8,8 +8,10 @@ import logging
 
 import torch
 
+from decoding.guided import CompiledGrammar, GuideCompiler
 from decoding.sampling import NoValidTokenError, Sampler, SampleRequest, SamplingParams
 from decoding.stopping import StopChecker
+from kernels.mask import apply_token_bitmask_
 from service.config import EngineConfig
 from service.engine.kv_cache import KVCacheManager
 from service.engine.request import Request, RequestOutput, RequestStatus
@@ -59,6 +61,11 @@ class EngineCore:
         self.requests: dict[str, list[Request]] = {}   # parent id -> its n sequences
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids)
         self.vocab_size = int(hf.vocab_size)
+        # Guided decoding: specs compile on the compiler's own threads; the step only fills and
+        # applies masks, and only when some row of the batch is guided.
+        self.guide_compiler = GuideCompiler(self.tokenizer, self.vocab_size)
+        self._eos_set = frozenset(self.eos_token_ids)
+        self._bitmask: torch.Tensor | None = None
 
     # ---- requests in -------------------------------------------------------------------------
 
@@ -82,12 +89,19 @@ class EngineCore:
         return ids
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, cache_salt: str | None = None
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, cache_salt: str | None = None,
+        guide: CompiledGrammar | None = None,
     ) -> int:
-        """Queue a request (n sequences). Returns the prompt length. Raises InvalidArgumentError."""
+        """Queue a request (n sequences). Returns the prompt length. Raises InvalidArgumentError.
+
+        `guide` is `params.guided` compiled (callers compile off this thread: AsyncEngine awaits
+        the compiler); when it is missing for a guided request it is compiled here, blocking.
+        Each of the n sequences gets its own guide from it."""
         if request_id in self.requests:
             raise InvalidArgumentError("request_id", f"{request_id!r} is already running")
         ids = self.validate(prompt, params)
+        if guide is None and params.guided is not None:
+            guide = self.guide_compiler.compile_sync(params.guided)
         # Generation never runs past the context: cap max_tokens so the stop checker says "length".
         room = self.max_model_len - len(ids)
         if params.max_tokens > room:
@@ -105,6 +119,7 @@ class EngineCore:
                 stop_checker=StopChecker(child_params, self.tokenizer, ids, self.eos_token_ids),
                 generator=None if seed is None else Sampler.make_generator(seed),
                 cache_salt=cache_salt or "",
+                guide=None if guide is None else guide.new_guide(),
             )
             children.append(req)
             self.scheduler.add(req)
@@ -156,6 +171,9 @@ class EngineCore:
             )
         outputs: list[RequestOutput] = []
         if sample_reqs:
+            guided = [i for i, r in enumerate(sample_reqs) if r.guide is not None]
+            if guided:
+                self._apply_guides(logits, sample_reqs, guided)
             rows = [SampleRequest(r.params, r.prompt_ids, r.output_ids, r.generator) for r in sample_reqs]
             try:
                 tokens, logprobs = self.sampler(logits, rows)
@@ -169,9 +187,76 @@ class EngineCore:
                 rows = [rows[i] for i in keep]
                 tokens, logprobs = self.sampler(logits[keep], rows) if keep else ([], [])
             for req, tok, lp in zip(sample_reqs, tokens, logprobs):
-                self._append(req, tok, lp)
+                if req.guide is None:
+                    self._append(req, tok, lp)
+                else:
+                    error = self._append_guided(req, tok, lp)
+                    if error is not None:
+                        outputs += self._fail([req], error)
+                        continue
                 outputs.append(self._output(req))
         return outputs
+
+    # ---- guided decoding ---------------------------------------------------------------------
+
+    def _apply_guides(self, logits: torch.Tensor, reqs: list[Request], guided: list[int]) -> None:
+        """Mask every guided row of the batch with one bitmask and one kernel call."""
+        words = self.guide_compiler.bitmask_words
+        rows_n = logits.shape[0]
+        buf = self._bitmask
+        if buf is None or buf.shape[0] < rows_n or buf.shape[1] != words:
+            pin = logits.is_cuda
+            buf = torch.empty((max(rows_n, self.config.max_num_seqs), words), dtype=torch.int32, pin_memory=pin)
+            self._bitmask = buf
+        for i in guided:
+            reqs[i].guide.fill_bitmask(buf[i])
+        mask = buf[:rows_n]
+        rows = torch.tensor(guided, dtype=torch.long)
+        if logits.is_cuda:
+            mask = mask.to(logits.device, non_blocking=True)
+            rows = rows.to(logits.device, non_blocking=True)
+        with torch.inference_mode():   # logits come out of the runner as inference tensors
+            apply_token_bitmask_(logits, mask, rows)
+
+    def _append_guided(self, req: Request, token: int, logprob) -> str | None:
+        """Append a sampled token to a guided sequence, then any tokens the grammar forces
+        (jump-forward: they are appended without a forward pass each; the next step computes
+        their KV as one chunk). Returns an error message if the guide cannot go on."""
+        guide = req.guide
+        if token in self._eos_set:
+            # The mask allows EOS only once the output is complete.
+            self._append(req, token, logprob)
+            if not req.finished:     # ignore_eos: the output is complete all the same
+                self._finish_guided(req)
+            return None
+        if not guide.advance(token):
+            return f"guided decoding rejected token {token}: {guide.error() or 'not allowed'}"
+        self._append(req, token, logprob)
+        # Forced tokens carry no logprobs: jump-forward only for requests that asked for none.
+        while not req.finished:
+            if guide.is_terminated():
+                self._finish_guided(req)
+                break
+            if req.params.logprobs is not None:
+                break
+            forced = guide.forced_tokens()
+            if not forced:
+                break
+            for t in forced:
+                if not guide.advance(t):
+                    return f"guided decoding rejected forced token {t}: {guide.error() or 'not allowed'}"
+                self._append(req, t, None)
+                if req.finished:     # max_tokens, a stop string or stop id among the forced tokens
+                    break
+        return None
+
+    def _finish_guided(self, req: Request) -> None:
+        """The grammar is complete and allows nothing more: finish with "stop", emitting any text
+        the stop checker still holds (a possible stop-string prefix, an incomplete character)."""
+        checker = req.stop_checker
+        text, _ = checker._finish("stop", None, checker._flush_all())
+        req.pending_text += text
+        self.scheduler.finish(req, "stop")
 
     def _append(self, req: Request, token: int, logprob) -> None:
         req.token_ids.append(token)

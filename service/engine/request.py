@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from decoding.guided.base import Guide
 from decoding.sampling import SamplingParams, TokenLogprobs
 from decoding.stopping import StopChecker
 
@@ -37,6 +38,7 @@ class Request:
     stop_checker: StopChecker
     generator: torch.Generator | None = None
     cache_salt: str = ""
+    guide: Guide | None = None                                # guided decoding state (None: unconstrained)
     block_hashes: list[bytes] = field(default_factory=list)   # chained hashes of its full blocks
     num_registered_blocks: int = 0                            # how many of them are in the prefix cache
     token_ids: list[int] = field(default_factory=list)

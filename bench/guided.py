@@ -1,0 +1,366 @@
+"""make bench BENCH=guided: guided decoding on jsonschemabench-dev with the default model.
+
+Four measurements, one results file (bench/results/guided.json):
+
+1. Compile, per backend, every dev-set schema: compiled / refused (with the reasons), compile time
+   p50/p99 over the schemas that compile.
+2. Token-level conformance, per backend and for "auto": each compiled schema's instances are
+   serialised (compact separators, UTF-8, keys in the instance's order) and tokenised with the
+   model's tokenizer; a valid instance must be accepted token by token and be complete at the
+   end, an invalid one must not. Mask time per token (fill of one bitmask row) p50/p99.
+3. Throughput at concurrency 32, guided vs unguided, same prompts and same number of output
+   tokens per request (max_tokens, EOS ignored; the constraints below never complete earlier):
+   - json: `{"type":"array","items":{"type":"string"},"minItems":1000}` (jump-forward active),
+   - regex: `[a-zA-Z ,.]+` (no forced tokens: the pure cost of masks; EOS is allowed, so a
+     request may end early: tokens per second, not per request, are compared).
+4. End to end: for every schema that "auto" compiles, generate (greedy, chat template, the
+   schema in the prompt, at most --max-tokens) at concurrency 32 and validate with `jsonschema`
+   (formats checked). Truncated outputs (finish_reason "length") are counted apart: they are not
+   valid. On 2 CPU cores the whole set takes longer than the default --budget-s; what has not
+   finished by then is counted as not run.
+
+Usage: python -m bench guided [--limit N] [--max-tokens 256] [--budget-s 900] [--skip-e2e]
+       [--skip-throughput] [--skip-conformance] [--merge] [--outlines-limit N] [--requests 64] [--tokens 64]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import glob
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import percentile, print_table, write_results
+from bench.workload import make_workload
+from decoding.guided import GuidedSpec
+from decoding.sampling import SamplingParams
+from service.config import EngineConfig
+from service.engine.async_engine import AsyncEngine
+from service.engine.core import EngineCore
+from service.errors import InvalidArgumentError
+
+DATA = Path(os.environ.get("WEFT_GUIDED_DATA", Path(__file__).resolve().parents[2] / "shared/data/jsonschemabench-dev"))
+BACKENDS = ("llguidance", "outlines-core")
+
+
+def load_dev(limit: int | None = None) -> list[tuple[str, dict]]:
+    files = sorted(glob.glob(str(DATA / "*.json")))
+    if not files:
+        raise SystemExit(f"no data set at {DATA} (set WEFT_GUIDED_DATA)")
+    docs = [(Path(f).stem, json.loads(Path(f).read_text())) for f in files]
+    return docs[:limit] if limit else docs
+
+
+def serialise(instance) -> str:
+    return json.dumps(instance, separators=(",", ":"), ensure_ascii=False)
+
+
+def replay(grammar, ids: list[int], words: int, mask_times: list[float] | None = None) -> bool:
+    """Feed `ids` token by token; True if every token is allowed by the mask and accepted, and
+    the guide is complete at the end."""
+    guide = grammar.new_guide()
+    row = torch.zeros(words, dtype=torch.int32)
+    for t in ids:
+        t0 = time.perf_counter()
+        guide.fill_bitmask(row)
+        if mask_times is not None:
+            mask_times.append(time.perf_counter() - t0)
+        if not (int(row[t >> 5]) >> (t & 31)) & 1:
+            return False
+        if not guide.advance(t):
+            return False
+    return guide.is_complete()
+
+
+def conformance(core: EngineCore, docs, backend: str, limit_compile: int | None = None) -> dict:
+    """Compile every schema with one backend ("auto" = the compiler's policy) and replay instances."""
+    compiler = core.guide_compiler
+    tok = core.tokenizer
+    words = compiler.bitmask_words
+    res = collections.Counter()
+    reasons = collections.Counter()
+    compile_s: list[float] = []
+    mask_s: list[float] = []
+    compiled_names: list[str] = []
+    for i, (name, doc) in enumerate(docs):
+        if limit_compile is not None and i >= limit_compile:
+            break
+        spec = GuidedSpec("json_schema", doc["schema"])
+        t0 = time.perf_counter()
+        try:
+            grammar = compiler.compile_uncached(spec, None if backend == "auto" else backend)
+        except InvalidArgumentError as exc:
+            res["rejected"] += 1
+            reasons[_reason(exc.message)] += 1
+            continue
+        compile_s.append(time.perf_counter() - t0)
+        res["compiled"] += 1
+        compiled_names.append(name)
+        for test in doc["tests"]:
+            ids = tok.encode(serialise(test["data"]), add_special_tokens=False)
+            ok = replay(grammar, ids, words, mask_s if test["valid"] else None)
+            res[("valid_" if test["valid"] else "invalid_") + ("accepted" if ok else "rejected")] += 1
+    return {
+        "backend": backend, "schemas": res["compiled"] + res["rejected"], "compiled": res["compiled"],
+        "rejected": res["rejected"], "valid_accepted": res["valid_accepted"], "valid_rejected": res["valid_rejected"],
+        "invalid_accepted": res["invalid_accepted"], "invalid_rejected": res["invalid_rejected"],
+        "compile_p50_ms": 1e3 * percentile(compile_s, 50), "compile_p99_ms": 1e3 * percentile(compile_s, 99),
+        "mask_p50_us": 1e6 * percentile(mask_s, 50), "mask_p99_us": 1e6 * percentile(mask_s, 99),
+        "mask_samples": len(mask_s),
+        "top_reasons": dict(reasons.most_common(8)), "_compiled_names": compiled_names,
+    }
+
+
+def _reason(message: str) -> str:
+    m = message.split(" (at ")[0]
+    for prefix in ("Unknown format", "Unimplemented keys", "unsupported keyword", "oneOf", "the regex"):
+        if prefix in m:
+            return m[:80]
+    return m[:60]
+
+
+# ---- throughput -----------------------------------------------------------------------------------
+
+THROUGHPUT_SPECS = {
+    "json": GuidedSpec("json_schema", {"type": "array", "items": {"type": "string"}, "minItems": 1000}),
+    "regex": GuidedSpec("regex", r"[a-zA-Z ,.]+"),
+}
+
+
+async def _run_level(engine: AsyncEngine, items, conc: int, guided: GuidedSpec | None) -> tuple[float, int]:
+    sem = asyncio.Semaphore(conc)
+    total = 0
+
+    async def one(item) -> None:
+        nonlocal total
+        async with sem:
+            params = SamplingParams(temperature=0, max_tokens=item.max_tokens, ignore_eos=True, guided=guided)
+            n = 0
+            async for out in engine.generate(item.prompt_ids, params):
+                n += len(out.token_ids)
+            total += n
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in items))
+    return time.perf_counter() - t0, total
+
+
+def throughput(core: EngineCore, requests: int, tokens: int, conc: int = 32, rounds: int = 2) -> list[dict]:
+    items = make_workload(core.tokenizer, requests, seed=7, min_out=tokens, max_out=tokens)
+
+    async def run() -> list[dict]:
+        engine = AsyncEngine(core)
+        rows = []
+        try:
+            await _run_level(engine, items[:2], 2, None)                    # warm-up
+            for spec in THROUGHPUT_SPECS.values():                          # compile once (cached)
+                await core.guide_compiler.compile(spec)
+            walls: dict[str, list[float]] = collections.defaultdict(list)
+            counts: dict[str, int] = {}
+            for _ in range(rounds):                                         # interleaved: fair under noise
+                for label, spec in [("unguided", None), *THROUGHPUT_SPECS.items()]:
+                    wall, n = await _run_level(engine, items, conc, spec)
+                    walls[label].append(wall)
+                    counts[label] = n
+                    print(f"  {label}: {n} tokens in {wall:.1f} s")
+            for label in walls:
+                best = min(walls[label])
+                rows.append({"workload": label, "concurrency": conc, "requests": len(items),
+                             "output_tokens": counts[label], "tok_per_s": counts[label] / best,
+                             "wall_s_runs": [round(w, 2) for w in walls[label]]})
+        finally:
+            await engine.shutdown()
+        return rows
+
+    return asyncio.run(run())
+
+
+# ---- end to end on the dev set --------------------------------------------------------------------
+
+PROMPT_SCHEMA_CHARS = 1200
+
+
+def _prompt(tok, schema: dict, chars: int | None = None) -> list[int]:
+    # The schema is in the prompt only as a hint (the guide enforces it): long ones are cut,
+    # which keeps prefill and attention over 300 prompts affordable on a CPU.
+    text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+    chars = chars or PROMPT_SCHEMA_CHARS
+    if len(text) > chars:
+        text = text[:chars] + " ..."
+    messages = [{"role": "user", "content": f"Reply with a JSON value that is valid under this JSON Schema:\n{text}"}]
+    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+
+
+def end_to_end(core: EngineCore, docs, max_tokens: int, conc: int = 32, budget_s: float | None = None,
+               prompt_chars: int | None = None) -> dict:
+    """Schemas are started in order; with a time budget, whatever has not finished when it runs
+    out is cancelled and counted as "not_run" (the counts say exactly what was measured)."""
+    import jsonschema
+
+    tok = core.tokenizer
+    results: dict[str, dict] = {}
+
+    async def run() -> None:
+        engine = AsyncEngine(core)
+        sem = asyncio.Semaphore(conc)
+
+        async def one(name: str, doc: dict) -> None:
+            async with sem:
+                params = SamplingParams(temperature=0, max_tokens=max_tokens,
+                                        guided=GuidedSpec("json_schema", doc["schema"]))
+                r = {"name": name}
+                try:
+                    text, reason = "", None
+                    async for out in engine.generate(_prompt(tok, doc["schema"], prompt_chars), params):
+                        text += out.text
+                        if out.finished:
+                            reason = out.finish_reason
+                    r.update(text=text, finish_reason=reason)
+                except InvalidArgumentError as exc:
+                    r.update(error=exc.message)
+                results[name] = r
+                if len(results) % 20 == 0:
+                    print(f"  e2e: {len(results)}/{len(docs)} done, {time.perf_counter() - t0:.0f} s", flush=True)
+
+        t0 = time.perf_counter()
+        try:
+            tasks = [asyncio.ensure_future(one(n, d)) for n, d in docs]
+            done, pending = await asyncio.wait(tasks, timeout=budget_s)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for t in done:
+                t.result()
+            results["_wall_s"] = {"wall": time.perf_counter() - t0}
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
+    wall = results.pop("_wall_s")["wall"]
+    counts = collections.Counter()
+    invalid_examples = []
+    for name, doc in docs:
+        r = results.get(name)
+        if r is None:
+            counts["not_run"] += 1
+            continue
+        if "error" in r:
+            counts["not_compiled"] += 1
+            continue
+        counts["compiled"] += 1
+        if r["finish_reason"] == "length":
+            counts["truncated"] += 1
+            continue
+        try:
+            value = json.loads(r["text"])
+            cls = jsonschema.validators.validator_for(doc["schema"], default=jsonschema.Draft202012Validator)
+            # formats are assertions here, as in the data set's own labels
+            errors = list(cls(doc["schema"], format_checker=cls.FORMAT_CHECKER).iter_errors(value))
+        except Exception as exc:  # not JSON, or the validator cannot handle the schema
+            errors = [exc]
+        if errors:
+            counts["invalid"] += 1
+            invalid_examples.append({"name": name, "text": r["text"][:300], "error": str(errors[0])[:300],
+                                     "finish_reason": r["finish_reason"]})
+        else:
+            counts["valid"] += 1
+    return {"schemas": len(docs), "run": len(docs) - counts["not_run"], "not_run": counts["not_run"],
+            "compiled": counts["compiled"], "valid": counts["valid"], "truncated": counts["truncated"],
+            "invalid": counts["invalid"], "not_compiled": counts["not_compiled"], "wall_s": wall,
+            "max_tokens": max_tokens, "budget_s": budget_s, "invalid_examples": invalid_examples[:10]}
+
+
+def _merge(rows: list[dict], ratios: dict, workload: dict, cmd: str):
+    from bench.common import RESULTS
+
+    path = RESULTS / "guided.json"
+    if not path.exists():
+        return rows, ratios, workload, cmd
+    old = json.loads(path.read_text())
+    ran = {r["section"] for r in rows}
+    kept = [r for r in old["rows"] if r.get("section") not in ran]
+    old_workload = {k: v for k, v in old["workload"].items() if k not in ("machine",)}
+    prev_cmd = old_workload.pop("command", "")
+    merged_ratios = {**old["ratios"], **ratios}
+    return kept + rows, merged_ratios, {**old_workload, **workload}, f"{prev_cmd}; then {cmd}"
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="bench guided")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--limit", type=int, default=None, help="end-to-end: first N dev-set schemas (default: all)")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--prompt-schema-chars", type=int, default=PROMPT_SCHEMA_CHARS)
+    ap.add_argument("--budget-s", type=float, default=900.0, help="end-to-end: stop after this long (0: no limit)")
+    ap.add_argument("--outlines-limit", type=int, default=None, help="conformance: first N schemas for outlines-core")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-conformance", action="store_true")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the sections of the existing results file that this run skips")
+    a = ap.parse_args(argv)
+
+    core = EngineCore(EngineConfig(model=a.model, dtype="float32", kv_cache_gb=2.0, progress=False))
+    docs = load_dev()
+    rows: list[dict] = []
+    ratios: dict[str, float] = {}
+    workload: dict = {"data": str(DATA), "schemas": len(docs), "model": str(core.loaded.source),
+                      "whitespace": "compact", "auto_order": "llguidance, then outlines-core"}
+
+    if not a.skip_conformance:
+        for backend in ("auto", *BACKENDS):
+            t0 = time.perf_counter()
+            r = conformance(core, docs, backend, a.outlines_limit if backend == "outlines-core" else None)
+            r.pop("_compiled_names")
+            r["wall_s"] = time.perf_counter() - t0
+            print_table([{k: v for k, v in r.items() if k != "top_reasons"}])
+            print("  refused:", r["top_reasons"])
+            rows.append({"section": "conformance", **r})
+            if backend == "auto":
+                ratios["dev_compiled_fraction"] = r["compiled"] / r["schemas"]
+                ratios["dev_invalid_instances_accepted"] = r["invalid_accepted"]
+                ratios["dev_valid_instances_rejected"] = r["valid_rejected"]
+            else:
+                key = backend.replace("-", "_")
+                ratios[f"{key}_compiled_fraction"] = r["compiled"] / r["schemas"]
+                ratios[f"{key}_mask_p50_us"] = r["mask_p50_us"]
+                ratios[f"{key}_compile_p50_ms"] = r["compile_p50_ms"]
+                ratios[f"{key}_invalid_instances_accepted"] = r["invalid_accepted"]
+
+    if not a.skip_throughput:
+        trows = throughput(core, a.requests, a.tokens)
+        print_table(trows)
+        by = {r["workload"]: r for r in trows}
+        ratios["guided_vs_unguided_c32"] = by["json"]["tok_per_s"] / by["unguided"]["tok_per_s"]
+        ratios["guided_regex_vs_unguided_c32"] = by["regex"]["tok_per_s"] / by["unguided"]["tok_per_s"]
+        rows += [{"section": "throughput", **r} for r in trows]
+        workload.update(throughput_requests=a.requests, throughput_tokens=a.tokens,
+                        throughput_specs={k: v.cache_key()[:2] for k, v in THROUGHPUT_SPECS.items()})
+
+    if not a.skip_e2e:
+        e2e_docs = docs[: a.limit] if a.limit else docs
+        r = end_to_end(core, e2e_docs, a.max_tokens, budget_s=a.budget_s or None, prompt_chars=a.prompt_schema_chars)
+        print({k: v for k, v in r.items() if k != "invalid_examples"})
+        for ex in r["invalid_examples"]:
+            print("  INVALID:", ex)
+        rows.append({"section": "end_to_end", **r})
+        ratios["dev_valid_output_fraction"] = r["valid"] / max(1, r["compiled"])
+        ratios["dev_valid_output_fraction_untruncated"] = r["valid"] / max(1, r["compiled"] - r["truncated"])
+        ratios["dev_truncated_fraction"] = r["truncated"] / max(1, r["compiled"])
+        workload.update(e2e_schemas=len(e2e_docs), e2e_run=r["run"], e2e_max_tokens=a.max_tokens,
+                        e2e_budget_s=a.budget_s, e2e_greedy=True, e2e_prompt_schema_chars=a.prompt_schema_chars)
+
+    cmd = "make bench BENCH=guided" + (f" ARGS='{' '.join(argv)}'" if argv else "")
+    if a.merge:
+        rows, ratios, workload, cmd = _merge(rows, ratios, workload, cmd)
+    print(ratios)
+    path = write_results("guided", workload, rows, ratios, cmd)
+    print(f"wrote {path}")
+    return 0
