@@ -2,4 +2,4 @@
 import os as _os
 
 # Same OpenMP setting as the server (see service/__init__.py), for Weft and its peers alike.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+_os.environ.setdefault("GOMP_SPINCOUNT", "10000")

@@ -10,9 +10,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# OpenMP workers that spin while waiting starve every other thread on a small machine (the
-# asyncio loop, a server subprocess): measured 10x slower steps under contention. Sleep instead.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Long-spinning OpenMP workers starve every other thread on a small machine (the asyncio loop,
+# a server subprocess): see service/__init__.py for the measurements behind this value.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import hashlib  # noqa: E402
 import shutil  # noqa: E402
