@@ -47,7 +47,7 @@ def write_results(suite: str, workload: dict, rows: list[dict], ratios: dict[str
 def print_table(rows: list[dict]) -> None:
     if not rows:
         return
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(k for r in rows for k in r))  # every column any row has, in order
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
     widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols}
     print(" | ".join(c.ljust(widths[c]) for c in cols))
