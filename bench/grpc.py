@@ -18,58 +18,15 @@ import re
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
-from bench.common import median, percentile, print_table, write_results
+from bench.common import print_table, write_results
+from bench.load import Result, Stream, level_row, run_level
 from bench.workload import Item, make_workload
 from decoding.sampling import SamplingParams
 from service.config import EngineConfig
 from service.engine.async_engine import AsyncEngine
 from service.engine.core import EngineCore
-
-# One request: yields the number of new tokens in each delta.
-Stream = Callable[[Item], AsyncIterator[int]]
-
-
-Result = tuple[float, list[float], list[float]]   # wall seconds, TTFTs, TPOTs
-
-
-async def _level(stream: Stream, items: list[Item], conc: int) -> Result:
-    sem = asyncio.Semaphore(conc)
-    ttfts: list[float] = []
-    tpots: list[float] = []
-
-    async def one(item: Item) -> None:
-        async with sem:
-            t0 = time.perf_counter()
-            first = None
-            n = 0
-            async for k in stream(item):
-                if k and first is None:
-                    first = time.perf_counter()
-                n += k
-            end = time.perf_counter()
-            if n != item.max_tokens or first is None:
-                raise RuntimeError(f"expected {item.max_tokens} tokens, got {n}")
-            ttfts.append(first - t0)
-            tpots.append((end - first) / max(1, n - 1))
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in items))
-    return time.perf_counter() - t0, ttfts, tpots
-
-
-def _row(system: str, conc: int, items: list[Item], results: list[Result]) -> dict:
-    wall = sum(r[0] for r in results)
-    ttfts = [t for r in results for t in r[1]]
-    tpots = [t for r in results for t in r[2]]
-    tokens = sum(i.max_tokens for i in items)
-    return {
-        "system": system, "concurrency": conc, "requests": len(items), "output_tokens": tokens,
-        "tok_per_s": tokens / wall, "ttft_p50_ms": 1000 * percentile(ttfts, 50),
-        "ttft_p99_ms": 1000 * percentile(ttfts, 99), "tpot_ms": 1000 * median(tpots),
-    }
 
 
 def _inprocess(engine: AsyncEngine) -> Stream:
@@ -137,17 +94,17 @@ async def _run(core: EngineCore, server: ServerProcess, workloads: dict[int, lis
             await client.wait_ready(120)
             local, remote = _inprocess(engine), _grpc(client)
             warm = workloads[min(workloads)][:1]
-            await _level(local, warm, 1)    # first-call costs (allocations, connection) out of the timings
-            await _level(remote, warm, 1)
+            await run_level(local, warm, 1)    # first-call costs (allocations, connection) out of the timings
+            await run_level(remote, warm, 1)
             for conc, items in workloads.items():
                 half = (len(items) + 1) // 2
                 a, b = items[:half], items[half:]
                 results: dict[str, list[Result]] = {"in-process": [], "grpc": []}
                 for system, part in (("in-process", a), ("grpc", a), ("grpc", b), ("in-process", b)):
                     if part:
-                        results[system].append(await _level(local if system == "in-process" else remote, part, conc))
+                        results[system].append(await run_level(local if system == "in-process" else remote, part, conc))
                 for system in ("in-process", "grpc"):
-                    rows.append(_row(system, conc, items, results[system]))
+                    rows.append(level_row(system, conc, items, results[system]))
                 print_table(rows[-2:])
     finally:
         await engine.shutdown()

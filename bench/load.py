@@ -1,0 +1,52 @@
+"""Driving a workload at a fixed concurrency through any streaming interface (gRPC, HTTP, in-process)."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+from bench.common import median, percentile
+from bench.workload import Item
+
+# One request: yields the number of new tokens in each delta.
+Stream = Callable[[Item], AsyncIterator[int]]
+
+
+Result = tuple[float, list[float], list[float]]   # wall seconds, TTFTs, TPOTs
+
+
+async def run_level(stream: Stream, items: list[Item], conc: int) -> Result:
+    sem = asyncio.Semaphore(conc)
+    ttfts: list[float] = []
+    tpots: list[float] = []
+
+    async def one(item: Item) -> None:
+        async with sem:
+            t0 = time.perf_counter()
+            first = None
+            n = 0
+            async for k in stream(item):
+                if k and first is None:
+                    first = time.perf_counter()
+                n += k
+            end = time.perf_counter()
+            if n != item.max_tokens or first is None:
+                raise RuntimeError(f"expected {item.max_tokens} tokens, got {n}")
+            ttfts.append(first - t0)
+            tpots.append((end - first) / max(1, n - 1))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in items))
+    return time.perf_counter() - t0, ttfts, tpots
+
+
+def level_row(system: str, conc: int, items: list[Item], results: list[Result]) -> dict:
+    wall = sum(r[0] for r in results)
+    ttfts = [t for r in results for t in r[1]]
+    tpots = [t for r in results for t in r[2]]
+    tokens = sum(i.max_tokens for i in items)
+    return {
+        "system": system, "concurrency": conc, "requests": len(items), "output_tokens": tokens,
+        "tok_per_s": tokens / wall, "ttft_p50_ms": 1000 * percentile(ttfts, 50),
+        "ttft_p99_ms": 1000 * percentile(ttfts, 99), "tpot_ms": 1000 * median(tpots),
+    }
