@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
-import subprocess
-import sys
-import threading
 from collections.abc import AsyncIterator
 
 from bench.common import print_table, write_results
-from bench.load import Result, Stream, level_row, run_level
+from bench.load import Result, ServerProcess, Stream, level_row, run_level
 from bench.workload import Item, make_workload
 from decoding.sampling import SamplingParams
 from service.config import EngineConfig
@@ -43,45 +38,6 @@ def _grpc(client) -> Stream:  # client: AsyncWeftClient
                                                 ignore_eos=True):
             yield len(msg.choice.token_ids)
     return stream
-
-
-class ServerProcess:
-    """`weft serve` in a subprocess on a free loopback port; ready once it logs "serving"."""
-
-    def __init__(self, model: str | None, dtype: str, kv_cache_gb: float) -> None:
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--dtype", dtype, "--kv-cache-gb", str(kv_cache_gb)]
-        if model:
-            cmd += ["--model", model]
-        env = {**os.environ, "WEFT_API_KEY": ""}
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-        assert self.proc.stderr is not None
-        self._stderr = self.proc.stderr
-        self.log: list[str] = []
-        self.port = self._wait_serving()
-        # Keep draining its log so the pipe never fills and blocks the server.
-        threading.Thread(target=lambda: self.log.extend(self._stderr), daemon=True).start()
-
-    def _wait_serving(self) -> int:
-        port = None
-        for line in self._stderr:
-            self.log.append(line)
-            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-                port = int(m.group(1))
-            if "serving " in line and port:
-                return port
-        raise RuntimeError("weft serve exited before serving:\n" + "".join(self.log))
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 async def _run(core: EngineCore, server: ServerProcess, workloads: dict[int, list[Item]]) -> list[dict]:

@@ -17,16 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
 import socket
-import subprocess
-import sys
-import threading
 from collections.abc import AsyncIterator
 
 from bench.common import print_table, write_results
-from bench.load import Result, Stream, level_row, run_level
+from bench.load import Result, ServerProcess, Stream, level_row, run_level
 from bench.workload import Item, make_workload
 
 
@@ -55,47 +50,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """`weft serve` (gRPC on a free port, HTTP on another) in a subprocess; ready once it logs "serving"."""
+class HttpServerProcess(ServerProcess):
+    """`weft serve` with its REST shim on a second free port."""
 
     def __init__(self, model: str | None, dtype: str, kv_cache_gb: float) -> None:
         self.http_port = _free_port()
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--http-port", str(self.http_port), "--dtype", dtype, "--kv-cache-gb", str(kv_cache_gb)]
-        if model:
-            cmd += ["--model", model]
-        env = {**os.environ, "WEFT_API_KEY": ""}
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-        assert self.proc.stderr is not None
-        self._stderr = self.proc.stderr
-        self.log: list[str] = []
-        self.port = self._wait_serving()
-        threading.Thread(target=lambda: self.log.extend(self._stderr), daemon=True).start()
-
-    def _wait_serving(self) -> int:
-        port = None
-        for line in self._stderr:
-            self.log.append(line)
-            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-                port = int(m.group(1))
-            if "serving " in line and port:
-                return port
-        raise RuntimeError("weft serve exited before serving:\n" + "".join(self.log))
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        super().__init__(model, dtype, kv_cache_gb, ["--http-port", str(self.http_port)])
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 class _RemoteTokenizer:
@@ -108,7 +72,7 @@ class _RemoteTokenizer:
         return list(self.client.tokenize(text, add_special_tokens=add_special_tokens).token_ids)
 
 
-async def _run(server: ServerProcess, workloads: dict[int, list[Item]]) -> list[dict]:
+async def _run(server: HttpServerProcess, workloads: dict[int, list[Item]]) -> list[dict]:
     import openai
 
     from clients.client import AsyncWeftClient
@@ -151,7 +115,7 @@ def main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     levels = [int(x) for x in a.levels.split(",")]
 
-    server = ServerProcess(a.model, a.dtype, a.kv_cache_gb)
+    server = HttpServerProcess(a.model, a.dtype, a.kv_cache_gb)
     try:
         with WeftClient(server.target, timeout=60) as c:
             tok = _RemoteTokenizer(c)

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from bench.common import median, percentile
 from bench.workload import Item
@@ -50,3 +55,42 @@ def level_row(system: str, conc: int, items: list[Item], results: list[Result]) 
         "tok_per_s": tokens / wall, "ttft_p50_ms": 1000 * percentile(ttfts, 50),
         "ttft_p99_ms": 1000 * percentile(ttfts, 99), "tpot_ms": 1000 * median(tpots),
     }
+
+
+class ServerProcess:
+    """`weft serve` in a subprocess, gRPC on a free loopback port; ready once it logs "serving"."""
+
+    def __init__(self, model: str | None, dtype: str, kv_cache_gb: float, extra_args: Sequence[str] = ()) -> None:
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+               "--dtype", dtype, "--kv-cache-gb", str(kv_cache_gb), *extra_args]
+        if model:
+            cmd += ["--model", model]
+        env = {**os.environ, "WEFT_API_KEY": ""}
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        assert self.proc.stderr is not None
+        self._stderr = self.proc.stderr
+        self.log: list[str] = []
+        self.port = self._wait_serving()
+        # Keep draining its log so the pipe never fills and blocks the server.
+        threading.Thread(target=lambda: self.log.extend(self._stderr), daemon=True).start()
+
+    def _wait_serving(self) -> int:
+        port = None
+        for line in self._stderr:
+            self.log.append(line)
+            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                port = int(m.group(1))
+            if "serving " in line and port:
+                return port
+        raise RuntimeError("weft serve exited before serving:\n" + "".join(self.log))
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
