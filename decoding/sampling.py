@@ -35,6 +35,7 @@ GREEDY_TEMPERATURE = 1e-5
 MAX_N = 16
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
+MAX_SPECULATIVE_TOKENS = 16
 _SEED_LIMIT = 2**63
 
 # Block size of the two-level inverse-CDF draw: per-row block sums, then a cumsum inside one block.
@@ -62,6 +63,7 @@ class SamplingParams:
     logprobs: int | None = None       # None: none; k >= 0: chosen token's logprob plus top-k alternatives
     skip_special_tokens: bool = True
     guided: GuidedSpec | None = None  # constrain the output to a JSON schema / regex / choice / grammar
+    num_speculative_tokens: int | None = None   # draft tokens per step; None: the server's setting, 0: off
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidArgumentError naming the first bad field."""
@@ -93,6 +95,8 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(name, "must be a boolean")
+        if self.num_speculative_tokens is not None:
+            _check_int("num_speculative_tokens", self.num_speculative_tokens, 0, MAX_SPECULATIVE_TOKENS)
         if self.guided is not None:
             if not isinstance(self.guided, GuidedSpec):
                 raise InvalidArgumentError("guided", "must be a GuidedSpec")

@@ -5,6 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
+from decoding.sampling import MAX_SPECULATIVE_TOKENS
+
+SPECULATIVE_METHODS = (None, "ngram", "draft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -22,6 +25,24 @@ class EngineConfig:
     max_queue_len: int = 1024           # waiting requests beyond this are refused
     enable_prefix_caching: bool = True  # reuse KV of full blocks shared with earlier requests
     progress: bool = True               # show loading progress
+    # Speculative decoding (decoding/speculative/): None = off unless a request asks (then n-gram),
+    # "ngram" = prompt lookup, "draft" = a smaller model with the same tokenizer (`draft_model`).
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 4     # k: draft tokens verified per step (requests may lower it)
+    draft_model: str | None = None      # HF directory or GGUF file for speculative_method="draft"
+    ngram_min_n: int = 2
+    ngram_max_n: int = 4
+    spec_disable_window: int = 8        # drafts looked at before switching a request's speculation off
+    spec_min_acceptance: float = 0.2    # ... when fewer than this fraction of draft tokens were accepted
+
+    def validate_speculative(self) -> None:
+        if self.speculative_method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be one of {SPECULATIVE_METHODS}; got {self.speculative_method!r}")
+        if self.speculative_method == "draft" and not self.draft_model:
+            raise ValueError("speculative_method='draft' needs draft_model (a model directory or GGUF file)")
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], "
+                             f"got {self.num_speculative_tokens}")
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

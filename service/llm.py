@@ -19,6 +19,7 @@ class Completion:
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    spec: dict | None = None       # speculative decoding counters (SpecStats.as_dict), when it could speculate
 
 
 @dataclass(slots=True)
@@ -37,7 +38,7 @@ def accumulate(completions: list[Completion], out: RequestOutput) -> None:
     if out.logprobs is not None:
         c.logprobs = (c.logprobs or []) + list(out.logprobs)
     if out.finished:
-        c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
+        c.finish_reason, c.stop_reason, c.spec = out.finish_reason, out.stop_reason, out.spec
 
 
 class LLM:

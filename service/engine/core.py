@@ -17,11 +17,30 @@ from service.engine.kv_cache import KVCacheManager
 from service.engine.request import Request, RequestOutput, RequestStatus
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler, SchedulerConfig
+from service.engine.speculation import Speculator
 from service.errors import InvalidArgumentError, ModelLoadError
 from service.loader import LoadedModel, load_model
 from service.models import MODEL_CLASSES
 
 log = logging.getLogger("weft.engine")
+
+
+def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, int]:
+    """Our forward pass for a loaded checkpoint, on `device`; returns it and its usable context."""
+    hf = loaded.config
+    arch = (getattr(hf, "architectures", None) or ["?"])[0]
+    if arch not in MODEL_CLASSES:
+        raise ModelLoadError(f"unsupported architecture {arch!r}; supported: {sorted(MODEL_CLASSES)}")
+    context = int(getattr(hf, "max_position_embeddings", 2048))
+    window = getattr(hf, "sliding_window", None)
+    if window and getattr(hf, "use_sliding_window", True):
+        # Sliding-window attention is not implemented: stay within the window, where it is exact.
+        context = min(context, int(window))
+    model = MODEL_CLASSES[arch](hf, max_positions=context)
+    model.load_weights(loaded.weights)
+    model.to(device=device, dtype=dtype).eval()
+    loaded.weights.clear()  # the model holds its own (fused) copies now
+    return model, context
 
 
 class EngineCore:
@@ -34,18 +53,7 @@ class EngineCore:
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
         hf = loaded.config
-        arch = (getattr(hf, "architectures", None) or ["?"])[0]
-        if arch not in MODEL_CLASSES:
-            raise ModelLoadError(f"unsupported architecture {arch!r}; supported: {sorted(MODEL_CLASSES)}")
-        context = int(getattr(hf, "max_position_embeddings", 2048))
-        window = getattr(hf, "sliding_window", None)
-        if window and getattr(hf, "use_sliding_window", True):
-            # Sliding-window attention is not implemented: stay within the window, where it is exact.
-            context = min(context, int(window))
-        model = MODEL_CLASSES[arch](hf, max_positions=context)
-        model.load_weights(loaded.weights)
-        model.to(device=self.device, dtype=dtype).eval()
-        loaded.weights.clear()  # the model holds its own (fused) copies now
+        model, context = build_model(loaded, self.device, dtype)
         self.model = model
 
         block_bytes = ModelRunner.kv_bytes_per_block(model, config.block_size, dtype)
@@ -66,6 +74,11 @@ class EngineCore:
         self.guide_compiler = GuideCompiler(self.tokenizer, self.vocab_size)
         self._eos_set = frozenset(self.eos_token_ids)
         self._bitmask: torch.Tensor | None = None
+        proposer = None
+        if config.speculative_method == "draft":
+            from service.engine.draft import DraftModelProposer   # loads a second model: only when asked
+            proposer = DraftModelProposer.load(self, config.draft_model)
+        self.spec = Speculator(config, self.sampler, self.eos_token_ids, self.guide_compiler.bitmask_words, proposer)
 
     # ---- requests in -------------------------------------------------------------------------
 
@@ -121,6 +134,7 @@ class EngineCore:
                 cache_salt=cache_salt or "",
                 guide=None if guide is None else guide.new_guide(),
             )
+            req.num_speculative_tokens = self.spec.k_for(params.num_speculative_tokens)
             children.append(req)
             self.scheduler.add(req)
         self.requests[request_id] = children
@@ -147,7 +161,9 @@ class EngineCore:
         return self.scheduler.has_work
 
     def pool_is_whole(self) -> bool:
-        return self.kv.num_free_blocks == self.num_blocks
+        """Every KV block is free again (the draft model's too, when one runs)."""
+        draft_whole = getattr(self.spec.proposer, "pool_is_whole", None)
+        return self.kv.num_free_blocks == self.num_blocks and (draft_whole is None or draft_whole())
 
     def reset_prefix_cache(self) -> None:
         self.kv.reset_prefix_cache()
@@ -156,6 +172,8 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        for req in batch.preempted:
+            self.spec.preempted(req)
         if not batch.requests:
             return []
         try:
@@ -163,13 +181,15 @@ class EngineCore:
         except Exception as exc:  # a failing batch must not take the engine down with it
             log.exception("model step failed")
             return self._fail(batch.requests, f"model step failed: {exc}")
-        for req, n in zip(batch.requests, batch.num_tokens):
-            req.num_computed_tokens += n
-            req.num_registered_blocks = self.kv.cache_full_blocks(
-                req.request_id, req.token_ids, req.num_computed_tokens, req.block_hashes,
-                req.num_registered_blocks, req.cache_salt,
-            )
+        for req, n, spec in zip(batch.requests, batch.num_tokens, batch.spec_tokens):
+            # Draft positions count as computed only once accepted (in _verify).
+            req.num_computed_tokens += n - len(spec)
+            if not spec:
+                self._register_blocks(req)
         outputs: list[RequestOutput] = []
+        sample_reqs, logits, spec_reqs, spec_logits = self._split_speculating(sample_reqs, logits)
+        if spec_reqs:
+            outputs += self._verify(spec_logits, spec_reqs)
         if sample_reqs:
             guided = [i for i, r in enumerate(sample_reqs) if r.guide is not None]
             if guided:
@@ -195,6 +215,81 @@ class EngineCore:
                         outputs += self._fail([req], error)
                         continue
                 outputs.append(self._output(req))
+        # Drafts for the next step, for every request that just got its tokens and goes on.
+        self.spec.propose([r for r in sample_reqs + spec_reqs if not r.finished])
+        return outputs
+
+    def _register_blocks(self, req: Request) -> None:
+        req.num_registered_blocks = self.kv.cache_full_blocks(
+            req.request_id, req.token_ids, req.num_computed_tokens, req.block_hashes,
+            req.num_registered_blocks, req.cache_salt,
+        )
+
+    # ---- speculative decoding ----------------------------------------------------------------
+
+    def _split_speculating(self, reqs: list[Request], logits: torch.Tensor
+                           ) -> tuple[list[Request], torch.Tensor, list[Request], torch.Tensor]:
+        """Separate the requests verifying a draft (k+1 logits rows each) from the others (one row)."""
+        if not any(r.spec_draft is not None for r in reqs):
+            return reqs, logits, [], logits[:0]
+        plain, plain_rows, spec, spec_rows = [], [], [], []
+        at = 0
+        for r in reqs:
+            k = len(r.spec_draft.tokens) if r.spec_draft is not None else 0
+            if k:
+                spec.append(r)
+                spec_rows.extend(range(at, at + k + 1))
+            else:
+                plain.append(r)
+                plain_rows.append(at)
+            at += k + 1
+
+        def take(rows: list[int]) -> torch.Tensor:
+            return logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
+        return plain, take(plain_rows), spec, take(spec_rows)
+
+    def _verify(self, logits: torch.Tensor, reqs: list[Request]) -> list[RequestOutput]:
+        """Verify the drafts, keep the accepted tokens' KV, append the emitted tokens."""
+        outputs: list[RequestOutput] = []
+        self.spec.mask(logits, reqs)
+        try:
+            results = self.spec.verify(logits, reqs)
+        except NoValidTokenError as exc:
+            bad = set(exc.rows)
+            outputs += self._fail([reqs[i] for i in sorted(bad)], "no valid token to sample")
+            keep_rows = []
+            at = 0
+            for i, r in enumerate(reqs):
+                k = len(r.spec_draft.tokens)
+                if i not in bad:
+                    keep_rows.extend(range(at, at + k + 1))
+                at += k + 1
+            reqs = [r for i, r in enumerate(reqs) if i not in bad]
+            if not reqs:
+                return outputs
+            logits = logits.index_select(0, torch.tensor(keep_rows, dtype=torch.long, device=logits.device))
+            results = self.spec.verify(logits, reqs)
+        for req, res in zip(reqs, results):
+            drafted, accepted = len(req.spec_draft.tokens), res.num_accepted
+            req.spec_draft = None
+            req.num_computed_tokens += accepted     # the accepted drafts' KV was computed this step
+            self.spec.record(req, drafted, accepted)
+            error = None
+            last = len(res.token_ids) - 1
+            for j, tok in enumerate(res.token_ids):
+                lp = res.logprobs[j] if res.logprobs else None
+                if req.guide is None:
+                    self._append(req, tok, lp)
+                else:
+                    error = self._append_guided(req, tok, lp, jump_forward=j == last)
+                if error is not None or req.finished:
+                    break   # tokens after a stop (EOS, stop string, max_tokens) are dropped
+            if error is not None:
+                outputs += self._fail([req], error)
+                continue
+            if not req.finished:
+                self._register_blocks(req)   # after the append: hashes cover committed tokens only
+            outputs.append(self._output(req))
         return outputs
 
     # ---- guided decoding ---------------------------------------------------------------------
@@ -218,7 +313,7 @@ class EngineCore:
         with torch.inference_mode():   # logits come out of the runner as inference tensors
             apply_token_bitmask_(logits, mask, rows)
 
-    def _append_guided(self, req: Request, token: int, logprob) -> str | None:
+    def _append_guided(self, req: Request, token: int, logprob, jump_forward: bool = True) -> str | None:
         """Append a sampled token to a guided sequence, then any tokens the grammar forces
         (jump-forward: they are appended without a forward pass each; the next step computes
         their KV as one chunk). Returns an error message if the guide cannot go on."""
@@ -233,11 +328,12 @@ class EngineCore:
             return f"guided decoding rejected token {token}: {guide.error() or 'not allowed'}"
         self._append(req, token, logprob)
         # Forced tokens carry no logprobs: jump-forward only for requests that asked for none.
+        # (Verified drafts are appended one by one; only the last may jump forward.)
         while not req.finished:
             if guide.is_terminated():
                 self._finish_guided(req)
                 break
-            if req.params.logprobs is not None:
+            if req.params.logprobs is not None or not jump_forward:
                 break
             forced = guide.forced_tokens()
             if not forced:
@@ -293,6 +389,7 @@ class EngineCore:
         )
         req.pending_text, req.pending_ids, req.pending_logprobs = "", [], []
         if req.finished:
+            out.spec = self.spec.finished(req)
             self._forget(req)
         return out
 

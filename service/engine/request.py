@@ -9,6 +9,7 @@ import torch
 
 from decoding.guided.base import Guide
 from decoding.sampling import SamplingParams, TokenLogprobs
+from decoding.speculative.proposer import Draft
 from decoding.stopping import StopChecker
 
 
@@ -47,6 +48,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    # Speculative decoding: the draft for the next step (the scheduler may cut it; the step that
+    # verifies it, a preemption or the finish clears it) and this request's k (0: off).
+    spec_draft: Draft | None = None
+    num_speculative_tokens: int = 0
     # Output not yet handed to the caller (drained by the engine after each step).
     pending_text: str = ""
     pending_ids: list[int] = field(default_factory=list)
@@ -92,3 +97,4 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    spec: dict | None = None        # final output of a speculating sequence: its SpecStats.as_dict()

@@ -29,7 +29,8 @@ class ModelRunner:
 
     def execute(self, batch: ScheduledBatch) -> tuple[list[Request], torch.Tensor]:
         """Run one step. Returns the requests that reach the end of their tokens (they get a new
-        token sampled) and their logits [len, V] in float32."""
+        token sampled) and their logits in float32: one row each, or 1 + k consecutive rows for a
+        request with k draft tokens scheduled (`batch.spec_tokens`)."""
         # Single-query rows first: the attention reference batches them in one matmul.
         order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] != 1)
         num_decodes = sum(1 for n in batch.num_tokens if n == 1)
@@ -44,17 +45,19 @@ class ModelRunner:
         bs = self.block_size
         for i in order:
             req, n = batch.requests[i], batch.num_tokens[i]
+            spec = batch.spec_tokens[i] if batch.spec_tokens else []
             start = req.num_computed_tokens
             end = start + n
             blocks = self.kv.block_ids(req.request_id)
-            ids.extend(req.token_ids[start:end])
+            ids.extend(req.token_ids[start:end] if not spec else req.token_ids[start:] + spec)
             positions.extend(range(start, end))
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             starts.append(starts[-1] + n)
             seq_lens.append(end)
             tables.append(blocks)
-            if end == req.num_tokens:
-                sample_rows.append(starts[-1] - 1)
+            if end == req.num_tokens + len(spec):
+                # A speculating request gets k+1 rows: its last real token's, then each draft's.
+                sample_rows.extend(range(starts[-1] - 1 - len(spec), starts[-1]))
                 sample_reqs.append(req)
         width = max(len(t) for t in tables)
         table_t = torch.zeros((len(tables), width), dtype=torch.long)

@@ -1,7 +1,9 @@
 """One token budget per step, shared by decodes and prefill chunks (vLLM v1's scheduler).
 
 Each step: running requests first (in arrival order), each taking what it still needs up to
-the remaining budget — one token for a decode, a chunk for a long prompt. When the pool can't
+the remaining budget — one token for a decode, a chunk for a long prompt, a decode plus its
+draft tokens for a speculating request (drafts are cut first when the budget is short, and
+dropped rather than preempting anyone when the pool is). When the pool can't
 hold a running request's next tokens, the newest running request is preempted (its blocks
 freed, recomputed later). Then waiting requests are admitted in FCFS order while budget,
 sequence slots and blocks allow; the head of the queue is never skipped, so none starves.
@@ -26,6 +28,8 @@ class SchedulerConfig:
 class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)   # tokens computed for each request this step
+    # Per request: the draft tokens among its num_tokens (they come after its real tokens; [] if none).
+    spec_tokens: list[list[int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 
     @property
@@ -57,16 +61,30 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n, spec = self._with_draft(req, budget)
             if self._make_room(req, n, batch):
                 batch.requests.append(req)
                 batch.num_tokens.append(n)
+                batch.spec_tokens.append(spec)
                 budget -= n
                 i += 1
             # else: req itself was preempted and removed from running; index i now holds the next one.
         if not batch.preempted:
             self._admit(batch, budget)
         return batch
+
+    def _with_draft(self, req: Request, budget: int) -> tuple[int, list[int]]:
+        """Tokens to compute for a running request, and which of them are its (possibly cut) draft."""
+        real = req.num_tokens - req.num_computed_tokens
+        draft = req.spec_draft
+        if draft is None or not draft.tokens:
+            return min(real, budget), []
+        keep = max(0, min(len(draft.tokens), budget - real))
+        # Draft slots are worth taking only if they fit without evicting anyone.
+        if keep and not self.kv.allocate(req.request_id, req.num_computed_tokens + real + keep):
+            keep = 0
+        req.spec_draft = draft.truncate(keep) if keep else None
+        return min(real + keep, budget), list(draft.tokens[:keep])
 
     def _make_room(self, req: Request, n: int, batch: ScheduledBatch) -> bool:
         """Allocate KV for `req`'s next n tokens, preempting from the back of `running` as needed."""
@@ -82,6 +100,7 @@ class Scheduler:
         # Recompute, not swap: drop the KV; prompt + output so far is recomputed when it returns.
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
+        req.spec_draft = None
         req.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(req)
         self.num_preemptions += 1
@@ -107,6 +126,7 @@ class Scheduler:
             self.running.append(req)
             batch.requests.append(req)
             batch.num_tokens.append(n)
+            batch.spec_tokens.append([])
             budget -= n
 
     def _sibling_prefilling(self, req: Request) -> bool:
@@ -123,4 +143,5 @@ class Scheduler:
             self.waiting.remove(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        req.spec_draft = None
         self.kv.free(req.request_id)
