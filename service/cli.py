@@ -17,13 +17,20 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
+                   help="speculative decoding for every request (requests may still ask for n-gram without it)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens verified per step (default 4)")
+    p.add_argument("--draft-model", default=None,
+                   help="HF directory or GGUF of a draft model with the same tokenizer (implies --speculative-method draft)")
 
 
 def _engine_config(a: argparse.Namespace, **extra) -> EngineConfig:
     return EngineConfig(
         model=a.model, dtype=a.dtype, device=a.device, kv_cache_gb=a.kv_cache_gb,
         max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
-        max_model_len=a.max_model_len, **extra,
+        max_model_len=a.max_model_len,
+        speculative_method=a.speculative_method or ("draft" if a.draft_model else None),
+        num_speculative_tokens=a.num_speculative_tokens, draft_model=a.draft_model, **extra,
     )
 
 

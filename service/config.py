@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from decoding.sampling import MAX_SPECULATIVE_TOKENS
+from service.errors import InvalidArgumentError
 
 SPECULATIVE_METHODS = (None, "ngram", "draft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,12 +38,12 @@ class EngineConfig:
 
     def validate_speculative(self) -> None:
         if self.speculative_method not in SPECULATIVE_METHODS:
-            raise ValueError(f"speculative_method must be one of {SPECULATIVE_METHODS}; got {self.speculative_method!r}")
+            raise InvalidArgumentError("speculative_method", f"must be one of ngram, draft; got {self.speculative_method!r}")
         if self.speculative_method == "draft" and not self.draft_model:
-            raise ValueError("speculative_method='draft' needs draft_model (a model directory or GGUF file)")
+            raise InvalidArgumentError("draft_model", "speculative_method 'draft' needs a draft model (directory or GGUF)")
         if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
-            raise ValueError(f"num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], "
-                             f"got {self.num_speculative_tokens}")
+            raise InvalidArgumentError("num_speculative_tokens",
+                                       f"must be in [1, {MAX_SPECULATIVE_TOKENS}], got {self.num_speculative_tokens}")
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

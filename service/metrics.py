@@ -141,15 +141,18 @@ class _EngineCollector(Collector):
         running = waiting = 0
         usage = 0.0
         queries = hits = preemptions = 0
-        drafts = draft_tokens = accepted = 0
+        drafts = draft_tokens = accepted = disabled = 0
+        per_position: list[int] = []
+        mean_len = 1.0
         if core is not None:
             running, waiting = core.num_running, core.num_waiting
             usage = float(core.kv.usage)
             queries, hits = core.kv.stats.queries, core.kv.stats.hits
             preemptions = core.scheduler.num_preemptions
-            spec = getattr(core, "spec_stats", None)   # present once speculative decoding runs
-            if spec is not None:
-                drafts, draft_tokens, accepted = spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens
+            tracker = core.spec.tracker
+            agg = tracker.aggregate
+            drafts, draft_tokens, accepted = agg.num_drafts, agg.num_draft_tokens, agg.num_accepted_tokens
+            per_position, mean_len, disabled = list(agg.accepted_per_position), agg.mean_acceptance_length, tracker.num_disabled
             self._observe_compiles(getattr(core, "guide_compiler", None))
         yield GaugeMetricFamily("weft_num_requests_running", "Sequences in the running batch.", value=running)
         yield GaugeMetricFamily("weft_num_requests_waiting", "Sequences waiting to be scheduled.", value=waiting)
@@ -163,6 +166,15 @@ class _EngineCollector(Collector):
                                   value=drafts)
         yield CounterMetricFamily("weft_spec_decode_num_draft_tokens", "Draft tokens proposed.", value=draft_tokens)
         yield CounterMetricFamily("weft_spec_decode_num_accepted_tokens", "Draft tokens accepted.", value=accepted)
+        pos = CounterMetricFamily("weft_spec_decode_num_accepted_tokens_per_pos",
+                                  "Draft tokens accepted at each draft position (0 = first).", labels=["position"])
+        for j, v in enumerate(per_position):
+            pos.add_metric([str(j)], v)
+        yield pos
+        yield GaugeMetricFamily("weft_spec_decode_mean_acceptance_length",
+                                "1 + accepted / drafts since start-up: tokens per verification step.", value=mean_len)
+        yield CounterMetricFamily("weft_spec_decode_num_disabled_requests",
+                                  "Requests whose speculation switched itself off for poor acceptance.", value=disabled)
 
     def _observe_compiles(self, compiler: Any) -> None:
         """Move compile times the guide compiler recorded since the last scrape into the histogram."""

@@ -43,7 +43,6 @@ T = TypeVar("T")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name  # "weft.v1.InferenceService"
 DEFAULT_PORT = 50051
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-MAX_SPECULATIVE_TOKENS = 16
 MAX_CACHE_SALT_CHARS = 256
 MAX_REQUEST_ID_CHARS = 256
 INVALID_FIELD_KEY = "weft-invalid-field"     # trailing metadata: the offending field's path
@@ -128,6 +127,7 @@ def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
         logprobs=_opt(req, "logprobs", None),
         skip_special_tokens=_opt(req, "skip_special_tokens", True),
         guided=guided_spec(req),
+        num_speculative_tokens=_opt(req, "num_speculative_tokens", None),
     )
 
 
@@ -137,16 +137,18 @@ def guided_spec(req: pb.GenerateRequest) -> GuidedSpec | None:
     if kind is None:
         return None
     g = req.guided
+    # Unset means true: close the output before max_tokens would cut it.
+    close = g.close_before_max_tokens if g.HasField("close_before_max_tokens") else True
     if kind == "json_schema":
-        return GuidedSpec("json_schema", g.json_schema)
+        return GuidedSpec("json_schema", g.json_schema, close_before_max_tokens=close)
     if kind == "regex":
-        return GuidedSpec("regex", g.regex)
+        return GuidedSpec("regex", g.regex, close_before_max_tokens=close)
     if kind == "choice":
-        return GuidedSpec("choice", list(g.choice.choices))
+        return GuidedSpec("choice", list(g.choice.choices), close_before_max_tokens=close)
     if kind == "grammar":
         syntax = "gbnf" if g.grammar.syntax == guided_pb2.Grammar.GBNF else "lark"
-        return GuidedSpec("grammar", g.grammar.definition, grammar_syntax=syntax)
-    return GuidedSpec("json_object")
+        return GuidedSpec("grammar", g.grammar.definition, grammar_syntax=syntax, close_before_max_tokens=close)
+    return GuidedSpec("json_object", close_before_max_tokens=close)
 
 
 def field_path(engine_field: str, prompt_kind: str | None) -> str:
@@ -176,11 +178,7 @@ def chat_messages(chat: pb.Chat) -> list[dict[str, str]]:
 
 
 def check_unsupported(req: pb.GenerateRequest) -> None:
-    """Fields the API defines ahead of the engine: validated here, refused or ignored for now."""
-    if req.HasField("num_speculative_tokens") and not 0 <= req.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
-        raise InvalidArgumentError(
-            "num_speculative_tokens", f"must be in [0, {MAX_SPECULATIVE_TOKENS}], got {req.num_speculative_tokens}"
-        )
+    """Request fields checked before the engine sees the request."""
     if len(req.cache_salt) > MAX_CACHE_SALT_CHARS:
         raise InvalidArgumentError("cache_salt", f"at most {MAX_CACHE_SALT_CHARS} characters, got {len(req.cache_salt)}")
 
@@ -493,6 +491,13 @@ def _set_finish(choice: pb.Choice, out: RequestOutput) -> None:
             choice.stop_token_id = out.stop_reason
     if out.error:
         choice.error = out.error
+    if out.spec is not None:
+        choice.spec_decode.CopyFrom(pb.SpecDecodeStats(
+            num_drafts=out.spec["num_drafts"], num_draft_tokens=out.spec["num_draft_tokens"],
+            num_accepted_tokens=out.spec["num_accepted_tokens"],
+            accepted_per_position=out.spec["accepted_per_position"],
+            mean_acceptance_length=out.spec["mean_acceptance_length"],
+        ))
 
 
 class _UsageCounter:
@@ -535,7 +540,7 @@ def _model_info(core: EngineCore, name: str) -> pb.ModelInfo:
             chat_template=tok.has_chat_template,
             logprobs=True,
             guided_decoding=True,
-            speculative_decoding=False,
+            speculative_decoding=True,   # n-gram on request always; the server's default per its config
             # Reported from the engine config once prefix caching lands there.
             prefix_caching=bool(getattr(cfg, "enable_prefix_caching", False)),
         ),

@@ -128,6 +128,19 @@ def test_unary_and_stream_match_offline_engine(client, llm, prompt) -> None:
     assert unary.usage.total_tokens == expect.num_prompt_tokens + 24
 
 
+def test_speculative_request_matches_offline_and_reports_its_counters(client, llm) -> None:
+    prompt = [1, 504, 3451, 28, 253, 1132, 29] * 3
+    expect = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24))[0].outputs[0]
+    plain = client.generate(prompt, temperature=0, max_tokens=24)
+    fast = client.generate(prompt, temperature=0, max_tokens=24, num_speculative_tokens=4)
+    assert list(fast.choices[0].token_ids) == list(plain.choices[0].token_ids) == expect.token_ids
+    assert not plain.choices[0].HasField("spec_decode")
+    stats = fast.choices[0].spec_decode
+    assert fast.choices[0].HasField("spec_decode")
+    assert stats.num_accepted_tokens <= stats.num_draft_tokens <= 4 * stats.num_drafts
+    assert stats.mean_acceptance_length == pytest.approx(1 + stats.num_accepted_tokens / max(stats.num_drafts, 1))
+
+
 def test_n_seeded_samples_match_offline_and_stream_tags_indexes(client, llm) -> None:
     params = dict(temperature=0.9, top_p=0.95, seed=1234, max_tokens=12, n=3)
     expect = llm.generate("Once upon a time", SamplingParams(**params))[0]

@@ -648,6 +648,7 @@ def test_metrics(stack, oa, name) -> None:
     assert 0 <= value("weft_kv_cache_usage_ratio") <= 1
     assert value("weft_prefix_cache_queries_total") >= value("weft_prefix_cache_hits_total") > 0
     assert value("weft_spec_decode_num_accepted_tokens_total") == 0
+    assert value("weft_spec_decode_mean_acceptance_length") == 1.0
     assert value("weft_guided_compile_seconds_count") >= 0
     assert value('weft_http_requests_total{route="/v1/chat/completions",status="200"}') >= 1
 

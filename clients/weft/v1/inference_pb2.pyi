@@ -117,9 +117,10 @@ class GenerateRequest(_message.Message):
     """
     num_speculative_tokens: _builtins.int
     """Speculative decoding: how many draft tokens to propose and verify per step, in [0, 16];
-    0 turns speculation off for this request. Unset: the server's setting. Speculation never
-    changes the output distribution (greedy output is identical), only the speed. Accepted
-    and validated today; it takes effect once the server runs a draft proposer.
+    0 turns speculation off for this request. Unset: the server's setting (--speculative-method,
+    --num-speculative-tokens). On a server without a method, a request that asks gets n-gram
+    prompt lookup. Speculation never changes the output distribution (greedy output is
+    identical), only the speed; Choice.spec_decode reports what it did.
     """
     cache_salt: _builtins.str
     """Isolates prefix-cache reuse: a request reuses cached prompt blocks only from requests with
@@ -430,6 +431,7 @@ class Choice(_message.Message):
     STOP_STRING_FIELD_NUMBER: _builtins.int
     STOP_TOKEN_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    SPEC_DECODE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Which of the request's n completions this is, in [0, n)."""
     text: _builtins.str
@@ -450,6 +452,10 @@ class Choice(_message.Message):
     def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenLogprob]:
         """One entry per token in token_ids when the request set `logprobs`; empty otherwise."""
 
+    @_builtins.property
+    def spec_decode(self) -> Global___SpecDecodeStats:
+        """Speculative decoding counters, on the message that finishes a completion that could speculate."""
+
     def __init__(
         self,
         *,
@@ -461,16 +467,57 @@ class Choice(_message.Message):
         stop_string: _builtins.str = ...,
         stop_token_id: _builtins.int = ...,
         error: _builtins.str = ...,
+        spec_decode: Global___SpecDecodeStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["stop_reason", b"stop_reason", "stop_string", b"stop_string", "stop_token_id", b"stop_token_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec_decode", b"spec_decode", "stop_reason", b"stop_reason", "stop_string", b"stop_string", "stop_token_id", b"stop_token_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "stop_reason", b"stop_reason", "stop_string", b"stop_string", "stop_token_id", b"stop_token_id", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "spec_decode", b"spec_decode", "stop_reason", b"stop_reason", "stop_string", b"stop_string", "stop_token_id", b"stop_token_id", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_stop_reason: _TypeAlias = _typing.Literal["stop_string", "stop_token_id"]  # noqa: Y015
     _WhichOneofArgType_stop_reason: _TypeAlias = _typing.Literal["stop_reason", b"stop_reason"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_stop_reason) -> _WhichOneofReturnType_stop_reason | None: ...
 
 Global___Choice: _TypeAlias = Choice  # noqa: Y015
+
+@_typing.final
+class SpecDecodeStats(_message.Message):
+    """What speculative decoding did for one completion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUM_DRAFTS_FIELD_NUMBER: _builtins.int
+    NUM_DRAFT_TOKENS_FIELD_NUMBER: _builtins.int
+    NUM_ACCEPTED_TOKENS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_PER_POSITION_FIELD_NUMBER: _builtins.int
+    MEAN_ACCEPTANCE_LENGTH_FIELD_NUMBER: _builtins.int
+    num_drafts: _builtins.int
+    """Verification steps that had at least one draft token."""
+    num_draft_tokens: _builtins.int
+    """Draft tokens proposed (and verified)."""
+    num_accepted_tokens: _builtins.int
+    """Of those, accepted (the output is the same either way; this is the speed-up's source)."""
+    mean_acceptance_length: _builtins.float
+    """1 + num_accepted_tokens / num_drafts: tokens gained per verification step."""
+    @_builtins.property
+    def accepted_per_position(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """[j]: drafts whose token j was accepted."""
+
+    def __init__(
+        self,
+        *,
+        num_drafts: _builtins.int = ...,
+        num_draft_tokens: _builtins.int = ...,
+        num_accepted_tokens: _builtins.int = ...,
+        accepted_per_position: _abc.Iterable[_builtins.int] | None = ...,
+        mean_acceptance_length: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_per_position", b"accepted_per_position", "mean_acceptance_length", b"mean_acceptance_length", "num_accepted_tokens", b"num_accepted_tokens", "num_draft_tokens", b"num_draft_tokens", "num_drafts", b"num_drafts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpecDecodeStats: _TypeAlias = SpecDecodeStats  # noqa: Y015
 
 @_typing.final
 class TokenLogprob(_message.Message):
