@@ -214,3 +214,31 @@ def test_guided_speculation_equals_plain_and_validates(smollm2_gguf) -> None:
     jsonschema.validate(json.loads(out.text), PERSON)
     assert out.spec["num_draft_tokens"] > 0 and out.spec["num_accepted_tokens"] > 0
     assert llm.engine.pool_is_whole()
+
+
+def test_guided_draft_model_equals_plain_and_validates(smollm2_gguf) -> None:
+    # The target as its own draft: the draft walks the grammar itself (its own masks per position).
+    llm = _smol(num_blocks=128, speculative_method="draft", draft_model=str(smollm2_gguf),
+                num_speculative_tokens=K, spec_disable_window=0)
+    ids = llm.engine.tokenizer.encode("A person record as JSON: ")
+    spec = GuidedSpec(kind="json_schema", value=json.dumps(PERSON))
+    greedy = SamplingParams(temperature=0, max_tokens=60, guided=spec)
+    plain = llm.generate([ids], SamplingParams(temperature=0, max_tokens=60, guided=spec, num_speculative_tokens=0))
+    fast = llm.generate([ids], greedy)
+    assert fast[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+    jsonschema.validate(json.loads(fast[0].outputs[0].text), PERSON)
+    sampled = llm.generate([ids] * 3, SamplingParams(temperature=0.9, max_tokens=80, guided=spec, seed=5))
+    for r in sampled:
+        jsonschema.validate(json.loads(r.outputs[0].text), PERSON)
+    drafted, accepted = _spec_totals(llm)
+    assert drafted > 0 and accepted / drafted >= 0.9
+    assert llm.engine.pool_is_whole()
+
+
+def test_prefix_cache_hit_with_speculation_keeps_output(smol_prompts, smol_reference) -> None:
+    llm = _smol(num_blocks=128, speculative_method="ngram", num_speculative_tokens=K, spec_disable_window=0)
+    first = llm.generate([smol_prompts[5]], _greedy(32))[0]
+    again = llm.generate([smol_prompts[5]], _greedy(32))[0]
+    assert first.num_cached_tokens == 0 and again.num_cached_tokens > 0
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids == smol_reference[5]
+    assert llm.engine.pool_is_whole()
