@@ -239,3 +239,57 @@ async def test_async_engine_compiles_off_the_loop_and_reports_errors(llm: LLM) -
         assert all(r in ("stop", "eos") for r in reasons)
     finally:
         await engine.shutdown()
+
+
+# An unbounded string and an unbounded array: the model could write until max_tokens.
+LOOPY = {"type": "object", "properties": {
+    "story": {"type": "string"},
+    "tags": {"type": "array", "items": {"type": "string"}},
+    "meta": {"type": "object", "properties": {"author": {"type": "string"}, "year": {"type": "integer"}},
+             "required": ["author", "year"]}},
+    "required": ["story", "tags", "meta"]}
+
+
+def test_output_closes_before_max_tokens(llm: LLM) -> None:
+    """A schema whose strings and arrays are unbounded, with a max_tokens far too small for the
+    story the prompt asks for: the guide closes the output in time, greedy and sampled, n > 1
+    too; every output parses and validates and ends with EOS or STOP, within max_tokens. With
+    close_before_max_tokens=False the same request is cut mid-string (finish reason "length")."""
+    prompt = chat(llm, "Write a very long story about a dragon, as JSON with story, tags and meta.")
+    spec = GuidedSpec("json_schema", LOOPY)
+    params = [SamplingParams(max_tokens=m, temperature=0, guided=spec) for m in (26, 40, 64)]
+    params.append(SamplingParams(max_tokens=40, temperature=1.0, seed=7, n=3, guided=spec))
+    params.append(SamplingParams(max_tokens=40, temperature=0, guided=GuidedSpec(
+        "json_schema", LOOPY, close_before_max_tokens=False)))
+    results = llm.generate([prompt] * len(params), params)
+    for p, res in zip(params[:-1], results[:-1]):
+        for out in res.outputs:
+            assert out.finish_reason in ("eos", "stop"), (p.max_tokens, out.text)
+            assert len(out.token_ids) <= p.max_tokens
+            jsonschema.validate(json.loads(out.text), LOOPY)
+    # Budget-closed, not naturally finished: the story is cut short (tokens near the budget).
+    assert len(results[0].outputs[0].token_ids) >= 26 - 3
+    off = results[-1].outputs[0]
+    assert off.finish_reason == "length" and len(off.token_ids) == 40
+    with pytest.raises(ValueError):
+        json.loads(off.text)
+
+
+def test_closing_under_speculation_equals_plain(smollm2_dir: Path) -> None:
+    """n-gram speculation drafts through the budget zone (the looping description makes drafts
+    that get accepted): each draft position is masked with the budget guide at that position
+    and rejected drafts are rolled back, so greedy output is identical to no speculation, and
+    it closes in time."""
+    llm = LLM(str(smollm2_dir), progress=False, num_blocks=128, speculative_method="ngram",
+              num_speculative_tokens=4, spec_disable_window=0)
+    prompt = chat(llm, "Write a very long story about a dragon, as JSON with story, tags and meta.")
+    spec = GuidedSpec("json_schema", LOOPY)
+    for max_tokens in (40, 96):
+        plain = llm.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0, guided=spec,
+                                                      num_speculative_tokens=0))[0].outputs[0]
+        fast = llm.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0, guided=spec))[0].outputs[0]
+        assert fast.token_ids == plain.token_ids, max_tokens
+        assert fast.finish_reason in ("eos", "stop")
+        jsonschema.validate(json.loads(fast.text), LOOPY)
+        assert fast.spec["num_accepted_tokens"] > 0
+    assert llm.engine.pool_is_whole()

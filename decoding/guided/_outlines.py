@@ -15,12 +15,14 @@ import threading
 import time
 
 import interegular
+import numpy as np
 import outlines_core as oc
 import torch
 
 from decoding.guided._llguidance import TokenizerInfo, strip_anchors
 from decoding.guided._schema_check import check_outlines_schema
 from decoding.guided.base import CompiledGrammar, Guide, set_bits
+from decoding.guided.budget import BudgetTables, tables_for
 from decoding.guided.spec import GuidedSpec, schema_json
 from service.errors import InvalidArgumentError
 
@@ -36,7 +38,8 @@ WHITESPACE_PATTERNS = {"compact": "", "flexible": r"[ \t\n\r]*"}
 class OutlinesGrammar(CompiledGrammar):
     backend = "outlines-core"
 
-    def __init__(self, kind: str, index: oc.Index, info: TokenizerInfo, oc_eos: int, compile_time_s: float) -> None:
+    def __init__(self, kind: str, index: oc.Index, info: TokenizerInfo, oc_eos: int, compile_time_s: float,
+                 budget_tables: BudgetTables | None = None) -> None:
         self.kind = kind
         self.index = index
         self.words = info.words
@@ -46,7 +49,9 @@ class OutlinesGrammar(CompiledGrammar):
         self.final_states = frozenset(index.get_final_states())
         # Per DFA state: allowed tokens without EOS (computed on first use, shared by all guides).
         self._allowed: dict[int, tuple[int, ...]] = {}
+        self._rows: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
+        self.budget_tables = budget_tables
 
     def allowed(self, state: int) -> tuple[int, ...]:
         got = self._allowed.get(state)
@@ -57,7 +62,34 @@ class OutlinesGrammar(CompiledGrammar):
                 self._allowed[state] = got
         return got
 
-    def new_guide(self) -> OutlinesGuide:
+    def row(self, state: int) -> np.ndarray:
+        """The bitmask words of a state, EOS bits included when it is final (cached; for forks)."""
+        got = self._rows.get(state)
+        if got is None:
+            got = np.zeros(self.words, dtype=np.uint32)
+            ids = np.asarray(self.allowed(state), dtype=np.int64)
+            if ids.size:
+                np.bitwise_or.at(got, ids >> 5, (np.uint32(1) << (ids & 31).astype(np.uint32)))
+            if state in self.final_states:
+                for t in self.eos_ids:
+                    got[t >> 5] |= np.uint32(1 << (t & 31))
+            with self._lock:
+                self._rows[state] = got
+        return got
+
+    def forced_from(self, state: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < _MAX_FORCED and state not in self.final_states:
+            allowed = self.allowed(state)
+            if len(allowed) != 1:
+                break
+            out.append(allowed[0])
+            state = self.index.get_next_state(state, allowed[0])
+            if state is None:
+                break
+        return out
+
+    def _new_guide(self) -> OutlinesGuide:
         return OutlinesGuide(self)
 
 
@@ -106,22 +138,54 @@ class OutlinesGuide(Guide):
     def forced_tokens(self) -> list[int]:
         if self._error is not None:
             return []
-        g = self._g
-        index = g.index
-        state = self._guide.get_state()
-        out: list[int] = []
-        while len(out) < _MAX_FORCED and state not in g.final_states:
-            allowed = g.allowed(state)
-            if len(allowed) != 1:
-                break
-            out.append(allowed[0])
-            state = index.get_next_state(state, allowed[0])
-            if state is None:
-                break
-        return out
+        return self._g.forced_from(self._guide.get_state())
 
     def error(self) -> str | None:
         return self._error
+
+    def fork(self) -> Guide:
+        if self._error is not None:
+            raise NotImplementedError
+        return _StateCursor(self._g, self._guide.get_state())
+
+
+class _StateCursor(Guide):
+    """A guide that is just a DFA state: cheap to copy, for budget planning (no rollback)."""
+
+    __slots__ = ("_g", "_state")
+
+    def __init__(self, grammar: OutlinesGrammar, state: int) -> None:
+        self._g = grammar
+        self._state: int | None = state
+
+    def fill_bitmask(self, row: torch.Tensor) -> None:
+        words = row.numpy().view(np.uint32)
+        words[:] = 0
+        if self._state is not None:
+            words[: self._g.words] = self._g.row(self._state)
+
+    def advance(self, token_id: int) -> bool:
+        if self._state is None or int(token_id) in self._g.eos_ids:
+            return False
+        self._state = self._g.index.get_next_state(self._state, int(token_id))
+        return self._state is not None
+
+    def rollback(self, n: int) -> None:
+        raise NotImplementedError
+
+    def is_complete(self) -> bool:
+        return self._state is not None and self._state in self._g.final_states
+
+    def is_terminated(self) -> bool:
+        return self.is_complete() and not self._g.allowed(self._state)
+
+    def forced_tokens(self) -> list[int]:
+        return [] if self._state is None else self._g.forced_from(self._state)
+
+    def fork(self) -> Guide:
+        if self._state is None:
+            raise NotImplementedError
+        return _StateCursor(self._g, self._state)
 
 
 class OutlinesBackend:
@@ -156,6 +220,7 @@ class OutlinesBackend:
         raise InvalidArgumentError(field, f"backend outlines-core does not support kind {spec.kind!r}; use llguidance")
 
     def compile(self, spec: GuidedSpec) -> OutlinesGrammar:
+        tables = tables_for(self.info)      # once per tokenizer, before the clock starts
         t0 = time.perf_counter()
         regex = self.regex_for(spec)
         bound_regex(regex, spec.field)
@@ -163,7 +228,7 @@ class OutlinesBackend:
             index = oc.Index(regex, self.vocabulary)
         except Exception as exc:
             raise InvalidArgumentError(spec.field, f"outlines-core: {_first_line(exc)}") from None
-        return OutlinesGrammar(spec.kind, index, self.info, self.eos, time.perf_counter() - t0)
+        return OutlinesGrammar(spec.kind, index, self.info, self.eos, time.perf_counter() - t0, tables)
 
 
 def bound_regex(regex: str, field: str) -> int:

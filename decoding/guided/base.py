@@ -1,8 +1,9 @@
 """The one interface every guided-decoding backend implements.
 
 A backend compiles a `GuidedSpec` once into a `CompiledGrammar` (immutable, cached and shared);
-each generated sequence gets its own `Guide` from `new_guide()`, which tracks where that sequence
-is in the grammar.
+each generated sequence gets its own `Guide` from `new_guide(params)`, which tracks where that
+sequence is in the grammar and, knowing the request's max_tokens, closes the output before the
+budget runs out (`budget.py`).
 
 Bitmask layout (llguidance's and xgrammar's, and `kernels.mask.apply_token_bitmask_`'s):
 token 32*w + j is bit j of int32 word w; 1 = allowed. A row must cover the model's whole
@@ -14,9 +15,14 @@ EOS: a guide allows the engine's EOS ids exactly when the text so far is a compl
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from decoding.guided.budget import BudgetTables
+    from decoding.sampling import SamplingParams
 
 
 class Guide(ABC):
@@ -50,6 +56,10 @@ class Guide(ABC):
         """Why the guide is stuck, if it is (a rejected token or a backend limit)."""
         return None
 
+    def fork(self) -> Guide:
+        """An independent copy at the same state (budget planning advances it). Optional."""
+        raise NotImplementedError
+
 
 class CompiledGrammar(ABC):
     """A compiled spec; immutable, cached and shared by every request that asks for it."""
@@ -57,10 +67,28 @@ class CompiledGrammar(ABC):
     backend: str          # "llguidance" | "outlines-core"
     kind: str
     compile_time_s: float = 0.0
+    budget_tables: BudgetTables | None = None   # the tokenizer's tables for budget-aware guides
+
+    def new_guide(self, params: SamplingParams | None = None, *, max_tokens: int | None = None) -> Guide:
+        """A fresh guide at the start of the grammar, for one generated sequence.
+
+        Given the request's `params` (or a `max_tokens` budget), the guide counts the tokens it
+        advances and closes the output before the budget runs out (budget.py), unless
+        `params.guided.close_before_max_tokens` is False. Without either it never narrows its
+        masks beyond the grammar."""
+        guide = self._new_guide()
+        if params is not None:
+            spec = getattr(params, "guided", None)
+            max_tokens = params.max_tokens if spec is None or spec.close_before_max_tokens else None
+        if max_tokens is None or self.budget_tables is None:
+            return guide
+        from decoding.guided.budget import BudgetGuide
+
+        return BudgetGuide(guide, max_tokens, self.budget_tables, self.kind in ("json_schema", "json_object"))
 
     @abstractmethod
-    def new_guide(self) -> Guide:
-        """A fresh guide at the start of the grammar."""
+    def _new_guide(self) -> Guide:
+        """A fresh backend guide at the start of the grammar."""
 
 
 def set_bits(row: torch.Tensor, ids: tuple[int, ...], value: bool) -> None:

@@ -39,6 +39,10 @@ class GuidedSpec:
     backend: str = "auto"              # auto | llguidance | outlines-core
     whitespace: str = "compact"        # JSON kinds: compact (no whitespace) | flexible (any JSON whitespace)
     grammar_syntax: str = "lark"       # grammar kind only: lark | gbnf
+    # Close the output before max_tokens would cut it (strings end, arrays and objects finish;
+    # see budget.py). False: generate freely until max_tokens, which may cut the output mid-value.
+    # Not part of the cache key: it changes each request's guide, not the compiled grammar.
+    close_before_max_tokens: bool = True
 
     @property
     def field(self) -> str:
@@ -54,6 +58,9 @@ class GuidedSpec:
         if self.whitespace not in WHITESPACE:
             raise InvalidArgumentError(
                 "guided.whitespace", f"must be one of {', '.join(WHITESPACE)}; got {self.whitespace!r}")
+        if not isinstance(self.close_before_max_tokens, bool):
+            raise InvalidArgumentError("guided.close_before_max_tokens",
+                                       f"must be a bool, got {type(self.close_before_max_tokens).__name__}")
         check = getattr(self, f"_check_{self.kind}")
         check()
 

@@ -132,7 +132,7 @@ class EngineCore:
                 stop_checker=StopChecker(child_params, self.tokenizer, ids, self.eos_token_ids),
                 generator=None if seed is None else Sampler.make_generator(seed),
                 cache_salt=cache_salt or "",
-                guide=None if guide is None else guide.new_guide(),
+                guide=None if guide is None else guide.new_guide(child_params),
             )
             req.num_speculative_tokens = self.spec.k_for(params.num_speculative_tokens)
             children.append(req)
