@@ -84,6 +84,8 @@ class _Sampling(_Body):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_close_before_max_tokens: bool | None = Field(
+        default=None, description="Weft: close the guided output before max_tokens would cut it (default true).")
     cache_salt: str | None = None
     return_token_ids: bool | None = Field(default=None, description="Add `token_ids` to each choice (vLLM).")
     num_speculative_tokens: int | None = None

@@ -168,9 +168,12 @@ def apply_sampling(b: RequestBuilder, body: _Sampling) -> None:
         raise HttpError(400, "logit_bias: not supported", "logit_bias")
     guided, param = openai_guided(body)
     if guided is not None:
+        if body.guided_close_before_max_tokens is not None:
+            guided.close_before_max_tokens = body.guided_close_before_max_tokens
         b.req.guided.CopyFrom(guided)
         b.name("guided", param or "response_format")
         b.name(f"guided.{guided.WhichOneof('kind')}", param or "response_format")
+        b.name("guided.close_before_max_tokens", "guided_close_before_max_tokens")
 
 
 def openai_guided(body: _Sampling) -> tuple[guided_pb2.GuidedDecoding | None, str | None]:

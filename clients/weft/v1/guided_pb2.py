@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14weft/v1/guided.proto\x12\x07weft.v1\"\xbe\x01\n\x0eGuidedDecoding\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x13.weft.v1.ChoiceListH\x00\x12#\n\x07grammar\x18\x04 \x01(\x0b\x32\x10.weft.v1.GrammarH\x00\x12*\n\x0bjson_object\x18\x05 \x01(\x0b\x32\x13.weft.v1.JsonObjectH\x00\x42\x06\n\x04kindJ\x04\x08\x06\x10\n\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"|\n\x07Grammar\x12\x12\n\ndefinition\x18\x01 \x01(\t\x12\'\n\x06syntax\x18\x02 \x01(\x0e\x32\x17.weft.v1.Grammar.Syntax\"4\n\x06Syntax\x12\x16\n\x12SYNTAX_UNSPECIFIED\x10\x00\x12\x08\n\x04LARK\x10\x01\x12\x08\n\x04GBNF\x10\x02\"\x0c\n\nJsonObjectB\"\n\x07weft.v1B\x0bGuidedProtoP\x01\xaa\x02\x07Weft.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14weft/v1/guided.proto\x12\x07weft.v1\"\x80\x02\n\x0eGuidedDecoding\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x13.weft.v1.ChoiceListH\x00\x12#\n\x07grammar\x18\x04 \x01(\x0b\x32\x10.weft.v1.GrammarH\x00\x12*\n\x0bjson_object\x18\x05 \x01(\x0b\x32\x13.weft.v1.JsonObjectH\x00\x12$\n\x17\x63lose_before_max_tokens\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\x06\n\x04kindB\x1a\n\x18_close_before_max_tokensJ\x04\x08\x07\x10\n\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"|\n\x07Grammar\x12\x12\n\ndefinition\x18\x01 \x01(\t\x12\'\n\x06syntax\x18\x02 \x01(\x0e\x32\x17.weft.v1.Grammar.Syntax\"4\n\x06Syntax\x12\x16\n\x12SYNTAX_UNSPECIFIED\x10\x00\x12\x08\n\x04LARK\x10\x01\x12\x08\n\x04GBNF\x10\x02\"\x0c\n\nJsonObjectB\"\n\x07weft.v1B\x0bGuidedProtoP\x01\xaa\x02\x07Weft.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\007weft.v1B\013GuidedProtoP\001\252\002\007Weft.V1'
   _globals['_GUIDEDDECODING']._serialized_start=34
-  _globals['_GUIDEDDECODING']._serialized_end=224
-  _globals['_CHOICELIST']._serialized_start=226
-  _globals['_CHOICELIST']._serialized_end=255
-  _globals['_GRAMMAR']._serialized_start=257
-  _globals['_GRAMMAR']._serialized_end=381
-  _globals['_GRAMMAR_SYNTAX']._serialized_start=329
-  _globals['_GRAMMAR_SYNTAX']._serialized_end=381
-  _globals['_JSONOBJECT']._serialized_start=383
-  _globals['_JSONOBJECT']._serialized_end=395
+  _globals['_GUIDEDDECODING']._serialized_end=290
+  _globals['_CHOICELIST']._serialized_start=292
+  _globals['_CHOICELIST']._serialized_end=321
+  _globals['_GRAMMAR']._serialized_start=323
+  _globals['_GRAMMAR']._serialized_end=447
+  _globals['_GRAMMAR_SYNTAX']._serialized_start=395
+  _globals['_GRAMMAR_SYNTAX']._serialized_end=447
+  _globals['_JSONOBJECT']._serialized_start=449
+  _globals['_JSONOBJECT']._serialized_end=461
 # @@protoc_insertion_point(module_scope)

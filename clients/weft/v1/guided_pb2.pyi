@@ -41,6 +41,7 @@ class GuidedDecoding(_message.Message):
     CHOICE_FIELD_NUMBER: _builtins.int
     GRAMMAR_FIELD_NUMBER: _builtins.int
     JSON_OBJECT_FIELD_NUMBER: _builtins.int
+    CLOSE_BEFORE_MAX_TOKENS_FIELD_NUMBER: _builtins.int
     json_schema: _builtins.str
     """A JSON Schema (draft 2020-12 subset), as JSON text. The output is one JSON value valid
     under the schema. JSON text rather than google.protobuf.Struct keeps the key order and
@@ -49,6 +50,13 @@ class GuidedDecoding(_message.Message):
     regex: _builtins.str
     """A regular expression the whole output must match (anchored at both ends; no
     look-around or back-references).
+    """
+    close_before_max_tokens: _builtins.bool
+    """Close the output before `stopping.max_tokens` would cut it. Unset or true (the default):
+    near the end of its token budget the guide steers the output to completion -- strings end,
+    arrays and objects finish, EOS -- so a long output still parses (and validates) instead of
+    stopping mid-value with finish_reason LENGTH; such an output ends with EOS (or STOP) a few
+    tokens before max_tokens. False: generate freely until max_tokens.
     """
     @_builtins.property
     def choice(self) -> Global___ChoiceList:
@@ -70,13 +78,19 @@ class GuidedDecoding(_message.Message):
         choice: Global___ChoiceList | None = ...,
         grammar: Global___Grammar | None = ...,
         json_object: Global___JsonObject | None = ...,
+        close_before_max_tokens: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "grammar", b"grammar", "json_object", b"json_object", "json_schema", b"json_schema", "kind", b"kind", "regex", b"regex"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_close_before_max_tokens", b"_close_before_max_tokens", "choice", b"choice", "close_before_max_tokens", b"close_before_max_tokens", "grammar", b"grammar", "json_object", b"json_object", "json_schema", b"json_schema", "kind", b"kind", "regex", b"regex"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "grammar", b"grammar", "json_object", b"json_object", "json_schema", b"json_schema", "kind", b"kind", "regex", b"regex"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_close_before_max_tokens", b"_close_before_max_tokens", "choice", b"choice", "close_before_max_tokens", b"close_before_max_tokens", "grammar", b"grammar", "json_object", b"json_object", "json_schema", b"json_schema", "kind", b"kind", "regex", b"regex"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__close_before_max_tokens: _TypeAlias = _typing.Literal["close_before_max_tokens"]  # noqa: Y015
+    _WhichOneofArgType__close_before_max_tokens: _TypeAlias = _typing.Literal["_close_before_max_tokens", b"_close_before_max_tokens"]  # noqa: Y015
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["json_schema", "regex", "choice", "grammar", "json_object"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__close_before_max_tokens) -> _WhichOneofReturnType__close_before_max_tokens | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___GuidedDecoding: _TypeAlias = GuidedDecoding  # noqa: Y015
