@@ -14,12 +14,15 @@ Four measurements, one results file (bench/results/guided.json):
    - regex: `[a-zA-Z ,.]+` (no forced tokens: the pure cost of masks; EOS is allowed, so a
      request may end early: tokens per second, not per request, are compared).
 4. End to end: for every schema that "auto" compiles, generate (greedy, chat template, the
-   schema in the prompt, at most --max-tokens) at concurrency 32 and validate with `jsonschema`
-   (formats checked). Truncated outputs (finish_reason "length") are counted apart: they are not
-   valid. On 2 CPU cores the whole set takes longer than the default --budget-s; what has not
-   finished by then is counted as not run.
+   schema in the prompt, at most --max-tokens) at concurrency 32 and validate every output with
+   `jsonschema` (formats checked). Outputs cut by max_tokens (finish_reason "length" and not
+   valid) are counted apart as truncated; they are failures. The guides close outputs before
+   max_tokens (GuidedSpec.close_before_max_tokens, on by default; --no-close turns it off);
+   "closed_by_budget" counts the outputs whose guide narrowed its mask to finish in time. On 2
+   CPU cores the whole set takes longer than the default --budget-s; what has not finished by
+   then is counted as not run.
 
-Usage: python -m bench guided [--limit N] [--max-tokens 256] [--budget-s 900] [--skip-e2e]
+Usage: python -m bench guided [--limit N] [--max-tokens 256] [--budget-s 900] [--no-close] [--skip-e2e]
        [--skip-throughput] [--skip-conformance] [--merge] [--outlines-limit N] [--requests 64] [--tokens 64]
 """
 from __future__ import annotations
@@ -197,9 +200,12 @@ def _prompt(tok, schema: dict, chars: int | None = None) -> list[int]:
 
 
 def end_to_end(core: EngineCore, docs, max_tokens: int, conc: int = 32, budget_s: float | None = None,
-               prompt_chars: int | None = None) -> dict:
+               prompt_chars: int | None = None, close: bool = True) -> dict:
     """Schemas are started in order; with a time budget, whatever has not finished when it runs
-    out is cancelled and counted as "not_run" (the counts say exactly what was measured)."""
+    out is cancelled and counted as "not_run" (the counts say exactly what was measured).
+    `close`: the guides close the output before max_tokens (the default); False: the old
+    behaviour, outputs cut mid-value by max_tokens. Outputs whose guide narrowed its mask to
+    finish in time are counted as "closed_by_budget" (they are validated like the others)."""
     import jsonschema
 
     tok = core.tokenizer
@@ -211,16 +217,22 @@ def end_to_end(core: EngineCore, docs, max_tokens: int, conc: int = 32, budget_s
 
         async def one(name: str, doc: dict) -> None:
             async with sem:
-                params = SamplingParams(temperature=0, max_tokens=max_tokens,
-                                        guided=GuidedSpec("json_schema", doc["schema"]))
+                params = SamplingParams(temperature=0, max_tokens=max_tokens, guided=GuidedSpec(
+                    "json_schema", doc["schema"], close_before_max_tokens=close))
                 r = {"name": name}
+                rid = f"e2e-{name}"
                 try:
-                    text, reason = "", None
-                    async for out in engine.generate(_prompt(tok, doc["schema"], prompt_chars), params):
+                    text, reason, guide, ntok = "", None, None, 0
+                    async for out in engine.generate(_prompt(tok, doc["schema"], prompt_chars), params, request_id=rid):
                         text += out.text
+                        ntok += len(out.token_ids)
+                        if guide is None:   # the running request's guide (read-only, for its count)
+                            family = core.requests.get(rid)
+                            guide = family[0].guide if family else None
                         if out.finished:
                             reason = out.finish_reason
-                    r.update(text=text, finish_reason=reason)
+                    r.update(text=text, finish_reason=reason, tokens=ntok,
+                             closed_by_budget=getattr(guide, "narrowed", 0) > 0)
                 except InvalidArgumentError as exc:
                     r.update(error=exc.message)
                 results[name] = r
@@ -243,7 +255,7 @@ def end_to_end(core: EngineCore, docs, max_tokens: int, conc: int = 32, budget_s
     asyncio.run(run())
     wall = results.pop("_wall_s")["wall"]
     counts = collections.Counter()
-    invalid_examples = []
+    invalid_examples, truncated_examples = [], []
     for name, doc in docs:
         r = results.get(name)
         if r is None:
@@ -253,9 +265,8 @@ def end_to_end(core: EngineCore, docs, max_tokens: int, conc: int = 32, budget_s
             counts["not_compiled"] += 1
             continue
         counts["compiled"] += 1
-        if r["finish_reason"] == "length":
-            counts["truncated"] += 1
-            continue
+        counts["closed_by_budget"] += r["closed_by_budget"]
+        counts["finish_length"] += r["finish_reason"] == "length"
         try:
             value = json.loads(r["text"])
             cls = jsonschema.validators.validator_for(doc["schema"], default=jsonschema.Draft202012Validator)
@@ -263,16 +274,25 @@ def end_to_end(core: EngineCore, docs, max_tokens: int, conc: int = 32, budget_s
             errors = list(cls(doc["schema"], format_checker=cls.FORMAT_CHECKER).iter_errors(value))
         except Exception as exc:  # not JSON, or the validator cannot handle the schema
             errors = [exc]
-        if errors:
+        if errors and r["finish_reason"] == "length":
+            # cut by max_tokens (an output that is complete and valid at max_tokens counts as valid)
+            counts["truncated"] += 1
+            truncated_examples.append({"name": name, "text": r["text"][-200:], "tokens": r["tokens"]})
+        elif errors:
             counts["invalid"] += 1
             invalid_examples.append({"name": name, "text": r["text"][:300], "error": str(errors[0])[:300],
                                      "finish_reason": r["finish_reason"]})
         else:
             counts["valid"] += 1
+            counts["valid_closed_by_budget"] += r["closed_by_budget"]
     return {"schemas": len(docs), "run": len(docs) - counts["not_run"], "not_run": counts["not_run"],
             "compiled": counts["compiled"], "valid": counts["valid"], "truncated": counts["truncated"],
-            "invalid": counts["invalid"], "not_compiled": counts["not_compiled"], "wall_s": wall,
-            "max_tokens": max_tokens, "budget_s": budget_s, "invalid_examples": invalid_examples[:10]}
+            "invalid": counts["invalid"], "not_compiled": counts["not_compiled"],
+            "closed_by_budget": counts["closed_by_budget"], "valid_closed_by_budget": counts["valid_closed_by_budget"],
+            "finish_length": counts["finish_length"],
+            "close_before_max_tokens": close, "wall_s": wall,
+            "max_tokens": max_tokens, "budget_s": budget_s, "invalid_examples": invalid_examples[:10],
+            "truncated_examples": truncated_examples[:10]}
 
 
 def _merge(rows: list[dict], ratios: dict, workload: dict, cmd: str):
@@ -300,6 +320,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--outlines-limit", type=int, default=None, help="conformance: first N schemas for outlines-core")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--no-close", action="store_true",
+                    help="end-to-end: guides do not close outputs before max_tokens (the old behaviour)")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-conformance", action="store_true")
@@ -346,16 +368,21 @@ def main(argv: list[str]) -> int:
 
     if not a.skip_e2e:
         e2e_docs = docs[: a.limit] if a.limit else docs
-        r = end_to_end(core, e2e_docs, a.max_tokens, budget_s=a.budget_s or None, prompt_chars=a.prompt_schema_chars)
-        print({k: v for k, v in r.items() if k != "invalid_examples"})
+        r = end_to_end(core, e2e_docs, a.max_tokens, budget_s=a.budget_s or None, prompt_chars=a.prompt_schema_chars,
+                       close=not a.no_close)
+        print({k: v for k, v in r.items() if not k.endswith("_examples")})
         for ex in r["invalid_examples"]:
             print("  INVALID:", ex)
+        for ex in r["truncated_examples"]:
+            print("  TRUNCATED:", ex)
         rows.append({"section": "end_to_end", **r})
         ratios["dev_valid_output_fraction"] = r["valid"] / max(1, r["compiled"])
         ratios["dev_valid_output_fraction_untruncated"] = r["valid"] / max(1, r["compiled"] - r["truncated"])
         ratios["dev_truncated_fraction"] = r["truncated"] / max(1, r["compiled"])
+        ratios["dev_closed_by_budget_fraction"] = r["closed_by_budget"] / max(1, r["compiled"])
         workload.update(e2e_schemas=len(e2e_docs), e2e_run=r["run"], e2e_max_tokens=a.max_tokens,
-                        e2e_budget_s=a.budget_s, e2e_greedy=True, e2e_prompt_schema_chars=a.prompt_schema_chars)
+                        e2e_budget_s=a.budget_s, e2e_greedy=True, e2e_prompt_schema_chars=a.prompt_schema_chars,
+                        e2e_close_before_max_tokens=not a.no_close)
 
     cmd = "make bench BENCH=guided" + (f" ARGS='{' '.join(argv)}'" if argv else "")
     if a.merge:
