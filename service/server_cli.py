@@ -251,6 +251,8 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--logprobs", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="draft tokens per step (0 = off; default: the server's setting)")
     g.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     g.add_argument("--json", action="store_true", help="print the response message(s) as JSON")
     g.add_argument("--request-id", default=None)
@@ -300,7 +302,8 @@ def cmd_client_generate(a: argparse.Namespace) -> int:
     if a.chat:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
     params = dict(model=a.model, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                  min_p=a.min_p, seed=a.seed, n=a.n, logprobs=a.logprobs, stop=a.stop, ignore_eos=a.ignore_eos)
+                  min_p=a.min_p, seed=a.seed, n=a.n, logprobs=a.logprobs, stop=a.stop, ignore_eos=a.ignore_eos,
+                  num_speculative_tokens=a.num_speculative_tokens)
     prompt = messages if messages is not None else a.prompt
 
     def run() -> int:

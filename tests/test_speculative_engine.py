@@ -242,3 +242,22 @@ def test_prefix_cache_hit_with_speculation_keeps_output(smol_prompts, smol_refer
     assert first.num_cached_tokens == 0 and again.num_cached_tokens > 0
     assert again.outputs[0].token_ids == first.outputs[0].token_ids == smol_reference[5]
     assert llm.engine.pool_is_whole()
+
+
+def test_draft_model_kv_uses_its_own_prefix_cache(tiny_llama, prompts, reference) -> None:
+    llm = _engine(tiny_llama, num_blocks=64, speculative_method="draft", draft_model=str(tiny_llama),
+                  num_speculative_tokens=K, spec_disable_window=0)
+    draft = llm.engine.spec.proposer
+    long_prompt = prompts[2]                     # 130 tokens: 8 full blocks
+    assert _ids(llm, [long_prompt], _greedy())[0] == reference[2]
+    assert draft.kv.stats.hits == 0
+    assert _ids(llm, [long_prompt], _greedy())[0] == reference[2]
+    assert draft.kv.stats.hits >= 16 * 8        # the second request's draft reused the prompt's blocks
+    hits = draft.kv.stats.hits
+    llm.engine.add_request("salted", long_prompt, _greedy(), cache_salt="tenant-b")
+    tokens = []
+    while llm.engine.has_unfinished():
+        tokens += [t for o in llm.engine.step() for t in o.token_ids]
+    assert tokens == reference[2]
+    assert draft.kv.stats.hits == hits           # another tenant's salt: no hit in the draft's cache either
+    assert llm.engine.pool_is_whole()

@@ -35,6 +35,7 @@ class ProposeContext:
     # The request's decoding.guided Guide, for a proposer that drafts under it (a draft model
     # masks its logits with it); it must leave the guide as it found it (advance, then roll back).
     guide: Any = None
+    cache_salt: str = ""               # a proposer with its own prefix cache keeps tenants apart too
 
     @property
     def output_ids(self) -> Sequence[int]:

@@ -40,6 +40,9 @@ class _Seq:
     token_ids: list[int] = field(default_factory=list)   # committed tokens + drafts fed
     num_computed_tokens: int = 0                           # draft KV valid up to here
     num_committed: int = 0                                 # len of the committed part at the last call
+    cache_salt: str = ""
+    block_hashes: list[bytes] = field(default_factory=list)   # its committed blocks' chained hashes
+    num_registered_blocks: int = 0                            # of its blocks, those in the draft's prefix cache
 
     @property
     def num_tokens(self) -> int:
@@ -51,8 +54,10 @@ class DraftModelProposer(Proposer):
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device, vocab_size: int, bitmask_words: int, eos_token_ids: Sequence[int],
-                 token_budget: int) -> None:
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
+                 token_budget: int, enable_prefix_caching: bool = True) -> None:
+        # Its own prefix cache: a prompt prefix the draft has computed for one request is reused by
+        # the next, exactly as the target's is (same hashes, its own blocks).
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(model, self.kv, num_blocks, block_size, dtype, device)
         self.num_blocks = num_blocks
         self.vocab_size = vocab_size          # the target's: q rows and masks are this wide
@@ -70,7 +75,8 @@ class DraftModelProposer(Proposer):
         check_same_tokenizer(core.tokenizer, loaded.tokenizer)
         model, _ = build_model(loaded, core.device, dtype)
         return cls(model, core.num_blocks, cfg.block_size, dtype, core.device, core.vocab_size,
-                   core.guide_compiler.bitmask_words, core.eos_token_ids, cfg.max_num_batched_tokens)
+                   core.guide_compiler.bitmask_words, core.eos_token_ids, cfg.max_num_batched_tokens,
+                   cfg.enable_prefix_caching)
 
     def pool_is_whole(self) -> bool:
         return self.kv.num_free_blocks == self.num_blocks
@@ -187,7 +193,7 @@ class DraftModelProposer(Proposer):
         seq = self._seqs.get(ctx.request_id)
         committed = ctx.token_ids
         if seq is None:
-            seq = self._seqs[ctx.request_id] = _Seq(ctx.request_id)
+            return self._start(ctx)
         # Positions < num_committed were committed last time and cannot have changed; of the
         # drafts fed after them, those equal to what was committed since keep their KV.
         valid = min(seq.num_committed, seq.num_computed_tokens)
@@ -199,6 +205,23 @@ class DraftModelProposer(Proposer):
         # Room for the catch-up and k-1 drafts fed; a draft that does not fit is skipped, never preempts.
         if not self.kv.allocate(ctx.request_id, len(committed) + ctx.k - 1):
             return False
+        # Every position below num_computed holds a committed token's KV: its full blocks may be shared.
+        seq.num_registered_blocks = self.kv.cache_full_blocks(
+            seq.request_id, seq.token_ids, seq.num_computed_tokens, seq.block_hashes,
+            seq.num_registered_blocks, seq.cache_salt)
+        return True
+
+    def _start(self, ctx: ProposeContext) -> bool:
+        """First sight of a request: start from the longest prefix in the draft's prefix cache."""
+        seq = _Seq(ctx.request_id, list(ctx.token_ids), cache_salt=ctx.cache_salt)
+        cached = self.kv.cached_prefix(seq.token_ids, seq.block_hashes, seq.cache_salt)
+        if not self.kv.allocate(seq.request_id, seq.num_tokens + ctx.k - 1, cached):
+            return False
+        self.kv.record_lookup(seq.num_tokens, len(cached) * self.kv.block_size)
+        seq.num_computed_tokens = len(cached) * self.kv.block_size
+        seq.num_committed = seq.num_tokens
+        seq.num_registered_blocks = len(cached)
+        self._seqs[seq.request_id] = seq
         return True
 
     def _execute(self, seqs: list[_Seq], counts: list[int]) -> tuple[list[_Seq], torch.Tensor]:

@@ -62,7 +62,7 @@ class Speculator:
             if k <= 0:
                 continue
             ctxs.append(ProposeContext(req.request_id, req.token_ids, req.num_prompt_tokens, k,
-                                       req.params, req.generator, req.guide))
+                                       req.params, req.generator, req.guide, req.cache_salt))
             owners.append(req)
         if not ctxs:
             return
