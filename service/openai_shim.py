@@ -64,6 +64,7 @@ from service.shim.translate import (
     ollama_guided,
     ollama_logprobs,
     rpc_error,
+    spec_json,
     stop_reason,
     usage_json,
 )
@@ -354,6 +355,8 @@ class Shim:
                     "finish_reason": FINISH[c.finish_reason], "stop_reason": stop_reason(c)}
                 if token_ids:
                     item["token_ids"] = list(c.token_ids)
+                if (spec := spec_json(c)) is not None:
+                    item["spec_decode"] = spec
                 choices.append(item)
             return JSONResponse({"id": cid, "object": "chat.completion", "created": ctx.created,
                                  "model": resp.model or model, "choices": choices, "usage": usage_json(resp.usage)},
@@ -383,6 +386,8 @@ class Shim:
                                                 "finish_reason": fr}
                         if fr:
                             item["stop_reason"] = stop_reason(c)
+                            if (spec := spec_json(c)) is not None:
+                                item["spec_decode"] = spec
                         if body.logprobs:
                             item["logprobs"] = {"content": chat_logprobs(c.logprobs, top)}
                         if token_ids:
@@ -453,6 +458,8 @@ class Shim:
                         "finish_reason": FINISH[c.finish_reason], "stop_reason": stop_reason(c)}
                     if token_ids:
                         item["token_ids"] = list(c.token_ids)
+                    if (spec := spec_json(c)) is not None:
+                        item["spec_decode"] = spec
                     choices.append(item)
             return JSONResponse({"id": cid, "object": "text_completion", "created": ctx.created, "model": info.name,
                                  "choices": choices, "usage": usage_json(usage)}, headers={"x-request-id": ctx.rid})
@@ -480,6 +487,8 @@ class Shim:
                     item: dict[str, Any] = {"index": index, "text": text, "logprobs": None, "finish_reason": fr}
                     if fr:
                         item["stop_reason"] = stop_reason(c)
+                        if (spec := spec_json(c)) is not None:
+                            item["spec_decode"] = spec
                     if want_lp:
                         item["logprobs"] = completion_logprobs(c.logprobs, offsets[index] + len(text) - len(c.text))
                     if token_ids:

@@ -241,6 +241,21 @@ def test_cached_prompt_tokens_are_reported(oa, name) -> None:
     assert again.usage.prompt_tokens_details.cached_tokens >= 16
 
 
+def test_speculative_request_keeps_output_and_reports_counters(oa, name) -> None:
+    messages = [{"role": "user", "content": "Repeat: warp weft warp weft warp weft warp weft"}]
+    plain = oa.chat.completions.create(model=name, messages=messages, max_tokens=16, temperature=0)
+    fast = oa.chat.completions.create(model=name, messages=messages, max_tokens=16, temperature=0,
+                                      extra_body={"num_speculative_tokens": 3})
+    assert fast.choices[0].message.content == plain.choices[0].message.content
+    spec = fast.choices[0].model_extra["spec_decode"]
+    assert spec["num_accepted_tokens"] <= spec["num_draft_tokens"] <= 3 * spec["num_drafts"]
+    assert "spec_decode" not in (plain.choices[0].model_extra or {})
+    chunks = list(oa.chat.completions.create(model=name, messages=messages, max_tokens=16, temperature=0,
+                                             stream=True, extra_body={"num_speculative_tokens": 3}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    assert [c.choices[0].model_extra["spec_decode"] for c in chunks if c.choices and c.choices[0].finish_reason]
+
+
 # ---- OpenAI: completions ------------------------------------------------------------------------
 
 
@@ -630,6 +645,8 @@ def test_mid_stream_error_is_an_sse_error_event(stack) -> None:
 
 def test_metrics(stack, oa, name) -> None:
     oa.chat.completions.create(model=name, messages=CHAT, max_tokens=4, temperature=0)
+    oa.chat.completions.create(model=name, messages=[{"role": "user", "content": "Repeat: warp weft warp weft warp weft"}],
+                               max_tokens=16, temperature=0, extra_body={"num_speculative_tokens": 3})
     text = httpx.get(f"{stack.url}/metrics").text
 
     def value(sample: str) -> float:
@@ -647,8 +664,10 @@ def test_metrics(stack, oa, name) -> None:
     assert value("weft_num_requests_running") == 0 and value("weft_num_requests_waiting") == 0
     assert 0 <= value("weft_kv_cache_usage_ratio") <= 1
     assert value("weft_prefix_cache_queries_total") >= value("weft_prefix_cache_hits_total") > 0
-    assert value("weft_spec_decode_num_accepted_tokens_total") == 0
-    assert value("weft_spec_decode_mean_acceptance_length") == 1.0
+    assert 0 < value("weft_spec_decode_num_accepted_tokens_total") <= value("weft_spec_decode_num_draft_tokens_total")
+    assert value("weft_spec_decode_mean_acceptance_length") == pytest.approx(
+        1 + value("weft_spec_decode_num_accepted_tokens_total") / value("weft_spec_decode_num_drafts_total"), rel=1e-6)
+    assert value('weft_spec_decode_num_accepted_tokens_per_pos_total{position="0"}') > 0
     assert value("weft_guided_compile_seconds_count") >= 0
     assert value('weft_http_requests_total{route="/v1/chat/completions",status="200"}') >= 1
 

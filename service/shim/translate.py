@@ -261,6 +261,16 @@ FINISH = {
 OLLAMA_DONE = {"length": "length", "stop": "stop", "abort": "abort", "error": "error"}
 
 
+def spec_json(choice: pb.Choice) -> dict[str, Any] | None:
+    """Weft's extension on a finished choice: what speculative decoding did (None if it could not)."""
+    if not choice.HasField("spec_decode"):
+        return None
+    s = choice.spec_decode
+    return {"num_drafts": s.num_drafts, "num_draft_tokens": s.num_draft_tokens,
+            "num_accepted_tokens": s.num_accepted_tokens, "accepted_per_position": list(s.accepted_per_position),
+            "mean_acceptance_length": round(s.mean_acceptance_length, 4)}
+
+
 def stop_reason(choice: pb.Choice) -> str | int | None:
     """vLLM's `stop_reason`: the stop string or stop token id that matched (None for EOS)."""
     which = choice.WhichOneof("stop_reason")
