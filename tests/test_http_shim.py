@@ -664,10 +664,10 @@ def test_metrics(stack, oa, name) -> None:
     assert value("weft_num_requests_running") == 0 and value("weft_num_requests_waiting") == 0
     assert 0 <= value("weft_kv_cache_usage_ratio") <= 1
     assert value("weft_prefix_cache_queries_total") >= value("weft_prefix_cache_hits_total") > 0
-    assert 0 < value("weft_spec_decode_num_accepted_tokens_total") <= value("weft_spec_decode_num_draft_tokens_total")
-    assert value("weft_spec_decode_mean_acceptance_length") == pytest.approx(
-        1 + value("weft_spec_decode_num_accepted_tokens_total") / value("weft_spec_decode_num_drafts_total"), rel=1e-6)
-    assert value('weft_spec_decode_num_accepted_tokens_per_pos_total{position="0"}') > 0
+    drafts, accepted = value("weft_spec_decode_num_drafts_total"), value("weft_spec_decode_num_accepted_tokens_total")
+    assert accepted <= value("weft_spec_decode_num_draft_tokens_total") <= 3 * drafts
+    assert value("weft_spec_decode_mean_acceptance_length") == pytest.approx(1 + accepted / max(drafts, 1), rel=1e-6)
+    assert value("weft_spec_decode_num_disabled_requests_total") >= 0
     assert value("weft_guided_compile_seconds_count") >= 0
     assert value('weft_http_requests_total{route="/v1/chat/completions",status="200"}') >= 1
 
