@@ -68,28 +68,36 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--draft-model", default=None, help="default: the target itself")
     ap.add_argument("--no-draft", action="store_true", help="skip the draft-model runs")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--k", type=int, default=4, help="k of the headline ratios (the server's default)")
+    ap.add_argument("--extra-k", default="2", help="comma list of other n-gram k to run alongside (rows only)")
     ap.add_argument("--max-tokens", type=int, default=128)
     a = ap.parse_args(argv)
 
     common = dict(dtype=a.dtype, kv_cache_gb=0.5, progress=False, spec_disable_window=0)
     engines = {"ngram": LLM(a.model, speculative_method="ngram", num_speculative_tokens=a.k, **common)}
     tok = engines["ngram"].engine.tokenizer
+    extra = [int(k) for k in a.extra_k.split(",") if k.strip() and int(k) != a.k]
     if not a.no_draft:
         draft = a.draft_model or str(load_model(a.model, progress=False).source)
         engines["draft"] = LLM(a.model, speculative_method="draft", draft_model=draft,
                                num_speculative_tokens=a.k, **common)
     off = SamplingParams(temperature=0, max_tokens=a.max_tokens, num_speculative_tokens=0)
     on = SamplingParams(temperature=0, max_tokens=a.max_tokens)
+    # Other k: the same n-gram engine, k set per request.
+    variants = {"ngram": (engines["ngram"], on)} | {
+        f"ngram_k{k}": (engines["ngram"], SamplingParams(temperature=0, max_tokens=a.max_tokens, num_speculative_tokens=k))
+        for k in extra}
+    if "draft" in engines:
+        variants["draft"] = (engines["draft"], on)
     _run(engines["ngram"], _prompt(tok, "Hello"), off)   # warm-up: first-call allocations
 
     rows: list[dict] = []
     ratios: dict[str, float] = {}
     for workload, tasks in (("copy", COPY_TASKS), ("chat", CHAT_TASKS)):
-        times: dict[str, list[float]] = {"off": []} | {m: [] for m in engines}
+        times: dict[str, list[float]] = {"off": []} | {m: [] for m in variants}
         tokens = 0
-        identical = {m: 0 for m in engines}
-        stats: dict[str, list[dict]] = {m: [] for m in engines}
+        identical = {m: 0 for m in variants}
+        stats: dict[str, list[dict]] = {m: [] for m in variants}
         for task in tasks:
             prompt = _prompt(tok, task)
             # The plain run uses the n-gram engine with speculation off for the request: same
@@ -97,21 +105,22 @@ def main(argv: list[str]) -> int:
             t_off, ids_off, _ = _run(engines["ngram"], prompt, off)
             times["off"].append(t_off)
             tokens += len(ids_off)
-            for method, llm in engines.items():
-                t, ids, spec = _run(llm, prompt, on)
+            for method, (llm, params) in variants.items():
+                t, ids, spec = _run(llm, prompt, params)
                 times[method].append(t)
                 identical[method] += ids == ids_off
                 stats[method].append(spec or {})
         total_off = sum(times["off"])
         rows.append({"workload": workload, "method": "none", "tok_per_s": tokens / total_off,
                      "ms_per_token": 1000 * total_off / tokens})
-        for method in engines:
+        for method in variants:
             drafted = sum(s.get("num_draft_tokens", 0) for s in stats[method])
             accepted = sum(s.get("num_accepted_tokens", 0) for s in stats[method])
             drafts = sum(s.get("num_drafts", 0) for s in stats[method])
             total = sum(times[method])
             rows.append({
-                "workload": workload, "method": f"{method} k={a.k}", "tok_per_s": tokens / total,
+                "workload": workload,
+                "method": f"ngram k={method.removeprefix('ngram_k')}" if method.startswith("ngram_k") else f"{method} k={a.k}", "tok_per_s": tokens / total,
                 "ms_per_token": 1000 * total / tokens, "speedup": total_off / total,
                 "speedup_median_prompt": median([o / t for o, t in zip(times["off"], times[method])]),
                 "acceptance_rate": accepted / drafted if drafted else 0.0,
