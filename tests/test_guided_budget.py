@@ -173,3 +173,47 @@ def test_plan_completes_cut_instances_of_the_dev_subset(compiler, tok, backend) 
     assert checked >= (20 if backend == "llguidance" else 4), checked
     print(f"\n{backend}: {checked} completions, plan length max {max(lengths)}, "
           f"mean {sum(lengths) / len(lengths):.1f}")
+
+
+def test_plan_finds_unanchored_patterns_and_formats(compiler, tok) -> None:
+    """Strings the preferred characters alone do not finish: an unanchored pattern that needs
+    "digits,digits" somewhere (found by the short search), a long minLength, formats."""
+    props = {"loc": {"type": "string", "pattern": "-?[0-9]+(?:\\.[0-9]+)?,-?[0-9]+"},
+             "long": {"type": "string", "minLength": 30},
+             "mail": {"type": "string", "format": "email"},
+             "when": {"type": "string", "format": "date-time"},
+             "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}}
+    for key, sub in props.items():
+        schema = {"type": "object", "properties": {key: sub}, "required": [key]}
+        guide = compiler.compile_sync(GuidedSpec("json_schema", schema)).new_guide(max_tokens=200)
+        prefix = enc(tok, '{"%s":"New York, USA' % key) if key == "loc" else enc(tok, '{"%s":"' % key)
+        assert all(guide.advance(t) for t in prefix)
+        plan = guide.plan()
+        assert plan is not None and len(plan) <= 40, key
+        text = tok.decode(prefix + [t for t in plan if t != B.EOS])
+        assert not list(_validator(schema).iter_errors(json.loads(text))), text
+
+
+def test_soft_narrowing_in_a_key_follows_the_plan(compiler, tok) -> None:
+    """Near the end, inside an object key, the model may not start an optional member (whose
+    value could need many more tokens): the mask is the plan's next token (a required one)."""
+    schema = {"type": "object", "properties": {
+        "rank": {"type": "integer"},
+        "report": {"type": "object", "properties": {f"f{i}": {"type": "boolean"} for i in range(20)},
+                   "required": [f"f{i}" for i in range(20)]},
+        "reason": {"type": "string"}},
+        "required": ["rank", "reason"], "additionalProperties": False}
+    g = compiler.compile_sync(GuidedSpec("json_schema", schema))
+    words = compiler.bitmask_words
+    prefix = enc(tok, '{"rank":1,"re')
+    for max_tokens in (len(prefix) + 60, len(prefix) + 6):
+        guide = g.new_guide(max_tokens=max_tokens)
+        assert all(guide.advance(t) for t in prefix)
+        plan = guide.plan()
+        assert guide._in_key(plan, guide._modes[-1])
+        ids = allowed_ids(mask(guide, words))
+        if max_tokens > len(prefix) + 50:                      # far from the end: both keys open
+            assert len(ids) > 1
+        else:
+            assert ids == {plan[0]}, [tok.decode([t]) for t in ids]
+            assert tok.decode([plan[0]]) in ("ason", "a", "as", "aso")   # toward "reason"

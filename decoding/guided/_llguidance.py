@@ -95,6 +95,10 @@ class LLGuidanceGuide(Guide):
     def error(self) -> str | None:
         return self._m.get_error() or None if self._m.is_error() else None
 
+    def accepts(self, token_ids: list[int]) -> int:
+        # llguidance checks without consuming (a rejected consume_token is ~100x dearer).
+        return self._m.validate_tokens([int(t) for t in token_ids])
+
     def fork(self) -> LLGuidanceGuide:
         return LLGuidanceGuide(self._m.deep_copy(), self._nbytes // 4)
 

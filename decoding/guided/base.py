@@ -60,6 +60,16 @@ class Guide(ABC):
         """An independent copy at the same state (budget planning advances it). Optional."""
         raise NotImplementedError
 
+    def accepts(self, token_ids: list[int]) -> int:
+        """How many of `token_ids` would be accepted in a row from here (the guide is left as is)."""
+        probe = self.fork()
+        n = 0
+        for t in token_ids:
+            if not probe.advance(t):
+                break
+            n += 1
+        return n
+
 
 class CompiledGrammar(ABC):
     """A compiled spec; immutable, cached and shared by every request that asks for it."""

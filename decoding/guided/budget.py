@@ -5,30 +5,36 @@ loops inside `"1234567890123...` until max_tokens cuts the JSON mid-value. A `Bu
 wraps a backend's guide with the request's token budget (max_tokens) and counts the tokens it
 advanced (sampled and forced alike; `rollback(n)` uncounts them, as speculative decoding needs).
 
-Once at most `PLAN_HORIZON` tokens remain it computes a *closing plan*: a short token sequence
-that completes the output from the current state (`plan_completion`: jump-forward tokens as the
-engine appends them, otherwise the allowed token that closes the most JSON structure, ties
-broken by a fixed preference: closers, separators, short literals, digits; inside strings a few
-distinct characters). With `slack = remaining - len(plan)` it narrows the mask:
+From the first token on it computes a *closing plan*: a short token sequence that completes
+the output from the current state (`plan_completion`: jump-forward tokens as the engine
+appends them, otherwise the allowed token that closes the most JSON structure, ties broken by
+a fixed preference: closers, separators, short literals, digits; inside strings a few distinct
+characters). With `slack = remaining - len(plan)` it narrows the mask:
 
-- `slack > SOFT_SLACK`: the backend's mask, unchanged; the plan is checked again after a
-  quarter of the slack beyond SOFT_SLACK has been used (cheap: a few plans per request);
-- `HARD_SLACK < slack <= SOFT_SLACK` (JSON kinds only): only tokens that end with closing
-  something (`"`, `]`, `}`, `"}` ..., EOS when complete), else only tokens that open nothing and
-  add no `,` (no new string, array, object or element), else unchanged: strings end, arrays
-  and objects finish;
+- `slack > SOFT_SLACK + rise`: the backend's mask, unchanged; the plan is checked again after
+  a quarter of the slack beyond that has been used, or at once when an object or array
+  opens (its required members can lengthen the plan by many tokens). Planning starts at the
+  first token: a large schema's shortest document can take most of max_tokens;
+- `HARD_SLACK < slack <= SOFT_SLACK + rise` (JSON kinds only; `rise`: the most the plan has
+  grown between two checks, i.e. what starting one more element or member has cost; at most
+  MAX_RISE): only tokens that only close (`"`, `]`, `}`, `"}`, `end."` ..., EOS when
+  complete), else only tokens that open and add nothing (no `[`, `{` or `,` outside a string,
+  no string left open: string content, digits, `""`; not inside an object key), else the
+  plan's next token: strings end, arrays and objects finish, no optional member or element
+  starts, required ones get the planner's short values;
 - `slack <= HARD_SLACK`: only the plan's next token; the plan fits what is left, so the output
   completes (EOS, or a grammar that terminates) before max_tokens.
 
 "Closes" and "opens" come from a per-tokenizer table (`BudgetTables`): for every token and each
 JSON scanner mode (outside a string, inside one, after a backslash) the change it makes to
-phi = open brackets + open strings, its end mode and its last structural byte. Tokens carry
-whole bytes: `"}` inside a string closes two, `"},` closes two and commits to a next element.
+phi = open brackets + open strings, its end mode, its last structural byte and whether it
+opens or adds anything. Tokens carry whole bytes: `"}` inside a string closes two; `"},{"`
+closes two and opens two (a new element: never allowed while narrowing softly).
 For regex, choice and grammar kinds only the plan's hard deadline applies.
 
-Requests that end well before max_tokens pay nothing beyond a counter. A plan that cannot fit
-(a schema whose shortest completion is longer than what is left: `minItems: 1000` with 64
-tokens) is given up until a rollback returns to an earlier state.
+Requests that end well before max_tokens pay a few plans (~0.1 ms per planned token). A plan
+that cannot fit (a schema whose shortest completion is longer than what is left: `minItems:
+1000` with 64 tokens) is given up until a rollback returns to an earlier state.
 """
 from __future__ import annotations
 
@@ -40,13 +46,22 @@ import torch
 
 from decoding.guided.base import Guide
 
-# Planning starts when this many tokens (or fewer) remain; a plan is at most this long.
-PLAN_HORIZON = 256
+# A plan is at most this long: with more left than this, a plan that does not fit is tried
+# again later instead of given up.
+PLAN_HORIZON = 1024
 # Narrow softly (close what can be closed, open nothing) when the plan leaves this little slack.
 SOFT_SLACK = 8
+# ... plus the largest rise of the plan between two checks, up to this much.
+MAX_RISE = 48
 # Follow the plan when it leaves this little slack: the output ends HARD_SLACK tokens early at
 # worst, a margin for a plan that is not the shortest.
 HARD_SLACK = 1
+# Inside a string the planner writes preferred characters; after this many without the string
+# becoming closable it searches strings of SEARCH_CHARS up to SEARCH_DEPTH long for one that
+# makes it closable (an unanchored `[0-9]+,[0-9]+` needs "0,0" somewhere; 12**3 probes at most).
+SEARCH_AFTER = 12
+SEARCH_DEPTH = 3
+SEARCH_CHARS = "0,a.-:/@_ 1A"
 
 # Candidates (best preference first) the planner tries one token ahead for regex and grammar
 # kinds: a matcher copy and one token each (~2 us, more when the lexer meets a new state).
@@ -62,20 +77,27 @@ _REUSE = 16           # inside a string, a character used n times yields to ones
 _SPECIAL = frozenset(b'"[]{}\\')
 
 
-def _scan(data: bytes, mode: int) -> tuple[int, int, int]:
-    """(change in phi, end mode, last structural byte or 0) of `data` read from scanner `mode`.
+def _scan(data: bytes, mode: int) -> tuple[int, int, int, bool]:
+    """Read `data` from scanner `mode`: (change in phi, end mode, last structural byte or 0,
+    whether it opens or adds anything: a `[`, `{` or `,` outside strings, or a string it
+    leaves open).
     Structural: any non-whitespace byte outside a string, and a string's closing quote."""
     d = 0
     last = 0
+    adds = False
+    start = mode
     for c in data:
         if mode == OUT:
             if c in (0x5B, 0x7B):          # [ {
                 d += 1
+                adds = True
             elif c in (0x5D, 0x7D):        # ] }
                 d -= 1
             elif c == 0x22:                # "
                 d += 1
                 mode = STR
+            elif c == 0x2C:                # ,
+                adds = True
             if c not in (0x20, 0x09, 0x0A, 0x0D):
                 last = c
         elif mode == STR:
@@ -87,7 +109,9 @@ def _scan(data: bytes, mode: int) -> tuple[int, int, int]:
                 last = c
         else:
             mode = STR
-    return d, mode, last
+    # A string opened here and still open at the end adds one (`"abc`; not `""`, `"a"`).
+    opened_string = mode == STR and (start == OUT or data.count(b'"') >= 2)
+    return d, mode, last, adds or opened_string
 
 
 _LITERALS = ('""', "[]", "{}", "0", "null", "true", "false")
@@ -141,6 +165,7 @@ class BudgetTables:
         dphi = np.zeros((3, v), dtype=np.int64)
         end = np.tile(np.arange(3, dtype=np.int8)[:, None], (1, v))
         last = np.zeros((3, v), dtype=np.uint8)
+        adds = np.zeros((3, v), dtype=bool)
         rank = np.full((2, v), _INF, dtype=np.int64)      # [outside a string, inside one]
         for i, b in enumerate(token_bytes):
             if b is None or i in self.eos_ids:
@@ -151,9 +176,10 @@ class BudgetTables:
                 end[ESC, i] = STR                     # its first byte ends a pending escape
                 stripped = b.strip(b" \t\n\r")
                 last[OUT, i] = stripped[-1] if stripped else 0
+                adds[OUT, i] = b"," in b
                 continue
             for m in (OUT, STR, ESC):
-                dphi[m, i], end[m, i], last[m, i] = _scan(b, m)
+                dphi[m, i], end[m, i], last[m, i], adds[m, i] = _scan(b, m)
         self.dphi = dphi
         self.end_mode = end
         usable = rank[0] < _INF
@@ -161,14 +187,23 @@ class BudgetTables:
         by_mode = rank[[0, 1, 1]]
         self.json_score = np.where(usable, (dphi << _DPHI_SHIFT) + by_mode, _INF)
         self.plain_score = rank[1]
-        # Soft narrowing: per mode, the tokens that close something / that open nothing.
         eos = np.zeros(words * 32, dtype=bool)
         eos[list(self.eos_ids)] = True
-        closer = np.isin(last, np.frombuffer(b'"]}', dtype=np.uint8)) & (end == OUT)
-        commits = last == ord(",")
+        # Soft narrowing: per mode, the tokens that only close (`"`, `"}`, `end."`; not `"},{"`)
+        # and the tokens that open and add nothing (string content, digits, `]`; not `","`).
+        closer = np.isin(last, np.frombuffer(b'"]}', dtype=np.uint8)) & (end == OUT) & ~adds
         self.close_bits = np.stack([self._pack((dphi[m] < 0) & closer[m] & usable, eos) for m in range(3)])
-        self.noopen_bits = np.stack([self._pack((dphi[m] <= 0) & ~commits[m] & usable, eos) for m in range(3)])
+        self.noopen_bits = np.stack([self._pack((dphi[m] <= 0) & ~adds[m] & usable, eos) for m in range(3)])
+        # Open brackets (not strings) per token and mode, for re-planning when structure opens.
+        self.dbrackets = dphi - (end != OUT) + (np.arange(3)[:, None] != OUT)
         self.eos_bits = self._pack(np.zeros(v, dtype=bool), eos)
+        # Inside a string: the tokens that close it; the quote token and the characters a
+        # search for a closable string tries.
+        self.closes_string = (dphi[STR] < 0) & usable
+        single = {b: i for i, b in reversed(list(enumerate(token_bytes)))
+                  if b is not None and len(b) == 1 and i not in self.eos_ids}
+        self.quote: int | None = single.get(b'"')
+        self.search_chars = [single[bytes([c])] for c in SEARCH_CHARS.encode() if bytes([c]) in single]
 
     def _pack(self, sel: np.ndarray, extra: np.ndarray) -> np.ndarray:
         bits = extra.copy()
@@ -205,6 +240,7 @@ def plan_completion(fork: Guide, tables: BudgetTables, json_mode: bool, mode: in
     words = row.numpy().view(np.uint32)
     base = tables.json_score if json_mode else tables.plain_score
     end_mode = tables.end_mode
+    in_string = 0           # content tokens since the current string could last have closed
     while True:
         if fork.is_terminated():
             return plan
@@ -230,6 +266,17 @@ def plan_completion(fork: Guide, tables: BudgetTables, json_mode: bool, mode: in
         t = int(scores.argmin())
         if scores[t] >= _INF:
             return None
+        if json_mode and mode != OUT:
+            in_string = 0 if (allowed & tables.closes_string).any() else in_string + 1
+            if in_string == SEARCH_AFTER:
+                # The preferred characters have not made this string closable: search for a
+                # short way there. On failure keep going as before.
+                path = _search_closable(fork, tables, min(SEARCH_DEPTH, limit - len(plan)))
+                if path:
+                    plan += path
+                    for t in path:
+                        mode = int(end_mode[mode, t])
+                    continue
         if not json_mode:
             # Regex / grammar: look one token ahead, among the preferred ones, for one after
             # which the output is complete (`a[b-y]*z` needs the z). (JSON strings get by
@@ -241,6 +288,42 @@ def plan_completion(fork: Guide, tables: BudgetTables, json_mode: bool, mode: in
             used[t] = used.get(t, 0) + 1
         plan.append(t)
         mode = int(end_mode[mode, t])
+
+
+def _search_closable(fork: Guide, tables: BudgetTables, max_depth: int) -> list[int] | None:
+    """The shortest string of SEARCH_CHARS (iterative deepening, up to `max_depth`) after which
+    the JSON string `fork` is in can close; advances `fork` along it. A mask says nothing about
+    the state of an unanchored pattern's lexer (`.*` allows every character), so probing the
+    closing quote after each candidate is the only test: a small alphabet keeps it cheap."""
+    quote, chars = tables.quote, tables.search_chars
+    if quote is None:
+        return None
+
+    def dfs(node: Guide, depth: int, path: list[int]) -> list[int] | None:
+        for t in chars:
+            if depth == 1:
+                if node.accepts([t, quote]) == 2:
+                    return path + [t]
+                continue
+            if not node.accepts([t]):
+                continue
+            child = node.fork()
+            if child.advance(t):
+                found = dfs(child, depth - 1, path + [t])
+                if found:
+                    return found
+        return None
+
+    try:
+        for depth in range(1, max_depth + 1):
+            path = dfs(fork, depth, [])
+            if path:
+                for t in path:
+                    fork.advance(t)
+                return path
+    except NotImplementedError:
+        return None
+    return None
 
 
 def _lookahead(fork: Guide, scores: np.ndarray, best: int) -> int:
@@ -264,8 +347,8 @@ def _lookahead(fork: Guide, scores: np.ndarray, best: int) -> int:
 class BudgetGuide(Guide):
     """A backend guide plus the request's token budget: see the module docstring."""
 
-    __slots__ = ("_g", "_t", "_json", "max_tokens", "_tokens", "_modes", "_plan", "_plan_at", "_next_check",
-                 "_gave_up_at", "narrowed")
+    __slots__ = ("_g", "_t", "_json", "max_tokens", "_tokens", "_modes", "_depths", "_plan", "_plan_at",
+                 "_next_check", "_checked_depth", "_gave_up_at", "_last_len", "rise", "narrowed")
 
     def __init__(self, inner: Guide, max_tokens: int, tables: BudgetTables, json_mode: bool) -> None:
         self._g = inner
@@ -274,10 +357,14 @@ class BudgetGuide(Guide):
         self.max_tokens = int(max_tokens)
         self._tokens: list[int] = []        # advanced tokens (sampled + forced), net of rollbacks
         self._modes = [OUT]                 # JSON scanner mode after each of them
+        self._depths = [0]                  # and open brackets
         self._plan: list[int] | None = None
         self._plan_at = -1                  # the count at which _plan starts
-        self._next_check = 0                # no planning before this count
+        self._next_check = 0                # no planning before this count ...
+        self._checked_depth = 0             # ... unless brackets opened beyond this depth since
         self._gave_up_at = -1               # the count at which no plan fitted
+        self._last_len = -1                 # length of the last plan computed
+        self.rise = 0                       # the most one stretch of output lengthened the plan
         self.narrowed = 0                   # masks narrowed so far (soft or hard)
 
     @property
@@ -294,21 +381,31 @@ class BudgetGuide(Guide):
     def fill_bitmask(self, row: torch.Tensor) -> None:
         self._g.fill_bitmask(row)
         count = len(self._tokens)
-        remaining = self.max_tokens - count
-        if remaining > PLAN_HORIZON or count < self._next_check or self._gave_up_at >= 0:
+        if self._gave_up_at >= 0:
             return
+        if count < self._next_check:
+            # Opening an object or array can add many required tokens to the plan at once.
+            depth = self._depths[-1]
+            if depth <= self._checked_depth:
+                self._checked_depth = depth
+                return
+        if self._json:
+            self._checked_depth = self._depths[-1]
         plan = self.plan()
         if not plan:
             return
         slack = self._slack(plan)
-        if slack > SOFT_SLACK:
-            self._next_check = count + max(1, (slack - SOFT_SLACK) // 4)
+        # The soft zone widens by the largest rise of the plan seen so far: a new array element
+        # or object member the model starts (jump-forward writes its key at once) costs about
+        # what the last one did, and must not be started when it cannot be finished.
+        soft = SOFT_SLACK + self.rise
+        if slack > soft:
+            self._next_check = count + max(1, (slack - soft) // 4)
             return
         words = row.numpy().view(np.uint32)
         n = self._t.words
         if slack <= HARD_SLACK:
-            keep = self._t.eos_bits.copy() if plan[0] == EOS else _one_bit(n, plan[0])
-            keep &= words[:n]
+            keep = self._plan_bits(plan[0]) & words[:n]
             if keep.any():
                 words[:n] = keep
                 words[n:] = 0
@@ -317,7 +414,10 @@ class BudgetGuide(Guide):
         if not self._json:
             return
         mode = self._modes[-1]
-        for bits in (self._t.close_bits[mode], self._t.noopen_bits[mode]):
+        stages = [self._t.close_bits[mode], self._t.noopen_bits[mode], self._plan_bits(plan[0])]
+        if mode != OUT and self._in_key(plan, mode):
+            del stages[1]       # an object key: the plan's (a required member), not an optional one
+        for bits in stages:
             keep = words[:n] & bits
             if keep.any():
                 if not np.array_equal(keep, words[:n]):
@@ -332,7 +432,9 @@ class BudgetGuide(Guide):
         self._tokens.append(t)
         if self._json:
             mode = self._modes[-1]
-            self._modes.append(int(self._t.end_mode[mode, t]) if 0 <= t < self._t.vocab_size else mode)
+            known = 0 <= t < self._t.vocab_size
+            self._modes.append(int(self._t.end_mode[mode, t]) if known else mode)
+            self._depths.append(self._depths[-1] + (int(self._t.dbrackets[mode, t]) if known else 0))
         return True
 
     def rollback(self, n: int) -> None:
@@ -342,6 +444,7 @@ class BudgetGuide(Guide):
         del self._tokens[len(self._tokens) - n:]
         if self._json:
             del self._modes[len(self._modes) - n:]
+            del self._depths[len(self._depths) - n:]
         count = len(self._tokens)
         if self._plan_at > count:
             self._plan = None
@@ -362,6 +465,35 @@ class BudgetGuide(Guide):
 
     def fork(self) -> Guide:
         return self._g.fork()
+
+    def _in_key(self, plan: list[int], mode: int) -> bool:
+        """Whether the string being written is an object key: the plan closes it with `":`."""
+        tb, end = self._t.token_bytes, self._t.end_mode
+        after = None
+        for t in plan:
+            if t == EOS:
+                return False
+            data = tb[t] or b""
+            if after is not None:
+                rest = (after + data).lstrip(b" \t\n\r")
+                if rest:
+                    return rest[:1] == b":"
+                after = rest
+                continue
+            nxt = int(end[mode, t])
+            if nxt == OUT:      # this token closes the string: what follows its quote?
+                m, i = mode, 0
+                while m != OUT and i < len(data):
+                    m = ESC if m == STR and data[i] == 0x5C else (OUT if m == STR and data[i] == 0x22 else STR)
+                    i += 1
+                after = data[i:].lstrip(b" \t\n\r")
+                if after:
+                    return after[:1] == b":"
+            mode = nxt
+        return False
+
+    def _plan_bits(self, token: int) -> np.ndarray:
+        return self._t.eos_bits.copy() if token == EOS else _one_bit(self._t.words, token)
 
     # ---- planning -------------------------------------------------------------------------
 
@@ -387,11 +519,18 @@ class BudgetGuide(Guide):
             fork = self._g.fork()
         except NotImplementedError:
             fork = None
-        limit = min(self.max_tokens - count, PLAN_HORIZON)
+        remaining = self.max_tokens - count
         plan = None if fork is None else plan_completion(
-            fork, self._t, self._json, self._modes[-1] if self._json else OUT, limit)
+            fork, self._t, self._json, self._modes[-1] if self._json else OUT, min(remaining, PLAN_HORIZON))
+        if plan is not None:
+            if self._last_len >= 0:
+                self.rise = min(MAX_RISE, max(self.rise, len(plan) - self._last_len))
+            self._last_len = len(plan)
         if plan is None:
-            self._gave_up_at = count
+            if fork is not None and remaining > PLAN_HORIZON:
+                self._next_check = count + remaining - PLAN_HORIZON   # try again within the horizon
+            else:
+                self._gave_up_at = count
         self._plan, self._plan_at = plan, count
         return plan
 
