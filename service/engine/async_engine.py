@@ -19,6 +19,7 @@ from decoding.guided import CompiledGrammar
 from decoding.sampling import SamplingParams
 from service.config import EngineConfig
 from service.engine.core import EngineCore
+from service.engine.openmp import release_thread_pool
 from service.engine.request import RequestOutput
 from service.errors import ResourceExhaustedError, WeftError
 
@@ -77,6 +78,9 @@ class AsyncEngine:
     def start(self) -> None:
         if self._thread is None:
             self._loop = asyncio.get_running_loop()
+            # The model may have been loaded on this thread: its OpenMP workers would otherwise
+            # stay beside the engine thread's and slow every step (see service/engine/openmp.py).
+            release_thread_pool()
             self._thread = threading.Thread(target=self._run, name="weft-engine", daemon=True)
             self._thread.start()
 
