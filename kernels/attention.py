@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import cpu_native
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -21,6 +23,8 @@ class AttentionMetadata:
     seq_lens_t: torch.Tensor      # [B] int64, seq_lens as a tensor on the cache's device
     num_decodes: int              # leading rows with a single query
     block_size: int
+    # Built once per step by the native CPU path and reused by every layer (see _native_plan).
+    native_plan: "_NativePlan | None" = None
 
 
 def paged_attention(
@@ -34,7 +38,61 @@ def paged_attention(
         from kernels.triton_attention import paged_attention_triton
 
         return paged_attention_triton(q, k_cache, v_cache, meta, scale)
+    if cpu_native.usable(q, k_cache, v_cache):
+        return paged_attention_native(q, k_cache, v_cache, meta, scale)
     return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+
+
+# Rows with at most this many queries go to the C kernel (decodes, speculative verification,
+# short chunks); longer prefill chunks to torch's SDPA, whose blocked matmuls win there.
+NATIVE_MAX_QUERIES = 16
+
+
+@dataclass(slots=True)
+class _NativePlan:
+    query_start_loc: torch.Tensor   # [B+1] int64
+    rows: torch.Tensor              # int64 rows for the C kernel
+    num_rows: int
+    long_rows: list[int]            # rows left to the torch path
+
+
+def _native_plan(meta: AttentionMetadata) -> _NativePlan:
+    if meta.native_plan is None:
+        qsl = meta.query_start_loc
+        rows, long_rows = [], []
+        for r in range(len(meta.seq_lens)):
+            (rows if qsl[r + 1] - qsl[r] <= NATIVE_MAX_QUERIES else long_rows).append(r)
+        meta.native_plan = _NativePlan(torch.tensor(qsl, dtype=torch.long), torch.tensor(rows, dtype=torch.long),
+                                       len(rows), long_rows)
+    return meta.native_plan
+
+
+def paged_attention_native(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """float32 on CPU: short rows in the C kernel (reads the blocks in place), long ones in SDPA."""
+    plan = _native_plan(meta)
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    if plan.num_rows:
+        tables, seq_lens = meta.block_tables.contiguous(), meta.seq_lens_t.contiguous()
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+        rc = cpu_native.lib().weft_paged_attention_f32(
+            q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            tables.data_ptr(), tables.shape[1], seq_lens.data_ptr(), plan.query_start_loc.data_ptr(),
+            plan.rows.data_ptr(), plan.num_rows, q.shape[1], k_cache.shape[2], q.shape[2],
+            meta.block_size, scale, torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise MemoryError("paged attention: could not allocate scratch memory")
+    for row in plan.long_rows:
+        start, end = meta.query_start_loc[row], meta.query_start_loc[row + 1]
+        out[start:end] = _prefill_row(q[start:end], k_cache, v_cache, meta, row, scale)
+    return out
 
 
 def paged_attention_ref(

@@ -1,0 +1,123 @@
+"""Native CPU kernels: C sources in kernels/csrc, built at first use with the system C compiler
+and called through ctypes (no Python headers, no ninja, ~1 s to build; cached by source hash).
+
+Why not torch ops: on a CPU a decode step is dominated by many tiny ops (dispatch costs more than
+the arithmetic) and by copies the reference makes (gathering paged KV). Why not a torch C++
+extension: building one needs ninja and ~1 minute of compiling torch headers.
+
+When no compiler is found, or the build fails, `lib()` returns None and callers use the torch
+reference. `WEFT_NATIVE=0` turns the native path off (A/B measurements, debugging).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("weft.kernels")
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("cpu_attention.c", "cpu_rope_store.c", "cpu_norm.c")
+# -march=native: the build is cached per machine (the CPU flags are part of the key). Wide
+# vectors: gcc otherwise caps AVX-512 machines at 256-bit vectors.
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+_FALLBACK_FLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+def enabled() -> bool:
+    return os.environ.get("WEFT_NATIVE", "1") != "0"
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("WEFT_CACHE_DIR") or Path.home() / ".cache" / "weft"
+    return Path(base) / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _build(compiler: str) -> Path | None:
+    sources = [CSRC / s for s in SOURCES]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256()
+    for part in [*(s.read_bytes() for s in sources), version.encode(), _cpu_flags().encode(),
+                 " ".join(_FLAGS).encode()]:
+        key.update(part)
+    out = _cache_dir() / f"weft_cpu_{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for flags in (_FLAGS, _FALLBACK_FLAGS):
+        # Build under a temporary name and rename: concurrent processes never load half a file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        proc = subprocess.run([compiler, *flags, "-o", tmp, *map(str, sources), "-lm"],
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            os.replace(tmp, out)
+            return out
+        os.unlink(tmp)
+        log.debug("native kernels: %s %s failed: %s", compiler, " ".join(flags), proc.stderr[-2000:])
+    return None
+
+
+def lib() -> ctypes.CDLL | None:
+    """The loaded kernels, or None when they cannot be built here."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        try:
+            compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+            path = _build(compiler) if compiler else None
+            if path is not None:
+                # torch is imported (and its libgomp loaded) before this: same soname, one runtime.
+                _lib = _bind(ctypes.CDLL(str(path)))
+            else:
+                log.warning("no C compiler could build kernels/csrc: using the slower torch reference on CPU")
+        except OSError as exc:
+            log.warning("native CPU kernels unavailable (%s): using the torch reference", exc)
+            _lib = None
+        _tried = True
+        return _lib
+
+
+def _bind(dll: ctypes.CDLL) -> ctypes.CDLL:
+    f = dll.weft_paged_attention_f32
+    f.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64,
+                  _i64, _i64, _i64, _i64, ctypes.c_float, ctypes.c_int]
+    f.restype = ctypes.c_int
+    f = dll.weft_rope_store_f32
+    f.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int]
+    f.restype = None
+    f = dll.weft_add_rms_norm_f32
+    f.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, ctypes.c_int]
+    f.restype = None
+    return dll
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Float32 CPU tensors, native kernels enabled and built."""
+    return (enabled() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and lib() is not None)

@@ -1,0 +1,240 @@
+/* Paged attention for the CPU, float32: queries read K/V straight out of the cache blocks.
+
+The torch reference gathers every row's blocks into a contiguous copy, then permutes it for
+the matmuls: per layer and step that writes and re-reads the whole batch's KV two more times,
+and costs ~20 small ops. Here each work item is (query token, KV head): the G query heads that
+share the KV head are scored together, so each K/V row is loaded once per item and stays in L1.
+
+Plain C on raw pointers (called through ctypes, built at first use by kernels/cpu_native.py),
+OpenMP from torch's own libgomp (same soname: the loader reuses the copy torch loaded, so there
+is one thread pool, not two competing for the cores).
+*/
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define LANES 16
+
+/* Dot product in LANES independent partial sums (one vector register), then a fixed tree:
+   the result does not depend on thread count or on where the row sits in the batch. */
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float acc[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= n; d += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += a[d + l] * b[d + l];
+    float tail = 0.0f;
+    for (; d < n; d++) tail += a[d] * b[d];
+    for (int w = LANES / 2; w; w >>= 1)
+        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+    return acc[0] + tail;
+}
+
+/* exp(x) for x <= 0 in a form the compiler vectorizes (a libm call per element does not):
+   Sleef's expf_u10 algorithm (the one torch's vectorized softmax uses), accurate to 1 ulp. */
+static inline float exp_nonpos(float d) {
+    const float q = __builtin_rintf(d * 1.442695040888963407359924681001892137f);
+    float s = q * -0.693145751953125f + d;
+    s = q * -1.428606765330187045e-06f + s;
+    float u = 0.000198527617612853646278381f;
+    u = u * s + 0.00139304355252534151077271f;
+    u = u * s + 0.00833336077630519866943359f;
+    u = u * s + 0.0416664853692054748535156f;
+    u = u * s + 0.166666671633720397949219f;
+    u = u * s + 0.5f;
+    u = s * s * u + s + 1.0f;
+    /* u * 2^q, in two halves so that 2^(q/2) stays a normal float down to q = -150 */
+    const int32_t e = (int32_t)q, e1 = e >> 1, e2 = e - e1;
+    union { int32_t i; float f; } p1 = {(e1 + 127) << 23}, p2 = {(e2 + 127) << 23};
+    const float r = u * p1.f * p2.f;
+    return d < -104.0f ? 0.0f : r;
+}
+
+/* One (token, KV head) item: scores over keys [0, num_keys), softmax, weighted sum of V. */
+static void attend(const float *q, float *out, const float *k_cache, const float *v_cache,
+                   const int64_t *table, int64_t num_keys, int64_t kvh, int64_t group,
+                   int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
+                   float *scores) {
+    const int64_t row_stride = num_kv_heads * head_dim;      /* one token slot in a block */
+    for (int64_t j0 = 0, blk = 0; j0 < num_keys; j0 += block_size, blk++) {
+        const int64_t base = (table[blk] * block_size * num_kv_heads + kvh) * head_dim;
+        const int64_t n = num_keys - j0 < block_size ? num_keys - j0 : block_size;
+        for (int64_t o = 0; o < n; o++) {
+            const float *kp = k_cache + base + o * row_stride;
+            for (int64_t g = 0; g < group; g++)
+                scores[g * num_keys + j0 + o] = dot(q + g * head_dim, kp, head_dim) * scale;
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *s = scores + g * num_keys;
+        float m = -INFINITY;
+        for (int64_t j = 0; j < num_keys; j++) m = s[j] > m ? s[j] : m;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < num_keys; j++) s[j] = exp_nonpos(s[j] - m);
+        for (int64_t j = 0; j < num_keys; j++) sum += s[j];
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < num_keys; j++) s[j] *= inv;
+        float *o = out + g * head_dim;
+        for (int64_t d = 0; d < head_dim; d++) o[d] = 0.0f;
+    }
+    for (int64_t j0 = 0, blk = 0; j0 < num_keys; j0 += block_size, blk++) {
+        const int64_t base = (table[blk] * block_size * num_kv_heads + kvh) * head_dim;
+        const int64_t n = num_keys - j0 < block_size ? num_keys - j0 : block_size;
+        for (int64_t o = 0; o < n; o++) {
+            const float *vp = v_cache + base + o * row_stride;
+            for (int64_t g = 0; g < group; g++) {
+                const float p = scores[g * num_keys + j0 + o];
+                float *restrict dst = out + g * head_dim;
+                for (int64_t d = 0; d < head_dim; d++) dst[d] += p * vp[d];
+            }
+        }
+    }
+}
+
+/* ---- fast path: head_dim a multiple of 16, vectors of 16 floats (GCC/clang vector extensions) ---- */
+
+typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));   /* unaligned loads, aliases float */
+typedef int32_t i16 __attribute__((vector_size(64)));
+#ifdef __clang__
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (i16){__VA_ARGS__})
+#endif
+
+/* The 16-lane sums of a0..a3 in lanes 0..3, by a fixed tree of shuffles and adds: 12 vector
+   instructions for 4 keys instead of a full horizontal reduction each. */
+static inline v16 hsum4(v16 a0, v16 a1, v16 a2, v16 a3) {
+    const v16 b01 = SHUF(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+                  + SHUF(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const v16 b23 = SHUF(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+                  + SHUF(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const v16 c = SHUF(b01, b23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+                + SHUF(b01, b23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    const v16 d = SHUF(c, c, 0, 1, 4, 5, 8, 9, 12, 13, 0, 1, 4, 5, 8, 9, 12, 13)
+                + SHUF(c, c, 2, 3, 6, 7, 10, 11, 14, 15, 2, 3, 6, 7, 10, 11, 14, 15);
+    return SHUF(d, d, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6)
+         + SHUF(d, d, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7);
+}
+
+#define MAX_GROUP 8
+#define MAX_CHUNKS 16   /* head_dim <= 256 */
+
+static void attend_v16(const float *q, float *out, const float *k_cache, const float *v_cache,
+                       const int64_t *table, int64_t num_keys, int64_t kvh, int64_t group,
+                       int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
+                       float *scores) {
+    const int64_t row_stride = num_kv_heads * head_dim, chunks = head_dim / 16;
+    for (int64_t j0 = 0, blk = 0; j0 < num_keys; j0 += block_size, blk++) {
+        const float *kb = k_cache + (table[blk] * block_size * num_kv_heads + kvh) * head_dim;
+        const int64_t n = num_keys - j0 < block_size ? num_keys - j0 : block_size;
+        int64_t o = 0;
+        for (; o + 4 <= n; o += 4) {
+            const v16 *k0 = (const v16 *)(kb + o * row_stride), *k1 = (const v16 *)(kb + (o + 1) * row_stride);
+            const v16 *k2 = (const v16 *)(kb + (o + 2) * row_stride), *k3 = (const v16 *)(kb + (o + 3) * row_stride);
+            for (int64_t g = 0; g < group; g++) {
+                const v16 *qg = (const v16 *)(q + g * head_dim);
+                v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                for (int64_t c = 0; c < chunks; c++) {
+                    const v16 qc = qg[c];
+                    a0 += qc * k0[c];
+                    a1 += qc * k1[c];
+                    a2 += qc * k2[c];
+                    a3 += qc * k3[c];
+                }
+                const v16 sum = hsum4(a0, a1, a2, a3);
+                float *dst = scores + g * num_keys + j0 + o;
+                for (int l = 0; l < 4; l++) dst[l] = sum[l] * scale;
+            }
+        }
+        for (; o < n; o++)
+            for (int64_t g = 0; g < group; g++)
+                scores[g * num_keys + j0 + o] = dot(q + g * head_dim, kb + o * row_stride, head_dim) * scale;
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *s = scores + g * num_keys;
+        float m = -INFINITY;
+        for (int64_t j = 0; j < num_keys; j++) m = s[j] > m ? s[j] : m;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < num_keys; j++) s[j] = exp_nonpos(s[j] - m);
+        for (int64_t j = 0; j < num_keys; j++) sum += s[j];
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < num_keys; j++) s[j] *= inv;
+    }
+    v16 acc[MAX_GROUP * MAX_CHUNKS];
+    for (int64_t i = 0; i < group * chunks; i++) acc[i] = (v16){0};
+    for (int64_t j0 = 0, blk = 0; j0 < num_keys; j0 += block_size, blk++) {
+        const float *vb = v_cache + (table[blk] * block_size * num_kv_heads + kvh) * head_dim;
+        const int64_t n = num_keys - j0 < block_size ? num_keys - j0 : block_size;
+        for (int64_t o = 0; o < n; o++) {
+            const v16 *vp = (const v16 *)(vb + o * row_stride);
+            for (int64_t g = 0; g < group; g++) {
+                const float p = scores[g * num_keys + j0 + o];
+                for (int64_t c = 0; c < chunks; c++) acc[g * chunks + c] += p * vp[c];
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t c = 0; c < chunks; c++) {
+            const v16 a = acc[g * chunks + c];
+            __builtin_memcpy(out + g * head_dim + c * 16, &a, sizeof a);
+        }
+}
+
+/* Rows listed in `rows` (indices into query_start_loc / seq_lens / block_tables): query i of a
+   row with nq queries sits at position seq_len - nq + i and sees keys [0, position].
+   q, out: [T, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim];
+   all contiguous. Returns 0, or -1 if scratch memory could not be allocated. */
+int weft_paged_attention_f32(
+    const float *q, float *out, const float *k_cache, const float *v_cache,
+    const int64_t *block_tables, int64_t table_stride, const int64_t *seq_lens,
+    const int64_t *query_start_loc, const int64_t *rows, int64_t num_rows,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+    float scale, int num_threads) {
+    const int64_t group = num_heads / num_kv_heads;
+    int64_t num_tokens = 0, max_keys = 1, work = 0;
+    for (int64_t i = 0; i < num_rows; i++) {
+        const int64_t r = rows[i];
+        const int64_t nq = query_start_loc[r + 1] - query_start_loc[r];
+        num_tokens += nq;
+        max_keys = seq_lens[r] > max_keys ? seq_lens[r] : max_keys;
+        work += nq * seq_lens[r];
+    }
+    if (num_tokens == 0) return 0;
+    /* item -> (token, row), tokens of the listed rows in order */
+    int64_t *tok_of = malloc(sizeof(int64_t) * 2 * num_tokens);
+    if (!tok_of) return -1;
+    int64_t *row_of = tok_of + num_tokens;
+    for (int64_t i = 0, k = 0; i < num_rows; i++) {
+        const int64_t r = rows[i];
+        for (int64_t t = query_start_loc[r]; t < query_start_loc[r + 1]; t++, k++) {
+            tok_of[k] = t;
+            row_of[k] = r;
+        }
+    }
+    const int64_t num_items = num_tokens * num_kv_heads;
+    const int fast = head_dim % 16 == 0 && head_dim <= 16 * MAX_CHUNKS && group <= MAX_GROUP;
+    /* A tiny batch (one short decode) costs less than waking the other threads. */
+    const int threads = work * num_heads * head_dim < 65536 ? 1 : num_threads;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc(sizeof(float) * group * max_keys);
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < num_items; it++) {
+            if (!scores) continue;
+            const int64_t k = it / num_kv_heads, kvh = it % num_kv_heads;
+            const int64_t t = tok_of[k], r = row_of[k];
+            const int64_t nq = query_start_loc[r + 1] - query_start_loc[r];
+            const int64_t num_keys = seq_lens[r] - nq + (t - query_start_loc[r]) + 1;
+            const int64_t off = (t * num_heads + kvh * group) * head_dim;
+            (fast ? attend_v16 : attend)(q + off, out + off, k_cache, v_cache, block_tables + r * table_stride,
+                                         num_keys, kvh, group, num_kv_heads, head_dim, block_size, scale, scores);
+        }
+        free(scores);
+    }
+    free(tok_of);
+    return failed ? -1 : 0;
+}

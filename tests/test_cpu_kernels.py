@@ -1,0 +1,120 @@
+"""The native CPU kernels (kernels/csrc, built with the system C compiler) equal their torch
+references in float32; the engine falls back to the references when they cannot be built."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_native
+from kernels.attention import AttentionMetadata, paged_attention_native, paged_attention_ref
+from tests.test_kernels import make_attention_batch, rel_err
+
+pytestmark = pytest.mark.skipif(cpu_native.lib() is None, reason="no C compiler for the native kernels")
+
+
+def _meta_for_rows(q_lens: list[int], seq_lens: list[int], tables: torch.Tensor, block_size: int) -> AttentionMetadata:
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    return AttentionMetadata(query_start_loc=starts, seq_lens=seq_lens, block_tables=tables,
+                             seq_lens_t=torch.tensor(seq_lens, dtype=torch.long),
+                             num_decodes=sum(1 for n in q_lens if n == 1), block_size=block_size)
+
+
+@pytest.mark.parametrize("group,block_size,head_dim", [(1, 16, 64), (3, 16, 64), (4, 32, 40), (8, 16, 128)])
+def test_attention_matches_reference(group: int, block_size: int, head_dim: int) -> None:
+    torch.manual_seed(group * 100 + block_size + head_dim)
+    num_kv_heads = 2
+    # Decodes (one at a single key), short multi-query rows (speculative verification) and
+    # long prefill chunks (left to SDPA), blocks scattered over the cache.
+    dec = [1, 5, 16, 17, 300]
+    pre = [(0, 3), (40, 5), (7, 16), (0, 40), (33, 70)]
+    q, k_cache, v_cache, meta = make_attention_batch(dec, pre, group * num_kv_heads, num_kv_heads, head_dim,
+                                                     block_size, torch.float32, "cpu")
+    scale = head_dim ** -0.5
+    ref = paged_attention_ref(q.double(), k_cache.double(), v_cache.double(), meta, scale)
+    out = paged_attention_native(q, k_cache, v_cache, meta, scale)
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    assert rel_err(out, ref) < 1e-6
+    # As close to the float32 reference as that is to the float64 one.
+    low = paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    assert (out - low).abs().max() < 1e-5
+
+
+def test_attention_any_row_order() -> None:
+    """Rows need not be sorted: multi-query rows between decodes, as speculative batches come."""
+    torch.manual_seed(0)
+    q_lens, seq_lens = [3, 1, 16, 1, 20], [10, 50, 16, 33, 60]
+    block_size, hkv, h, d = 16, 3, 9, 64
+    nb = [-(-s // block_size) for s in seq_lens]
+    perm = torch.randperm(sum(nb) + 4)
+    tables = torch.zeros((len(seq_lens), max(nb)), dtype=torch.long)
+    i = 0
+    for r, n in enumerate(nb):
+        tables[r, :n] = perm[i:i + n]
+        i += n
+    k_cache = torch.randn(sum(nb) + 4, block_size, hkv, d)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(sum(q_lens), h, d)
+    meta = _meta_for_rows(q_lens, seq_lens, tables, block_size)
+    ref_meta = _meta_for_rows(q_lens, seq_lens, tables, block_size)
+    ref_meta.num_decodes = 0   # the reference assumes decodes lead; treat every row as a chunk
+    ref = paged_attention_ref(q.double(), k_cache.double(), v_cache.double(), ref_meta, d ** -0.5)
+    out = paged_attention_native(q, k_cache, v_cache, meta, d ** -0.5)
+    assert rel_err(out, ref) < 1e-6
+
+
+def test_disabled_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEFT_NATIVE", "0")
+    assert not cpu_native.usable(torch.zeros(1))
+    monkeypatch.setenv("WEFT_NATIVE", "1")
+    assert cpu_native.usable(torch.zeros(1))
+    assert not cpu_native.usable(torch.zeros(1, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (4, 4, 40), (8, 2, 128)])
+def test_rope_store_is_bit_identical(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    from kernels.rope import StepRope, rope_store_native, rope_store_ref
+
+    torch.manual_seed(num_heads + head_dim)
+    t, blocks, bs = 37, 8, 16
+    cos = torch.randn(200, head_dim)
+    sin = torch.randn(200, head_dim)
+    # A strided view, as the fused projection's output can be (a bias column sliced off, say).
+    qkv = torch.randn(t, (num_heads + 2 * num_kv_heads) * head_dim + 3)[:, 3:]
+    positions = torch.randint(0, 200, (t,))
+    slots = torch.randperm(blocks * bs)[:t]
+    slots[5] = -1   # padding: stores nothing
+    caches = [torch.randn(blocks, bs, num_kv_heads, head_dim) for _ in range(4)]
+    keep = slots >= 0
+    scratch = [torch.zeros_like(caches[0]) for _ in range(2)]
+    q_ref = rope_store_ref(qkv, StepRope(cos, sin, positions), *scratch, slots.clamp(min=0),
+                           num_heads, num_kv_heads, head_dim)
+    rope_store_ref(qkv[keep], StepRope(cos, sin, positions[keep]), caches[0], caches[1], slots[keep],
+                   num_heads, num_kv_heads, head_dim)
+    before = [c.clone() for c in caches]
+    q = rope_store_native(qkv, StepRope(cos, sin, positions), caches[2], caches[3], slots,
+                          num_heads, num_kv_heads, head_dim)
+    assert torch.equal(q, q_ref)
+    for got, ref, old in ((caches[2], caches[0], before[2]), (caches[3], caches[1], before[3])):
+        flat, flat_ref = got.view(-1, num_kv_heads, head_dim), ref.view(-1, num_kv_heads, head_dim)
+        assert torch.equal(flat[slots[keep]], flat_ref[slots[keep]])
+        untouched = torch.ones(blocks * bs, dtype=torch.bool)
+        untouched[slots[keep]] = False
+        assert torch.equal(flat[untouched], old.view(-1, num_kv_heads, head_dim)[untouched])
+
+
+def test_add_rms_norm_matches_reference() -> None:
+    from kernels.norm import add_rms_norm, rms_norm_ref
+
+    torch.manual_seed(0)
+    weight = torch.randn(576)
+    for t in (1, 7, 32, 300):
+        h, delta = torch.randn(t, 576) * 3, torch.randn(t, 576)
+        h_native = h.clone()
+        out = add_rms_norm(h_native, delta, weight, 1e-5)
+        assert torch.equal(h_native, h + delta)           # the residual add is exact
+        ref = rms_norm_ref(h + delta, weight, 1e-5)
+        # Only the sum of squares is ordered differently: within a few float32 ulps.
+        assert torch.allclose(out, ref, rtol=4e-7, atol=1e-7), (out - ref).abs().max()
+        assert torch.equal(add_rms_norm(h.clone(), None, weight, 1e-5), add_rms_norm(h.clone(), None, weight, 1e-5))
