@@ -59,27 +59,28 @@ class ModelRunner:
                 # A speculating request gets k+1 rows: its last real token's, then each draft's.
                 sample_rows.extend(range(starts[-1] - 1 - len(spec), starts[-1]))
                 sample_reqs.append(req)
+        # Every integer input in one tensor (one allocation, one host-to-device copy), then views.
         width = max(len(t) for t in tables)
-        table_t = torch.zeros((len(tables), width), dtype=torch.long)
-        for r, t in enumerate(tables):
-            table_t[r, : len(t)] = torch.tensor(t, dtype=torch.long)
-        dev = self.device
+        flat_tables: list[int] = []
+        for t in tables:
+            flat_tables.extend(t)
+            flat_tables.extend([0] * (width - len(t)))
+        num_t, num_b = len(ids), len(tables)
+        packed = torch.tensor(ids + positions + slots + seq_lens + flat_tables + sample_rows, dtype=torch.long)
+        packed = packed.to(self.device)
+        ids_t, positions_t, slots_t, seq_lens_t, tables_t, sample_t = packed.split(
+            [num_t, num_t, num_t, num_b, num_b * width, len(sample_rows)])
         meta = AttentionMetadata(
             query_start_loc=starts,
             seq_lens=seq_lens,
-            block_tables=table_t.to(dev),
-            seq_lens_t=torch.tensor(seq_lens, dtype=torch.long, device=dev),
+            block_tables=tables_t.view(num_b, width),
+            seq_lens_t=seq_lens_t,
             num_decodes=num_decodes,
             block_size=bs,
         )
-        hidden = self.model(
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            self.kv_caches,
-            torch.tensor(slots, dtype=torch.long, device=dev),
-            meta,
-        )
+        hidden = self.model(ids_t, positions_t, self.kv_caches, slots_t, meta)
         if not sample_reqs:
             return [], hidden.new_empty((0, 0), dtype=torch.float32)
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        # A single decode samples its only row: no gather.
+        logits = self.model.compute_logits(hidden if len(sample_rows) == num_t else hidden[sample_t])
         return sample_reqs, logits
