@@ -23,8 +23,8 @@ class AttentionMetadata:
     seq_lens_t: torch.Tensor      # [B] int64, seq_lens as a tensor on the cache's device
     num_decodes: int              # leading rows with a single query
     block_size: int
-    # Built once per step by the native CPU path and reused by every layer (see _native_plan).
-    native_plan: "_NativePlan | None" = None
+    # Built once per step by the native CPU path and reused by every layer (see native_plan).
+    cached_plan: "_NativePlan | None" = None
 
 
 def paged_attention(
@@ -56,15 +56,15 @@ class _NativePlan:
     long_rows: list[int]            # rows left to the torch path
 
 
-def _native_plan(meta: AttentionMetadata) -> _NativePlan:
-    if meta.native_plan is None:
+def native_plan(meta: AttentionMetadata) -> _NativePlan:
+    if meta.cached_plan is None:
         qsl = meta.query_start_loc
         rows, long_rows = [], []
         for r in range(len(meta.seq_lens)):
             (rows if qsl[r + 1] - qsl[r] <= NATIVE_MAX_QUERIES else long_rows).append(r)
-        meta.native_plan = _NativePlan(torch.tensor(qsl, dtype=torch.long), torch.tensor(rows, dtype=torch.long),
+        meta.cached_plan = _NativePlan(torch.tensor(qsl, dtype=torch.long), torch.tensor(rows, dtype=torch.long),
                                        len(rows), long_rows)
-    return meta.native_plan
+    return meta.cached_plan
 
 
 def paged_attention_native(
@@ -75,7 +75,7 @@ def paged_attention_native(
     scale: float,
 ) -> torch.Tensor:
     """float32 on CPU: short rows in the C kernel (reads the blocks in place), long ones in SDPA."""
-    plan = _native_plan(meta)
+    plan = native_plan(meta)
     q = q.contiguous()
     out = torch.empty_like(q)
     if plan.num_rows:

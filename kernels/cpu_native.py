@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger("weft.kernels")
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("cpu_attention.c", "cpu_rope_store.c", "cpu_norm.c")
+SOURCES = ("cpu_attention.c", "cpu_rope_store.c", "cpu_norm.c", "cpu_act.c", "cpu_llama.c")
 # -march=native: the build is cached per machine (the CPU flags are part of the key). Wide
 # vectors: gcc otherwise caps AVX-512 machines at 256-bit vectors.
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
@@ -59,7 +59,7 @@ def _build(compiler: str) -> Path | None:
     sources = [CSRC / s for s in SOURCES]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256()
-    for part in [*(s.read_bytes() for s in sources), version.encode(), _cpu_flags().encode(),
+    for part in [*(s.read_bytes() for s in sources), (CSRC / "weft_cpu.h").read_bytes(), version.encode(), _cpu_flags().encode(),
                  " ".join(_FLAGS).encode()]:
         key.update(part)
     out = _cache_dir() / f"weft_cpu_{key.hexdigest()[:16]}.so"
@@ -114,7 +114,40 @@ def _bind(dll: ctypes.CDLL) -> ctypes.CDLL:
     f = dll.weft_add_rms_norm_f32
     f.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, ctypes.c_int]
     f.restype = None
+    f = dll.weft_silu_mul_f32
+    f.argtypes = [_ptr, _ptr, _i64, _i64, ctypes.c_int]
+    f.restype = None
+    f = dll.weft_llama_layers_f32
+    f.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_float, _i64, _i64, _i64,
+                  _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, ctypes.c_int]
+    f.restype = ctypes.c_int
+    dll.weft_set_sgemm.argtypes = [_ptr]
+    dll.weft_set_sgemm.restype = None
+    global _has_sgemm
+    sgemm = _torch_sgemm()
+    if sgemm is not None:
+        dll.weft_set_sgemm(sgemm)
+        _has_sgemm = True
     return dll
+
+
+_has_sgemm = False
+
+
+def _torch_sgemm() -> int | None:
+    """Address of the BLAS sgemm_ torch calls for float32 matmuls (MKL in the x86 wheels), so
+    native code multiplies exactly as torch does; None when this torch has none exported."""
+    path = Path(torch.__file__).resolve().parent / "lib" / "libtorch_cpu.so"
+    try:
+        fn = getattr(ctypes.CDLL(str(path)), "sgemm_")
+    except (OSError, AttributeError):
+        return None
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+def has_sgemm() -> bool:
+    """Whole-layer native steps need torch's sgemm (see kernels/csrc/cpu_llama.c)."""
+    return lib() is not None and _has_sgemm
 
 
 def usable(*tensors: torch.Tensor) -> bool:

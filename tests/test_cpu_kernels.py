@@ -118,3 +118,65 @@ def test_add_rms_norm_matches_reference() -> None:
         # Only the sum of squares is ordered differently: within a few float32 ulps.
         assert torch.allclose(out, ref, rtol=4e-7, atol=1e-7), (out - ref).abs().max()
         assert torch.equal(add_rms_norm(h.clone(), None, weight, 1e-5), add_rms_norm(h.clone(), None, weight, 1e-5))
+
+
+def test_silu_mul_is_bit_identical() -> None:
+    torch.manual_seed(0)
+    for t in (1, 5, 32):
+        gate_up = torch.randn(t, 3072) * 4
+        gate_up[0, :8] = torch.tensor([-120.0, -100.0, -88.0, -20.0, 0.0, 30.0, 95.0, 120.0])
+        out = torch.empty(t, 1536)
+        cpu_native.lib().weft_silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), t, 1536, 2)
+        gate, up = gate_up.split(1536, dim=-1)
+        assert torch.equal(out, torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_native_layers_equal_the_python_loop(bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One native call for all layers gives bit-identical hidden states and KV to the layer loop
+    (which uses the same kernels one by one and torch's matmuls)."""
+    from transformers import LlamaConfig
+
+    import service.models.llama as llama
+    from service.models.llama_native import native_layers
+
+    if not cpu_native.has_sgemm():
+        pytest.skip("this torch exports no sgemm_")
+    torch.manual_seed(1 + bias)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=97, max_position_embeddings=512, attention_bias=bias)
+    model = llama.LlamaForCausalLM(config, max_positions=512).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    # Decodes at various contexts and short multi-token rows (speculative verification).
+    q_lens, seq_lens, block_size = [1, 3, 1, 16, 1], [1, 40, 17, 70, 300], 16
+    nb = [-(-s // block_size) for s in seq_lens]
+    perm = torch.randperm(sum(nb) + 3)
+    tables = torch.zeros((len(seq_lens), max(nb)), dtype=torch.long)
+    i = 0
+    for r, n in enumerate(nb):
+        tables[r, :n] = perm[i:i + n]
+        i += n
+    positions = torch.cat([torch.arange(s - n, s) for n, s in zip(q_lens, seq_lens)])
+    slots = torch.cat([tables[r, torch.arange(s - n, s) // block_size] * block_size + torch.arange(s - n, s) % block_size
+                       for r, (n, s) in enumerate(zip(q_lens, seq_lens))])
+    ids = torch.randint(0, 97, (sum(q_lens),))
+    kv = torch.randn(3, 2, sum(nb) + 3, block_size, 2, 16)
+
+    def run(native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = kv.clone()
+        caches = [(cache[i, 0], cache[i, 1]) for i in range(3)]
+        meta = _meta_for_rows(q_lens, seq_lens, tables, block_size)
+        with monkeypatch.context() as m:
+            if not native:
+                m.setattr(llama, "native_layers", lambda *a: None)
+            out = model(ids, positions, caches, slots, meta)
+            if native:   # the model really took the native path
+                assert torch.equal(native_layers(model, model.embed_tokens(ids), positions,
+                                                 [(c.clone(), v.clone()) for c, v in caches], slots, meta), out)
+        return out, cache
+
+    (out, cache), (ref, ref_cache) = run(True), run(False)
+    assert torch.equal(out, ref)
+    assert torch.equal(cache, ref_cache)

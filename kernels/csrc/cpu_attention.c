@@ -13,6 +13,8 @@ is one thread pool, not two competing for the cores).
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "weft_cpu.h"
+
 #define LANES 16
 
 /* Dot product in LANES independent partial sums (one vector register), then a fixed tree:

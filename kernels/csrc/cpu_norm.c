@@ -8,6 +8,8 @@ so results can differ from torch's in the last bit (torch's own order depends on
 #include <math.h>
 #include <stdint.h>
 
+#include "weft_cpu.h"
+
 #if defined(__GNUC__) && !defined(__clang__)
 #define NO_FMA __attribute__((optimize("fp-contract=off")))
 #else

@@ -7,6 +7,8 @@ as transformers computes it): contraction into fused multiply-adds is off in thi
 #include <stdint.h>
 #include <string.h>
 
+#include "weft_cpu.h"
+
 #if defined(__GNUC__) && !defined(__clang__)
 #define NO_FMA __attribute__((optimize("fp-contract=off")))
 #else

@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.norm import add_rms_norm, rms_norm_ref
 from kernels.rope import StepRope, rope_store
+from service.models.llama_native import native_layers
 
 
 def _rope_parameters(config: PretrainedConfig) -> dict:
@@ -134,6 +135,9 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slot_mapping: torch.Tensor, meta: AttentionMetadata,
     ) -> torch.Tensor:
         h = F.embedding(input_ids, self.embed_tokens.weight)
+        out = native_layers(self, h, positions, kv_caches, slot_mapping, meta)
+        if out is not None:
+            return out
         rope = StepRope(self.rope_cos, self.rope_sin, positions)
         # The residual stream h is updated in place by each norm (h += delta). Sub-modules are
         # called through .forward: nn.Module.__call__ costs ~4 us, ~1 ms a step on 30 layers,

@@ -1,0 +1,23 @@
+/* Entry points of the native CPU kernels (one shared library, see kernels/cpu_native.py). */
+#ifndef WEFT_CPU_H
+#define WEFT_CPU_H
+#include <stdint.h>
+
+int weft_paged_attention_f32(
+    const float *q, float *out, const float *k_cache, const float *v_cache,
+    const int64_t *block_tables, int64_t table_stride, const int64_t *seq_lens,
+    const int64_t *query_start_loc, const int64_t *rows, int64_t num_rows,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+    float scale, int num_threads);
+
+void weft_rope_store_f32(const float *qkv, int64_t qkv_stride, float *q_out, float *k_cache,
+                         float *v_cache, const float *cos, const float *sin, const int64_t *positions,
+                         const int64_t *slots, int64_t num_tokens, int64_t num_heads,
+                         int64_t num_kv_heads, int64_t head_dim, int num_threads);
+
+void weft_add_rms_norm_f32(float *h, const float *delta, const float *w, float *out, int64_t num_tokens,
+                           int64_t n, float eps, int num_threads);
+
+void weft_silu_mul_f32(const float *gate_up, float *out, int64_t num_tokens, int64_t inter, int num_threads);
+
+#endif
