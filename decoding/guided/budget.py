@@ -115,7 +115,7 @@ def _scan(data: bytes, mode: int) -> tuple[int, int, int, bool]:
 
 
 _LITERALS = ('""', "[]", "{}", "0", "null", "true", "false")
-_FIRST_CONTENT = "a0@.-_+:/"
+_FIRST_CONTENT = "a1@.-_+:/0"   # 1 before 0: year 0000 is no date for Python
 
 
 def _rank(data: bytes, in_string: bool) -> int:
@@ -123,7 +123,7 @@ def _rank(data: bytes, in_string: bool) -> int:
 
     Outside strings the shortest way to finish is a closer, a separator, a short literal, a
     digit. Inside a string (and for regex/grammar kinds) a few distinct single characters that
-    formats need early (`a0@.-_+:/`: emails, URIs, dates), then other letters and digits, then
+    formats need early (`a1@.-_+:/0`: emails, URIs, dates), then other letters and digits, then
     the rest; a character used before yields to the next ones (`_REUSE`), so a pattern that
     needs a rarer character reaches it after a few steps."""
     try:
