@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import cpu_native
 from kernels.attention import AttentionMetadata
 from service.engine.kv_cache import KVCacheManager
 from service.engine.request import Request
@@ -21,6 +22,8 @@ class ModelRunner:
         shape = (n_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
         self.kv_tensor = torch.zeros(shape, dtype=dtype, device=device)
         self.kv_caches = [(self.kv_tensor[i, 0], self.kv_tensor[i, 1]) for i in range(n_layers)]
+        if self.kv_tensor.device.type == "cpu" and dtype == torch.float32:
+            cpu_native.lib()   # build the native kernels now (~1 s, once per machine), not on the first request
 
     @staticmethod
     def kv_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
