@@ -2,10 +2,11 @@
 
     spec = GuidedSpec("json_schema", {"type": "object", ...})
     grammar = compiler.compile_sync(spec)          # or: await compiler.compile(spec)
-    guide = grammar.new_guide()                    # one per generated sequence
+    guide = grammar.new_guide(params)              # one per generated sequence; knows max_tokens
     guide.fill_bitmask(row); ...; guide.advance(token_id)
 
-Backends: llguidance (default) and outlines-core; see compiler.py and docs/guided.md.
+Backends: llguidance (default) and outlines-core; see compiler.py. Closing the output before
+max_tokens would cut it: budget.py.
 """
 from decoding.guided.base import CompiledGrammar, Guide
 from decoding.guided.compiler import AUTO_ORDER, GuideCompiler
