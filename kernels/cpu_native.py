@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger("weft.kernels")
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("cpu_attention.c", "cpu_rope_store.c", "cpu_norm.c", "cpu_act.c", "cpu_llama.c")
+SOURCES = ("cpu_attention.c", "cpu_rope_store.c", "cpu_norm.c", "cpu_act.c", "cpu_llama.c", "cpu_qmatmul.c")
 # -march=native: the build is cached per machine (the CPU flags are part of the key). Wide
 # vectors: gcc otherwise caps AVX-512 machines at 256-bit vectors.
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
@@ -119,7 +119,10 @@ def _bind(dll: ctypes.CDLL) -> ctypes.CDLL:
     f.restype = None
     f = dll.weft_llama_layers_f32
     f.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_float, _i64, _i64, _i64,
-                  _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, ctypes.c_int]
+                  _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _i64, ctypes.c_int]
+    f.restype = ctypes.c_int
+    f = dll.weft_qmatmul_f32
+    f.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_int, _i64, _ptr, _i64, ctypes.c_int]
     f.restype = ctypes.c_int
     dll.weft_set_sgemm.argtypes = [_ptr]
     dll.weft_set_sgemm.restype = None

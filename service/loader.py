@@ -118,6 +118,25 @@ def load_model(
     return LoadedModel(name=name, source=source, hf_dir=hf_dir, config=config, weights=weights, tokenizer=tokenizer)
 
 
+def gguf_source(loaded: LoadedModel) -> Path | None:
+    """The GGUF file a model's weights are the de-quantised tensors of: its source, or the one a
+    converted cache directory records (if that file is still there, unchanged); else None."""
+    if loaded.source.is_file() and _is_gguf(loaded.source):
+        return loaded.source.resolve()
+    record = loaded.hf_dir / _SOURCE_FILE
+    if not record.is_file():
+        return None
+    try:
+        info = _read_json(record)
+        gguf = Path(info["gguf"])
+        st = gguf.stat()
+    except (ModelLoadError, KeyError, TypeError, OSError):
+        return None
+    if st.st_size != info.get("size") or st.st_mtime_ns != info.get("mtime_ns"):
+        return None
+    return gguf
+
+
 def expected_parameters(config: Any) -> dict[str, tuple[int, ...]]:
     """Every parameter name (HF naming) a Llama-family config implies, with its shape."""
     hidden = config.hidden_size

@@ -180,3 +180,75 @@ def test_native_layers_equal_the_python_loop(bias: bool, monkeypatch: pytest.Mon
     (out, cache), (ref, ref_cache) = run(True), run(False)
     assert torch.equal(out, ref)
     assert torch.equal(cache, ref_cache)
+
+
+# ---- GGUF-block matmuls (kernels/quant.py, kernels/csrc/cpu_qmatmul.c) -----------------------
+
+def _random_packed(fmt: int, n: int, k: int, gen: torch.Generator):
+    """Random blocks with small, sign-mixed fp16 scales (and offsets for Q4_1)."""
+    from kernels import quant
+
+    nb, bb = k // quant.BLOCK, quant.BLOCK_BYTES[fmt]
+    data = torch.randint(0, 256, (n, nb, bb), dtype=torch.uint8, generator=gen)
+    scale_bytes = 4 if fmt == quant.FMT_Q4_1 else 2
+    scales = (torch.rand(n, nb, scale_bytes // 2, generator=gen) * 0.02 - 0.01).half()
+    data[..., :scale_bytes] = scales.view(torch.uint8).reshape(n, nb, scale_bytes)
+    return quant.PackedWeight(data.reshape(n, nb * bb).contiguous(), fmt, n, k)
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9])
+def test_qmatmul_matches_linear_on_dequantized(fmt: int, m: int) -> None:
+    from kernels import quant
+
+    gen = torch.Generator().manual_seed(fmt * 10 + m)
+    for n, k in [(37, 64), (301, 576), (5, 1536)]:
+        p = _random_packed(fmt, n, k, gen)
+        x = torch.randn(m, k, generator=gen)
+        w = quant.dequantize(p)
+        assert torch.isfinite(w).all()
+        ref = torch.nn.functional.linear(x.double(), w.double())
+        out = quant.qmatmul(x, p)
+        assert out.shape == (m, n) and out.dtype == torch.float32
+        # float32 accumulation in another order than sgemm: compare at float32 rounding of the
+        # terms' magnitude (sum |x| |w|), not of the (cancelling) result.
+        mag = torch.nn.functional.linear(x.double().abs(), w.double().abs())
+        assert ((out.double() - ref).abs() <= 1e-5 * mag + 1e-6).all()
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-4 * mag.max().item())
+
+
+def test_dequantize_matches_gguf_py() -> None:
+    """Our torch de-quantiser computes what gguf-py's (transformers' loader) does, bit for bit."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from kernels import quant
+
+    gen = torch.Generator().manual_seed(3)
+    for fmt, qtype in [(quant.FMT_Q8_0, GGMLQuantizationType.Q8_0), (quant.FMT_Q4_1, GGMLQuantizationType.Q4_1)]:
+        p = _random_packed(fmt, 7, 96, gen)
+        ref = torch.from_numpy(np.asarray(gguf_dequantize(p.data.numpy(), qtype), dtype=np.float32))
+        assert torch.equal(quant.dequantize(p), ref.reshape(7, 96))
+
+
+def test_default_model_packs_every_projection(smollm2_gguf) -> None:
+    """Every projection of the default model and its tied lm_head pack; each packed tensor
+    de-quantises to the float32 weight exactly (attach_packed drops any that does not)."""
+    from service.engine.core import build_model
+    from service.loader import load_model
+    from kernels import quant
+
+    loaded = load_model(smollm2_gguf, progress=False)
+    model, _ = build_model(loaded, torch.device("cpu"), torch.float32)
+    projections = [m for layer in model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                          layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    assert all(m.packed is not None for m in projections)
+    assert model.lm_head_packed is not None and model.lm_head_packed.fmt == quant.FMT_Q8_0
+    for m in projections[:4] + projections[-4:]:
+        assert torch.equal(quant.dequantize(m.packed), m.weight)
+    assert torch.equal(quant.dequantize(model.lm_head_packed), model.embed_tokens.weight)
+    # Few rows: the packed lm_head; the logits equal the float32 ones within rounding.
+    hidden = torch.randn(3, model.config.hidden_size)
+    torch.testing.assert_close(model.compute_logits(hidden), hidden @ model.embed_tokens.weight.T,
+                               rtol=1e-4, atol=1e-4)

@@ -4,7 +4,9 @@ Called from Python once per step instead of ~15 torch ops and native calls per l
 a single-token step is ~21 ms of weight streaming (GEMV) plus, in Python, ~3 ms of dispatch.
 The matmuls are the BLAS sgemm torch itself calls for F.linear (its address comes from
 libtorch_cpu), with the same arguments, so they are bit-identical to the torch path; so are
-rope, the KV store and silu*mul. Steps with long prefill rows (SDPA) stay in Python. */
+rope, the KV store and silu*mul. Steps with long prefill rows (SDPA) stay in Python. Exception:
+with a GGUF's blocks in the table, steps of few rows multiply from those (cpu_qmatmul.c), equal
+to the float32 products within rounding but not bit-identical. */
 #include <stdint.h>
 #include <string.h>
 
@@ -28,8 +30,24 @@ static void linear(const float *x, const float *w, const float *bias, float *y, 
     sgemm_ptr("T", "N", &n, &t, &k, &one, w, &k, x, &k, &beta, y, &n);
 }
 
-/* Pointers per layer in `layers` (int64 addresses, 0 = absent), in this order: */
-enum { LN1, QKV_W, QKV_B, O_W, O_B, LN2, GU_W, DOWN_W, K_CACHE, V_CACHE, NUM_PTRS };
+/* The same product from the weight's GGUF blocks (cpu_qmatmul.c) when the layer table has them
+   (fmt != 0) and the step is small enough for them to win (t <= packed_max_rows). */
+static void qlinear(const float *x, const float *w, const float *bias, int64_t packed, int64_t fmt,
+                    int64_t packed_max_rows, float *y, int t, int n, int k, int num_threads) {
+    if (!packed || !fmt || t > packed_max_rows) {
+        linear(x, w, bias, y, t, n, k);
+        return;
+    }
+    weft_qmatmul_f32(x, t, k, (const uint8_t *)packed, (int)fmt, n, y, n, num_threads);
+    if (bias)
+        for (int i = 0; i < t; i++)
+            for (int j = 0; j < n; j++) y[(int64_t)i * n + j] += bias[j];
+}
+
+/* Pointers per layer in `layers` (int64 addresses, 0 = absent), in this order; each *_Q is the
+   weight's GGUF blocks with its *_FMT (kernels/quant.py codes, 0 = none). */
+enum { LN1, QKV_W, QKV_B, O_W, O_B, LN2, GU_W, DOWN_W, K_CACHE, V_CACHE,
+       QKV_Q, QKV_FMT, O_Q, O_FMT, GU_Q, GU_FMT, DOWN_Q, DOWN_FMT, NUM_PTRS };
 
 /* h: [T, hidden] embeddings in, residual stream (updated in place); out: [T, hidden] final norm.
    scratch: T * (2 * hidden + (H + 2 * Hkv) * D + 2 * H * D + 3 * inter) floats.
@@ -41,7 +59,7 @@ int weft_llama_layers_f32(
     const float *cos, const float *sin, const int64_t *positions, const int64_t *slots,
     const int64_t *block_tables, int64_t table_stride, const int64_t *seq_lens,
     const int64_t *query_start_loc, const int64_t *rows, int64_t num_rows, int64_t block_size,
-    float scale, int num_threads) {
+    float scale, int64_t packed_max_rows, int num_threads) {
     if (!sgemm_ptr) return -1;
     const int t = (int)num_tokens, hd = (int)hidden, it = (int)inter;
     const int q_size = (int)(num_heads * head_dim), qkv_size = q_size + 2 * (int)(num_kv_heads * head_dim);
@@ -53,18 +71,20 @@ int weft_llama_layers_f32(
         const int64_t *p = layers + l * NUM_PTRS;
         float *k_cache = (float *)p[K_CACHE], *v_cache = (float *)p[V_CACHE];
         weft_add_rms_norm_f32(h, pending, (const float *)p[LN1], x, num_tokens, hidden, eps, num_threads);
-        linear(x, (const float *)p[QKV_W], (const float *)p[QKV_B], qkv, t, qkv_size, hd);
+        qlinear(x, (const float *)p[QKV_W], (const float *)p[QKV_B], p[QKV_Q], p[QKV_FMT], packed_max_rows, qkv, t,
+                qkv_size, hd, num_threads);
         weft_rope_store_f32(qkv, qkv_size, q, k_cache, v_cache, cos, sin, positions, slots, num_tokens,
                             num_heads, num_kv_heads, head_dim, num_threads);
         if (weft_paged_attention_f32(q, attn, k_cache, v_cache, block_tables, table_stride, seq_lens,
                                      query_start_loc, rows, num_rows, num_heads, num_kv_heads, head_dim,
                                      block_size, scale, num_threads))
             return -2;
-        linear(attn, (const float *)p[O_W], (const float *)p[O_B], delta, t, hd, q_size);
+        qlinear(attn, (const float *)p[O_W], (const float *)p[O_B], p[O_Q], p[O_FMT], packed_max_rows, delta, t, hd,
+                q_size, num_threads);
         weft_add_rms_norm_f32(h, delta, (const float *)p[LN2], x, num_tokens, hidden, eps, num_threads);
-        linear(x, (const float *)p[GU_W], 0, gate_up, t, 2 * it, hd);
+        qlinear(x, (const float *)p[GU_W], 0, p[GU_Q], p[GU_FMT], packed_max_rows, gate_up, t, 2 * it, hd, num_threads);
         weft_silu_mul_f32(gate_up, act, num_tokens, inter, num_threads);
-        linear(act, (const float *)p[DOWN_W], 0, delta, t, hd, it);
+        qlinear(act, (const float *)p[DOWN_W], 0, p[DOWN_Q], p[DOWN_FMT], packed_max_rows, delta, t, hd, it, num_threads);
         pending = delta;
     }
     weft_add_rms_norm_f32(h, pending, final_norm, out, num_tokens, hidden, eps, num_threads);

@@ -19,7 +19,7 @@ from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler, SchedulerConfig
 from service.engine.speculation import Speculator
 from service.errors import InvalidArgumentError, ModelLoadError
-from service.loader import LoadedModel, load_model
+from service.loader import LoadedModel, gguf_source, load_model
 from service.models import MODEL_CLASSES
 
 log = logging.getLogger("weft.engine")
@@ -40,6 +40,16 @@ def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -
     model.load_weights(loaded.weights)
     model.to(device=device, dtype=dtype).eval()
     loaded.weights.clear()  # the model holds its own (fused) copies now
+    gguf = gguf_source(loaded) if device.type == "cpu" and dtype == torch.float32 else None
+    if gguf is not None:
+        # Few-row steps read the GGUF's blocks instead of the float32 weights (kernels/quant.py).
+        from service.models.gguf_packed import attach_packed
+
+        try:
+            count = attach_packed(model, gguf)
+            log.info("packed %d weight tensors from %s for few-row steps", count, gguf.name)
+        except Exception as exc:   # an optimisation only: the float32 path is always whole
+            log.warning("could not read the GGUF blocks of %s (%s): float32 weights only", gguf, exc)
     return model, context
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from kernels import quant
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.norm import add_rms_norm, rms_norm_ref
 from kernels.rope import StepRope, rope_store
@@ -125,6 +126,8 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The lm_head's GGUF blocks when built from a GGUF (service/models/gguf_packed.py).
+        self.lm_head_packed: quant.PackedWeight | None = None
         cos, sin = rope_cos_sin(config, self.head_dim, max_positions)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -152,6 +155,8 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if quant.usable(hidden, self.lm_head_packed):
+            return quant.qmatmul(hidden, self.lm_head_packed)
         weight = self.embed_tokens.weight if self.tied else self.lm_head.weight
         return F.linear(hidden, weight).float()
 

@@ -11,17 +11,24 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kernels import cpu_native
+from kernels import cpu_native, quant
 from kernels.attention import AttentionMetadata, native_plan
 
 if TYPE_CHECKING:
     from service.models.llama import LlamaForCausalLM
 
 
+def _packed(module: torch.nn.Module, use: bool) -> list[int]:
+    """(address, format) of a projection's GGUF blocks (service/models/gguf_packed.py), or zeros."""
+    p: quant.PackedWeight | None = getattr(module, "packed", None)
+    return [p.data.data_ptr(), p.fmt] if use and p is not None else [0, 0]
+
+
 def _layer_table(model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
     """Addresses the C loop reads per layer (order: cpu_llama.c's enum), cached while neither the
     weights nor the caches move; None if some tensor is not float32 and contiguous."""
-    key = (model.embed_tokens.weight.data_ptr(), kv_caches[0][0].data_ptr(), len(kv_caches))
+    use_packed = quant.enabled()
+    key = (model.embed_tokens.weight.data_ptr(), kv_caches[0][0].data_ptr(), len(kv_caches), use_packed)
     cached = getattr(model, "_native_table", None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -33,7 +40,9 @@ def _layer_table(model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, to
                    mlp.down_proj.weight, k_cache, v_cache]
         if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous()) for t in tensors):
             return None
-        rows.append([0 if t is None else t.data_ptr() for t in tensors])
+        rows.append([0 if t is None else t.data_ptr() for t in tensors]
+                    + [v for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+                       for v in _packed(m, use_packed)])
     table = torch.tensor(rows, dtype=torch.long)
     model._native_table = (key, table)
     return table
@@ -67,7 +76,7 @@ def native_layers(
         model.norm.weight.data_ptr(), cfg.rms_norm_eps, heads, kv_heads, head_dim,
         model.rope_cos.data_ptr(), model.rope_sin.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
         tables.data_ptr(), tables.shape[1], seq_lens.data_ptr(), plan.query_start_loc.data_ptr(),
-        plan.rows.data_ptr(), plan.num_rows, meta.block_size, attn.scale, torch.get_num_threads(),
+        plan.rows.data_ptr(), plan.num_rows, meta.block_size, attn.scale, quant.PACKED_MAX_ROWS, torch.get_num_threads(),
     )
     if rc != 0:
         raise RuntimeError(f"native decoder layers failed (code {rc})")

@@ -1,0 +1,70 @@
+"""Matmuls that read GGUF-quantised weight rows directly (float32 CPU, kernels/csrc/cpu_qmatmul.c).
+
+A model loaded from a GGUF runs in float32, but its weights are exactly the de-quantised blocks;
+at M = 1 a step is bound by the bytes of weight it streams, so reading the Q4_1 / Q8_0 blocks
+instead of their float32 copies is ~4-6x fewer bytes. The float32 weights stay: above
+PACKED_MAX_ROWS rows per step BLAS sgemm on them is faster (its cost hardly grows with the rows,
+ours does). `WEFT_PACKED=0` turns this off (A/B).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from kernels import cpu_native
+
+FMT_Q8_0, FMT_Q4_1 = 1, 2
+BLOCK = 32
+BLOCK_BYTES = {FMT_Q8_0: 34, FMT_Q4_1: 20}
+
+# Steps with at most this many rows use the packed weights (see kernels/NOTES.md, "Quantised
+# GEMV": measured crossover against MKL sgemm on the default model's shapes, 2 cores).
+PACKED_MAX_ROWS = 8
+
+
+def enabled() -> bool:
+    return os.environ.get("WEFT_PACKED", "1") != "0"
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """A [n, k] weight as GGUF blocks: `data` is uint8 [n, k / 32 * block bytes], contiguous."""
+
+    data: torch.Tensor
+    fmt: int
+    n: int
+    k: int
+
+
+def dequantize(p: PackedWeight) -> torch.Tensor:
+    """float32 [n, k], computed as gguf-py (and so transformers' loader) does: d * q (+ m)."""
+    blocks = p.data.reshape(p.n, p.k // BLOCK, BLOCK_BYTES[p.fmt])
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()
+    if p.fmt == FMT_Q8_0:
+        q = blocks[..., 2:].contiguous().view(torch.int8).float()
+        w = d * q
+    else:
+        m = blocks[..., 2:4].contiguous().view(torch.float16).float()
+        qs = blocks[..., 4:]
+        q = torch.cat([qs & 15, qs >> 4], dim=-1).float()
+        w = d * q + m
+    return w.reshape(p.n, p.k)
+
+
+def usable(x: torch.Tensor, p: PackedWeight | None) -> bool:
+    """Whether qmatmul should run x @ p^T: few rows, float32 CPU, native kernels built."""
+    return (p is not None and enabled() and x.dim() == 2 and 0 < x.shape[0] <= PACKED_MAX_ROWS
+            and cpu_native.usable(x))
+
+
+def qmatmul(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
+    """x [m, k] float32 @ W^T -> [m, n] float32 (native; callers check `usable` first)."""
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], p.n, dtype=torch.float32)
+    rc = cpu_native.lib().weft_qmatmul_f32(x.data_ptr(), x.shape[0], p.k, p.data.data_ptr(), p.fmt, p.n,
+                                           y.data_ptr(), p.n, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"weft_qmatmul_f32 failed (code {rc})")
+    return y
