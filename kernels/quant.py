@@ -2,7 +2,7 @@
 
 A model loaded from a GGUF runs in float32, but its weights are exactly the de-quantised blocks;
 at M = 1 a step is bound by the bytes of weight it streams, so reading the Q4_1 / Q8_0 blocks
-instead of their float32 copies is ~4-6x fewer bytes. The float32 weights stay: above
+instead of their float32 copies is ~4-5x fewer bytes. The float32 weights stay: above
 PACKED_MAX_ROWS rows per step BLAS sgemm on them is faster (its cost hardly grows with the rows,
 ours does). `WEFT_PACKED=0` turns this off (A/B).
 """
@@ -17,7 +17,7 @@ from kernels import cpu_native
 
 FMT_Q8_0, FMT_Q4_1 = 1, 2
 BLOCK = 32
-BLOCK_BYTES = {FMT_Q8_0: 34, FMT_Q4_1: 20}
+GGUF_BLOCK_BYTES = {FMT_Q8_0: 34, FMT_Q4_1: 20}   # fp16 d (, fp16 m), quants
 
 # Steps with at most this many rows use the packed weights (see kernels/NOTES.md, "Quantised
 # GEMV": measured crossover against MKL sgemm on the default model's shapes, 2 cores).
@@ -30,7 +30,8 @@ def enabled() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class PackedWeight:
-    """A [n, k] weight as GGUF blocks: `data` is uint8 [n, k / 32 * block bytes], contiguous."""
+    """A [n, k] weight in the layout kernels/csrc/cpu_qmatmul.c reads: `data` is uint8
+    [n, row bytes], each row its float32 scales (Q4_1: then offsets) then its quants."""
 
     data: torch.Tensor
     fmt: int
@@ -38,18 +39,30 @@ class PackedWeight:
     k: int
 
 
+def from_gguf_blocks(blocks: torch.Tensor, fmt: int, k: int) -> PackedWeight:
+    """Repack GGUF rows (uint8 [n, k / 32 * block bytes]): scales to float32 (exact), quants as is."""
+    n, nb = blocks.shape[0], k // BLOCK
+    b = blocks.reshape(n, nb, GGUF_BLOCK_BYTES[fmt])
+    d = b[..., 0:2].contiguous().view(torch.float16).float().view(torch.uint8).reshape(n, 4 * nb)
+    if fmt == FMT_Q8_0:
+        parts = [d, b[..., 2:].reshape(n, 32 * nb)]
+    else:
+        m = b[..., 2:4].contiguous().view(torch.float16).float().view(torch.uint8).reshape(n, 4 * nb)
+        parts = [d, m, b[..., 4:].reshape(n, 16 * nb)]
+    return PackedWeight(torch.cat(parts, dim=1).contiguous(), fmt, n, k)
+
+
 def dequantize(p: PackedWeight) -> torch.Tensor:
     """float32 [n, k], computed as gguf-py (and so transformers' loader) does: d * q (+ m)."""
-    blocks = p.data.reshape(p.n, p.k // BLOCK, BLOCK_BYTES[p.fmt])
-    d = blocks[..., 0:2].contiguous().view(torch.float16).float()
+    nb = p.k // BLOCK
+    d = p.data[:, :4 * nb].contiguous().view(torch.float32).reshape(p.n, nb, 1)
     if p.fmt == FMT_Q8_0:
-        q = blocks[..., 2:].contiguous().view(torch.int8).float()
+        q = p.data[:, 4 * nb:].contiguous().view(torch.int8).reshape(p.n, nb, BLOCK).float()
         w = d * q
     else:
-        m = blocks[..., 2:4].contiguous().view(torch.float16).float()
-        qs = blocks[..., 4:]
-        q = torch.cat([qs & 15, qs >> 4], dim=-1).float()
-        w = d * q + m
+        m = p.data[:, 4 * nb:8 * nb].contiguous().view(torch.float32).reshape(p.n, nb, 1)
+        qs = p.data[:, 8 * nb:].reshape(p.n, nb, BLOCK // 2)
+        w = d * torch.cat([qs & 15, qs >> 4], dim=-1).float() + m
     return w.reshape(p.n, p.k)
 
 

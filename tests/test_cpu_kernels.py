@@ -184,16 +184,16 @@ def test_native_layers_equal_the_python_loop(bias: bool, monkeypatch: pytest.Mon
 
 # ---- GGUF-block matmuls (kernels/quant.py, kernels/csrc/cpu_qmatmul.c) -----------------------
 
-def _random_packed(fmt: int, n: int, k: int, gen: torch.Generator):
-    """Random blocks with small, sign-mixed fp16 scales (and offsets for Q4_1)."""
+def _random_gguf_rows(fmt: int, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Random GGUF rows (uint8 [n, k / 32 * block bytes]) with small, sign-mixed fp16 scales (and offsets for Q4_1)."""
     from kernels import quant
 
-    nb, bb = k // quant.BLOCK, quant.BLOCK_BYTES[fmt]
+    nb, bb = k // quant.BLOCK, quant.GGUF_BLOCK_BYTES[fmt]
     data = torch.randint(0, 256, (n, nb, bb), dtype=torch.uint8, generator=gen)
     scale_bytes = 4 if fmt == quant.FMT_Q4_1 else 2
     scales = (torch.rand(n, nb, scale_bytes // 2, generator=gen) * 0.02 - 0.01).half()
     data[..., :scale_bytes] = scales.view(torch.uint8).reshape(n, nb, scale_bytes)
-    return quant.PackedWeight(data.reshape(n, nb * bb).contiguous(), fmt, n, k)
+    return data.reshape(n, nb * bb).contiguous()
 
 
 @pytest.mark.parametrize("fmt", [1, 2])
@@ -203,7 +203,7 @@ def test_qmatmul_matches_linear_on_dequantized(fmt: int, m: int) -> None:
 
     gen = torch.Generator().manual_seed(fmt * 10 + m)
     for n, k in [(37, 64), (301, 576), (5, 1536)]:
-        p = _random_packed(fmt, n, k, gen)
+        p = quant.from_gguf_blocks(_random_gguf_rows(fmt, n, k, gen), fmt, k)
         x = torch.randn(m, k, generator=gen)
         w = quant.dequantize(p)
         assert torch.isfinite(w).all()
@@ -227,9 +227,9 @@ def test_dequantize_matches_gguf_py() -> None:
 
     gen = torch.Generator().manual_seed(3)
     for fmt, qtype in [(quant.FMT_Q8_0, GGMLQuantizationType.Q8_0), (quant.FMT_Q4_1, GGMLQuantizationType.Q4_1)]:
-        p = _random_packed(fmt, 7, 96, gen)
-        ref = torch.from_numpy(np.asarray(gguf_dequantize(p.data.numpy(), qtype), dtype=np.float32))
-        assert torch.equal(quant.dequantize(p), ref.reshape(7, 96))
+        blocks = _random_gguf_rows(fmt, 7, 96, gen)
+        ref = torch.from_numpy(np.asarray(gguf_dequantize(blocks.numpy(), qtype), dtype=np.float32))
+        assert torch.equal(quant.dequantize(quant.from_gguf_blocks(blocks, fmt, 96)), ref.reshape(7, 96))
 
 
 def test_default_model_packs_every_projection(smollm2_gguf) -> None:

@@ -1,15 +1,17 @@
-/* y[M, N] = x[M, K] @ W^T with W stored as GGUF quantised rows (blocks of 32 along K), float32.
+/* y[M, N] = x[M, K] @ W^T with W from GGUF quantised rows (blocks of 32 along K), float32.
 
 Why: a decode step on a CPU is a stream of GEMVs, bound by the bytes of weight read. The
-default model's weights are de-quantised GGUF blocks, so reading the blocks themselves (Q4_1:
-0.625 byte per weight, Q8_0: 1.06) instead of their float32 copies cuts the bytes ~4-6x. Each
-block is expanded to float32 in registers (w = d * q + m, as the de-quantiser computes it, but
-fused) and multiplied into every row of x, so one pass over W serves all M rows; the cost per
-row grows with M, which is why callers use this only for a few rows (sgemm wins above).
+default model's weights are de-quantised GGUF blocks, so reading the blocks (Q4_1: 0.75 byte
+per weight as laid out here, Q8_0: 1.125) instead of their float32 copies cuts the bytes ~4-5x.
+Each block is expanded to float32 in registers and multiplied into every row of x, so one pass
+over W serves up to MAX_TILE rows; the cost per row grows with M, which is why callers use this
+only for a few rows (sgemm on the float32 weights wins above).
 
-Block layouts (as in the GGUF file, rows of K / 32 blocks):
-  Q8_0 (34 bytes): fp16 d, int8 q[32];              w[i] = d * q[i]
-  Q4_1 (20 bytes): fp16 d, fp16 m, uint8 qs[16];    w[i] = d * (qs[i] & 15) + m, w[16 + i] = d * (qs[i] >> 4) + m
+Layout (kernels/quant.py repacks the GGUF blocks at load): each weight row of K / 32 blocks is
+  Q8_0: float d[nb], int8 q[nb][32]                     w = d * q
+  Q4_1: float d[nb], float m[nb], uint8 qs[nb][16]      w[i] = d * (qs[i] & 15) + m, w[16 + i] = d * (qs[i] >> 4) + m
+Scales as float32 (GGUF has fp16): broadcast straight from memory, no conversion per block; the
+arithmetic per block, not the bytes, is what bounds this kernel on 2 cores.
 Accumulation is float32 in a different order than sgemm's: equal to F.linear within rounding,
 not bit-identical. */
 #include <stdint.h>
@@ -25,84 +27,95 @@ enum { FMT_Q8_0 = 1, FMT_Q4_1 = 2 };
 #define QK 32
 #define MAX_TILE 8 /* rows of x sharing one pass over W; more rows are done in further passes */
 
-static inline float half_to_float(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023;
-    union { uint32_t u; float f; } v;
-    if (exp == 0) {                      /* zero or subnormal: man * 2^-24 */
-        v.f = (float)man * 5.9604644775390625e-8f;
-        v.u |= sign;
-    } else if (exp == 31) {
-        v.u = sign | 0x7f800000u | (man << 13);
-    } else {
-        v.u = sign | ((exp + 112) << 23) | (man << 13);
-    }
-    return v.f;
-#endif
-}
-
-static inline int64_t block_bytes(int fmt) { return fmt == FMT_Q8_0 ? 34 : 20; }
+/* Bytes of one weight row of nb blocks. */
+static inline int64_t row_bytes(int fmt, int64_t nb) { return fmt == FMT_Q8_0 ? nb * (4 + 32) : nb * (8 + 16); }
 
 #ifdef __AVX512F__
-/* The 32 weights of one block as two vectors (elements 0..15, 16..31). */
-static inline void load_block(int fmt, const uint8_t *b, __m512 *lo, __m512 *hi) {
-    const __m512 d = _mm512_set1_ps(half_to_float(b));
+/* Rows x[0..mt) times weight rows [n0, n1): always inlined with a constant mt so the 2 * mt
+   accumulators live in registers. Q4_1 de-quantises through a 16-entry table per block
+   (d * i + m for i = 0..15) indexed by the nibbles with vpermps, which reads only the low 4
+   bits of each index: no masking, no int->float conversion. */
+static inline __attribute__((always_inline)) void dequant_block(int fmt, const uint8_t *wr, int64_t nb, int64_t b,
+                                                                __m512 *lo, __m512 *hi) {
+    const float *d = (const float *)wr;
     if (fmt == FMT_Q4_1) {
-        const __m512 m = _mm512_set1_ps(half_to_float(b + 2));
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + 4)));
-        const __m512i nib = _mm512_set1_epi32(15);
-        *lo = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(v, nib)), m);
-        *hi = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), m);
+        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 table = _mm512_fmadd_ps(_mm512_set1_ps(d[b]), iota, _mm512_set1_ps(d[nb + b]));
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr + 8 * nb + 16 * b)));
+        *lo = _mm512_permutexvar_ps(v, table);
+        *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
     } else {
-        *lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)))));
-        *hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18)))));
+        const __m512 db = _mm512_set1_ps(d[b]);
+        const int8_t *q = (const int8_t *)(wr + 4 * nb + 32 * b);
+        *lo = _mm512_mul_ps(db, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))));
+        *hi = _mm512_mul_ps(db, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))));
     }
 }
 
-/* Rows x[0..mt) times weight rows [n0, n1): always inlined with a constant mt so the 2 * mt
-   accumulators live in registers. */
+/* Rows x[0..mt) times weight rows [n0, n1): always inlined with a constant mt so the
+   accumulators live in registers. Q4_1 de-quantises through a 16-entry table per block
+   (d * i + m for i = 0..15) indexed by the nibbles with vpermps, which reads only the low 4
+   bits of each index: no masking, no int->float conversion. For mt <= 4, odd blocks go to a
+   second set of accumulators: at one row the FMA latency chain, not the ports, would bound. */
 static inline __attribute__((always_inline)) void tile(int fmt, int mt, const float *x, int64_t ldx,
                                                        const uint8_t *w, int64_t n0, int64_t n1, int64_t k,
                                                        float *y, int64_t ldy) {
-    const int64_t nb = k / QK, row_bytes = nb * block_bytes(fmt), bb = block_bytes(fmt);
+    const int64_t nb = k / QK, rb = row_bytes(fmt, nb);
+    const int sets = mt <= 4 ? 2 : 1;
     for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *wr = w + n * row_bytes;
-        __m512 acc[MAX_TILE][2];
-        for (int r = 0; r < mt; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *wr = w + n * rb;
+        __m512 acc[MAX_TILE][4];
+        for (int r = 0; r < mt; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+        int64_t b = 0;
+        for (; b + 1 < nb; b += 2) {   /* two blocks a step: constant accumulator indices */
+            __m512 lo0, hi0, lo1, hi1;
+            dequant_block(fmt, wr, nb, b, &lo0, &hi0);
+            dequant_block(fmt, wr, nb, b + 1, &lo1, &hi1);
+            for (int r = 0; r < mt; r++) {
+                const float *xr = x + r * ldx + b * QK;
+                acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), lo0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), hi0, acc[r][1]);
+                acc[r][sets == 2 ? 2 : 0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 32), lo1, acc[r][sets == 2 ? 2 : 0]);
+                acc[r][sets == 2 ? 3 : 1] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 48), hi1, acc[r][sets == 2 ? 3 : 1]);
+            }
+        }
+        if (b < nb) {
             __m512 lo, hi;
-            load_block(fmt, wr + b * bb, &lo, &hi);
+            dequant_block(fmt, wr, nb, b, &lo, &hi);
             for (int r = 0; r < mt; r++) {
                 const float *xr = x + r * ldx + b * QK;
                 acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), lo, acc[r][0]);
                 acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), hi, acc[r][1]);
             }
         }
-        for (int r = 0; r < mt; r++) y[r * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+        for (int r = 0; r < mt; r++) {
+            __m512 sum = _mm512_add_ps(acc[r][0], acc[r][1]);
+            if (sets == 2) sum = _mm512_add_ps(sum, _mm512_add_ps(acc[r][2], acc[r][3]));
+            y[r * ldy + n] = _mm512_reduce_add_ps(sum);
+        }
     }
 }
 #else
 static inline void tile(int fmt, int mt, const float *x, int64_t ldx, const uint8_t *w, int64_t n0, int64_t n1,
                         int64_t k, float *y, int64_t ldy) {
-    const int64_t nb = k / QK, bb = block_bytes(fmt), row_bytes = nb * bb;
+    const int64_t nb = k / QK, rb = row_bytes(fmt, nb);
     float wf[QK];
     for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * rb;
         float acc[MAX_TILE] = {0};
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = w + n * row_bytes + b * bb;
-            const float d = half_to_float(blk);
+            float d, m;
+            memcpy(&d, wr + 4 * b, 4);
             if (fmt == FMT_Q4_1) {
-                const float m = half_to_float(blk + 2);
+                const uint8_t *qs = wr + 8 * nb + 16 * b;
+                memcpy(&m, wr + 4 * (nb + b), 4);
                 for (int i = 0; i < 16; i++) {
-                    wf[i] = d * (float)(blk[4 + i] & 15) + m;
-                    wf[16 + i] = d * (float)(blk[4 + i] >> 4) + m;
+                    wf[i] = d * (float)(qs[i] & 15) + m;
+                    wf[16 + i] = d * (float)(qs[i] >> 4) + m;
                 }
             } else {
-                for (int i = 0; i < QK; i++) wf[i] = d * (float)(int8_t)blk[2 + i];
+                const int8_t *q = (const int8_t *)(wr + 4 * nb + 32 * b);
+                for (int i = 0; i < QK; i++) wf[i] = d * (float)q[i];
             }
             for (int r = 0; r < mt; r++) {
                 const float *xr = x + r * ldx + b * QK;

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kernels.quant import BLOCK, FMT_Q4_1, FMT_Q8_0, PackedWeight, dequantize
+from kernels.quant import BLOCK, FMT_Q4_1, FMT_Q8_0, PackedWeight, dequantize, from_gguf_blocks
 
 if TYPE_CHECKING:
     from service.models.llama import LlamaForCausalLM
@@ -60,8 +60,7 @@ def _pack(parts: list[tuple[torch.Tensor, int, int] | None], weight: torch.Tenso
     """Concatenated rows of `parts` if they share one format and de-quantise to `weight` exactly."""
     if any(p is None for p in parts) or len({(p[1], p[2]) for p in parts}) != 1:
         return None
-    data = torch.cat([p[0] for p in parts]).contiguous()
-    packed = PackedWeight(data, parts[0][1], data.shape[0], parts[0][2])
+    packed = from_gguf_blocks(torch.cat([p[0] for p in parts]), parts[0][1], parts[0][2])
     if tuple(weight.shape) != (packed.n, packed.k) or not torch.equal(dequantize(packed), weight):
         log.warning("GGUF blocks of %s do not de-quantise to its float32 weight: not packed", what)
         return None
