@@ -19,9 +19,12 @@ FMT_Q8_0, FMT_Q4_1 = 1, 2
 BLOCK = 32
 GGUF_BLOCK_BYTES = {FMT_Q8_0: 34, FMT_Q4_1: 20}   # fp16 d (, fp16 m), quants
 
-# Steps with at most this many rows use the packed weights (see kernels/NOTES.md, "Quantised
-# GEMV": measured crossover against MKL sgemm on the default model's shapes, 2 cores).
-PACKED_MAX_ROWS = 8
+# Steps with at most this many rows use the packed weights; more go to sgemm on float32. From
+# the measured crossover against MKL sgemm on the default model's shapes, 2 cores (see
+# kernels/NOTES.md, "Quantised GEMV"), with a margin: decoder projections ~64 rows, the
+# 49152 x 576 Q8_0 lm_head ~32-40 rows.
+PACKED_MAX_ROWS = 32
+LOGITS_PACKED_MAX_ROWS = 24
 
 
 def enabled() -> bool:
@@ -66,9 +69,9 @@ def dequantize(p: PackedWeight) -> torch.Tensor:
     return w.reshape(p.n, p.k)
 
 
-def usable(x: torch.Tensor, p: PackedWeight | None) -> bool:
+def usable(x: torch.Tensor, p: PackedWeight | None, max_rows: int = PACKED_MAX_ROWS) -> bool:
     """Whether qmatmul should run x @ p^T: few rows, float32 CPU, native kernels built."""
-    return (p is not None and enabled() and x.dim() == 2 and 0 < x.shape[0] <= PACKED_MAX_ROWS
+    return (p is not None and enabled() and x.dim() == 2 and 0 < x.shape[0] <= max_rows
             and cpu_native.usable(x))
 
 

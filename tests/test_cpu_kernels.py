@@ -252,3 +252,57 @@ def test_default_model_packs_every_projection(smollm2_gguf) -> None:
     hidden = torch.randn(3, model.config.hidden_size)
     torch.testing.assert_close(model.compute_logits(hidden), hidden @ model.embed_tokens.weight.T,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_native_layers_with_packed_weights_match_the_python_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With GGUF blocks attached, the native loop's few-row steps multiply from them: equal to
+    the float32 loop within rounding; WEFT_PACKED=0 gives the bit-identical float32 path back."""
+    from transformers import LlamaConfig
+
+    import service.models.llama as llama
+    from kernels import quant
+
+    if not cpu_native.has_sgemm():
+        pytest.skip("this torch exports no sgemm_")
+    gen = torch.Generator().manual_seed(5)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=97, max_position_embeddings=512, attention_bias=True)
+    model = llama.LlamaForCausalLM(config, max_positions=512).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3, generator=gen)
+        for layer in model.layers:
+            for i, mod in enumerate((layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                     layer.mlp.down_proj)):
+                n, k = mod.weight.shape
+                fmt = quant.FMT_Q4_1 if i % 2 == 0 else quant.FMT_Q8_0
+                mod.packed = quant.from_gguf_blocks(_random_gguf_rows(fmt, n, k, gen), fmt, k)
+                mod.weight.copy_(quant.dequantize(mod.packed))
+    q_lens, seq_lens, block_size = [1, 5, 1], [1, 40, 300], 16
+    nb = [-(-s // block_size) for s in seq_lens]
+    perm = torch.randperm(sum(nb), generator=gen)
+    table = torch.zeros((len(seq_lens), max(nb)), dtype=torch.long)
+    i = 0
+    for r, n in enumerate(nb):
+        table[r, :n] = perm[i:i + n]
+        i += n
+    positions = torch.cat([torch.arange(s - n, s) for n, s in zip(q_lens, seq_lens)])
+    slots = torch.cat([table[r, torch.arange(s - n, s) // block_size] * block_size + torch.arange(s - n, s) % block_size
+                       for r, (n, s) in enumerate(zip(q_lens, seq_lens))])
+    ids = torch.randint(0, 97, (sum(q_lens),), generator=gen)
+    kv = torch.randn(2, 2, sum(nb), block_size, 2, 16, generator=gen)
+
+    def run(native: bool, packed: bool) -> torch.Tensor:
+        cache = kv.clone()
+        caches = [(cache[i, 0], cache[i, 1]) for i in range(2)]
+        with monkeypatch.context() as m:
+            m.setenv("WEFT_PACKED", "1" if packed else "0")
+            if not native:
+                m.setattr(llama, "native_layers", lambda *a: None)
+            return model(ids, positions, caches, slots, _meta_for_rows(q_lens, seq_lens, table, block_size))
+
+    ref = run(native=False, packed=False)
+    assert torch.equal(run(native=True, packed=False), ref)
+    out = run(native=True, packed=True)
+    assert not torch.equal(out, ref)   # the packed path really ran
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

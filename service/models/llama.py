@@ -155,7 +155,7 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if quant.usable(hidden, self.lm_head_packed):
+        if quant.usable(hidden, self.lm_head_packed, quant.LOGITS_PACKED_MAX_ROWS):
             return quant.qmatmul(hidden, self.lm_head_packed)
         weight = self.embed_tokens.weight if self.tied else self.lm_head.weight
         return F.linear(hidden, weight).float()
