@@ -18,6 +18,8 @@ Four measurements, one results file (bench/results/guided.json):
    `jsonschema` (formats checked). Outputs cut by max_tokens (finish_reason "length" and not
    valid) are counted apart as truncated; they are failures. The guides close outputs before
    max_tokens (GuidedSpec.close_before_max_tokens, on by default; --no-close turns it off);
+   a schema whose shortest output does not fit max_tokens is refused by Weft with the length it
+   needs, and retried with that much room plus 64 (counted as retried_max_tokens);
    "closed_by_budget" counts the outputs whose guide narrowed its mask to finish in time. On 2
    CPU cores the whole set takes longer than the default --budget-s; what has not finished by
    then is counted as not run.
@@ -32,6 +34,7 @@ import asyncio
 import collections
 import glob
 import json
+import re
 import os
 import time
 from pathlib import Path
@@ -130,7 +133,10 @@ def _reason(message: str) -> str:
 # ---- throughput -----------------------------------------------------------------------------------
 
 THROUGHPUT_SPECS = {
-    "json": GuidedSpec("json_schema", {"type": "array", "items": {"type": "string"}, "minItems": 1000}),
+    # A constraint that cannot complete within the tokens asked for (the pure cost of masks and
+    # jump-forward): closing before max_tokens off, so it is not refused as too short.
+    "json": GuidedSpec("json_schema", {"type": "array", "items": {"type": "string"}, "minItems": 1000},
+                       close_before_max_tokens=False),
     "regex": GuidedSpec("regex", r"[a-zA-Z ,.]+"),
 }
 
@@ -215,24 +221,34 @@ def end_to_end(core: EngineCore, docs, max_tokens: int, conc: int = 32, budget_s
         engine = AsyncEngine(core)
         sem = asyncio.Semaphore(conc)
 
+        async def generate(name: str, doc: dict, limit: int) -> dict:
+            params = SamplingParams(temperature=0, max_tokens=limit, guided=GuidedSpec(
+                "json_schema", doc["schema"], close_before_max_tokens=close))
+            rid = f"e2e-{name}"
+            text, reason, guide, ntok = "", None, None, 0
+            async for out in engine.generate(_prompt(tok, doc["schema"], prompt_chars), params, request_id=rid):
+                text += out.text
+                ntok += len(out.token_ids)
+                if guide is None:   # the running request's guide (read-only, for its count)
+                    family = core.requests.get(rid)
+                    guide = family[0].guide if family else None
+                if out.finished:
+                    reason = out.finish_reason
+            return dict(text=text, finish_reason=reason, tokens=ntok, closed_by_budget=getattr(guide, "narrowed", 0) > 0)
+
         async def one(name: str, doc: dict) -> None:
             async with sem:
-                params = SamplingParams(temperature=0, max_tokens=max_tokens, guided=GuidedSpec(
-                    "json_schema", doc["schema"], close_before_max_tokens=close))
                 r = {"name": name}
-                rid = f"e2e-{name}"
                 try:
-                    text, reason, guide, ntok = "", None, None, 0
-                    async for out in engine.generate(_prompt(tok, doc["schema"], prompt_chars), params, request_id=rid):
-                        text += out.text
-                        ntok += len(out.token_ids)
-                        if guide is None:   # the running request's guide (read-only, for its count)
-                            family = core.requests.get(rid)
-                            guide = family[0].guide if family else None
-                        if out.finished:
-                            reason = out.finish_reason
-                    r.update(text=text, finish_reason=reason, tokens=ntok,
-                             closed_by_budget=getattr(guide, "narrowed", 0) > 0)
+                    try:
+                        r.update(await generate(name, doc, max_tokens))
+                    except InvalidArgumentError as exc:
+                        # Weft refuses a max_tokens that no complete output fits in and says how many
+                        # tokens the shortest one takes: retry with that much room, as a client would.
+                        need = re.search(r"output Weft finds is (\d+) tokens", exc.message)
+                        if exc.field != "max_tokens" or not need:
+                            raise
+                        r.update(await generate(name, doc, int(need.group(1)) + 64), retried_max_tokens=int(need.group(1)))
                 except InvalidArgumentError as exc:
                     r.update(error=exc.message)
                 results[name] = r
@@ -255,7 +271,7 @@ def end_to_end(core: EngineCore, docs, max_tokens: int, conc: int = 32, budget_s
     asyncio.run(run())
     wall = results.pop("_wall_s")["wall"]
     counts = collections.Counter()
-    invalid_examples, truncated_examples = [], []
+    invalid_examples, truncated_examples, retried = [], [], []
     for name, doc in docs:
         r = results.get(name)
         if r is None:
@@ -265,6 +281,9 @@ def end_to_end(core: EngineCore, docs, max_tokens: int, conc: int = 32, budget_s
             counts["not_compiled"] += 1
             continue
         counts["compiled"] += 1
+        if "retried_max_tokens" in r:
+            counts["retried_max_tokens"] += 1
+            retried.append({"name": name, "shortest_output_tokens": r["retried_max_tokens"]})
         counts["closed_by_budget"] += r["closed_by_budget"]
         counts["finish_length"] += r["finish_reason"] == "length"
         try:
@@ -289,7 +308,8 @@ def end_to_end(core: EngineCore, docs, max_tokens: int, conc: int = 32, budget_s
             "compiled": counts["compiled"], "valid": counts["valid"], "truncated": counts["truncated"],
             "invalid": counts["invalid"], "not_compiled": counts["not_compiled"],
             "closed_by_budget": counts["closed_by_budget"], "valid_closed_by_budget": counts["valid_closed_by_budget"],
-            "finish_length": counts["finish_length"],
+            "finish_length": counts["finish_length"], "retried_max_tokens": counts["retried_max_tokens"],
+            "retried_examples": retried[:10],
             "close_before_max_tokens": close, "wall_s": wall,
             "max_tokens": max_tokens, "budget_s": budget_s, "invalid_examples": invalid_examples[:10],
             "truncated_examples": truncated_examples[:10]}

@@ -183,11 +183,15 @@ def test_plan_finds_unanchored_patterns_and_formats(compiler, tok) -> None:
              "mail": {"type": "string", "format": "email"},
              "when": {"type": "string", "format": "date-time"},
              "day": {"type": "string", "format": "date"},   # year 0000 is not a date for jsonschema
-             "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}}
+             "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
+             # unanchored alternation / long literal prefix: only the patterns' own shortest
+             # matches (hints.py) make these closable
+             "level": {"type": "string", "pattern": "srn:ref/Class:RESTRICTED|CLASSIFIED|CONFIDENTIAL:[0-9]*"},
+             "file": {"type": "string", "pattern": "srn:type:file/[A-Za-z0-9-]+:[0-9]*"}}
     for key, sub in props.items():
         schema = {"type": "object", "properties": {key: sub}, "required": [key]}
         guide = compiler.compile_sync(GuidedSpec("json_schema", schema)).new_guide(max_tokens=200)
-        prefix = enc(tok, '{"%s":"New York, USA' % key) if key == "loc" else enc(tok, '{"%s":"' % key)
+        prefix = enc(tok, '{"%s":"New York, USA' % key) if key in ("loc", "level", "file") else enc(tok, '{"%s":"' % key)
         assert all(guide.advance(t) for t in prefix)
         plan = guide.plan()
         assert plan is not None and len(plan) <= 40, key
@@ -218,3 +222,22 @@ def test_soft_narrowing_in_a_key_follows_the_plan(compiler, tok) -> None:
         else:
             assert ids == {plan[0]}, [tok.decode([t]) for t in ids]
             assert tok.decode([plan[0]]) in ("ason", "a", "as", "aso")   # toward "reason"
+
+
+def test_hints_are_shortest_matches_of_the_schema_patterns(compiler, tok) -> None:
+    """Each pattern's shortest match (and each top-level alternative's) that re.search accepts,
+    JSON-escaped and spelled in token ids; patterns Python cannot parse give none."""
+    from decoding.guided.hints import schema_patterns, shortest_matches, string_hints
+
+    assert shortest_matches("RESTRICTED|CLASSIFIED|MOST-CONFIDENTIAL:[0-9]*") == [
+        "RESTRICTED", "CLASSIFIED", "MOST-CONFIDENTIAL:"]
+    assert shortest_matches("^[^@]+@[a-z]+\\.[a-z]{2,}$") == ["a@a.aa"]
+    assert shortest_matches("^(\\d{3})-\\1$") == []            # a back-reference: no hint
+    assert shortest_matches("[") == []
+    schema = {"properties": {"pattern": {"type": "string", "pattern": "x+y"},
+                             "q": {"type": "string", "pattern": 'a"b'}},
+              "patternProperties": {"^k[0-9]$": {}}}
+    assert sorted(schema_patterns(schema)) == ['^k[0-9]$', 'a"b', "x+y"]
+    g = compiler.compile_sync(GuidedSpec("json_schema", schema))
+    texts = [tok.decode(list(h)) for h in g.string_hints]
+    assert sorted(texts[:2]) == ["k0", "xy"] and texts[2] == 'a\\"b'   # shortest first; the quote escaped

@@ -2,6 +2,7 @@
 greedy and sampled, batched with unguided requests; jump-forward; EOS; n > 1; the async path."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -191,7 +192,9 @@ def test_eos_only_when_complete_and_length_truncation(llm: LLM) -> None:
     # \d+ is complete after one digit: it ends with EOS (the model's choice), never "stop"
     res = llm.generate([chat(llm, "Pick a number.")] * 3, [
         SamplingParams(max_tokens=8, temperature=0, guided=GuidedSpec("regex", r"\d+")),
-        SamplingParams(max_tokens=4, temperature=0, guided=SPECS["json"]),
+        # (closing off: with it on, a max_tokens no complete output fits in is refused; see below)
+        SamplingParams(max_tokens=4, temperature=0,
+                       guided=dataclasses.replace(SPECS["json"], close_before_max_tokens=False)),
         SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, guided=GuidedSpec("regex", r"\d{1,3}")),
     ])
     a, b, c = (r.outputs[0] for r in res)
@@ -273,6 +276,32 @@ def test_output_closes_before_max_tokens(llm: LLM) -> None:
     assert off.finish_reason == "length" and len(off.token_ids) == 40
     with pytest.raises(ValueError):
         json.loads(off.text)
+
+
+def test_max_tokens_no_complete_output_fits_is_refused(llm: LLM) -> None:
+    """Twelve required members: no complete output fits in 20 tokens. The request is refused
+    up front (INVALID_ARGUMENT on max_tokens, naming the length the shortest output needs)
+    instead of returning cut JSON; with that much room the same request validates; with
+    close_before_max_tokens=False it runs and is cut; the engine serves on."""
+    members = [f"a_rather_long_member_name_{i}" for i in range(12)]
+    schema = {"type": "object", "properties": {m: {"type": "boolean"} for m in members},
+              "required": members, "additionalProperties": False}
+    prompt = chat(llm, "Fill in the form as JSON.")
+
+    def params(max_tokens: int, close: bool = True) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=0,
+                              guided=GuidedSpec("json_schema", schema, close_before_max_tokens=close))
+
+    with pytest.raises(InvalidArgumentError) as err:
+        llm.generate([prompt], params(20))
+    assert err.value.field == "max_tokens" and "20 is too small" in err.value.message
+    need = int(re.search(r"output Weft finds is (\d+) tokens", err.value.message).group(1))
+    assert 20 < need < 200
+    fits, cut = llm.generate([prompt, prompt], [params(need), params(20, close=False)])
+    out = fits.outputs[0]
+    assert len(out.token_ids) <= need
+    jsonschema.validate(json.loads(out.text), schema)
+    assert cut.outputs[0].finish_reason == "length" and len(cut.outputs[0].token_ids) == 20
 
 
 def test_closing_under_speculation_equals_plain(smollm2_dir: Path) -> None:

@@ -78,6 +78,7 @@ class CompiledGrammar(ABC):
     kind: str
     compile_time_s: float = 0.0
     budget_tables: BudgetTables | None = None   # the tokenizer's tables for budget-aware guides
+    string_hints: tuple[tuple[int, ...], ...] = ()   # shortest matches of the schema's patterns (hints.py)
 
     def new_guide(self, params: SamplingParams | None = None, *, max_tokens: int | None = None) -> Guide:
         """A fresh guide at the start of the grammar, for one generated sequence.
@@ -94,7 +95,8 @@ class CompiledGrammar(ABC):
             return guide
         from decoding.guided.budget import BudgetGuide
 
-        return BudgetGuide(guide, max_tokens, self.budget_tables, self.kind in ("json_schema", "json_object"))
+        return BudgetGuide(guide, max_tokens, self.budget_tables, self.kind in ("json_schema", "json_object"),
+                           self.string_hints)
 
     @abstractmethod
     def _new_guide(self) -> Guide:

@@ -204,6 +204,28 @@ class BudgetTables:
                   if b is not None and len(b) == 1 and i not in self.eos_ids}
         self.quote: int | None = single.get(b'"')
         self.search_chars = [single[bytes([c])] for c in SEARCH_CHARS.encode() if bytes([c]) in single]
+        self._by_bytes: dict[bytes, int] | None = None
+
+    def encode(self, data: bytes) -> list[int] | None:
+        """Token ids spelling `data`, longest match first: a plan needs some spelling the grammar
+        accepts, not the tokenizer's own. None if a byte has no token."""
+        if self._by_bytes is None:
+            by: dict[bytes, int] = {}
+            for i, b in enumerate(self.token_bytes):
+                if b and len(b) <= 16 and i not in self.eos_ids:
+                    by.setdefault(b, i)
+            self._by_bytes = by
+        out, i = [], 0
+        while i < len(data):
+            for n in range(min(16, len(data) - i), 0, -1):
+                t = self._by_bytes.get(data[i:i + n])
+                if t is not None:
+                    out.append(t)
+                    i += n
+                    break
+            else:
+                return None
+        return out
 
     def _pack(self, sel: np.ndarray, extra: np.ndarray) -> np.ndarray:
         bits = extra.copy()
@@ -230,10 +252,12 @@ def tables_for(info: Any) -> BudgetTables:
     return got
 
 
-def plan_completion(fork: Guide, tables: BudgetTables, json_mode: bool, mode: int, limit: int) -> list[int] | None:
+def plan_completion(fork: Guide, tables: BudgetTables, json_mode: bool, mode: int, limit: int,
+                    hints: tuple[tuple[int, ...], ...] = ()) -> list[int] | None:
     """A short token sequence that completes the output from `fork`'s state (advancing `fork`);
     ends with EOS unless the grammar terminates by itself. None if none fits in `limit` tokens
-    or the grammar allows nothing."""
+    or the grammar allows nothing. `hints`: strings (token ids) that satisfy the schema's
+    patterns (hints.py), tried when characters alone do not make a string closable."""
     plan: list[int] = []
     used: dict[int, int] = {}
     row = torch.zeros(tables.words, dtype=torch.int32)
@@ -271,7 +295,7 @@ def plan_completion(fork: Guide, tables: BudgetTables, json_mode: bool, mode: in
             if in_string == SEARCH_AFTER:
                 # The preferred characters have not made this string closable: search for a
                 # short way there. On failure keep going as before.
-                path = _search_closable(fork, tables, min(SEARCH_DEPTH, limit - len(plan)))
+                path = _search_closable(fork, tables, limit - len(plan), hints)
                 if path:
                     plan += path
                     for t in path:
@@ -290,11 +314,14 @@ def plan_completion(fork: Guide, tables: BudgetTables, json_mode: bool, mode: in
         mode = int(end_mode[mode, t])
 
 
-def _search_closable(fork: Guide, tables: BudgetTables, max_depth: int) -> list[int] | None:
-    """The shortest string of SEARCH_CHARS (iterative deepening, up to `max_depth`) after which
-    the JSON string `fork` is in can close; advances `fork` along it. A mask says nothing about
-    the state of an unanchored pattern's lexer (`.*` allows every character), so probing the
-    closing quote after each candidate is the only test: a small alphabet keeps it cheap."""
+def _search_closable(fork: Guide, tables: BudgetTables, room: int,
+                     hints: tuple[tuple[int, ...], ...] = ()) -> list[int] | None:
+    """The shortest string of SEARCH_CHARS (iterative deepening, up to SEARCH_DEPTH) after which
+    the JSON string `fork` is in can close; failing that, a hint (a pattern's shortest match)
+    followed by at most two such characters. Advances `fork` along what it returns. A mask says
+    nothing about the state of an unanchored pattern's lexer (`.*` allows every character), so
+    probing the closing quote after each candidate is the only test: a small alphabet keeps it
+    cheap."""
     quote, chars = tables.quote, tables.search_chars
     if quote is None:
         return None
@@ -314,16 +341,35 @@ def _search_closable(fork: Guide, tables: BudgetTables, max_depth: int) -> list[
                     return found
         return None
 
-    try:
+    def deepen(node: Guide, max_depth: int, prefix: list[int]) -> list[int] | None:
         for depth in range(1, max_depth + 1):
-            path = dfs(fork, depth, [])
+            path = dfs(node, depth, prefix)
             if path:
-                for t in path:
-                    fork.advance(t)
                 return path
+        return None
+
+    try:
+        path = deepen(fork, min(SEARCH_DEPTH, room), [])
+        for hint in hints if path is None else ():
+            hint = list(hint)
+            if len(hint) >= room:
+                continue
+            n = fork.accepts(hint + [quote])
+            if n == len(hint) + 1:
+                path = hint
+                break
+            if n == len(hint):
+                child = fork.fork()
+                if all(child.advance(t) for t in hint):
+                    path = deepen(child, min(2, room - len(hint) - 1), hint)
+                    if path:
+                        break
+        if path:
+            for t in path:
+                fork.advance(t)
+        return path
     except NotImplementedError:
         return None
-    return None
 
 
 def _lookahead(fork: Guide, scores: np.ndarray, best: int) -> int:
@@ -347,13 +393,15 @@ def _lookahead(fork: Guide, scores: np.ndarray, best: int) -> int:
 class BudgetGuide(Guide):
     """A backend guide plus the request's token budget: see the module docstring."""
 
-    __slots__ = ("_g", "_t", "_json", "max_tokens", "_tokens", "_modes", "_depths", "_plan", "_plan_at",
+    __slots__ = ("_g", "_t", "_json", "_hints", "max_tokens", "_tokens", "_modes", "_depths", "_plan", "_plan_at",
                  "_next_check", "_checked_depth", "_gave_up_at", "_last_len", "rise", "narrowed")
 
-    def __init__(self, inner: Guide, max_tokens: int, tables: BudgetTables, json_mode: bool) -> None:
+    def __init__(self, inner: Guide, max_tokens: int, tables: BudgetTables, json_mode: bool,
+                 hints: tuple[tuple[int, ...], ...] = ()) -> None:
         self._g = inner
         self._t = tables
         self._json = json_mode
+        self._hints = hints
         self.max_tokens = int(max_tokens)
         self._tokens: list[int] = []        # advanced tokens (sampled + forced), net of rollbacks
         self._modes = [OUT]                 # JSON scanner mode after each of them
@@ -502,6 +550,22 @@ class BudgetGuide(Guide):
         plan = self.plan()
         return None if not plan else self._slack(plan)
 
+    def shortfall(self) -> int | None:
+        """Before the first token: the length of the shortest complete output the planner finds,
+        when max_tokens is too small for it (the output could only be cut); None when it fits
+        or no length is known."""
+        if self._tokens or self.plan() is not None:
+            return None
+        try:
+            fork = self._g.fork()
+        except NotImplementedError:
+            return None
+        plan = plan_completion(fork, self._t, self._json, OUT, PLAN_HORIZON, self._hints)
+        if plan is None:
+            return None
+        need = len(plan) + (plan[-1] != EOS)
+        return need if need > self.max_tokens else None
+
     def _slack(self, plan: list[int]) -> int:
         # A plan that ends by terminating the grammar (no EOS) gets one token more: ending on
         # the max_tokens-th token would report finish reason "length" for a complete output.
@@ -521,7 +585,8 @@ class BudgetGuide(Guide):
             fork = None
         remaining = self.max_tokens - count
         plan = None if fork is None else plan_completion(
-            fork, self._t, self._json, self._modes[-1] if self._json else OUT, min(remaining, PLAN_HORIZON))
+            fork, self._t, self._json, self._modes[-1] if self._json else OUT, min(remaining, PLAN_HORIZON),
+            self._hints)
         if plan is not None:
             if self._last_len >= 0:
                 self.rise = min(MAX_RISE, max(self.rise, len(plan) - self._last_len))

@@ -22,13 +22,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures as cf
+import json
 import logging
 import threading
 import time
 from typing import Any
 
 from decoding.guided.base import CompiledGrammar
-from decoding.guided.spec import GuidedSpec
+from decoding.guided.hints import string_hints
+from decoding.guided.spec import GuidedSpec, schema_json
 from service.errors import InvalidArgumentError
 
 log = logging.getLogger("weft.guided")
@@ -95,7 +97,7 @@ class GuideCompiler:
         """Compile now in this thread, bypassing cache and pool (benchmarks, tests)."""
         spec.validate()
         if backend is not None:
-            return self.backend(backend).compile(spec)
+            return _with_hints(self.backend(backend).compile(spec), spec)
         return self._build(spec)
 
     def backend(self, name: str) -> Any:
@@ -193,7 +195,7 @@ class GuideCompiler:
             with self._lock:
                 self.num_compiled += 1
                 self.compile_times_s.append(time.perf_counter() - t0)
-            return grammar
+            return _with_hints(grammar, spec)
         with self._lock:
             self.num_failed += 1
         assert first_error is not None
@@ -201,6 +203,13 @@ class GuideCompiler:
 
     def _timeout_error(self, spec: GuidedSpec) -> InvalidArgumentError:
         return InvalidArgumentError(spec.field, f"compiling took longer than the {self.timeout_s:g} s limit")
+
+
+def _with_hints(grammar: CompiledGrammar, spec: GuidedSpec) -> CompiledGrammar:
+    """Give a JSON Schema grammar its patterns' shortest matches, for the closing planner."""
+    if spec.kind == "json_schema" and grammar.budget_tables is not None:
+        grammar.string_hints = string_hints(json.loads(schema_json(spec)), grammar.budget_tables.encode)
+    return grammar
 
 
 def _unwrap(hit: CompiledGrammar | InvalidArgumentError) -> CompiledGrammar:

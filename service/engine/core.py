@@ -146,6 +146,8 @@ class EngineCore:
             )
             req.num_speculative_tokens = self.spec.k_for(params.num_speculative_tokens)
             children.append(req)
+        _check_guided_fits(children[0], params)
+        for req in children:
             self.scheduler.add(req)
         self.requests[request_id] = children
         return len(ids)
@@ -407,3 +409,16 @@ class EngineCore:
         family = self.requests.get(req.parent_id)
         if family is not None and all(r.finished for r in family):
             del self.requests[req.parent_id]
+
+
+def _check_guided_fits(req: Request, params: SamplingParams) -> None:
+    """A guided output that cannot be complete within max_tokens is refused up front: the client
+    would get cut, invalid JSON after paying for every token. (The plan is the guide's first,
+    kept for its first step, so requests that fit pay nothing extra.)"""
+    shortfall = getattr(req.guide, "shortfall", None)
+    need = shortfall() if shortfall is not None else None
+    if need is not None:
+        raise InvalidArgumentError(
+            "max_tokens", f"{params.max_tokens} is too small for this guided output: the shortest complete "
+            f"output Weft finds is {need} tokens (raise max_tokens, or set close_before_max_tokens to false "
+            "to accept an output cut at max_tokens)")

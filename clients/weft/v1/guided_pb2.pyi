@@ -56,7 +56,9 @@ class GuidedDecoding(_message.Message):
     near the end of its token budget the guide steers the output to completion -- strings end,
     arrays and objects finish, EOS -- so a long output still parses (and validates) instead of
     stopping mid-value with finish_reason LENGTH; such an output ends with EOS (or STOP) a few
-    tokens before max_tokens. False: generate freely until max_tokens.
+    tokens before max_tokens. A max_tokens that no complete output fits in is refused up front
+    (INVALID_ARGUMENT on max_tokens, naming the length needed). False: generate freely until
+    max_tokens (the output may be cut).
     """
     @_builtins.property
     def choice(self) -> Global___ChoiceList:
