@@ -42,30 +42,49 @@ class PackedWeight:
     k: int
 
 
-def from_gguf_blocks(blocks: torch.Tensor, fmt: int, k: int) -> PackedWeight:
-    """Repack GGUF rows (uint8 [n, k / 32 * block bytes]): scales to float32 (exact), quants as is."""
-    n, nb = blocks.shape[0], k // BLOCK
-    b = blocks.reshape(n, nb, GGUF_BLOCK_BYTES[fmt])
-    d = b[..., 0:2].contiguous().view(torch.float16).float().view(torch.uint8).reshape(n, 4 * nb)
-    if fmt == FMT_Q8_0:
-        parts = [d, b[..., 2:].reshape(n, 32 * nb)]
-    else:
-        m = b[..., 2:4].contiguous().view(torch.float16).float().view(torch.uint8).reshape(n, 4 * nb)
-        parts = [d, m, b[..., 4:].reshape(n, 16 * nb)]
-    return PackedWeight(torch.cat(parts, dim=1).contiguous(), fmt, n, k)
+def from_gguf_blocks(blocks: torch.Tensor | list[torch.Tensor], fmt: int, k: int) -> PackedWeight:
+    """Repack GGUF rows (uint8 [n, k / 32 * block bytes]; a list is stacked along n): scales to
+    float32 (exact), quants as they are. Written straight into the result: no stacked copy."""
+    parts = blocks if isinstance(blocks, list) else [blocks]
+    nb = k // BLOCK
+    n = sum(p.shape[0] for p in parts)
+    # Per block: GGUF has the quants after 2 (Q8_0: fp16 d) or 4 bytes (Q4_1: fp16 d, m).
+    quants_at, quant_bytes = (2, 32) if fmt == FMT_Q8_0 else (4, 16)
+    scale_bytes = 2 * quants_at * nb
+    out = torch.empty(n, scale_bytes + quant_bytes * nb, dtype=torch.uint8)
+    row = 0
+    for part in parts:
+        rows = part.shape[0]
+        # Blocks are an even number of bytes: as int16 words the fp16 scales are whole
+        # elements, gathered and converted to float32 in one copy.
+        words = part.view(torch.int16).reshape(rows, nb, GGUF_BLOCK_BYTES[fmt] // 2)
+        dst = out[row:row + rows]
+        dst[:, :4 * nb].view(torch.float32).copy_(words[..., 0].view(torch.float16))
+        if fmt == FMT_Q4_1:
+            dst[:, 4 * nb:8 * nb].view(torch.float32).copy_(words[..., 1].view(torch.float16))
+        dst[:, scale_bytes:].view(rows, nb, quant_bytes).copy_(part.reshape(rows, nb, -1)[..., quants_at:])
+        row += rows
+    return PackedWeight(out, fmt, n, k)
 
 
 def dequantize(p: PackedWeight) -> torch.Tensor:
-    """float32 [n, k], computed as gguf-py (and so transformers' loader) does: d * q (+ m)."""
+    """float32 [n, k], computed as gguf-py (and so transformers' loader) does: d * q (+ m),
+    rounding the product and the sum separately. In place where it can: it runs over every
+    weight at load."""
     nb = p.k // BLOCK
-    d = p.data[:, :4 * nb].contiguous().view(torch.float32).reshape(p.n, nb, 1)
+    d = p.data[:, :4 * nb].view(torch.float32).reshape(p.n, nb, 1)
+    w = torch.empty(p.n, nb, BLOCK, dtype=torch.float32)
     if p.fmt == FMT_Q8_0:
-        q = p.data[:, 4 * nb:].contiguous().view(torch.int8).reshape(p.n, nb, BLOCK).float()
-        w = d * q
+        w.copy_(p.data[:, 4 * nb:].view(torch.int8).reshape(p.n, nb, BLOCK))
+        w.mul_(d)
     else:
-        m = p.data[:, 4 * nb:8 * nb].contiguous().view(torch.float32).reshape(p.n, nb, 1)
+        m = p.data[:, 4 * nb:8 * nb].view(torch.float32).reshape(p.n, nb, 1)
         qs = p.data[:, 8 * nb:].reshape(p.n, nb, BLOCK // 2)
-        w = d * torch.cat([qs & 15, qs >> 4], dim=-1).float() + m
+        q = torch.empty(p.n, nb, BLOCK, dtype=torch.uint8)
+        torch.bitwise_and(qs, 15, out=q[..., :BLOCK // 2])
+        torch.bitwise_right_shift(qs, 4, out=q[..., BLOCK // 2:])
+        w.copy_(q)
+        w.mul_(d).add_(m)
     return w.reshape(p.n, p.k)
 
 

@@ -9,10 +9,10 @@ the GGUF rows concatenated in the order `LlamaForCausalLM.load_weights` fuses th
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from kernels.quant import BLOCK, FMT_Q4_1, FMT_Q8_0, PackedWeight, dequantize, from_gguf_blocks
@@ -48,7 +48,10 @@ class _Reader:
         if t is None or t.tensor_type.name not in _FORMATS:
             return None
         k = int(t.shape[0])   # GGUF shapes are [k, n]: the contiguous dimension first
-        data = torch.from_numpy(np.array(t.data))   # a writable copy, off the memory map
+        with warnings.catch_warnings():
+            # Read-only memory map: never written, only copied from (repacking copies it).
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.from_numpy(t.data)
         if k % BLOCK or data.dim() != 2:
             return None
         if order is not None:
@@ -60,7 +63,7 @@ def _pack(parts: list[tuple[torch.Tensor, int, int] | None], weight: torch.Tenso
     """Concatenated rows of `parts` if they share one format and de-quantise to `weight` exactly."""
     if any(p is None for p in parts) or len({(p[1], p[2]) for p in parts}) != 1:
         return None
-    packed = from_gguf_blocks(torch.cat([p[0] for p in parts]), parts[0][1], parts[0][2])
+    packed = from_gguf_blocks([p[0] for p in parts], parts[0][1], parts[0][2])
     if tuple(weight.shape) != (packed.n, packed.k) or not torch.equal(dequantize(packed), weight):
         log.warning("GGUF blocks of %s do not de-quantise to its float32 weight: not packed", what)
         return None
