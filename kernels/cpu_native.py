@@ -124,6 +124,9 @@ def _bind(dll: ctypes.CDLL) -> ctypes.CDLL:
     f = dll.weft_qmatmul_f32
     f.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_int, _i64, _ptr, _i64, ctypes.c_int]
     f.restype = ctypes.c_int
+    f = dll.weft_qcheck_f32
+    f.argtypes = [_ptr, ctypes.c_int, _i64, _i64, _ptr, ctypes.c_int]
+    f.restype = _i64
     dll.weft_set_sgemm.argtypes = [_ptr]
     dll.weft_set_sgemm.restype = None
     global _has_sgemm

@@ -88,6 +88,18 @@ def dequantize(p: PackedWeight) -> torch.Tensor:
     return w.reshape(p.n, p.k)
 
 
+def equals_weight(p: PackedWeight, weight: torch.Tensor) -> bool:
+    """Whether `p` de-quantises to `weight` (float32 [n, k]) exactly: one native pass over both
+    when the kernels are built (the load-time check of every packed tensor), else `dequantize`."""
+    if tuple(weight.shape) != (p.n, p.k) or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return False
+    weight = weight.contiguous()
+    lib = cpu_native.lib() if cpu_native.enabled() else None
+    if lib is None:
+        return torch.equal(dequantize(p), weight)
+    return lib.weft_qcheck_f32(p.data.data_ptr(), p.fmt, p.n, p.k, weight.data_ptr(), torch.get_num_threads()) == 0
+
+
 def usable(x: torch.Tensor, p: PackedWeight | None, max_rows: int = PACKED_MAX_ROWS) -> bool:
     """Whether qmatmul should run x @ p^T: few rows, float32 CPU, native kernels built."""
     return (p is not None and enabled() and x.dim() == 2 and 0 < x.shape[0] <= max_rows

@@ -306,3 +306,21 @@ def test_native_layers_with_packed_weights_match_the_python_loop(monkeypatch: py
     out = run(native=True, packed=True)
     assert not torch.equal(out, ref)   # the packed path really ran
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_load_check_finds_any_differing_weight(fmt: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native load-time check agrees with torch.equal(dequantize(p), w), to the last bit."""
+    from kernels import quant
+
+    gen = torch.Generator().manual_seed(11 + fmt)
+    p = quant.from_gguf_blocks(_random_gguf_rows(fmt, 33, 96, gen), fmt, 96)
+    w = quant.dequantize(p)
+    for native in ("1", "0"):
+        monkeypatch.setenv("WEFT_NATIVE", native)
+        assert quant.equals_weight(p, w)
+        for i, j in [(0, 0), (32, 95), (17, 40)]:
+            bumped = w.clone()
+            bumped[i, j] = torch.nextafter(bumped[i, j], torch.tensor(float("inf")))
+            assert not quant.equals_weight(p, bumped)
+        assert not quant.equals_weight(p, w[:, :64])

@@ -160,3 +160,37 @@ int weft_qmatmul_f32(const float *x, int64_t m, int64_t k, const uint8_t *w, int
     }
     return 0;
 }
+
+/* How many weights of w (float32 [n, k]) differ from the packed tensor de-quantised as gguf-py
+   does: d * q, then + m, each product and sum rounded on its own (no FMA: the attribute keeps
+   GCC from contracting across statements, separate statements keep clang from it). Used at load
+   to check every packed tensor against the model's weight in one pass over both. */
+__attribute__((optimize("fp-contract=off")))
+int64_t weft_qcheck_f32(const uint8_t *packed, int fmt, int64_t n, int64_t k, const float *w, int num_threads) {
+    if ((fmt != FMT_Q8_0 && fmt != FMT_Q4_1) || k % QK != 0) return -1;
+    const int64_t nb = k / QK, rb = row_bytes(fmt, nb);
+    int64_t bad = 0;
+#pragma omp parallel for num_threads(num_threads) schedule(static) reduction(+ : bad)
+    for (int64_t r = 0; r < n; r++) {
+        const uint8_t *row = packed + r * rb;
+        const float *wr = w + r * k;
+        for (int64_t b = 0; b < nb; b++) {
+            float d, m = 0.0f, v[QK];
+            memcpy(&d, row + 4 * b, 4);
+            if (fmt == FMT_Q4_1) {
+                const uint8_t *qs = row + 8 * nb + 16 * b;
+                memcpy(&m, row + 4 * (nb + b), 4);
+                for (int i = 0; i < 16; i++) {
+                    v[i] = d * (float)(qs[i] & 15);
+                    v[16 + i] = d * (float)(qs[i] >> 4);
+                }
+                for (int i = 0; i < QK; i++) v[i] += m;
+            } else {
+                const int8_t *q = (const int8_t *)(row + 4 * nb + 32 * b);
+                for (int i = 0; i < QK; i++) v[i] = d * (float)q[i];
+            }
+            for (int i = 0; i < QK; i++) bad += v[i] != wr[b * QK + i];
+        }
+    }
+    return bad;
+}

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kernels.quant import BLOCK, FMT_Q4_1, FMT_Q8_0, PackedWeight, dequantize, from_gguf_blocks
+from kernels.quant import BLOCK, FMT_Q4_1, FMT_Q8_0, PackedWeight, equals_weight, from_gguf_blocks
 
 if TYPE_CHECKING:
     from service.models.llama import LlamaForCausalLM
@@ -59,43 +59,70 @@ class _Reader:
         return data, _FORMATS[t.tensor_type.name], k
 
 
-def _pack(parts: list[tuple[torch.Tensor, int, int] | None], weight: torch.Tensor, what: str) -> PackedWeight | None:
-    """Concatenated rows of `parts` if they share one format and de-quantise to `weight` exactly."""
+def _pack(parts: list[tuple[torch.Tensor, int, int] | None]) -> PackedWeight | None:
+    """Concatenated rows of `parts` if they all exist and share one format."""
     if any(p is None for p in parts) or len({(p[1], p[2]) for p in parts}) != 1:
         return None
-    packed = from_gguf_blocks([p[0] for p in parts], parts[0][1], parts[0][2])
-    if tuple(weight.shape) != (packed.n, packed.k) or not torch.equal(dequantize(packed), weight):
-        log.warning("GGUF blocks of %s do not de-quantise to its float32 weight: not packed", what)
-        return None
-    return packed
+    return from_gguf_blocks([p[0] for p in parts], parts[0][1], parts[0][2])
+
+
+def _packed_tensors(model: LlamaForCausalLM, gguf: Path) -> list[PackedWeight | None]:
+    """The packed tensors in `_targets` order, read and repacked once per GGUF and model shape in
+    a process (engines are built many times over in tests and benches; the tensors are read-only
+    and shared)."""
+    global _cache
+    cfg = model.config
+    st = gguf.stat()
+    key = (str(gguf), st.st_size, st.st_mtime_ns, cfg.model_type, len(model.layers), cfg.num_attention_heads,
+           model.num_kv_heads, model.tied)
+    if _cache is not None and _cache[0] == key:
+        return _cache[1]
+    reader = _Reader(gguf)
+    rope_rows = cfg.model_type != "qwen2"   # only the llama converter interleaves q/k rows
+    packs: list[PackedWeight | None] = []
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        b = f"blk.{i}."
+        q_order = _rope_row_order(attn.q_size, cfg.num_attention_heads) if rope_rows else None
+        k_order = _rope_row_order(attn.kv_size, model.num_kv_heads) if rope_rows else None
+        packs += [
+            _pack([reader.rows(b + "attn_q.weight", q_order), reader.rows(b + "attn_k.weight", k_order),
+                   reader.rows(b + "attn_v.weight")]),
+            _pack([reader.rows(b + "attn_output.weight")]),
+            _pack([reader.rows(b + "ffn_gate.weight"), reader.rows(b + "ffn_up.weight")]),
+            _pack([reader.rows(b + "ffn_down.weight")]),
+        ]
+    packs.append(_pack([reader.rows("token_embd.weight" if model.tied else "output.weight")]))
+    _cache = (key, packs)
+    return packs
+
+
+_cache: tuple[tuple, list[PackedWeight | None]] | None = None
+
+
+def _targets(model: LlamaForCausalLM) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """(owner, attribute, float32 weight) for each packable tensor, in `_packed_tensors` order."""
+    out = []
+    for layer in model.layers:
+        for mod in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            out.append((mod, "packed", mod.weight.data))
+    head = model.embed_tokens.weight if model.tied else model.lm_head.weight
+    out.append((model, "lm_head_packed", head.data))
+    return out
 
 
 def attach_packed(model: LlamaForCausalLM, gguf: Path) -> int:
     """Give `model` its packed weights (attributes `packed` on the projections' modules and
-    `lm_head_packed` on the model). Returns how many tensors were packed."""
-    cfg = model.config
-    if getattr(cfg, "model_type", None) not in ("llama", "mistral", "qwen2"):
+    `lm_head_packed` on the model), each only if it de-quantises to the model's float32 weight
+    exactly. Returns how many tensors were packed."""
+    if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
         return 0
-    reader = _Reader(gguf)
-    heads, kv_heads = cfg.num_attention_heads, model.num_kv_heads
     count = 0
-    for i, layer in enumerate(model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        b = f"blk.{i}."
-        q_order = _rope_row_order(attn.q_size, heads) if cfg.model_type != "qwen2" else None
-        k_order = _rope_row_order(attn.kv_size, kv_heads) if cfg.model_type != "qwen2" else None
-        specs = [
-            (attn.qkv_proj, [reader.rows(b + "attn_q.weight", q_order), reader.rows(b + "attn_k.weight", k_order),
-                             reader.rows(b + "attn_v.weight")]),
-            (attn.o_proj, [reader.rows(b + "attn_output.weight")]),
-            (mlp.gate_up_proj, [reader.rows(b + "ffn_gate.weight"), reader.rows(b + "ffn_up.weight")]),
-            (mlp.down_proj, [reader.rows(b + "ffn_down.weight")]),
-        ]
-        for module, parts in specs:
-            module.packed = _pack(parts, module.weight.data, f"layer {i} {type(module).__name__}")
-            count += module.packed is not None
-    head = model.embed_tokens.weight if model.tied else model.lm_head.weight
-    model.lm_head_packed = _pack([reader.rows("token_embd.weight" if model.tied else "output.weight")],
-                                 head.data, "lm_head")
-    count += model.lm_head_packed is not None
+    for (owner, attr, weight), packed in zip(_targets(model), _packed_tensors(model, gguf)):
+        if packed is not None and not equals_weight(packed, weight):
+            log.warning("GGUF blocks of %s.%s do not de-quantise to its float32 weight: not packed",
+                        type(owner).__name__, attr)
+            packed = None
+        setattr(owner, attr, packed)
+        count += packed is not None
     return count
