@@ -133,8 +133,11 @@ static inline void tile(int fmt, int mt, const float *x, int64_t ldx, const uint
 static void tile_dispatch(int fmt, int mt, const float *x, int64_t ldx, const uint8_t *w, int64_t n0, int64_t n1,
                           int64_t k, float *y, int64_t ldy) {
     switch (mt) {
-#define CASE(M) case M: if (fmt == FMT_Q4_1) tile(FMT_Q4_1, M, x, ldx, w, n0, n1, k, y, ldy); \
-                        else tile(FMT_Q8_0, M, x, ldx, w, n0, n1, k, y, ldy); break;
+#define CASE(M)                                                          \
+    case M:                                                              \
+        if (fmt == FMT_Q4_1) tile(FMT_Q4_1, M, x, ldx, w, n0, n1, k, y, ldy); \
+        else tile(FMT_Q8_0, M, x, ldx, w, n0, n1, k, y, ldy);            \
+        break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
         default: break;
