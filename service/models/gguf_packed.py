@@ -1,9 +1,9 @@
 """Attach a GGUF's quantised blocks to a float32 CPU model built from that GGUF (kernels/quant.py).
 
 The model's float32 weights are transformers' de-quantisation of the GGUF tensors; the blocks,
-read raw (memory-mapped, no de-quantisation), let few-row steps stream ~4-6x fewer bytes.
+read raw (memory-mapped, no de-quantisation), let few-row steps stream ~4-5x fewer bytes.
 Every packed tensor is checked at load: de-quantising it must give the float32 weight exactly
-(torch.equal), else that tensor keeps only its float32 path. Fused tensors (qkv, gate_up) are
+(`quant.equals_weight`), else that tensor keeps only its float32 path. Fused tensors (qkv, gate_up) are
 the GGUF rows concatenated in the order `LlamaForCausalLM.load_weights` fuses them.
 """
 from __future__ import annotations

@@ -4,6 +4,8 @@ Used when every row of the step is short (decodes, speculative verification, chu
 NATIVE_MAX_QUERIES tokens): those are the steps where Python's per-op dispatch, not arithmetic,
 is what the CPU spends its time on besides streaming the weights. Anything else (long prefill
 rows, other dtypes, no compiler, WEFT_NATIVE=0) returns None and the model runs its torch loop.
+Projections that carry a GGUF's blocks (service/models/gguf_packed.py) multiply from those in
+steps of at most quant.PACKED_MAX_ROWS rows, from the float32 weights above.
 """
 from __future__ import annotations
 
