@@ -22,9 +22,9 @@ GGUF_BLOCK_BYTES = {FMT_Q8_0: 34, FMT_Q4_1: 20}   # fp16 d (, fp16 m), quants
 # Steps with at most this many rows use the packed weights; more go to sgemm on float32. From
 # the measured crossover against MKL sgemm on the default model's shapes, 2 cores (see
 # kernels/NOTES.md, "Quantised GEMV"), with a margin: decoder projections ~64 rows, the
-# 49152 x 576 Q8_0 lm_head ~32-40 rows.
+# 49152 x 576 Q8_0 lm_head ~24-32 rows.
 PACKED_MAX_ROWS = 32
-LOGITS_PACKED_MAX_ROWS = 24
+LOGITS_PACKED_MAX_ROWS = 16
 
 
 def enabled() -> bool:

@@ -217,6 +217,21 @@ def test_qmatmul_matches_linear_on_dequantized(fmt: int, m: int) -> None:
         torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-4 * mag.max().item())
 
 
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_qmatmul_rows_do_not_depend_on_the_batch(fmt: int) -> None:
+    """A row's result is bit-identical whether it is alone or one of many rows (at any place):
+    a speculative verify row computes what the plain decode of its token would."""
+    from kernels import quant
+
+    gen = torch.Generator().manual_seed(20 + fmt)
+    p = quant.from_gguf_blocks(_random_gguf_rows(fmt, 45, 192, gen), fmt, 192)
+    x = torch.randn(11, 192, generator=gen)
+    alone = torch.cat([quant.qmatmul(x[i:i + 1], p) for i in range(11)])
+    for m in (2, 5, 8, 11):
+        assert torch.equal(quant.qmatmul(x[:m], p), alone[:m])
+    assert torch.equal(quant.qmatmul(x[3:10], p), alone[3:10])
+
+
 def test_dequantize_matches_gguf_py() -> None:
     """Our torch de-quantiser computes what gguf-py's (transformers' loader) does, bit for bit."""
     import numpy as np

@@ -4,8 +4,8 @@ Why: a decode step on a CPU is a stream of GEMVs, bound by the bytes of weight r
 default model's weights are de-quantised GGUF blocks, so reading the blocks (Q4_1: 0.75 byte
 per weight as laid out here, Q8_0: 1.125) instead of their float32 copies cuts the bytes ~4-5x.
 Each block is expanded to float32 in registers and multiplied into every row of x, so one pass
-over W serves up to MAX_TILE rows; the cost per row grows with M, which is why callers use this
-only for a few rows (sgemm on the float32 weights wins above).
+over W serves up to MAX_TILE rows at a time; the cost per row grows with M, which is why
+callers use this only for a few rows (sgemm on the float32 weights wins above).
 
 Layout (kernels/quant.py repacks the GGUF blocks at load): each weight row of K / 32 blocks is
   Q8_0: float d[nb], int8 q[nb][32]                     w = d * q
@@ -25,7 +25,11 @@ not bit-identical. */
 
 enum { FMT_Q8_0 = 1, FMT_Q4_1 = 2 };
 #define QK 32
-#define MAX_TILE 8 /* rows of x sharing one pass over W; more rows are done in further passes */
+/* Rows of x sharing one pass over W; more rows take further passes (over W chunks still in
+   cache). 4, not 8: every tile then uses the same two accumulator sets, so a row's result does
+   not depend on how many rows share its step (a speculative verify row equals the plain decode
+   of the same token, bit for bit). Costs 5-12% at 8-32 rows. */
+#define MAX_TILE 4
 
 /* Bytes of one weight row of nb blocks. */
 static inline int64_t row_bytes(int fmt, int64_t nb) { return fmt == FMT_Q8_0 ? nb * (4 + 32) : nb * (8 + 16); }
@@ -55,13 +59,12 @@ static inline __attribute__((always_inline)) void dequant_block(int fmt, const u
 /* Rows x[0..mt) times weight rows [n0, n1): always inlined with a constant mt so the
    accumulators live in registers. Q4_1 de-quantises through a 16-entry table per block
    (d * i + m for i = 0..15) indexed by the nibbles with vpermps, which reads only the low 4
-   bits of each index: no masking, no int->float conversion. For mt <= 4, odd blocks go to a
-   second set of accumulators: at one row the FMA latency chain, not the ports, would bound. */
+   bits of each index: no masking, no int->float conversion. Odd blocks go to a second set of
+   accumulators: at one row the FMA latency chain, not the ports, would bound. */
 static inline __attribute__((always_inline)) void tile(int fmt, int mt, const float *x, int64_t ldx,
                                                        const uint8_t *w, int64_t n0, int64_t n1, int64_t k,
                                                        float *y, int64_t ldy) {
     const int64_t nb = k / QK, rb = row_bytes(fmt, nb);
-    const int sets = mt <= 4 ? 2 : 1;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *wr = w + n * rb;
         __m512 acc[MAX_TILE][4];
@@ -75,8 +78,8 @@ static inline __attribute__((always_inline)) void tile(int fmt, int mt, const fl
                 const float *xr = x + r * ldx + b * QK;
                 acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), lo0, acc[r][0]);
                 acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), hi0, acc[r][1]);
-                acc[r][sets == 2 ? 2 : 0] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 32), lo1, acc[r][sets == 2 ? 2 : 0]);
-                acc[r][sets == 2 ? 3 : 1] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 48), hi1, acc[r][sets == 2 ? 3 : 1]);
+                acc[r][2] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 32), lo1, acc[r][2]);
+                acc[r][3] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 48), hi1, acc[r][3]);
             }
         }
         if (b < nb) {
@@ -89,8 +92,7 @@ static inline __attribute__((always_inline)) void tile(int fmt, int mt, const fl
             }
         }
         for (int r = 0; r < mt; r++) {
-            __m512 sum = _mm512_add_ps(acc[r][0], acc[r][1]);
-            if (sets == 2) sum = _mm512_add_ps(sum, _mm512_add_ps(acc[r][2], acc[r][3]));
+            const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
             y[r * ldy + n] = _mm512_reduce_add_ps(sum);
         }
     }
@@ -138,7 +140,7 @@ static void tile_dispatch(int fmt, int mt, const float *x, int64_t ldx, const ui
         if (fmt == FMT_Q4_1) tile(FMT_Q4_1, M, x, ldx, w, n0, n1, k, y, ldy); \
         else tile(FMT_Q8_0, M, x, ldx, w, n0, n1, k, y, ldy);            \
         break;
-        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+        CASE(1) CASE(2) CASE(3) CASE(4)
 #undef CASE
         default: break;
     }
