@@ -70,7 +70,8 @@ async def _run(core: EngineCore, server: ServerProcess, workloads: dict[int, lis
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="bench grpc")
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    ap.add_argument("--dtype", default="bfloat16", choices=["auto", "bfloat16", "float32"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="auto: what weft serve runs (float32 on CPU)")
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, 2*concurrency)")
     ap.add_argument("--kv-cache-gb", type=float, default=2.0)
