@@ -110,7 +110,9 @@ def bench_transformers(hf_dir, dtype: torch.dtype, workloads: dict[int, list[Ite
             end = time.perf_counter()
             longest = max(i.max_tokens for i in batch)
             for _ in batch:
-                ttfts.append(first - start)  # queued behind earlier batches, as a client would see it
+                # From the batch's start: its clients send when the previous batch has answered
+                # (closed loop, like Weft's clients, whose time waiting for a slot is not counted).
+                ttfts.append(first - t0)
                 tpots.append((end - first) / max(1, longest - 1))
         rows.append(_row("transformers", conc, items, time.perf_counter() - start, ttfts, tpots))
         print_table(rows[-1:])
