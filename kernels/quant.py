@@ -20,10 +20,11 @@ BLOCK = 32
 GGUF_BLOCK_BYTES = {FMT_Q8_0: 34, FMT_Q4_1: 20}   # fp16 d (, fp16 m), quants
 
 # Steps with at most this many rows use the packed weights; more go to sgemm on float32. From
-# the measured crossover against MKL sgemm on the default model's shapes, 2 cores (see
-# kernels/NOTES.md, "Quantised GEMV"): on a Sapphire Rapids part decoder projections ~48-64
-# rows, the 49152 x 576 Q8_0 lm_head ~32 (a tie there); on an AMD EPYC, where MKL's sgemm is
-# slower, both past 96. The lower of the two machines' crossovers, with a margin.
+# the measured crossover against MKL sgemm on the default model, 2 cores (`make bench
+# BENCH=qmatmul`; kernels/NOTES.md, "Quantised GEMV"): on a Sapphire Rapids part decoder
+# projections ~48-64 rows, the 49152 x 576 Q8_0 lm_head ~32 (a tie there); on an AMD EPYC,
+# where MKL's sgemm is slower, both past 96. So: the Intel part's crossover (with a margin
+# for the projections), which the AMD part clears easily.
 PACKED_MAX_ROWS = 32
 LOGITS_PACKED_MAX_ROWS = 32
 
