@@ -43,12 +43,11 @@ def main(argv: list[str]) -> int:
         return 1
     path = a.model or default_model_path()
     model, _ = build_model(load_model(path, progress=False), torch.device("cpu"), torch.float32)
-    projections = [m for layer in model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                          layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    projections = [m for layer in model.layers for m in layer.projections()]
     if any(m.packed is None for m in projections) or model.lm_head_packed is None:
         print(f"{path}: not every projection carries GGUF blocks (Q4_1/Q8_0) to time")
         return 1
-    lm_packed, lm_weight = model.lm_head_packed, model.embed_tokens.weight
+    lm_packed, lm_weight = model.lm_head_packed, model.lm_head_weight
     rows = []
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():

@@ -256,8 +256,7 @@ def test_default_model_packs_every_projection(smollm2_gguf) -> None:
 
     loaded = load_model(smollm2_gguf, progress=False)
     model, _ = build_model(loaded, torch.device("cpu"), torch.float32)
-    projections = [m for layer in model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                          layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    projections = [m for layer in model.layers for m in layer.projections()]
     assert all(m.packed is not None for m in projections)
     assert model.lm_head_packed is not None and model.lm_head_packed.fmt == quant.FMT_Q8_0
     for m in projections[:4] + projections[-4:]:
@@ -287,8 +286,7 @@ def test_native_layers_with_packed_weights_match_the_python_loop(monkeypatch: py
         for p in model.parameters():
             p.normal_(0, 0.3, generator=gen)
         for layer in model.layers:
-            for i, mod in enumerate((layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                                     layer.mlp.down_proj)):
+            for i, mod in enumerate(layer.projections()):
                 n, k = mod.weight.shape
                 fmt = quant.FMT_Q4_1 if i % 2 == 0 else quant.FMT_Q8_0
                 mod.packed = quant.from_gguf_blocks(_random_gguf_rows(fmt, n, k, gen), fmt, k)

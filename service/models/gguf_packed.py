@@ -104,10 +104,9 @@ def _targets(model: LlamaForCausalLM) -> list[tuple[torch.nn.Module, str, torch.
     """(owner, attribute, float32 weight) for each packable tensor, in `_packed_tensors` order."""
     out = []
     for layer in model.layers:
-        for mod in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+        for mod in layer.projections():
             out.append((mod, "packed", mod.weight.data))
-    head = model.embed_tokens.weight if model.tied else model.lm_head.weight
-    out.append((model, "lm_head_packed", head.data))
+    out.append((model, "lm_head_packed", model.lm_head_weight.data))
     return out
 
 

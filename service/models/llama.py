@@ -109,6 +109,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        """qkv, o, gate_up, down: the order the GGUF packing and the native layer table use."""
+        return self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj
+
 
 class LlamaForCausalLM(nn.Module):
     """Forward over a flat batch: input_ids [T], positions [T] -> hidden states [T, hidden]."""
@@ -153,12 +157,16 @@ class LlamaForCausalLM(nn.Module):
             delta = layer.mlp.forward(x)
         return self.norm.add_forward(h, delta)
 
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[vocab, hidden]: the embedding when tied, else the lm_head's own."""
+        return self.embed_tokens.weight if self.tied else self.lm_head.weight
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if quant.usable(hidden, self.lm_head_packed, quant.LOGITS_PACKED_MAX_ROWS):
             return quant.qmatmul(hidden, self.lm_head_packed)
-        weight = self.embed_tokens.weight if self.tied else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return F.linear(hidden, self.lm_head_weight).float()
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Take HF-named weights, fusing q/k/v and gate/up."""

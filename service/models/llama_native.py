@@ -43,8 +43,7 @@ def _layer_table(model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, to
         if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous()) for t in tensors):
             return None
         rows.append([0 if t is None else t.data_ptr() for t in tensors]
-                    + [v for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-                       for v in _packed(m, use_packed)])
+                    + [v for m in layer.projections() for v in _packed(m, use_packed)])
     table = torch.tensor(rows, dtype=torch.long)
     model._native_table = (key, table)
     return table
