@@ -49,7 +49,7 @@ from decoding.sampling import SamplingParams
 from service.config import EngineConfig
 from service.engine.async_engine import AsyncEngine
 from service.engine.core import EngineCore
-from service.errors import InvalidArgumentError
+from common.errors import InvalidArgumentError
 
 DATA = Path(os.environ.get("WEFT_GUIDED_DATA", Path(__file__).resolve().parents[2] / "shared/data/jsonschemabench-dev"))
 BACKENDS = ("llguidance", "outlines-core")

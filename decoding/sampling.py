@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from decoding.guided.spec import GuidedSpec
-from service.errors import InvalidArgumentError
+from common.errors import InvalidArgumentError
 
 # Temperatures below this are treated as greedy (vLLM's _SAMPLING_EPS): dividing by them would
 # overflow float32 logits into inf and the draw into NaN.

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.func(a)
     except Exception as exc:  # clear one-line errors for user mistakes
-        from service.errors import WeftError
+        from common.errors import WeftError
 
         if isinstance(exc, WeftError):
             print(f"weft: error: {exc}", file=sys.stderr)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from decoding.sampling import MAX_SPECULATIVE_TOKENS
-from service.errors import InvalidArgumentError
+from common.errors import InvalidArgumentError
 
 SPECULATIVE_METHODS = (None, "ngram", "draft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

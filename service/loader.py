@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from service.errors import ModelLoadError
+from common.errors import ModelLoadError
 from service.tokenizer import Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

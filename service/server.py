@@ -35,7 +35,7 @@ from service.config import EngineConfig
 from service.engine.async_engine import AsyncEngine
 from service.engine.core import EngineCore
 from service.engine.request import RequestOutput
-from service.errors import InvalidArgumentError, ResourceExhaustedError
+from common.errors import InvalidArgumentError, ResourceExhaustedError
 
 log = logging.getLogger("weft.server")
 T = TypeVar("T")

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.errors import InvalidArgumentError, ModelLoadError
+from common.errors import InvalidArgumentError, ModelLoadError
 
 # Files any HF tokenizer directory carries at least one of.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

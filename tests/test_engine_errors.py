@@ -9,7 +9,7 @@ from decoding.sampling import SamplingParams
 from service.config import EngineConfig
 from service.engine.async_engine import AsyncEngine
 from service.engine.core import EngineCore
-from service.errors import InvalidArgumentError, ModelLoadError
+from common.errors import InvalidArgumentError, ModelLoadError
 from service.llm import LLM
 
 

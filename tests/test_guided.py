@@ -15,7 +15,7 @@ import torch
 
 from decoding.guided import GuideCompiler, GuidedSpec
 from decoding.sampling import SamplingParams
-from service.errors import InvalidArgumentError
+from common.errors import InvalidArgumentError
 from service.tokenizer import Tokenizer
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/jsonschemabench-dev"

@@ -13,7 +13,7 @@ import pytest
 from decoding.guided import GuidedSpec
 from decoding.sampling import SamplingParams
 from service.engine.async_engine import AsyncEngine
-from service.errors import InvalidArgumentError
+from common.errors import InvalidArgumentError
 from service.llm import LLM
 
 PERSON = {

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from service import loader
-from service.errors import ModelLoadError
+from common.errors import ModelLoadError
 from service.loader import LoadedModel, expected_parameters, load_model, resolve_hf_dir
 
 LLAMA3_ROPE = {

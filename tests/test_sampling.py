@@ -16,7 +16,7 @@ from decoding.sampling import (
     TokenLogprobs,
     probs_for,
 )
-from service.errors import InvalidArgumentError
+from common.errors import InvalidArgumentError
 
 
 def row(params: SamplingParams, prompt: list[int] | None = None, output: list[int] | None = None,

@@ -13,7 +13,7 @@ import pytest
 
 from decoding.guided import GuidedSpec
 from decoding.sampling import SamplingParams
-from service.errors import InvalidArgumentError, ModelLoadError
+from common.errors import InvalidArgumentError, ModelLoadError
 from service.llm import LLM
 
 K = 4

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import InvalidArgumentError
+from common.errors import InvalidArgumentError
 from service.tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

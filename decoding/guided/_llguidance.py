@@ -19,7 +19,7 @@ import torch
 from decoding.guided.base import CompiledGrammar, Guide
 from decoding.guided.budget import BudgetTables, tables_for
 from decoding.guided.spec import GuidedSpec, schema_json
-from service.errors import InvalidArgumentError
+from common.errors import InvalidArgumentError
 
 # A ceiling on grammar size and per-step work; llguidance's own defaults otherwise.
 _LIMITS = dict(max_grammar_size=500_000, max_lexer_states=250_000, step_lexer_fuel=200_000)

@@ -24,7 +24,7 @@ from decoding.guided._schema_check import check_outlines_schema
 from decoding.guided.base import CompiledGrammar, Guide, set_bits
 from decoding.guided.budget import BudgetTables, tables_for
 from decoding.guided.spec import GuidedSpec, schema_json
-from service.errors import InvalidArgumentError
+from common.errors import InvalidArgumentError
 
 MAX_POSITIONS = 4_000
 MAX_DFA_STATES = 4_000

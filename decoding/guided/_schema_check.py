@@ -15,7 +15,7 @@ import json
 import re
 from typing import Any
 
-from service.errors import InvalidArgumentError
+from common.errors import InvalidArgumentError
 
 # Every JSON Schema keyword that constrains instances (draft 4 .. 2020-12). Other keys are
 # annotations (title, description, default, $defs ...) or not keywords at all: no effect on validation.

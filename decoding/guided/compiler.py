@@ -31,7 +31,7 @@ from typing import Any
 from decoding.guided.base import CompiledGrammar
 from decoding.guided.hints import string_hints
 from decoding.guided.spec import GuidedSpec, schema_json
-from service.errors import InvalidArgumentError
+from common.errors import InvalidArgumentError
 
 log = logging.getLogger("weft.guided")
 

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from service.errors import InvalidArgumentError
+from common.errors import InvalidArgumentError
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 BACKENDS = ("auto", "llguidance", "outlines-core")

@@ -21,7 +21,7 @@ from service.config import EngineConfig
 from service.engine.core import EngineCore
 from service.engine.openmp import release_thread_pool
 from service.engine.request import RequestOutput
-from service.errors import ResourceExhaustedError, WeftError
+from common.errors import ResourceExhaustedError, WeftError
 
 log = logging.getLogger("weft.engine")
 
@@ -105,7 +105,7 @@ class AsyncEngine:
         self.start()
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self._streams:
-            from service.errors import InvalidArgumentError
+            from common.errors import InvalidArgumentError
 
             raise InvalidArgumentError("request_id", f"{rid!r} is already in flight")
         ids = self.core.validate(prompt, params)
@@ -115,7 +115,7 @@ class AsyncEngine:
             # On the compiler's threads: the engine keeps stepping while this request waits.
             grammar = await self.core.guide_compiler.compile(params.guided)
             if rid in self._streams:   # the id was taken while we waited
-                from service.errors import InvalidArgumentError
+                from common.errors import InvalidArgumentError
 
                 raise InvalidArgumentError("request_id", f"{rid!r} is already in flight")
             self._check_queue()

@@ -18,7 +18,7 @@ from service.engine.request import Request, RequestOutput, RequestStatus
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler, SchedulerConfig
 from service.engine.speculation import Speculator
-from service.errors import InvalidArgumentError, ModelLoadError
+from common.errors import InvalidArgumentError, ModelLoadError
 from service.loader import LoadedModel, gguf_source, load_model
 from service.models import MODEL_CLASSES
 

@@ -26,7 +26,7 @@ from kernels.mask import apply_token_bitmask_
 from service.engine.kv_cache import KVCacheManager
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import ScheduledBatch
-from service.errors import ModelLoadError
+from common.errors import ModelLoadError
 from service.loader import load_model
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Errors that cross layers. The gRPC and HTTP layers map each to a status code."""
+"""Errors that cross layers (decoding raises them, the service maps them). The gRPC and HTTP layers map each to a status code."""
 from __future__ import annotations
 
 
