@@ -30,7 +30,7 @@ def _time_ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 def main(argv: list[str]) -> int:
-    from service.engine.core import build_model
+    from service.models.build import build_model
     from service.loader import default_model_path, load_model
 
     ap = argparse.ArgumentParser(prog="bench qmatmul")

@@ -146,6 +146,12 @@ class StopChecker:
             return self._finish("length", None, delta + self._flush_all())
         return self._emit(delta), None
 
+    def finish_complete(self) -> str:
+        """Finish with "stop" although no stop condition matched (a guided output is complete and
+        its grammar allows nothing more); returns the text still held, now safe to emit."""
+        text, _ = self._finish("stop", None, self._flush_all())
+        return text
+
     def _check_stops(self, new_text: str) -> str:
         """Look for a stop string ending in `new_text`; return what can be emitted now."""
         if not new_text:

@@ -138,7 +138,6 @@ def test_native_layers_equal_the_python_loop(bias: bool, monkeypatch: pytest.Mon
     from transformers import LlamaConfig
 
     import service.models.llama as llama
-    from service.models.llama_native import native_layers
 
     if not cpu_native.has_sgemm():
         pytest.skip("this torch exports no sgemm_")
@@ -170,11 +169,11 @@ def test_native_layers_equal_the_python_loop(bias: bool, monkeypatch: pytest.Mon
         meta = _meta_for_rows(q_lens, seq_lens, tables, block_size)
         with monkeypatch.context() as m:
             if not native:
-                m.setattr(llama, "native_layers", lambda *a: None)
+                m.setattr(model, "native", lambda *a: None)
             out = model(ids, positions, caches, slots, meta)
             if native:   # the model really took the native path
-                assert torch.equal(native_layers(model, model.embed_tokens(ids), positions,
-                                                 [(c.clone(), v.clone()) for c, v in caches], slots, meta), out)
+                assert torch.equal(model.native(model, model.embed_tokens(ids), positions,
+                                                [(c.clone(), v.clone()) for c, v in caches], slots, meta), out)
         return out, cache
 
     (out, cache), (ref, ref_cache) = run(True), run(False)
@@ -250,7 +249,7 @@ def test_dequantize_matches_gguf_py() -> None:
 def test_default_model_packs_every_projection(smollm2_gguf) -> None:
     """Every projection of the default model and its tied lm_head pack; each packed tensor
     de-quantises to the float32 weight exactly (attach_packed drops any that does not)."""
-    from service.engine.core import build_model
+    from service.models.build import build_model
     from service.loader import load_model
     from kernels import quant
 
@@ -311,7 +310,7 @@ def test_native_layers_with_packed_weights_match_the_python_loop(monkeypatch: py
         with monkeypatch.context() as m:
             m.setenv("WEFT_PACKED", "1" if packed else "0")
             if not native:
-                m.setattr(llama, "native_layers", lambda *a: None)
+                m.setattr(model, "native", lambda *a: None)
             return model(ids, positions, caches, slots, _meta_for_rows(q_lens, seq_lens, table, block_size))
 
     ref = run(native=False, packed=False)

@@ -1,6 +1,11 @@
 """EngineCore: owns the model, the KV cache and the scheduler; `step()` advances every running
 request by one scheduled chunk. Single-threaded by design: the async engine calls it from one
-thread, the offline LLM from the caller's."""
+thread, the offline LLM from the caller's.
+
+A step is four methods a reader can follow in order: `scheduler.schedule()` picks the work,
+`_execute` runs it (one `StepOutput`: logits and which rows are whose), `_sample` / `_verify`
+turn rows into tokens (one row per plain request, 1 + k per request verifying k drafts), and
+`_commit` appends them, checks stops and grammars and hands out the deltas."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,49 +13,24 @@ import logging
 
 import torch
 
+from common.errors import InvalidArgumentError
 from decoding.guided import CompiledGrammar, GuideCompiler
-from decoding.sampling import NoValidTokenError, Sampler, SampleRequest, SamplingParams
+from decoding.sampling import NoValidTokenError, Sampler, SampleRequest, SamplingParams, TokenLogprobs
 from decoding.stopping import StopChecker
 from kernels.mask import apply_token_bitmask_
 from service.config import EngineConfig
+from service.engine.draft import DraftModelProposer
 from service.engine.kv_cache import KVCacheManager
-from service.engine.request import Request, RequestOutput, RequestStatus
+from service.engine.request import Request, RequestOutput
 from service.engine.runner import ModelRunner
-from service.engine.scheduler import Scheduler, SchedulerConfig
+from service.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from service.engine.speculation import Speculator
-from common.errors import InvalidArgumentError, ModelLoadError
-from service.loader import LoadedModel, gguf_source, load_model
-from service.models import MODEL_CLASSES
+from service.engine.stats import EngineStats
+from service.engine.step import StepOutput
+from service.loader import LoadedModel, load_model
+from service.models.build import build_model
 
 log = logging.getLogger("weft.engine")
-
-
-def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, int]:
-    """Our forward pass for a loaded checkpoint, on `device`; returns it and its usable context."""
-    hf = loaded.config
-    arch = (getattr(hf, "architectures", None) or ["?"])[0]
-    if arch not in MODEL_CLASSES:
-        raise ModelLoadError(f"unsupported architecture {arch!r}; supported: {sorted(MODEL_CLASSES)}")
-    context = int(getattr(hf, "max_position_embeddings", 2048))
-    window = getattr(hf, "sliding_window", None)
-    if window and getattr(hf, "use_sliding_window", True):
-        # Sliding-window attention is not implemented: stay within the window, where it is exact.
-        context = min(context, int(window))
-    model = MODEL_CLASSES[arch](hf, max_positions=context)
-    model.load_weights(loaded.weights)
-    model.to(device=device, dtype=dtype).eval()
-    loaded.weights.clear()  # the model holds its own (fused) copies now
-    gguf = gguf_source(loaded) if device.type == "cpu" and dtype == torch.float32 else None
-    if gguf is not None:
-        # Few-row steps read the GGUF's blocks instead of the float32 weights (kernels/quant.py).
-        from service.models.gguf_packed import attach_packed
-
-        try:
-            count = attach_packed(model, gguf)
-            log.info("packed %d weight tensors from %s for few-row steps", count, gguf.name)
-        except Exception as exc:   # an optimisation only: the float32 path is always whole
-            log.warning("could not read the GGUF blocks of %s (%s): float32 weights only", gguf, exc)
-    return model, context
 
 
 class EngineCore:
@@ -86,8 +66,10 @@ class EngineCore:
         self._bitmask: torch.Tensor | None = None
         proposer = None
         if config.speculative_method == "draft":
-            from service.engine.draft import DraftModelProposer   # loads a second model: only when asked
-            proposer = DraftModelProposer.load(self, config.draft_model)
+            proposer = DraftModelProposer.load(
+                config.draft_model, config=config, device=self.device, num_blocks=num_blocks,
+                tokenizer=self.tokenizer, vocab_size=self.vocab_size,
+                bitmask_words=self.guide_compiler.bitmask_words)
         self.spec = Speculator(config, self.sampler, self.eos_token_ids, self.guide_compiler.bitmask_words, proposer)
 
     # ---- requests in -------------------------------------------------------------------------
@@ -180,7 +162,24 @@ class EngineCore:
     def reset_prefix_cache(self) -> None:
         self.kv.reset_prefix_cache()
 
-    # ---- one step ----------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """The engine's counters now. Call it on the thread that steps the engine."""
+        tracker = self.spec.tracker
+        agg = tracker.aggregate
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_blocks=self.num_blocks,
+            num_free_blocks=self.kv.num_free_blocks,
+            prefix_queried_tokens=self.kv.stats.queries,
+            prefix_hit_tokens=self.kv.stats.hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            spec=dataclasses.replace(agg, drafted_per_position=list(agg.drafted_per_position),
+                                     accepted_per_position=list(agg.accepted_per_position)),
+            spec_num_disabled=tracker.num_disabled,
+        )
+
+    # ---- one step: schedule -> execute -> sample / verify -> commit ----------------------------
 
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
@@ -189,47 +188,87 @@ class EngineCore:
         if not batch.requests:
             return []
         try:
-            sample_reqs, logits = self.runner.execute(batch)
+            out = self._execute(batch)
         except Exception as exc:  # a failing batch must not take the engine down with it
             log.exception("model step failed")
             return self._fail(batch.requests, f"model step failed: {exc}")
+        # The requests that reach the end of their tokens, by batch index: one logits row each,
+        # or 1 + k for a request verifying a draft of k.
+        plain = [(i, r) for i, r in enumerate(batch.requests) if out.layout.count[i] and r.spec_draft is None]
+        verifying = [(i, r) for i, r in enumerate(batch.requests) if out.layout.count[i] and r.spec_draft is not None]
+        self._apply_guides(out, plain + verifying)
+        outputs = self._verify(out, verifying) + self._sample(out, plain)
+        # Drafts for the next step, for every request that just got its tokens and goes on.
+        self.spec.propose([r for _, r in plain + verifying if not r.finished])
+        return outputs
+
+    def _execute(self, batch: ScheduledBatch) -> StepOutput:
+        """Run the model over the batch; the real tokens' KV counts as computed from here on
+        (draft positions only once accepted, in `_verify`)."""
+        out = self.runner.run(batch.seq_inputs())
         for req, n, spec in zip(batch.requests, batch.num_tokens, batch.spec_tokens):
-            # Draft positions count as computed only once accepted (in _verify).
             req.num_computed_tokens += n - len(spec)
             if not spec:
                 self._register_blocks(req)
-        outputs: list[RequestOutput] = []
-        sample_reqs, logits, spec_reqs, spec_logits = self._split_speculating(sample_reqs, logits)
-        if spec_reqs:
-            outputs += self._verify(spec_logits, spec_reqs)
-        if sample_reqs:
-            guided = [i for i, r in enumerate(sample_reqs) if r.guide is not None]
-            if guided:
-                self._apply_guides(logits, sample_reqs, guided)
-            rows = [SampleRequest(r.params, r.prompt_ids, r.output_ids, r.generator) for r in sample_reqs]
-            try:
-                tokens, logprobs = self.sampler(logits, rows)
-            except NoValidTokenError as exc:
-                # Rows with nothing to sample (NaN logits, a mask that allows nothing) fail alone;
-                # the rest of the batch is sampled again without them.
-                bad = set(exc.rows)
-                outputs += self._fail([sample_reqs[i] for i in sorted(bad)], "no valid token to sample")
-                keep = [i for i in range(len(sample_reqs)) if i not in bad]
-                sample_reqs = [sample_reqs[i] for i in keep]
-                rows = [rows[i] for i in keep]
-                tokens, logprobs = self.sampler(logits[keep], rows) if keep else ([], [])
-            for req, tok, lp in zip(sample_reqs, tokens, logprobs):
-                if req.guide is None:
-                    self._append(req, tok, lp)
-                else:
-                    error = self._append_guided(req, tok, lp)
-                    if error is not None:
-                        outputs += self._fail([req], error)
-                        continue
-                outputs.append(self._output(req))
-        # Drafts for the next step, for every request that just got its tokens and goes on.
-        self.spec.propose([r for r in sample_reqs + spec_reqs if not r.finished])
+        return out
+
+    def _sample(self, out: StepOutput, rows: list[tuple[int, Request]]) -> list[RequestOutput]:
+        """One token per plain request, from its logits row."""
+        def sample(reqs: list[Request], logits: torch.Tensor) -> list[tuple[int, TokenLogprobs | None]]:
+            tokens, logprobs = self.sampler(logits, [SampleRequest(r.params, r.prompt_ids, r.output_ids, r.generator)
+                                                     for r in reqs])
+            return list(zip(tokens, logprobs))
+        reqs, results, outputs = self._rows_or_fail(out, rows, sample)
+        for req, (tok, lp) in zip(reqs, results):
+            outputs += self._commit(req, [tok], [lp])
         return outputs
+
+    def _verify(self, out: StepOutput, rows: list[tuple[int, Request]]) -> list[RequestOutput]:
+        """Verify each request's draft on its 1 + k rows: keep the accepted tokens' KV and commit
+        the emitted tokens (accepted drafts and one more)."""
+        if not rows:
+            return []
+        reqs, results, outputs = self._rows_or_fail(out, rows, self.spec.verify)
+        for req, res in zip(reqs, results):
+            drafted, accepted = len(req.spec_draft.tokens), res.num_accepted
+            req.spec_draft = None
+            req.num_computed_tokens += accepted     # the accepted drafts' KV was computed this step
+            self.spec.record(req, drafted, accepted)
+            outputs += self._commit(req, res.token_ids, res.logprobs)
+            if not req.finished:
+                self._register_blocks(req)   # after the commit: hashes cover committed tokens only
+        return outputs
+
+    def _rows_or_fail(self, out: StepOutput, rows: list[tuple[int, Request]], run):
+        """`run(reqs, logits)` on the rows of `rows`' requests. Requests with nothing to sample
+        (NaN logits, a mask that allows nothing) fail alone; the others run again without them.
+        Returns (the requests run, their results, the failed ones' outputs)."""
+        index, reqs = [i for i, _ in rows], [r for _, r in rows]
+        try:
+            return reqs, run(reqs, out.gather(index)), []
+        except NoValidTokenError as exc:
+            bad = set(exc.rows)
+            failed = self._fail([reqs[j] for j in sorted(bad)], "no valid token to sample")
+            keep = [j for j in range(len(reqs)) if j not in bad]
+            reqs, index = [reqs[j] for j in keep], [index[j] for j in keep]
+            return reqs, (run(reqs, out.gather(index)) if reqs else []), failed
+
+    def _commit(self, req: Request, tokens: list[int], logprobs: list | None) -> list[RequestOutput]:
+        """Append a request's new tokens (tokens after a stop — EOS, a stop string, max_tokens —
+        are dropped) and return its delta; a guided request whose grammar cannot go on fails."""
+        last = len(tokens) - 1
+        for j, tok in enumerate(tokens):
+            lp = logprobs[j] if logprobs else None
+            if req.guide is None:
+                self._append(req, tok, lp)
+            else:
+                # Verified drafts are appended one by one; only the last may jump forward.
+                error = self._append_guided(req, tok, lp, jump_forward=j == last)
+                if error is not None:
+                    return self._fail([req], error)
+            if req.finished:
+                break
+        return [self._output(req)]
 
     def _register_blocks(self, req: Request) -> None:
         req.num_registered_blocks = self.kv.cache_full_blocks(
@@ -237,93 +276,43 @@ class EngineCore:
             req.num_registered_blocks, req.cache_salt,
         )
 
-    # ---- speculative decoding ----------------------------------------------------------------
-
-    def _split_speculating(self, reqs: list[Request], logits: torch.Tensor
-                           ) -> tuple[list[Request], torch.Tensor, list[Request], torch.Tensor]:
-        """Separate the requests verifying a draft (k+1 logits rows each) from the others (one row)."""
-        if not any(r.spec_draft is not None for r in reqs):
-            return reqs, logits, [], logits[:0]
-        plain, plain_rows, spec, spec_rows = [], [], [], []
-        at = 0
-        for r in reqs:
-            k = len(r.spec_draft.tokens) if r.spec_draft is not None else 0
-            if k:
-                spec.append(r)
-                spec_rows.extend(range(at, at + k + 1))
-            else:
-                plain.append(r)
-                plain_rows.append(at)
-            at += k + 1
-
-        def take(rows: list[int]) -> torch.Tensor:
-            return logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
-        return plain, take(plain_rows), spec, take(spec_rows)
-
-    def _verify(self, logits: torch.Tensor, reqs: list[Request]) -> list[RequestOutput]:
-        """Verify the drafts, keep the accepted tokens' KV, append the emitted tokens."""
-        outputs: list[RequestOutput] = []
-        self.spec.mask(logits, reqs)
-        try:
-            results = self.spec.verify(logits, reqs)
-        except NoValidTokenError as exc:
-            bad = set(exc.rows)
-            outputs += self._fail([reqs[i] for i in sorted(bad)], "no valid token to sample")
-            keep_rows = []
-            at = 0
-            for i, r in enumerate(reqs):
-                k = len(r.spec_draft.tokens)
-                if i not in bad:
-                    keep_rows.extend(range(at, at + k + 1))
-                at += k + 1
-            reqs = [r for i, r in enumerate(reqs) if i not in bad]
-            if not reqs:
-                return outputs
-            logits = logits.index_select(0, torch.tensor(keep_rows, dtype=torch.long, device=logits.device))
-            results = self.spec.verify(logits, reqs)
-        for req, res in zip(reqs, results):
-            drafted, accepted = len(req.spec_draft.tokens), res.num_accepted
-            req.spec_draft = None
-            req.num_computed_tokens += accepted     # the accepted drafts' KV was computed this step
-            self.spec.record(req, drafted, accepted)
-            error = None
-            last = len(res.token_ids) - 1
-            for j, tok in enumerate(res.token_ids):
-                lp = res.logprobs[j] if res.logprobs else None
-                if req.guide is None:
-                    self._append(req, tok, lp)
-                else:
-                    error = self._append_guided(req, tok, lp, jump_forward=j == last)
-                if error is not None or req.finished:
-                    break   # tokens after a stop (EOS, stop string, max_tokens) are dropped
-            if error is not None:
-                outputs += self._fail([req], error)
-                continue
-            if not req.finished:
-                self._register_blocks(req)   # after the append: hashes cover committed tokens only
-            outputs.append(self._output(req))
-        return outputs
-
     # ---- guided decoding ---------------------------------------------------------------------
 
-    def _apply_guides(self, logits: torch.Tensor, reqs: list[Request], guided: list[int]) -> None:
-        """Mask every guided row of the batch with one bitmask and one kernel call."""
-        words = self.guide_compiler.bitmask_words
-        rows_n = logits.shape[0]
-        buf = self._bitmask
-        if buf is None or buf.shape[0] < rows_n or buf.shape[1] != words:
-            pin = logits.is_cuda
-            buf = torch.empty((max(rows_n, self.config.max_num_seqs), words), dtype=torch.int32, pin_memory=pin)
-            self._bitmask = buf
-        for i in guided:
-            reqs[i].guide.fill_bitmask(buf[i])
-        mask = buf[:rows_n]
-        rows = torch.tensor(guided, dtype=torch.long)
+    def _apply_guides(self, out: StepOutput, rows: list[tuple[int, Request]]) -> None:
+        """Mask every guided row of the step with one bitmask and one kernel call: a plain row by
+        its guide's state now, a verifying request's 1 + k rows by the masks its draft recorded
+        for each position."""
+        guided = [(i, r) for i, r in rows if r.guide is not None]
+        if not guided:
+            return
+        logits = out.logits
+        buf = self._mask_buffer(logits.shape[0], logits.is_cuda)
+        index: list[int] = []
+        for i, req in guided:
+            first = out.layout.first[i]
+            if req.spec_draft is None:
+                req.guide.fill_bitmask(buf[first])
+                index.append(first)
+            else:
+                bm = req.spec_draft.bitmask
+                buf[first: first + bm.shape[0]] = bm
+                index.extend(range(first, first + bm.shape[0]))
+        mask = buf[: logits.shape[0]]
+        rows_t = torch.tensor(index, dtype=torch.long)
         if logits.is_cuda:
             mask = mask.to(logits.device, non_blocking=True)
-            rows = rows.to(logits.device, non_blocking=True)
+            rows_t = rows_t.to(logits.device, non_blocking=True)
         with torch.inference_mode():   # logits come out of the runner as inference tensors
-            apply_token_bitmask_(logits, mask, rows)
+            apply_token_bitmask_(logits, mask, rows_t)
+
+    def _mask_buffer(self, rows: int, pin: bool) -> torch.Tensor:
+        """A reused [rows, words] int32 bitmask (pinned for a CUDA copy)."""
+        words = self.guide_compiler.bitmask_words
+        buf = self._bitmask
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != words:
+            buf = torch.empty((max(rows, self.config.max_num_seqs), words), dtype=torch.int32, pin_memory=pin)
+            self._bitmask = buf
+        return buf
 
     def _append_guided(self, req: Request, token: int, logprob, jump_forward: bool = True) -> str | None:
         """Append a sampled token to a guided sequence, then any tokens the grammar forces
@@ -340,7 +329,6 @@ class EngineCore:
             return f"guided decoding rejected token {token}: {guide.error() or 'not allowed'}"
         self._append(req, token, logprob)
         # Forced tokens carry no logprobs: jump-forward only for requests that asked for none.
-        # (Verified drafts are appended one by one; only the last may jump forward.)
         while not req.finished:
             if guide.is_terminated():
                 self._finish_guided(req)
@@ -361,9 +349,7 @@ class EngineCore:
     def _finish_guided(self, req: Request) -> None:
         """The grammar is complete and allows nothing more: finish with "stop", emitting any text
         the stop checker still holds (a possible stop-string prefix, an incomplete character)."""
-        checker = req.stop_checker
-        text, _ = checker._finish("stop", None, checker._flush_all())
-        req.pending_text += text
+        req.pending_text += req.stop_checker.finish_complete()
         self.scheduler.finish(req, "stop")
 
     def _append(self, req: Request, token: int, logprob) -> None:

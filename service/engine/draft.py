@@ -16,26 +16,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
 
 from decoding.sampling import SampleRequest, probs_for
 from decoding.speculative import Draft, ProposeContext, Proposer
 from kernels.mask import apply_token_bitmask_
+from common.errors import ModelLoadError
+from service.config import EngineConfig
 from service.engine.kv_cache import KVCacheManager
 from service.engine.runner import ModelRunner
-from service.engine.scheduler import ScheduledBatch
-from common.errors import ModelLoadError
+from service.engine.step import SeqInput
 from service.loader import load_model
-
-if TYPE_CHECKING:
-    from service.engine.core import EngineCore
+from service.models.build import build_model
+from service.tokenizer import Tokenizer
 
 
 @dataclass(slots=True)
 class _Seq:
-    """A request as the draft model sees it; duck-types what `ModelRunner.execute` reads."""
+    """A request as the draft model sees it: its own tokens and KV progress."""
     request_id: str
     token_ids: list[int] = field(default_factory=list)   # committed tokens + drafts fed
     num_computed_tokens: int = 0                           # draft KV valid up to here
@@ -67,16 +65,15 @@ class DraftModelProposer(Proposer):
         self._seqs: dict[str, _Seq] = {}
 
     @classmethod
-    def load(cls, core: EngineCore, path: str | None) -> DraftModelProposer:
-        from service.engine.core import build_model   # core imports this module lazily
-        cfg = core.config
-        dtype = cfg.torch_dtype()
-        loaded = load_model(path, dtype=dtype, progress=cfg.progress)
-        check_same_tokenizer(core.tokenizer, loaded.tokenizer)
-        model, _ = build_model(loaded, core.device, dtype)
-        return cls(model, core.num_blocks, cfg.block_size, dtype, core.device, core.vocab_size,
-                   core.guide_compiler.bitmask_words, core.eos_token_ids, cfg.max_num_batched_tokens,
-                   cfg.enable_prefix_caching)
+    def load(cls, path: str | None, *, config: EngineConfig, device: torch.device, num_blocks: int,
+             tokenizer: Tokenizer, vocab_size: int, bitmask_words: int) -> DraftModelProposer:
+        """Load the draft model at `path` for a target with this tokenizer, vocabulary and pool size."""
+        dtype = config.torch_dtype()
+        loaded = load_model(path, dtype=dtype, progress=config.progress)
+        check_same_tokenizer(tokenizer, loaded.tokenizer)
+        model, _ = build_model(loaded, device, dtype)
+        return cls(model, num_blocks, config.block_size, dtype, device, vocab_size, bitmask_words,
+                   tokenizer.eos_token_ids, config.max_num_batched_tokens, config.enable_prefix_caching)
 
     def pool_is_whole(self) -> bool:
         return self.kv.num_free_blocks == self.num_blocks
@@ -224,20 +221,23 @@ class DraftModelProposer(Proposer):
         self._seqs[seq.request_id] = seq
         return True
 
-    def _execute(self, seqs: list[_Seq], counts: list[int]) -> tuple[list[_Seq], torch.Tensor]:
-        batch = ScheduledBatch(list(seqs), list(counts), [[] for _ in seqs])
-        sampled, logits = self.runner.execute(batch)
+    def _execute(self, seqs: list[_Seq], counts: list[int]) -> list[torch.Tensor | None]:
+        """Forward each seq's next `counts` tokens; per seq, the next position's logits row if
+        that reached its last token (None for a chunk mid-way)."""
+        inputs = []
+        for s, n in zip(seqs, counts):
+            start = s.num_computed_tokens
+            inputs.append(SeqInput(s.request_id, s.token_ids[start:start + n], start,
+                                   1 if start + n == s.num_tokens else 0))
+        out = self.runner.run(inputs)
         for s, n in zip(seqs, counts):
             s.num_computed_tokens += n
-        return sampled, logits
+        return [out.logits[out.layout.first[j]] if out.layout.count[j] else None for j in range(len(seqs))]
 
     def _forward_last(self, live: list[int], contexts: Sequence[ProposeContext]) -> torch.Tensor:
         """Feed each live request's newest draft token; next-position logits in `live` order."""
         seqs = [self._seqs[contexts[i].request_id] for i in live]
-        sampled, logits = self._execute(seqs, [1] * len(seqs))
-        row = {s.request_id: r for r, s in enumerate(sampled)}
-        order = [row[s.request_id] for s in seqs]
-        return logits if order == list(range(len(seqs))) else logits[torch.tensor(order, dtype=torch.long)]
+        return torch.stack(self._execute(seqs, [1] * len(seqs)))
 
     def _catch_up(self, live: list[int], contexts: Sequence[ProposeContext]) -> torch.Tensor:
         """Forward every live request's unseen tokens (in chunks under the token budget); returns
@@ -245,21 +245,19 @@ class DraftModelProposer(Proposer):
         rows: dict[int, torch.Tensor] = {}
         todo = list(live)
         while todo:
-            seqs, counts, budget = [], [], self.budget
+            chosen, seqs, counts, budget = [], [], [], self.budget
             for i in todo:
                 seq = self._seqs[contexts[i].request_id]
                 n = min(seq.num_tokens - seq.num_computed_tokens, budget)
                 if n <= 0:
                     break
+                chosen.append(i)
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
-            sampled, logits = self._execute(seqs, counts)
-            by_id = {s.request_id: r for r, s in enumerate(sampled)}
-            for i in list(todo):
-                r = by_id.get(contexts[i].request_id)
-                if r is not None:
-                    rows[i] = logits[r]
+            for i, row in zip(chosen, self._execute(seqs, counts)):
+                if row is not None:
+                    rows[i] = row
                     todo.remove(i)
         return torch.stack([rows[i] for i in live]) if live else torch.empty(0)
 

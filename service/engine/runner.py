@@ -1,4 +1,4 @@
-"""Flattens a scheduled batch into tensors (input ids, positions, slot mapping, block tables),
+"""Flattens a step's sequences into tensors (input ids, positions, slot mapping, block tables),
 owns the KV cache tensors, and runs the model."""
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import torch
 from kernels import cpu_native
 from kernels.attention import AttentionMetadata
 from service.engine.kv_cache import KVCacheManager
-from service.engine.request import Request
-from service.engine.scheduler import ScheduledBatch
+from service.engine.step import RowLayout, SeqInput, StepOutput
 
 
 class ModelRunner:
@@ -30,13 +29,12 @@ class ModelRunner:
         elem = torch.empty((), dtype=dtype).element_size()
         return model.config.num_hidden_layers * 2 * block_size * model.num_kv_heads * model.head_dim * elem
 
-    def execute(self, batch: ScheduledBatch) -> tuple[list[Request], torch.Tensor]:
-        """Run one step. Returns the requests that reach the end of their tokens (they get a new
-        token sampled) and their logits in float32: one row each, or 1 + k consecutive rows for a
-        request with k draft tokens scheduled (`batch.spec_tokens`)."""
+    def run(self, seqs: list[SeqInput]) -> StepOutput:
+        """Run one step over `seqs`. Returns float32 logits for the sequences that asked for
+        rows (`num_logits`: their last positions), with the layout of those rows."""
         # Single-query rows first: the attention reference batches them in one matmul.
-        order = sorted(range(len(batch)), key=lambda i: batch.num_tokens[i] != 1)
-        num_decodes = sum(1 for n in batch.num_tokens if n == 1)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].token_ids) != 1)
+        num_decodes = sum(1 for s in seqs if len(s.token_ids) == 1)
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -44,24 +42,22 @@ class ModelRunner:
         seq_lens: list[int] = []
         tables: list[list[int]] = []
         sample_rows: list[int] = []
-        sample_reqs: list[Request] = []
+        first = [0] * len(seqs)
+        count = [0] * len(seqs)
         bs = self.block_size
         for i in order:
-            req, n = batch.requests[i], batch.num_tokens[i]
-            spec = batch.spec_tokens[i] if batch.spec_tokens else []
-            start = req.num_computed_tokens
-            end = start + n
-            blocks = self.kv.block_ids(req.request_id)
-            ids.extend(req.token_ids[start:end] if not spec else req.token_ids[start:] + spec)
+            seq = seqs[i]
+            start, end = seq.start, seq.start + len(seq.token_ids)
+            blocks = self.kv.block_ids(seq.request_id)
+            ids.extend(seq.token_ids)
             positions.extend(range(start, end))
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            starts.append(starts[-1] + n)
+            starts.append(starts[-1] + len(seq.token_ids))
             seq_lens.append(end)
             tables.append(blocks)
-            if end == req.num_tokens + len(spec):
-                # A speculating request gets k+1 rows: its last real token's, then each draft's.
-                sample_rows.extend(range(starts[-1] - 1 - len(spec), starts[-1]))
-                sample_reqs.append(req)
+            if seq.num_logits:
+                first[i], count[i] = len(sample_rows), seq.num_logits
+                sample_rows.extend(range(starts[-1] - seq.num_logits, starts[-1]))
         # Every integer input in one tensor (one allocation, one host-to-device copy), then views.
         width = max(len(t) for t in tables)
         flat_tables: list[int] = []
@@ -82,8 +78,9 @@ class ModelRunner:
             block_size=bs,
         )
         hidden = self.model(ids_t, positions_t, self.kv_caches, slots_t, meta)
-        if not sample_reqs:
-            return [], hidden.new_empty((0, 0), dtype=torch.float32)
+        layout = RowLayout(first, count)
+        if not sample_rows:
+            return StepOutput(hidden.new_empty((0, 0), dtype=torch.float32), layout)
         # A single decode samples its only row: no gather.
         logits = self.model.compute_logits(hidden if len(sample_rows) == num_t else hidden[sample_t])
-        return sample_reqs, logits
+        return StepOutput(logits, layout)

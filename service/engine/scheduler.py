@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from service.engine.kv_cache import KVCacheManager
 from service.engine.request import Request, RequestStatus
+from service.engine.step import SeqInput
 
 
 @dataclass(slots=True)
@@ -38,6 +39,18 @@ class ScheduledBatch:
 
     def __len__(self) -> int:
         return len(self.requests)
+
+    def seq_inputs(self) -> list[SeqInput]:
+        """The step as the runner sees it. A request whose real tokens all get computed this step
+        wants logits: one row, or 1 + k for a draft of k (its last real token's row, then each draft's)."""
+        out = []
+        for req, n, spec in zip(self.requests, self.num_tokens, self.spec_tokens):
+            start = req.num_computed_tokens
+            real = n - len(spec)
+            done = start + real == req.num_tokens
+            out.append(SeqInput(req.request_id, req.token_ids[start:start + real] + spec, start,
+                                len(spec) + 1 if done else 0))
+        return out
 
 
 class Scheduler:

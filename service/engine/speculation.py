@@ -2,7 +2,8 @@
 
 `EngineCore` calls `propose` at the end of a step for the requests that just got a token, the
 scheduler schedules each draft with the request's last token (k+1 query rows), the runner
-returns k+1 logits rows for it, and `verify` turns those rows into the emitted tokens. KV of
+returns k+1 logits rows for it (the step's `RowLayout` says where), the engine masks them with
+the per-position masks a guided draft carries, and `verify` turns them into the emitted tokens. KV of
 rejected positions needs no undo: it lies past `num_computed_tokens`, is rewritten by the next
 step and never reaches the prefix cache. See decoding/speculative/DESIGN.md.
 """
@@ -26,7 +27,6 @@ from decoding.speculative import (
     constrain_to_guide,
 )
 from decoding.sampling import MAX_SPECULATIVE_TOKENS
-from kernels.mask import apply_token_bitmask_
 from service.config import EngineConfig
 from service.engine.request import Request
 
@@ -80,31 +80,10 @@ class Speculator:
 
     # ---- verifying -------------------------------------------------------------------------
 
-    def mask(self, logits: torch.Tensor, reqs: Sequence[Request]) -> None:
-        """Apply each guided request's per-position masks to its k+1 rows (one kernel call)."""
-        guided = [(i, r) for i, r in enumerate(reqs) if r.guide is not None]
-        if not guided:
-            return
-        full = torch.full((logits.shape[0], self.words), -1, dtype=torch.int32)
-        rows: list[int] = []
-        at = 0
-        starts = []
-        for r in reqs:
-            starts.append(at)
-            at += len(r.spec_draft.tokens) + 1
-        for i, r in guided:
-            bm = r.spec_draft.bitmask
-            full[starts[i]: starts[i] + bm.shape[0]] = bm
-            rows.extend(range(starts[i], starts[i] + bm.shape[0]))
-        index = torch.tensor(rows, dtype=torch.long)
-        if logits.is_cuda:
-            full, index = full.to(logits.device, non_blocking=True), index.to(logits.device, non_blocking=True)
-        with torch.inference_mode():
-            apply_token_bitmask_(logits, full, index)
-
-    def verify(self, logits: torch.Tensor, reqs: Sequence[Request]) -> list[VerifyResult]:
-        """Emitted tokens per request (accepted drafts + one more). Raises NoValidTokenError
-        (indices into `reqs`) before any generator moves."""
+    def verify(self, reqs: Sequence[Request], logits: torch.Tensor) -> list[VerifyResult]:
+        """Emitted tokens per request (accepted drafts + one more), from its 1 + k rows of
+        `logits`, back to back in `reqs` order and already masked by any guide. Raises
+        NoValidTokenError (indices into `reqs`) before any generator moves."""
         rows = [VerifyRow(r.params, r.prompt_ids, r.output_ids, r.spec_draft.tokens, r.spec_draft.probs, r.generator)
                 for r in reqs]
         return self.verifier(logits, rows)

@@ -16,7 +16,7 @@ from kernels import quant
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.norm import add_rms_norm, rms_norm_ref
 from kernels.rope import StepRope, rope_store
-from service.models.llama_native import native_layers
+from service.models.llama_native import NativeLayers
 
 
 def _rope_parameters(config: PretrainedConfig) -> dict:
@@ -135,6 +135,7 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(config, self.head_dim, max_positions)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.native = NativeLayers()   # the one-C-call path for steps of short rows (CPU float32)
 
     @torch.inference_mode()
     def forward(
@@ -142,7 +143,7 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slot_mapping: torch.Tensor, meta: AttentionMetadata,
     ) -> torch.Tensor:
         h = F.embedding(input_ids, self.embed_tokens.weight)
-        out = native_layers(self, h, positions, kv_caches, slot_mapping, meta)
+        out = self.native(self, h, positions, kv_caches, slot_mapping, meta)
         if out is not None:
             return out
         rope = StepRope(self.rope_cos, self.rope_sin, positions)

@@ -9,15 +9,11 @@ steps of at most quant.PACKED_MAX_ROWS rows, from the float32 weights above.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
+from torch import nn
 
 from kernels import cpu_native, quant
 from kernels.attention import AttentionMetadata, native_plan
-
-if TYPE_CHECKING:
-    from service.models.llama import LlamaForCausalLM
 
 
 def _packed(module: torch.nn.Module, use: bool) -> list[int]:
@@ -26,59 +22,68 @@ def _packed(module: torch.nn.Module, use: bool) -> list[int]:
     return [p.data.data_ptr(), p.fmt] if use and p is not None else [0, 0]
 
 
-def _layer_table(model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
-    """Addresses the C loop reads per layer (order: cpu_llama.c's enum), cached while neither the
-    weights nor the caches move; None if some tensor is not float32 and contiguous."""
-    use_packed = quant.enabled()
-    key = (model.embed_tokens.weight.data_ptr(), kv_caches[0][0].data_ptr(), len(kv_caches), use_packed)
-    cached = getattr(model, "_native_table", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    rows = []
-    for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
-        attn, mlp = layer.self_attn, layer.mlp
-        tensors = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
-                   attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
-                   mlp.down_proj.weight, k_cache, v_cache]
-        if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous()) for t in tensors):
+class NativeLayers:
+    """The native path of a Llama-family model, owned by it: the C loop and the table of
+    addresses it reads, rebuilt only when the weights or the KV caches move.
+
+    It takes the model on each call (it reads `layers`, `norm`, `rope_cos/sin`, `config`) rather
+    than holding it, so the model owns this object and not the other way round."""
+
+    def __init__(self) -> None:
+        self._table_key: tuple | None = None
+        self._table: torch.Tensor | None = None
+
+    def __call__(
+        self, model: nn.Module, h: torch.Tensor, positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slot_mapping: torch.Tensor, meta: AttentionMetadata,
+    ) -> torch.Tensor | None:
+        """All layers and the final norm over embeddings h [T, hidden]; None when not applicable."""
+        if not (cpu_native.usable(h, model.rope_cos) and cpu_native.has_sgemm()):
             return None
-        rows.append([0 if t is None else t.data_ptr() for t in tensors]
-                    + [v for m in layer.projections() for v in _packed(m, use_packed)])
-    table = torch.tensor(rows, dtype=torch.long)
-    model._native_table = (key, table)
-    return table
+        plan = native_plan(meta)
+        if plan.long_rows:
+            return None
+        table = self._layer_table(model, kv_caches)
+        if table is None:
+            return None
+        cfg = model.config
+        t, hidden = h.shape
+        attn = model.layers[0].self_attn
+        heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        inter = model.layers[0].mlp.inter
+        q_size = heads * head_dim
+        scratch = torch.empty(t * (2 * hidden + q_size + 2 * kv_heads * head_dim + 2 * q_size + 3 * inter))
+        out = torch.empty_like(h)
+        tables, seq_lens = meta.block_tables.contiguous(), meta.seq_lens_t.contiguous()
+        positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
+        rc = cpu_native.lib().weft_llama_layers_f32(
+            h.data_ptr(), out.data_ptr(), scratch.data_ptr(), t, hidden, inter, table.data_ptr(), len(model.layers),
+            model.norm.weight.data_ptr(), cfg.rms_norm_eps, heads, kv_heads, head_dim,
+            model.rope_cos.data_ptr(), model.rope_sin.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
+            tables.data_ptr(), tables.shape[1], seq_lens.data_ptr(), plan.query_start_loc.data_ptr(),
+            plan.rows.data_ptr(), plan.num_rows, meta.block_size, attn.scale, quant.PACKED_MAX_ROWS,
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"native decoder layers failed (code {rc})")
+        return out
 
-
-def native_layers(
-    model: LlamaForCausalLM, h: torch.Tensor, positions: torch.Tensor,
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slot_mapping: torch.Tensor, meta: AttentionMetadata,
-) -> torch.Tensor | None:
-    """All layers and the final norm over embeddings h [T, hidden]; None when not applicable."""
-    if not (cpu_native.usable(h, model.rope_cos) and cpu_native.has_sgemm()):
-        return None
-    plan = native_plan(meta)
-    if plan.long_rows:
-        return None
-    table = _layer_table(model, kv_caches)
-    if table is None:
-        return None
-    cfg = model.config
-    t, hidden = h.shape
-    attn = model.layers[0].self_attn
-    heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    inter = model.layers[0].mlp.inter
-    q_size = heads * head_dim
-    scratch = torch.empty(t * (2 * hidden + q_size + 2 * kv_heads * head_dim + 2 * q_size + 3 * inter))
-    out = torch.empty_like(h)
-    tables, seq_lens = meta.block_tables.contiguous(), meta.seq_lens_t.contiguous()
-    positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
-    rc = cpu_native.lib().weft_llama_layers_f32(
-        h.data_ptr(), out.data_ptr(), scratch.data_ptr(), t, hidden, inter, table.data_ptr(), len(model.layers),
-        model.norm.weight.data_ptr(), cfg.rms_norm_eps, heads, kv_heads, head_dim,
-        model.rope_cos.data_ptr(), model.rope_sin.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
-        tables.data_ptr(), tables.shape[1], seq_lens.data_ptr(), plan.query_start_loc.data_ptr(),
-        plan.rows.data_ptr(), plan.num_rows, meta.block_size, attn.scale, quant.PACKED_MAX_ROWS, torch.get_num_threads(),
-    )
-    if rc != 0:
-        raise RuntimeError(f"native decoder layers failed (code {rc})")
-    return out
+    def _layer_table(self, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+        """Addresses the C loop reads per layer (order: cpu_llama.c's enum), cached while neither the
+        weights nor the caches move; None if some tensor is not float32 and contiguous."""
+        use_packed = quant.enabled()
+        key = (model.embed_tokens.weight.data_ptr(), kv_caches[0][0].data_ptr(), len(kv_caches), use_packed)
+        if self._table_key == key:
+            return self._table
+        rows = []
+        for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
+            attn, mlp = layer.self_attn, layer.mlp
+            tensors = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
+                       attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
+                       mlp.down_proj.weight, k_cache, v_cache]
+            if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous()) for t in tensors):
+                return None
+            rows.append([0 if t is None else t.data_ptr() for t in tensors]
+                        + [v for m in layer.projections() for v in _packed(m, use_packed)])
+        self._table_key, self._table = key, torch.tensor(rows, dtype=torch.long)
+        return self._table

@@ -1,0 +1,39 @@
+"""From a loaded checkpoint to our forward pass: the family's class, its weights, its device."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from common.errors import ModelLoadError
+from service.loader import LoadedModel, gguf_source
+from service.models import MODEL_CLASSES
+from service.models.gguf_packed import attach_packed
+
+log = logging.getLogger("weft.engine")
+
+
+def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, int]:
+    """Our forward pass for a loaded checkpoint, on `device`; returns it and its usable context."""
+    hf = loaded.config
+    arch = (getattr(hf, "architectures", None) or ["?"])[0]
+    if arch not in MODEL_CLASSES:
+        raise ModelLoadError(f"unsupported architecture {arch!r}; supported: {sorted(MODEL_CLASSES)}")
+    context = int(getattr(hf, "max_position_embeddings", 2048))
+    window = getattr(hf, "sliding_window", None)
+    if window and getattr(hf, "use_sliding_window", True):
+        # Sliding-window attention is not implemented: stay within the window, where it is exact.
+        context = min(context, int(window))
+    model = MODEL_CLASSES[arch](hf, max_positions=context)
+    model.load_weights(loaded.weights)
+    model.to(device=device, dtype=dtype).eval()
+    loaded.weights.clear()  # the model holds its own (fused) copies now
+    gguf = gguf_source(loaded) if device.type == "cpu" and dtype == torch.float32 else None
+    if gguf is not None:
+        # Few-row steps read the GGUF's blocks instead of the float32 weights (kernels/quant.py).
+        try:
+            count = attach_packed(model, gguf)
+            log.info("packed %d weight tensors from %s for few-row steps", count, gguf.name)
+        except Exception as exc:   # an optimisation only: the float32 path is always whole
+            log.warning("could not read the GGUF blocks of %s (%s): float32 weights only", gguf, exc)
+    return model, context
