@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.engine.stats import EngineStats
+
 if TYPE_CHECKING:
     from service.engine.async_engine import AsyncEngine
     from service.engine.request import RequestOutput
@@ -124,8 +126,8 @@ class RequestTrace:
 
 
 class _EngineCollector(Collector):
-    """Engine state at scrape time. Reads plain counters the engine thread updates (ints under
-    the GIL); nothing here blocks the engine."""
+    """Engine state at scrape time, from the snapshot the engine thread publishes after each
+    pass (`AsyncEngine.stats()`); nothing here touches the engine's own structures or blocks it."""
 
     def __init__(self, metrics: WeftMetrics) -> None:
         self.metrics = metrics
@@ -137,23 +139,14 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         engine = self.get_engine()
-        core = getattr(engine, "core", None)
-        running = waiting = 0
-        usage = 0.0
-        queries = hits = preemptions = 0
-        drafts = draft_tokens = accepted = disabled = 0
-        per_position: list[int] = []
-        mean_len = 1.0
-        if core is not None:
-            running, waiting = core.num_running, core.num_waiting
-            usage = float(core.kv.usage)
-            queries, hits = core.kv.stats.queries, core.kv.stats.hits
-            preemptions = core.scheduler.num_preemptions
-            tracker = core.spec.tracker
-            agg = tracker.aggregate
-            drafts, draft_tokens, accepted = agg.num_drafts, agg.num_draft_tokens, agg.num_accepted_tokens
-            per_position, mean_len, disabled = list(agg.accepted_per_position), agg.mean_acceptance_length, tracker.num_disabled
-            self._observe_compiles(getattr(core, "guide_compiler", None))
+        stats = engine.stats() if engine is not None else EngineStats()
+        if engine is not None:
+            self._observe_compiles(engine.core.guide_compiler)
+        running, waiting, usage = stats.num_running, stats.num_waiting, stats.kv_usage
+        queries, hits, preemptions = stats.prefix_queried_tokens, stats.prefix_hit_tokens, stats.num_preemptions
+        agg = stats.spec
+        drafts, draft_tokens, accepted = agg.num_drafts, agg.num_draft_tokens, agg.num_accepted_tokens
+        per_position, mean_len, disabled = agg.accepted_per_position, agg.mean_acceptance_length, stats.spec_num_disabled
         yield GaugeMetricFamily("weft_num_requests_running", "Sequences in the running batch.", value=running)
         yield GaugeMetricFamily("weft_num_requests_waiting", "Sequences waiting to be scheduled.", value=waiting)
         yield GaugeMetricFamily("weft_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0-1).", value=usage)

@@ -464,9 +464,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.ResetPrefixCacheRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResetPrefixCacheResponse:
         engine = self._ready(request.model)
-        await engine.reset_prefix_cache()
-        stats = engine.core.kv.stats
-        return pb.ResetPrefixCacheResponse(queried_tokens=stats.queries, hit_tokens=stats.hits)
+        stats = await engine.reset_prefix_cache()
+        return pb.ResetPrefixCacheResponse(queried_tokens=stats.prefix_queried_tokens, hit_tokens=stats.prefix_hit_tokens)
 
 
 def _renamed(exc: InvalidArgumentError, prompt_kind: str | None) -> InvalidArgumentError:
@@ -722,9 +721,6 @@ class WeftServer:
         """Cancel every in-flight call now (a second SIGTERM or Ctrl-C during a drain)."""
         if self._server is not None:
             await self._server.stop(0)
-
-    async def wait_for_termination(self) -> None:
-        await self._stopped.wait()
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):

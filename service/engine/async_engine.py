@@ -15,13 +15,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from common.errors import InvalidArgumentError, ResourceExhaustedError, WeftError
 from decoding.guided import CompiledGrammar
 from decoding.sampling import SamplingParams
-from service.config import EngineConfig
 from service.engine.core import EngineCore
 from service.engine.openmp import release_thread_pool
 from service.engine.request import RequestOutput
-from common.errors import ResourceExhaustedError, WeftError
+from service.engine.stats import EngineStats
 
 log = logging.getLogger("weft.engine")
 
@@ -66,12 +66,9 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
-        self._pending_adds = 0   # adds sent but not yet seen by the engine thread (queue-limit accounting)
+        self._pending_adds = 0   # adds sent but not yet in a published snapshot (queue-limit accounting)
+        self._stats = core.stats()   # replaced after every pass of the engine thread's loop
         self.steps = 0
-
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
-        return cls(EngineCore(config))
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -90,10 +87,6 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._streams)
-
     # ---- requests ----------------------------------------------------------------------------
 
     async def generate(
@@ -105,8 +98,6 @@ class AsyncEngine:
         self.start()
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self._streams:
-            from common.errors import InvalidArgumentError
-
             raise InvalidArgumentError("request_id", f"{rid!r} is already in flight")
         ids = self.core.validate(prompt, params)
         self._check_queue()
@@ -115,8 +106,6 @@ class AsyncEngine:
             # On the compiler's threads: the engine keeps stepping while this request waits.
             grammar = await self.core.guide_compiler.compile(params.guided)
             if rid in self._streams:   # the id was taken while we waited
-                from common.errors import InvalidArgumentError
-
                 raise InvalidArgumentError("request_id", f"{rid!r} is already in flight")
             self._check_queue()
         stream: asyncio.Queue[list[RequestOutput] | BaseException] = asyncio.Queue()
@@ -139,7 +128,8 @@ class AsyncEngine:
                 self._commands.put(_Abort(rid))
 
     def _check_queue(self) -> None:
-        if self.core.num_waiting + self._pending_adds >= self.core.config.max_queue_len:
+        # The snapshot and the pending count move together (`_publish`): every add is in one of them.
+        if self._stats.num_waiting + self._pending_adds >= self.core.config.max_queue_len:
             raise ResourceExhaustedError(
                 f"waiting queue is full ({self.core.config.max_queue_len} requests); retry later"
             )
@@ -154,8 +144,17 @@ class AsyncEngine:
         self._commands.put(_Call(fn, future))
         return await future
 
-    async def reset_prefix_cache(self) -> None:
-        await self.call(EngineCore.reset_prefix_cache)
+    async def reset_prefix_cache(self) -> EngineStats:
+        """Forget every cached prefix block; returns the counters as they stood just after."""
+        def reset(core: EngineCore) -> EngineStats:
+            core.reset_prefix_cache()
+            return core.stats()
+        return await self.call(reset)
+
+    def stats(self) -> EngineStats:
+        """The engine's counters as of its last loop pass (a snapshot the engine thread took:
+        safe to read from any thread, never blocks the engine)."""
+        return self._stats
 
     async def wait_idle(self) -> None:
         """Return once every queued command is applied and no request is left unfinished."""
@@ -167,6 +166,8 @@ class AsyncEngine:
     # ---- engine thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The engine thread. Nothing a command or a step raises may end it: a failure fails
+        that command's caller (or, for a step, the requests in it) and the loop goes on."""
         core = self.core
         pings: list[_Ping] = []
         while True:
@@ -179,40 +180,82 @@ class AsyncEngine:
                     break
             outputs: list[RequestOutput] = []
             errors: list[tuple[str, BaseException]] = []
+            added = 0
             for cmd in commands:
                 if isinstance(cmd, _Stop):
                     return
                 if isinstance(cmd, _Ping):
                     pings.append(cmd)
                     continue
-                if isinstance(cmd, _Call):
-                    self._loop.call_soon_threadsafe(_resolve, cmd.future, cmd.fn(core))
-                    continue
-                if isinstance(cmd, _Add):
-                    self._loop.call_soon_threadsafe(self._added)
-                    try:
-                        core.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.cache_salt, cmd.grammar)
-                    except WeftError as exc:
-                        errors.append((cmd.request_id, exc))
-                else:
-                    outputs.extend(core.abort(cmd.request_id))
+                added += isinstance(cmd, _Add)
+                self._apply(cmd, outputs, errors)
             try:
                 outputs.extend(core.step())
                 self.steps += 1
             except Exception as exc:  # keep the loop alive; fail what was running
                 log.exception("engine step failed")
-                for rid in list(core.requests):
-                    core.abort(rid)
-                    errors.append((rid, RuntimeError(f"engine step failed: {exc}")))
-            if outputs or errors:
-                self._loop.call_soon_threadsafe(self._deliver, outputs, errors)
+                errors += self._fail_all(f"engine step failed: {exc}")
+            self._loop.call_soon_threadsafe(self._publish, self._snapshot(), added, outputs, errors)
             if pings and not core.has_unfinished():
                 for ping in pings:
                     self._loop.call_soon_threadsafe(_resolve, ping.future)
                 pings = []
 
-    def _added(self) -> None:
-        self._pending_adds -= 1
+    def _apply(self, cmd: _Add | _Abort | _Call, outputs: list[RequestOutput],
+               errors: list[tuple[str, BaseException]]) -> None:
+        """One command on the engine thread; whatever it raises goes to its caller alone."""
+        core = self.core
+        if isinstance(cmd, _Call):
+            try:
+                result = cmd.fn(core)
+            except Exception as exc:
+                log.exception("engine call failed")
+                self._loop.call_soon_threadsafe(_fail_future, cmd.future, exc)
+            else:
+                self._loop.call_soon_threadsafe(_resolve, cmd.future, result)
+        elif isinstance(cmd, _Add):
+            try:
+                core.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.cache_salt, cmd.grammar)
+            except WeftError as exc:
+                errors.append((cmd.request_id, exc))
+            except Exception as exc:
+                log.exception("adding request %s failed", cmd.request_id)
+                core.abort(cmd.request_id)   # whatever part of it got in
+                errors.append((cmd.request_id, RuntimeError(f"adding the request failed: {exc}")))
+        else:
+            try:
+                outputs.extend(core.abort(cmd.request_id))
+            except Exception:
+                # The caller has gone (abort follows a cancel or a disconnect): nobody to tell.
+                log.exception("aborting request %s failed", cmd.request_id)
+
+    def _fail_all(self, message: str) -> list[tuple[str, BaseException]]:
+        """Abort every request the core holds, each with `message` for its stream."""
+        errors: list[tuple[str, BaseException]] = []
+        for rid in list(self.core.requests):
+            try:
+                self.core.abort(rid)
+            except Exception:
+                log.exception("aborting request %s failed", rid)
+                self.core.requests.pop(rid, None)
+            errors.append((rid, RuntimeError(message)))
+        return errors
+
+    def _snapshot(self) -> EngineStats | None:
+        try:
+            return self.core.stats()
+        except Exception:   # counters are not worth a dead engine thread
+            log.exception("engine stats failed")
+            return None
+
+    def _publish(self, stats: EngineStats | None, added: int, outputs: list[RequestOutput],
+                 errors: list[tuple[str, BaseException]]) -> None:
+        """On the event loop: one engine pass's snapshot, then its deltas and errors."""
+        if stats is not None:
+            self._stats = stats
+        self._pending_adds -= added
+        if outputs or errors:
+            self._deliver(outputs, errors)
 
     def _deliver(self, outputs: list[RequestOutput], errors: list[tuple[str, BaseException]]) -> None:
         by_id: dict[str, list[RequestOutput]] = {}
@@ -231,3 +274,8 @@ class AsyncEngine:
 def _resolve(future: asyncio.Future, value: Any = None) -> None:
     if not future.done():
         future.set_result(value)
+
+
+def _fail_future(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
