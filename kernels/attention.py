@@ -1,30 +1,18 @@
 """Paged attention over a flattened batch: decode rows (one query) and prefill chunks
-(several queries whose earlier context is already in the cache) in one call."""
+(several queries whose earlier context is already in the cache) in one call.
+
+The dispatcher: Triton on CUDA (`kernels.triton_attention`, imported only then, so CPU-only
+installs need no triton), the native C kernel for float32 on CPU, else the torch reference.
+The batch description, `AttentionMetadata`, lives in `kernels.attention_metadata`.
+"""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
 from kernels import cpu_native
-
-
-@dataclass(slots=True)
-class AttentionMetadata:
-    """How the flattened batch maps onto sequences and cache blocks.
-
-    Rows are ordered decodes first: rows [0, num_decodes) have exactly one query token,
-    which lets the reference handle all of them in one batched matmul.
-    """
-    query_start_loc: list[int]    # [B+1] offsets of each row's queries in the flat batch
-    seq_lens: list[int]           # [B] KV length of each row after this step (context + new)
-    block_tables: torch.Tensor    # [B, max_blocks] int64 block ids (padded with 0)
-    seq_lens_t: torch.Tensor      # [B] int64, seq_lens as a tensor on the cache's device
-    num_decodes: int              # leading rows with a single query
-    block_size: int
-    # Built once per step by the native CPU path and reused by every layer (see native_plan).
-    cached_plan: "_NativePlan | None" = None
+from kernels.attention_metadata import AttentionMetadata, NativePlan
 
 
 def paged_attention(
@@ -48,22 +36,14 @@ def paged_attention(
 NATIVE_MAX_QUERIES = 16
 
 
-@dataclass(slots=True)
-class _NativePlan:
-    query_start_loc: torch.Tensor   # [B+1] int64
-    rows: torch.Tensor              # int64 rows for the C kernel
-    num_rows: int
-    long_rows: list[int]            # rows left to the torch path
-
-
-def native_plan(meta: AttentionMetadata) -> _NativePlan:
+def native_plan(meta: AttentionMetadata) -> NativePlan:
     if meta.cached_plan is None:
         qsl = meta.query_start_loc
         rows, long_rows = [], []
         for r in range(len(meta.seq_lens)):
             (rows if qsl[r + 1] - qsl[r] <= NATIVE_MAX_QUERIES else long_rows).append(r)
-        meta.cached_plan = _NativePlan(torch.tensor(qsl, dtype=torch.long), torch.tensor(rows, dtype=torch.long),
-                                       len(rows), long_rows)
+        meta.cached_plan = NativePlan(torch.tensor(qsl, dtype=torch.long), torch.tensor(rows, dtype=torch.long),
+                                      len(rows), long_rows)
     return meta.cached_plan
 
 

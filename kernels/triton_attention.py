@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import AttentionMetadata
+from kernels.attention_metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 
