@@ -1,7 +1,11 @@
-"""Batched sampling on the device: logits -> one token per row, reproducible per request.
+"""The counter-based batched sampler's torch reference: logits -> one token per row, reproducible
+per request. NOT used by the engine: Weft samples with `decoding.sampling.Sampler` (a torch
+pipeline, on CPU and CUDA alike, that this module does not reproduce; kernels/NOTES.md,
+"Sampler", says why). This file and its Triton twin (`kernels.triton_sampling`) are kept as a
+tested, benchmarked candidate (tests/test_kernels.py, `python -m bench gpu_kernels`).
 
-    sample_tokens(logits[B, V] float32, temperature[B], top_k[B], top_p[B],
-                  seeds[B] int64 | None, positions[B] int64 | None) -> tokens[B] int64
+    sample_tokens_ref(logits[B, V] float32, temperature[B], top_k[B], top_p[B],
+                      seeds[B] int64 | None, positions[B] int64 | None) -> tokens[B] int64
 
 Per row (the torch reference below is the definition; the Triton kernel computes the same):
 - greedy when temperature < GREEDY_TEMPERATURE (1e-5, as in decoding/sampling.py): argmax of
@@ -23,34 +27,11 @@ tie within one ulp of `log` (the test checks both conditions row by row).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-GREEDY_TEMPERATURE = 1e-5
+from kernels.sampling_constants import FMIX_C1, FMIX_C2, GREEDY_TEMPERATURE, SEED_SALT, TOKEN_SALT
+
 _M32 = 0xFFFFFFFF
-
-# Hash constants (murmur3's finalizer, golden-ratio offsets); the Triton kernel uses the same.
-_FMIX_C1 = 0x85EBCA6B
-_FMIX_C2 = 0xC2B2AE35
-_SEED_SALT = 0x9E3779B9
-_TOKEN_SALT = 0x632BE5AB
-
-
-def sample_tokens(
-    logits: torch.Tensor,            # [B, V] float32
-    temperature: torch.Tensor,       # [B] float
-    top_k: torch.Tensor,             # [B] int (<= 0 or >= V: off)
-    top_p: torch.Tensor,             # [B] float (>= 1: off)
-    seeds: torch.Tensor | None = None,      # [B] int64; None: fresh random seeds
-    positions: torch.Tensor | None = None,  # [B] int64: the request's output position (step offset)
-) -> torch.Tensor:                   # [B] int64
-    seeds, positions = _defaults(logits, seeds, positions)
-    if logits.is_cuda or os.environ.get("WEFT_FORCE_TRITON") == "1":
-        from kernels.triton_sampling import sample_tokens_triton
-
-        return sample_tokens_triton(logits, temperature, top_k, top_p, seeds, positions)
-    return sample_tokens_ref(logits, temperature, top_k, top_p, seeds, positions)
 
 
 def _defaults(logits: torch.Tensor, seeds: torch.Tensor | None, positions: torch.Tensor | None
@@ -74,16 +55,16 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
 
 def _fmix32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 16)
-    x = _mul32(x, _FMIX_C1)
+    x = _mul32(x, FMIX_C1)
     x = x ^ (x >> 13)
-    x = _mul32(x, _FMIX_C2)
+    x = _mul32(x, FMIX_C2)
     return x ^ (x >> 16)
 
 
 def row_hash(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """[B] int64 in [0, 2**32): the per-(seed, position) key of a row's random stream."""
     s, p = seeds.long(), positions.long()
-    h = _fmix32((s & _M32) ^ _SEED_SALT)
+    h = _fmix32((s & _M32) ^ SEED_SALT)
     h = _fmix32(h ^ ((s >> 32) & _M32))
     h = _fmix32(h ^ (p & _M32))
     return _fmix32(h ^ ((p >> 32) & _M32))
@@ -93,7 +74,7 @@ def uniforms_ref(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> to
     """[B, V] float32 in (0, 1): u = ((r >> 9) + 0.5) / 2**23, r = fmix(h ^ fmix(token + salt))."""
     h = row_hash(seeds, positions)
     tok = torch.arange(vocab, dtype=torch.int64, device=seeds.device)
-    r = _fmix32(h[:, None] ^ _fmix32((tok + _TOKEN_SALT) & _M32)[None, :])
+    r = _fmix32(h[:, None] ^ _fmix32((tok + TOKEN_SALT) & _M32)[None, :])
     return ((r >> 9).to(torch.float32) + 0.5) * (1.0 / 2**23)
 
 

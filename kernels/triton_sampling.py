@@ -1,4 +1,7 @@
-"""Triton sampler: the CUDA implementation of `kernels.sampling.sample_tokens`.
+"""Triton sampler: the CUDA twin of `kernels.sampling.sample_tokens_ref` (same tokens, same
+counter-based uniforms). NOT used by the engine, which samples with `decoding.sampling.Sampler`
+on every device (kernels/NOTES.md, "Sampler", says why); reached from tests/test_kernels.py and
+`python -m bench gpu_kernels` only.
 
 A program per row streams the row in BLOCK_V chunks (it stays in L2 between passes):
 greedy rows take one argmax pass; sampled rows take a min/max pass, a bisection on the
@@ -13,14 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import sampling as _ref
-from kernels.sampling import GREEDY_TEMPERATURE
+from kernels import sampling_constants as _c
+from kernels.sampling_constants import GREEDY_TEMPERATURE
 
 # Globals read inside jit functions must be constexpr.
-_FMIX_C1 = tl.constexpr(_ref._FMIX_C1)
-_FMIX_C2 = tl.constexpr(_ref._FMIX_C2)
-_SEED_SALT = tl.constexpr(_ref._SEED_SALT)
-_TOKEN_SALT = tl.constexpr(_ref._TOKEN_SALT)
+_FMIX_C1 = tl.constexpr(_c.FMIX_C1)
+_FMIX_C2 = tl.constexpr(_c.FMIX_C2)
+_SEED_SALT = tl.constexpr(_c.SEED_SALT)
+_TOKEN_SALT = tl.constexpr(_c.TOKEN_SALT)
 
 
 @triton.jit
