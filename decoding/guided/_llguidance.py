@@ -17,7 +17,6 @@ import llguidance as llg
 import torch
 
 from decoding.guided.base import CompiledGrammar, Guide
-from decoding.guided.budget import BudgetTables, tables_for
 from decoding.guided.spec import GuidedSpec, schema_json
 from common.errors import InvalidArgumentError
 
@@ -106,13 +105,11 @@ class LLGuidanceGuide(Guide):
 class LLGuidanceGrammar(CompiledGrammar):
     backend = "llguidance"
 
-    def __init__(self, kind: str, template: llg.LLMatcher, words: int, compile_time_s: float,
-                 budget_tables: BudgetTables | None = None) -> None:
+    def __init__(self, kind: str, template: llg.LLMatcher, words: int, compile_time_s: float) -> None:
         self.kind = kind
         self._template = template     # never advanced: each guide starts from a deep copy
         self._words = words
         self.compile_time_s = compile_time_s
-        self.budget_tables = budget_tables
 
     def _new_guide(self) -> LLGuidanceGuide:
         return LLGuidanceGuide(self._template.deep_copy(), self._words)
@@ -160,7 +157,6 @@ class LLGuidanceBackend:
         raise InvalidArgumentError(field, f"backend llguidance does not support kind {spec.kind!r}")
 
     def compile(self, spec: GuidedSpec) -> LLGuidanceGrammar:
-        tables = tables_for(self.info)      # once per tokenizer, before the clock starts
         t0 = time.perf_counter()
         grammar = self.grammar_text(spec)
         is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(
@@ -170,7 +166,7 @@ class LLGuidanceBackend:
         matcher = llg.LLMatcher(self.info.ll_tokenizer, grammar, log_level=0, limits=self.limits)
         if matcher.is_error():
             raise InvalidArgumentError(spec.field, _clean(matcher.get_error()))
-        return LLGuidanceGrammar(spec.kind, matcher, self.info.words, time.perf_counter() - t0, tables)
+        return LLGuidanceGrammar(spec.kind, matcher, self.info.words, time.perf_counter() - t0)
 
 
 def strip_anchors(regex: str) -> str:

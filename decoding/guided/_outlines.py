@@ -22,7 +22,6 @@ import torch
 from decoding.guided._llguidance import TokenizerInfo, strip_anchors
 from decoding.guided._schema_check import check_outlines_schema
 from decoding.guided.base import CompiledGrammar, Guide, set_bits
-from decoding.guided.budget import BudgetTables, tables_for
 from decoding.guided.spec import GuidedSpec, schema_json
 from common.errors import InvalidArgumentError
 
@@ -38,8 +37,7 @@ WHITESPACE_PATTERNS = {"compact": "", "flexible": r"[ \t\n\r]*"}
 class OutlinesGrammar(CompiledGrammar):
     backend = "outlines-core"
 
-    def __init__(self, kind: str, index: oc.Index, info: TokenizerInfo, oc_eos: int, compile_time_s: float,
-                 budget_tables: BudgetTables | None = None) -> None:
+    def __init__(self, kind: str, index: oc.Index, info: TokenizerInfo, oc_eos: int, compile_time_s: float) -> None:
         self.kind = kind
         self.index = index
         self.words = info.words
@@ -51,7 +49,6 @@ class OutlinesGrammar(CompiledGrammar):
         self._allowed: dict[int, tuple[int, ...]] = {}
         self._rows: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
-        self.budget_tables = budget_tables
 
     def allowed(self, state: int) -> tuple[int, ...]:
         got = self._allowed.get(state)
@@ -220,7 +217,6 @@ class OutlinesBackend:
         raise InvalidArgumentError(field, f"backend outlines-core does not support kind {spec.kind!r}; use llguidance")
 
     def compile(self, spec: GuidedSpec) -> OutlinesGrammar:
-        tables = tables_for(self.info)      # once per tokenizer, before the clock starts
         t0 = time.perf_counter()
         regex = self.regex_for(spec)
         bound_regex(regex, spec.field)
@@ -228,7 +224,7 @@ class OutlinesBackend:
             index = oc.Index(regex, self.vocabulary)
         except Exception as exc:
             raise InvalidArgumentError(spec.field, f"outlines-core: {_first_line(exc)}") from None
-        return OutlinesGrammar(spec.kind, index, self.info, self.eos, time.perf_counter() - t0, tables)
+        return OutlinesGrammar(spec.kind, index, self.info, self.eos, time.perf_counter() - t0)
 
 
 def bound_regex(regex: str, field: str) -> int:

@@ -2,8 +2,9 @@
 
 A backend compiles a `GuidedSpec` once into a `CompiledGrammar` (immutable, cached and shared);
 each generated sequence gets its own `Guide` from `new_guide(params)`, which tracks where that
-sequence is in the grammar and, knowing the request's max_tokens, closes the output before the
-budget runs out (`budget.py`).
+sequence is in the grammar. Backends know nothing of token budgets: `GuideCompiler` hands out
+each grammar wrapped (`budget.BudgetGrammar`) so that its guides, knowing the request's
+max_tokens, close the output before the budget runs out.
 
 Bitmask layout (llguidance's and xgrammar's, and `kernels.mask.apply_token_bitmask_`'s):
 token 32*w + j is bit j of int32 word w; 1 = allowed. A row must cover the model's whole
@@ -21,7 +22,6 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from decoding.guided.budget import BudgetTables
     from decoding.sampling import SamplingParams
 
 
@@ -77,26 +77,14 @@ class CompiledGrammar(ABC):
     backend: str          # "llguidance" | "outlines-core"
     kind: str
     compile_time_s: float = 0.0
-    budget_tables: BudgetTables | None = None   # the tokenizer's tables for budget-aware guides
-    string_hints: tuple[tuple[int, ...], ...] = ()   # shortest matches of the schema's patterns (hints.py)
 
     def new_guide(self, params: SamplingParams | None = None, *, max_tokens: int | None = None) -> Guide:
         """A fresh guide at the start of the grammar, for one generated sequence.
 
-        Given the request's `params` (or a `max_tokens` budget), the guide counts the tokens it
-        advances and closes the output before the budget runs out (budget.py), unless
-        `params.guided.close_before_max_tokens` is False. Without either it never narrows its
-        masks beyond the grammar."""
-        guide = self._new_guide()
-        if params is not None:
-            spec = getattr(params, "guided", None)
-            max_tokens = params.max_tokens if spec is None or spec.close_before_max_tokens else None
-        if max_tokens is None or self.budget_tables is None:
-            return guide
-        from decoding.guided.budget import BudgetGuide
-
-        return BudgetGuide(guide, max_tokens, self.budget_tables, self.kind in ("json_schema", "json_object"),
-                           self.string_hints)
+        A backend's own grammar has no notion of a budget and ignores `params` / `max_tokens`;
+        the grammars GuideCompiler returns (`budget.BudgetGrammar`) use them to close the
+        output before max_tokens."""
+        return self._new_guide()
 
     @abstractmethod
     def _new_guide(self) -> Guide:

@@ -38,13 +38,15 @@ that cannot fit (a schema whose shortest completion is longer than what is left:
 """
 from __future__ import annotations
 
-import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from decoding.guided.base import Guide
+from decoding.guided.base import CompiledGrammar, Guide
+
+if TYPE_CHECKING:
+    from decoding.sampling import SamplingParams
 
 # A plan is at most this long: with more left than this, a plan that does not fit is tried
 # again later instead of given up.
@@ -237,21 +239,6 @@ class BudgetTables:
         return np.unpackbits(row_words.view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
 
 
-_tables_lock = threading.Lock()
-
-
-def tables_for(info: Any) -> BudgetTables:
-    """The `BudgetTables` of a `TokenizerInfo`, built on first use (on a compiler thread)."""
-    got = getattr(info, "_budget_tables", None)
-    if got is None:
-        with _tables_lock:
-            got = getattr(info, "_budget_tables", None)
-            if got is None:
-                got = BudgetTables(info.token_bytes(), info.eos_ids, info.words)
-                info._budget_tables = got
-    return got
-
-
 def plan_completion(fork: Guide, tables: BudgetTables, json_mode: bool, mode: int, limit: int,
                     hints: tuple[tuple[int, ...], ...] = ()) -> list[int] | None:
     """A short token sequence that completes the output from `fork`'s state (advancing `fork`);
@@ -388,6 +375,40 @@ def _lookahead(fork: Guide, scores: np.ndarray, best: int) -> int:
         if probe.is_complete():
             return t
     return best
+
+
+class BudgetGrammar(CompiledGrammar):
+    """A backend's grammar whose guides know the request's token budget: what GuideCompiler
+    hands out. Backends know nothing of budgets; the compiler wraps each grammar it compiles,
+    with the tokenizer's tables and the schema's string hints (hints.py)."""
+
+    def __init__(self, inner: CompiledGrammar, tables: BudgetTables,
+                 string_hints: tuple[tuple[int, ...], ...] = ()) -> None:
+        self.inner = inner
+        self.backend = inner.backend
+        self.kind = inner.kind
+        self.compile_time_s = inner.compile_time_s
+        self.budget_tables = tables
+        self.string_hints = string_hints      # shortest matches of the schema's patterns
+
+    def new_guide(self, params: SamplingParams | None = None, *, max_tokens: int | None = None) -> Guide:
+        """A fresh guide at the start of the grammar, for one generated sequence.
+
+        Given the request's `params` (or a `max_tokens` budget), the guide counts the tokens it
+        advances and closes the output before the budget runs out, unless
+        `params.guided.close_before_max_tokens` is False. Without either it never narrows its
+        masks beyond the grammar."""
+        guide = self.inner.new_guide()
+        if params is not None:
+            spec = getattr(params, "guided", None)
+            max_tokens = params.max_tokens if spec is None or spec.close_before_max_tokens else None
+        if max_tokens is None:
+            return guide
+        return BudgetGuide(guide, max_tokens, self.budget_tables, self.kind in ("json_schema", "json_object"),
+                           self.string_hints)
+
+    def _new_guide(self) -> Guide:
+        return self.inner.new_guide()
 
 
 class BudgetGuide(Guide):

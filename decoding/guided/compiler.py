@@ -9,6 +9,9 @@
 - A compilation that takes longer than `timeout_s` fails the request with INVALID_ARGUMENT (it is
   left to finish in the background and its result cached). Sizes are bounded before compiling
   (spec.py) and during it (llguidance's parser limits, the DFA bound for outlines-core).
+- Every grammar handed out is a `budget.BudgetGrammar`: the backend's grammar plus the
+  tokenizer's budget tables (built once per compiler) and the schema's string hints, so that
+  `new_guide(params)` closes the output before max_tokens. Backends know nothing of budgets.
 
 Backend choice ("auto"): llguidance first for every kind, outlines-core as the fallback for the
 kinds it handles when llguidance refuses a spec. Measured on jsonschemabench-dev (300 real
@@ -29,6 +32,7 @@ import time
 from typing import Any
 
 from decoding.guided.base import CompiledGrammar
+from decoding.guided.budget import BudgetGrammar, BudgetTables
 from decoding.guided.hints import string_hints
 from decoding.guided.spec import GuidedSpec, schema_json
 from common.errors import InvalidArgumentError
@@ -58,6 +62,8 @@ class GuideCompiler:
         self._inflight: dict[tuple, cf.Future] = {}
         self._backend_lock = threading.Lock()
         self._info = None
+        self._tables_lock = threading.Lock()
+        self._budget_tables: BudgetTables | None = None
         # The cache is this compiler's, i.e. one tokenizer's; the key still names the tokenizer.
         self._tokenizer_key = (type(getattr(tokenizer, "hf", tokenizer)).__name__, int(tokenizer.vocab_size),
                                tuple(tokenizer.eos_token_ids), self.vocab_size)
@@ -97,7 +103,8 @@ class GuideCompiler:
         """Compile now in this thread, bypassing cache and pool (benchmarks, tests)."""
         spec.validate()
         if backend is not None:
-            return _with_hints(self.backend(backend).compile(spec), spec)
+            grammar = self.backend(backend).compile(spec)
+            return _with_budget(grammar, spec, self._tables())
         return self._build(spec)
 
     def backend(self, name: str) -> Any:
@@ -172,6 +179,16 @@ class GuideCompiler:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
 
+    def _tables(self) -> BudgetTables:
+        """The tokenizer's tables for budget-aware guides, built on first use (~0.5 s, on a
+        compiler thread). Needs the tokenizer info, so call it after `backend()`."""
+        with self._tables_lock:
+            if self._budget_tables is None:
+                info = self._info
+                assert info is not None, "backend() builds the tokenizer info first"
+                self._budget_tables = BudgetTables(info.token_bytes(), info.eos_ids, info.words)
+            return self._budget_tables
+
     def _build(self, spec: GuidedSpec) -> CompiledGrammar:
         names = AUTO_ORDER[spec.kind] if spec.backend == "auto" else (spec.backend,)
         first_error: InvalidArgumentError | None = None
@@ -184,6 +201,7 @@ class GuideCompiler:
                 first_error = first_error or err
                 continue
             try:
+                tables = self._tables()
                 grammar = backend.compile(spec)
             except InvalidArgumentError as exc:
                 first_error = first_error or exc
@@ -195,7 +213,7 @@ class GuideCompiler:
             with self._lock:
                 self.num_compiled += 1
                 self.compile_times_s.append(time.perf_counter() - t0)
-            return _with_hints(grammar, spec)
+            return _with_budget(grammar, spec, tables)
         with self._lock:
             self.num_failed += 1
         assert first_error is not None
@@ -205,11 +223,13 @@ class GuideCompiler:
         return InvalidArgumentError(spec.field, f"compiling took longer than the {self.timeout_s:g} s limit")
 
 
-def _with_hints(grammar: CompiledGrammar, spec: GuidedSpec) -> CompiledGrammar:
-    """Give a JSON Schema grammar its patterns' shortest matches, for the closing planner."""
-    if spec.kind == "json_schema" and grammar.budget_tables is not None:
-        grammar.string_hints = string_hints(json.loads(schema_json(spec)), grammar.budget_tables.encode)
-    return grammar
+def _with_budget(grammar: CompiledGrammar, spec: GuidedSpec, tables: BudgetTables) -> BudgetGrammar:
+    """Wrap a backend's grammar so that its guides know the request's budget; a JSON Schema
+    grammar also gets its patterns' shortest matches, for the closing planner."""
+    hints: tuple[tuple[int, ...], ...] = ()
+    if spec.kind == "json_schema":
+        hints = string_hints(json.loads(schema_json(spec)), tables.encode)
+    return BudgetGrammar(grammar, tables, hints)
 
 
 def _unwrap(hit: CompiledGrammar | InvalidArgumentError) -> CompiledGrammar:
