@@ -171,15 +171,12 @@ class _EngineCollector(Collector):
 
     def _observe_compiles(self, compiler: Any) -> None:
         """Move compile times the guide compiler recorded since the last scrape into the histogram."""
-        if compiler is None or not hasattr(compiler, "compile_times_s"):
+        if compiler is None:
             return
-        lock = getattr(compiler, "_lock", None) or contextlib.nullcontext()
-        with lock:
-            total = int(getattr(compiler, "num_compiled", 0))
-            times = list(compiler.compile_times_s)
-        new = total - self._compiles_seen
-        if new <= 0:
+        # GuideCompiler.compile_times_since: the count and the times, read under its own lock.
+        total, times = compiler.compile_times_since(self._compiles_seen)
+        if total <= self._compiles_seen:
             return
         self._compiles_seen = total
-        for t in times[-min(new, len(times)):]:
+        for t in times:
             self.metrics.guided_compile.observe(t)

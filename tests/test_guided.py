@@ -144,6 +144,27 @@ def test_cache_shares_results_and_failures(tok) -> None:
         c.shutdown()
 
 
+def test_compile_times_since_counts_only_new_compilations(tok) -> None:
+    """What /metrics reads: the compile count and the times after the reader's own count; cache
+    hits and failures add none."""
+    c = GuideCompiler(tok, VOCAB)
+    try:
+        assert c.compile_times_since(0) == (0, [])
+        c.compile_sync(GuidedSpec("regex", r"\d+"))
+        c.compile_sync(GuidedSpec("regex", r"\d+"))
+        with pytest.raises(InvalidArgumentError):
+            c.compile_sync(GuidedSpec("regex", "(x"))
+        total, times = c.compile_times_since(0)
+        assert total == 1 and len(times) == 1 and times[0] > 0
+        c.compile_sync(GuidedSpec("regex", "[ab]+"))
+        total, new = c.compile_times_since(1)
+        assert total == 2 and len(new) == 1 and new[0] > 0
+        assert c.compile_times_since(2) == (2, [])
+        assert c.compile_times_since(0)[1][-1] == new[0]      # a second reader is not short-changed
+    finally:
+        c.shutdown()
+
+
 async def test_async_compile_has_a_time_limit_and_never_blocks_the_loop(tok, monkeypatch) -> None:
     c = GuideCompiler(tok, VOCAB, timeout_s=0.2)
     try:

@@ -134,6 +134,17 @@ class GuideCompiler:
         """int32 words per bitmask row (covers the model's vocabulary)."""
         return (max(self.vocab_size, int(self.tokenizer.vocab_size)) + 31) // 32
 
+    def compile_times_since(self, seen: int) -> tuple[int, list[float]]:
+        """(compilations so far, the times in seconds of those after the first `seen`), read
+        together under the compiler's lock. Only the last 1024 times are kept, so fewer come back
+        when a reader falls further behind. The reader keeps its own count: several readers do
+        not take each other's times."""
+        with self._lock:
+            total = self.num_compiled
+            new = total - seen
+            times = list(self.compile_times_s)[-new:] if new > 0 else []
+        return total, times
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
