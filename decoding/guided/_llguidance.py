@@ -73,9 +73,6 @@ class LLGuidanceGuide(Guide):
     def advance(self, token_id: int) -> bool:
         return self._m.consume_token(int(token_id))
 
-    def advance_many(self, token_ids: list[int]) -> bool:
-        return self._m.consume_tokens([int(t) for t in token_ids])
-
     def rollback(self, n: int) -> None:
         if n and not self._m.rollback(n):
             raise ValueError(f"cannot roll back {n} tokens: {self._m.get_error()}")

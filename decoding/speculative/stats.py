@@ -56,9 +56,6 @@ class SpecStats:
         """1 + accepted / drafts: tokens gained per verification (1.0 when nothing was drafted)."""
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
 
-    def acceptance_rate_per_position(self) -> list[float]:
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
-
     def as_dict(self) -> dict:
         return {
             "num_drafts": self.num_drafts,
