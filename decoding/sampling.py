@@ -39,7 +39,7 @@ MAX_SPECULATIVE_TOKENS = 16
 _SEED_LIMIT = 2**63
 
 # Block size of the two-level inverse-CDF draw: per-row block sums, then a cumsum inside one block.
-_DRAW_BLOCK = 256
+DRAW_BLOCK = 256
 # Candidate counts tried by top-p before it sorts the whole row.
 _TOP_P_STAGES = (64, 1024, 8192)
 
@@ -122,6 +122,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
+    @property
+    def has_penalty(self) -> bool:
+        """Any of the repetition, presence and frequency penalties is on."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -187,7 +192,7 @@ def _decide(logits: torch.Tensor, rows: Sequence[SampleRequest], scratch: _Scrat
     batch = len(rows)
     greedy = [i for i in range(batch) if rows[i].params.greedy]
     sampled = [i for i in range(batch) if not rows[i].params.greedy]
-    penalised = [i for i in range(batch) if _has_penalty(rows[i].params)]
+    penalised = [i for i in range(batch) if rows[i].params.has_penalty]
 
     base = logits
     if penalised:
@@ -214,10 +219,6 @@ def _decide(logits: torch.Tensor, rows: Sequence[SampleRequest], scratch: _Scrat
     if bad:
         raise NoValidTokenError(sorted(bad))
     return _Decision(greedy, greedy_tokens, sampled, weights)
-
-
-def _has_penalty(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 def _index(rows: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -429,7 +430,7 @@ def _zero_below_(w: torch.Tensor, rows: list[int], threshold: torch.Tensor) -> N
 # ---- the draw ---------------------------------------------------------------------------------
 
 
-def _draw(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def draw_tokens(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling of one token per row from weights w [R, V] with uniforms u [R] in [0, 1).
 
     Two levels keep it cheap: cumulative sums of per-block totals pick a block, then a cumsum over
@@ -437,7 +438,7 @@ def _draw(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     and every clamp below lands on a token with weight, so excluded tokens are never drawn.
     """
     rows, vocab = w.shape
-    block = _DRAW_BLOCK
+    block = DRAW_BLOCK
     full = vocab // block
     parts = []
     if full:
@@ -508,13 +509,21 @@ class Sampler:
         if d.greedy_tokens is not None:
             tokens[_index(d.greedy_rows, logits.device)] = d.greedy_tokens
         if d.weights is not None:
-            drawn = _draw(d.weights, _uniforms(rows, d.sampled_rows, logits.device))
+            drawn = draw_tokens(d.weights, _uniforms(rows, d.sampled_rows, logits.device))
             tokens[_index(d.sampled_rows, logits.device)] = drawn
         # The weights are spent: the logprobs may reuse their scratch buffer.
         return tokens.tolist(), _logprobs(logits, rows, tokens, self._scratch)
 
-    def probs_for(self, logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
-        return _probs(logits, rows, self._scratch)
+    def sampling_weights(self, logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
+        """[len(rows), V] float32: the unnormalised weights `probs_for` normalises (penalties,
+        temperature, top-k, top-p, min-p applied; row max 1, excluded tokens 0) for rows that all
+        sample. They live in this sampler's scratch buffers: valid until its next call.
+        Raises NoValidTokenError as __call__ does."""
+        if any(r.params.greedy for r in rows):
+            raise ValueError("sampling_weights: greedy rows have no weights")
+        d = _decide(logits, rows, self._scratch)
+        assert d.weights is not None
+        return d.weights
 
 
 def probs_for(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
@@ -534,6 +543,13 @@ def _probs(logits: torch.Tensor, rows: list[SampleRequest], scratch: _Scratch | 
         w = d.weights
         out.index_copy_(0, _index(d.sampled_rows, logits.device), w / w.sum(dim=-1, keepdim=True))
     return out
+
+
+def token_logprobs(logits: torch.Tensor, rows: Sequence[SampleRequest], tokens: torch.Tensor
+                   ) -> list[TokenLogprobs | None]:
+    """What __call__ reports for `tokens` chosen elsewhere (speculative verification): the
+    logprobs of the raw logits, for the rows that asked (None for the others)."""
+    return _logprobs(logits, rows, tokens, None)
 
 
 def _logprobs(

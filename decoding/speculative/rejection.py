@@ -35,16 +35,14 @@ from dataclasses import dataclass
 import torch
 
 from decoding.sampling import (
-    _DRAW_BLOCK,
+    DRAW_BLOCK,
     NoValidTokenError,
     Sampler,
     SampleRequest,
     SamplingParams,
     TokenLogprobs,
-    _decide,
-    _draw,
-    _has_penalty,
-    _logprobs,
+    draw_tokens,
+    token_logprobs,
 )
 
 
@@ -140,9 +138,9 @@ def rejection_sample(
 
 def _draw_rows(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw of one token per row of weights w [R, V] with uniforms u [R] — the normal
-    sampler's `_draw`; a plain cumsum when the vocabulary is smaller than its block (tests)."""
-    if w.shape[1] > _DRAW_BLOCK:
-        return _draw(w, u)
+    sampler's `draw_tokens`; a plain cumsum when the vocabulary is smaller than its block (tests)."""
+    if w.shape[1] > DRAW_BLOCK:
+        return draw_tokens(w, u)
     cdf = w.double().cumsum(dim=-1)
     total = cdf[:, -1:].contiguous()
     # The first token whose CDF exceeds u * total; never a zero-weight one, even when u * total
@@ -311,7 +309,7 @@ class SpeculativeVerifier:
             reqs = []
             for i in which:
                 r = rows[i]
-                penalised = _has_penalty(r.params)
+                penalised = r.params.has_penalty
                 for j in range(ks[i] + 1):
                     out = list(r.output_ids) + list(r.draft_tokens[:j]) if penalised and j else r.output_ids
                     reqs.append(SampleRequest(r.params, r.prompt_ids, out))
@@ -337,7 +335,7 @@ class SpeculativeVerifier:
             try:
                 # probs_for's pipeline (penalties, temperature, top-k/p, min-p) on the sampler's
                 # scratch buffers; p = weights / row sum, formed where read (see _sample_rows).
-                weights = _decide(take(positions(sampled)), requests(sampled), self.sampler._scratch).weights
+                weights = self.sampler.sampling_weights(take(positions(sampled)), requests(sampled))
             except NoValidTokenError as exc:
                 bad |= row_of(sampled, exc.rows)
         if bad:
@@ -367,7 +365,7 @@ class SpeculativeVerifier:
                 pos = [starts[i] + j for i in wanted for j in range(len(emitted[i]))]
                 reqs = [SampleRequest(rows[i].params, (), ()) for i in wanted for _ in emitted[i]]
                 chosen = _index([t for i in wanted for t in emitted[i]], dev)
-                lps = _logprobs(logits.index_select(0, _index(pos, dev)), reqs, chosen, None)
+                lps = token_logprobs(logits.index_select(0, _index(pos, dev)), reqs, chosen)
                 at = 0
                 for i in wanted:
                     logprobs[i] = [lp for lp in lps[at: at + len(emitted[i])] if lp is not None]
