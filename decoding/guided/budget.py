@@ -55,6 +55,10 @@ PLAN_HORIZON = 1024
 SOFT_SLACK = 8
 # ... plus the largest rise of the plan between two checks, up to this much.
 MAX_RISE = 48
+# With this few tokens left, a choice between at most LOOKAHEAD_CHOICES tokens drops those after
+# which no complete output fits (`_drop_dead_ends`): a plan per candidate, only near the end.
+LOOKAHEAD_REMAINING = 96
+LOOKAHEAD_CHOICES = 4
 # Follow the plan when it leaves this little slack: the output ends HARD_SLACK tokens early at
 # worst, a margin for a plan that is not the shortest.
 HARD_SLACK = 1
@@ -399,13 +403,14 @@ class BudgetGrammar(CompiledGrammar):
         `params.guided.close_before_max_tokens` is False. Without either it never narrows its
         masks beyond the grammar."""
         guide = self.inner.new_guide()
+        spec = getattr(params, "guided", None) if params is not None else None
         if params is not None:
-            spec = getattr(params, "guided", None)
             max_tokens = params.max_tokens if spec is None or spec.close_before_max_tokens else None
         if max_tokens is None:
             return guide
-        return BudgetGuide(guide, max_tokens, self.budget_tables, self.kind in ("json_schema", "json_object"),
-                           self.string_hints)
+        # Tool calls are JSON between literal markers: plan their closing as JSON.
+        json_mode = self.kind in ("json_schema", "json_object") or bool(getattr(spec, "plan_as_json", False))
+        return BudgetGuide(guide, max_tokens, self.budget_tables, json_mode, self.string_hints)
 
     def _new_guide(self) -> Guide:
         return self.inner.new_guide()
@@ -452,6 +457,8 @@ class BudgetGuide(Guide):
         count = len(self._tokens)
         if self._gave_up_at >= 0:
             return
+        if self.remaining <= LOOKAHEAD_REMAINING:
+            self._drop_dead_ends(row.numpy().view(np.uint32))
         if count < self._next_check:
             # Opening an object or array can add many required tokens to the plan at once.
             depth = self._depths[-1]
@@ -493,6 +500,33 @@ class BudgetGuide(Guide):
                     self.narrowed += 1
                     words[:n] = keep
                 return
+
+    def _drop_dead_ends(self, words: np.ndarray) -> None:
+        """At a choice between a few tokens (another tool call or the end, one more enum value
+        or the closing bracket), forbid those after which no complete output fits what is
+        left: the plan from the current state cannot see that a separator commits to a whole
+        new element. Never forbids them all."""
+        n = self._t.words
+        if not 2 <= int(np.bitwise_count(words[:n]).sum()) <= LOOKAHEAD_CHOICES:
+            return
+        allowed = np.flatnonzero(self._t.unpack(words[:n]))
+        left = self.remaining - 1
+        dead = []
+        for t in allowed.tolist():
+            if t == EOS or t in self._t.eos_ids:
+                continue
+            try:
+                fork = self._g.fork()
+            except NotImplementedError:
+                return
+            mode = int(self._t.end_mode[self._modes[-1], t]) if self._json and 0 <= t < self._t.vocab_size else OUT
+            if not fork.advance(t) or plan_completion(fork, self._t, self._json, mode, max(left, 0), self._hints) is None:
+                dead.append(t)
+        if dead and len(dead) < len(allowed):
+            for t in dead:
+                w, b = divmod(t, 32)
+                words[w] &= np.uint32(~(1 << b) & 0xFFFFFFFF)
+            self.narrowed += 1
 
     def advance(self, token_id: int) -> bool:
         t = int(token_id)

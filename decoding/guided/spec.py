@@ -43,6 +43,9 @@ class GuidedSpec:
     # see budget.py). False: generate freely until max_tokens, which may cut the output mid-value.
     # Not part of the cache key: it changes each request's guide, not the compiled grammar.
     close_before_max_tokens: bool = True
+    # Grammar kind: the output is JSON between literal markers (tool calls), so closing plans
+    # are made as for JSON (strings end, brackets close) rather than by the plain preference.
+    plan_as_json: bool = False
 
     @property
     def field(self) -> str:

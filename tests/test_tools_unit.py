@@ -1,0 +1,164 @@
+"""decoding/tools: the tool grammar accepts exactly the valid calls (real llguidance, the real
+SmolLM2 tokenizer), the parser gives the calls back streamed or whole, bad tools name their field."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.errors import InvalidArgumentError
+from decoding.guided import GuideCompiler
+from decoding.sampling import SamplingParams
+from decoding.tools import (
+    FORMATS,
+    ToolCallParser,
+    ToolChoice,
+    ToolRequest,
+    ToolSpec,
+    detect_format,
+    parse_output,
+    render_tool_history,
+    tool_guided_spec,
+)
+from service.tokenizer import Tokenizer
+
+WEATHER = ToolSpec("get_weather", "Weather in a city", {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city"], "additionalProperties": False})
+TIME = ToolSpec("get_time", "Time in a zone", {"type": "object", "properties": {"tz": {"type": "string"}},
+                                               "required": ["tz"]})
+
+
+@pytest.fixture(scope="module")
+def compiler(smollm2_dir) -> GuideCompiler:
+    tok = Tokenizer.from_dir(smollm2_dir)
+    return GuideCompiler(tok, 49152)
+
+
+def _accepts(compiler: GuideCompiler, req: ToolRequest, fmt: str, text: str) -> bool:
+    spec = tool_guided_spec(req, FORMATS[fmt])
+    guide = compiler.compile_sync(spec).new_guide()
+    ids = compiler.tokenizer.encode(text, add_special_tokens=False)
+    return all(guide.advance(t) for t in ids) and guide.is_complete()
+
+
+def _calls(fmt: str, *calls: tuple[str, dict]) -> str:
+    return FORMATS[fmt].render([(n, json.dumps(a)) for n, a in calls])
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "mistral", "llama3_json"])
+def test_required_accepts_only_valid_calls(compiler, fmt) -> None:
+    req = ToolRequest((WEATHER, TIME), ToolChoice("required"), parallel=True)
+    assert _accepts(compiler, req, fmt, _calls(fmt, ("get_weather", {"city": "Paris"})))
+    assert _accepts(compiler, req, fmt, _calls(fmt, ("get_weather", {"city": "Rome"}), ("get_time", {"tz": "UTC"})))
+    assert not _accepts(compiler, req, fmt, _calls(fmt, ("get_weather", {"town": "Paris"})))      # extra property
+    assert not _accepts(compiler, req, fmt, _calls(fmt, ("get_weather", {"city": 3})))            # wrong type
+    assert not _accepts(compiler, req, fmt, _calls(fmt, ("get_weather", {"city": "P", "unit": "k"})))   # enum
+    assert not _accepts(compiler, req, fmt, _calls(fmt, ("get_news", {})))                        # unknown tool
+    assert not _accepts(compiler, req, fmt, "I would rather not call anything.")
+
+
+def test_single_call_without_parallel_and_named(compiler) -> None:
+    two = _calls("hermes", ("get_weather", {"city": "Rome"}), ("get_time", {"tz": "UTC"}))
+    assert not _accepts(compiler, ToolRequest((WEATHER, TIME), ToolChoice("required"), parallel=False), "hermes", two)
+    named = ToolRequest((WEATHER, TIME), ToolChoice("named", "get_time"))
+    assert _accepts(compiler, named, "hermes", _calls("hermes", ("get_time", {"tz": "CET"})))
+    assert not _accepts(compiler, named, "hermes", _calls("hermes", ("get_weather", {"city": "Rome"})))
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "mistral"])
+def test_auto_is_text_or_valid_calls_once_opened(compiler, fmt) -> None:
+    req = ToolRequest((WEATHER,), ToolChoice("auto"))
+    call = _calls(fmt, ("get_weather", {"city": "Paris"}))
+    assert _accepts(compiler, req, fmt, "Just an answer in words.")
+    assert _accepts(compiler, req, fmt, call)
+    assert _accepts(compiler, req, fmt, "Let me look that up. " + call)
+    # Once the opening text is written, only a valid call may follow: no escape into text.
+    assert not _accepts(compiler, req, fmt, "Sure " + _calls(fmt, ("get_weather", {"town": "Paris"})))
+    assert not _accepts(compiler, req, fmt, "Sure " + FORMATS[fmt].open + "never mind")
+
+
+def test_parser_streamed_pieces_equal_the_whole(compiler) -> None:
+    fmt = FORMATS["hermes"]
+    text = "Checking. " + _calls("hermes", ("get_weather", {"city": "Paris \"x\" {}"}), ("get_time", {"tz": "UTC"}))
+    whole = parse_output(text, fmt)
+    assert whole.content == "Checking. "
+    assert [(c.name, json.loads(c.arguments)) for c in whole.tool_calls] == [
+        ("get_weather", {"city": 'Paris "x" {}'}), ("get_time", {"tz": "UTC"})]
+    for size in (1, 2, 5, 17):
+        parser = ToolCallParser(fmt)
+        content, pieces = "", []
+        for i in range(0, len(text), size):
+            c, d = parser.feed(text[i:i + size])
+            content, pieces = content + c, pieces + d
+        c, d = parser.finish()
+        content, pieces = content + c, pieces + d
+        assert content == whole.content
+        firsts = [p for p in pieces if p.id]
+        assert [p.name for p in firsts] == ["get_weather", "get_time"] and [p.index for p in firsts] == [0, 1]
+        for call in parser.calls:
+            assert "".join(p.arguments for p in pieces if p.index == call.index) == whole.tool_calls[call.index].arguments
+    assert parse_output("No calls here <tool_", fmt).content == "No calls here <tool_"
+
+
+def test_validation_names_the_field() -> None:
+    def field(req: ToolRequest) -> str:
+        with pytest.raises(InvalidArgumentError) as err:
+            req.validate()
+        return err.value.field
+
+    assert field(ToolRequest((WEATHER, WEATHER))) == "tools[1].function.name"
+    assert field(ToolRequest((ToolSpec("bad name!"),))) == "tools[0].function.name"
+    assert field(ToolRequest((ToolSpec("f", parameters={"type": "string"}),))) == "tools[0].function.parameters"
+    assert field(ToolRequest((WEATHER,), ToolChoice("named", "nope"))) == "tool_choice"
+    assert field(ToolRequest((), ToolChoice("required"))) == "tool_choice"
+
+
+def test_an_unenforceable_keyword_is_refused(compiler) -> None:
+    bad = ToolSpec("f", parameters={"type": "object", "properties": {"x": {"type": "string", "format": "no-such"}},
+                                    "required": ["x"]})
+    with pytest.raises(InvalidArgumentError):
+        compiler.compile_sync(tool_guided_spec(ToolRequest((bad,), ToolChoice("required")), FORMATS["hermes"]))
+
+
+def test_history_without_template_support_uses_weft_prompt() -> None:
+    req = ToolRequest((WEATHER,), ToolChoice("auto"))
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}]},
+                {"role": "tool", "content": "18 C", "tool_call_id": "call_1"}]
+    out, tools = render_tool_history(messages, req, FORMATS["hermes"], template_tools=False)
+    assert tools is None
+    assert out[0]["role"] == "system" and "get_weather" in out[0]["content"] and "<tool_call>" in out[0]["content"]
+    assert out[2]["content"] == FORMATS["hermes"].render([("get_weather", '{"city": "Paris"}')])
+    assert out[3] == {"role": "user", "content": '<tool_response>\n{"name": "get_weather", "content": "18 C"}\n'
+                                                  "</tool_response>"}
+    hf, tools = render_tool_history(messages, req, FORMATS["hermes"], template_tools=True)
+    assert tools[0]["function"]["name"] == "get_weather"
+    assert hf[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"} and hf[2]["name"] == "get_weather"
+
+
+def test_format_detection() -> None:
+    assert detect_format(None) == "hermes"
+    assert detect_format("{% for m in messages %}<|im_start|>...<tool_call>{% endfor %}") == "qwen"
+    assert detect_format("[TOOL_CALLS] {{ tools }}") == "mistral"
+    assert detect_format("<|python_tag|>{{ tools }}") == "llama3_json"
+
+
+def test_budget_closes_calls_before_max_tokens(compiler) -> None:
+    """At a choice between another call and the end, a call that cannot finish in time is not started."""
+    req = ToolRequest((WEATHER,), ToolChoice("required"))
+    spec = tool_guided_spec(req, FORMATS["hermes"])
+    one = _calls("hermes", ("get_weather", {"city": "Paris"}))
+    ids = compiler.tokenizer.encode(one, add_special_tokens=False)
+    guide = compiler.compile_sync(spec).new_guide(SamplingParams(max_tokens=len(ids) + 8, guided=spec))
+    import torch
+
+    row = torch.zeros(compiler.bitmask_words, dtype=torch.int32)
+    for t in ids:
+        assert guide.advance(t)
+    guide.fill_bitmask(row)
+    eos = compiler.tokenizer.eos_token_ids[0]
+    newline = compiler.tokenizer.encode("\n", add_special_tokens=False)[0]
+    bit = lambda t: (int(row[t // 32]) >> (t % 32)) & 1  # noqa: E731
+    assert bit(eos) and not bit(newline)
