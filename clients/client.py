@@ -12,6 +12,7 @@ exponential backoff: every other status is the caller's to handle.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -25,10 +26,11 @@ from clients.weft.v1 import guided_pb2
 from clients.weft.v1 import inference_pb2 as pb
 from clients.weft.v1 import inference_pb2_grpc as pb_grpc
 
-__all__ = ["AsyncWeftClient", "RetryPolicy", "WeftClient", "build_generate_request", "guided_pb2", "pb"]
+__all__ = ["AsyncWeftClient", "RetryPolicy", "WeftClient", "build_generate_request", "chat_message", "guided_pb2", "pb"]
 
 T = TypeVar("T")
-Prompt = str | Sequence[int] | Sequence[Mapping[str, str]] | pb.GenerateRequest
+Message = Mapping[str, Any]      # {"role", "content"}, and for tools "tool_calls" / "tool_call_id" / "name"
+Prompt = str | Sequence[int] | Sequence[Message] | pb.GenerateRequest
 Metadata = tuple[tuple[str, str], ...]
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -54,7 +56,7 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 def build_generate_request(
-    prompt: Prompt | None = None, *, messages: Sequence[Mapping[str, str]] | None = None, model: str = "",
+    prompt: Prompt | None = None, *, messages: Sequence[Message] | None = None, model: str = "",
     max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
     top_k: int | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
     presence_penalty: float | None = None, frequency_penalty: float | None = None, seed: int | None = None,
@@ -62,10 +64,15 @@ def build_generate_request(
     include_stop_str_in_output: bool = False, n: int | None = None, logprobs: int | None = None,
     skip_special_tokens: bool | None = None, guided: guided_pb2.GuidedDecoding | None = None,
     num_speculative_tokens: int | None = None, cache_salt: str = "", add_generation_prompt: bool | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: str | None = None,
+    parallel_tool_calls: bool | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from Python values. `prompt` is text, token ids, chat messages
-    ({"role", "content"} mappings) or a ready GenerateRequest (returned as is). None leaves a
-    field unset, so the server's documented default applies."""
+    ({"role", "content"} mappings; an assistant turn may carry "tool_calls", a tool turn
+    "tool_call_id") or a ready GenerateRequest (returned as is). `tools` are
+    {"name", "description", "parameters"} mappings (or OpenAI's {"type": "function", "function":
+    {...}}); `tool_choice` is "none", "auto", "required" or a tool's name. None leaves a field
+    unset, so the server's documented default applies."""
     if isinstance(prompt, pb.GenerateRequest):
         return prompt
     req = pb.GenerateRequest(model=model, cache_salt=cache_salt)
@@ -80,7 +87,7 @@ def build_generate_request(
             req.token_ids.ids.extend(items)  # type: ignore[arg-type]
         else:
             req.chat.SetInParent()
-            req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in items)  # type: ignore[index]
+            req.chat.messages.extend(chat_message(m) for m in items)  # type: ignore[arg-type]
             if add_generation_prompt is not None:
                 req.chat.add_generation_prompt = add_generation_prompt
     values = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -101,16 +108,45 @@ def build_generate_request(
             setattr(req, name, value)
     if guided is not None:
         req.guided.CopyFrom(guided)
+    for t in tools or ():
+        f = t.get("function", t)
+        params = f.get("parameters")
+        req.tools.append(pb.Tool(name=f.get("name", ""), description=f.get("description") or "",
+                                 parameters="" if params is None else (params if isinstance(params, str) else json.dumps(params)),
+                                 strict=bool(f.get("strict", False))))
+    if tool_choice is not None:
+        modes = {"none": pb.ToolChoice.MODE_NONE, "auto": pb.ToolChoice.MODE_AUTO,
+                 "required": pb.ToolChoice.MODE_REQUIRED}
+        if tool_choice in modes:
+            req.tool_choice.mode = modes[tool_choice]
+        else:
+            req.tool_choice.function_name = tool_choice
+    if parallel_tool_calls is not None:
+        req.parallel_tool_calls = parallel_tool_calls
     return req
 
 
+def chat_message(m: Message) -> pb.ChatMessage:
+    """One chat turn as a ChatMessage. Tool calls may be given as {"id", "name", "arguments"} or
+    in OpenAI's shape ({"id", "type": "function", "function": {"name", "arguments"}}); arguments
+    as JSON text or as an object."""
+    msg = pb.ChatMessage(role=m["role"], content=m.get("content") or "", tool_call_id=m.get("tool_call_id") or "",
+                         name=m.get("name") or "")
+    for i, call in enumerate(m.get("tool_calls") or ()):
+        f = call.get("function", call)
+        args = f.get("arguments", "{}")
+        msg.tool_calls.append(pb.ToolCall(id=call.get("id") or "", name=f.get("name", ""), index=i,
+                                          arguments=args if isinstance(args, str) else json.dumps(args)))
+    return msg
+
+
 def _tokenize_request(
-    text: str | None, messages: Sequence[Mapping[str, str]] | None, model: str,
+    text: str | None, messages: Sequence[Message] | None, model: str,
     add_special_tokens: bool | None, return_tokens: bool,
 ) -> pb.TokenizeRequest:
     req = pb.TokenizeRequest(model=model, return_tokens=return_tokens)
     if messages is not None:
-        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+        req.chat.messages.extend(chat_message(m) for m in messages)
     elif text is not None:
         req.text = text
     if add_special_tokens is not None:
@@ -209,7 +245,7 @@ class WeftClient(_Base):
             time.sleep(delay)
             retry += 1
 
-    def tokenize(self, text: str | None = None, *, messages: Sequence[Mapping[str, str]] | None = None,
+    def tokenize(self, text: str | None = None, *, messages: Sequence[Message] | None = None,
                  model: str = "", add_special_tokens: bool | None = None, return_tokens: bool = False,
                  timeout: float | None = None) -> pb.TokenizeResponse:
         req = _tokenize_request(text, messages, model, add_special_tokens, return_tokens)
@@ -314,7 +350,7 @@ class AsyncWeftClient(_Base):
             await asyncio.sleep(delay)
             retry += 1
 
-    async def tokenize(self, text: str | None = None, *, messages: Sequence[Mapping[str, str]] | None = None,
+    async def tokenize(self, text: str | None = None, *, messages: Sequence[Message] | None = None,
                        model: str = "", add_special_tokens: bool | None = None, return_tokens: bool = False,
                        timeout: float | None = None) -> pb.TokenizeResponse:
         req = _tokenize_request(text, messages, model, add_special_tokens, return_tokens)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hmac
 import logging
@@ -35,6 +36,16 @@ from service.config import EngineConfig
 from service.engine.async_engine import AsyncEngine
 from service.engine.core import EngineCore
 from service.engine.request import RequestOutput
+from service.tool_calls import (
+    OutputShaper,
+    ToolContext,
+    chat_history,
+    check_tool_schemas,
+    render_messages,
+    resolve_format,
+    tool_request,
+)
+from decoding.tools import tool_guided_spec
 from common.errors import InvalidArgumentError, ResourceExhaustedError
 
 log = logging.getLogger("weft.server")
@@ -55,6 +66,7 @@ _FINISH = {
     "eos": pb.FINISH_REASON_EOS,
     "cancelled": pb.FINISH_REASON_CANCELLED,
     "error": pb.FINISH_REASON_ERROR,
+    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
 }
 # Engine field names -> their path in GenerateRequest (engine errors name SamplingParams fields).
 _SAMPLING_FIELDS = frozenset(
@@ -97,6 +109,7 @@ class ServerOptions:
     tls_key: str | None = None
     served_model_name: str | None = None    # the name requests use; default: the model's own name
     grace_s: float = 30.0                   # drain time for in-flight calls on stop()
+    tool_call_format: str = "auto"          # how calls are written: auto (from the chat template) | hermes | ...
 
 
 # ---- proto -> engine ------------------------------------------------------------------------
@@ -166,7 +179,8 @@ def field_path(engine_field: str, prompt_kind: str | None) -> str:
     return engine_field
 
 
-def chat_messages(chat: pb.Chat) -> list[dict[str, str]]:
+def chat_messages(chat: pb.Chat) -> list[dict]:
+    """The conversation as dicts (tool calls and tool results included), roles checked."""
     if not chat.messages:
         raise InvalidArgumentError("chat.messages", "must hold at least one message")
     for i, m in enumerate(chat.messages):
@@ -174,7 +188,7 @@ def chat_messages(chat: pb.Chat) -> list[dict[str, str]]:
             raise InvalidArgumentError(
                 f"chat.messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}; got {m.role!r}"
             )
-    return [{"role": m.role, "content": m.content} for m in chat.messages]
+    return chat_history(chat)
 
 
 def check_unsupported(req: pb.GenerateRequest) -> None:
@@ -219,8 +233,9 @@ def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str, str | None]:
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, served_model_name: str | None = None, on_request_end: RequestEndHook | None = None,
-                 observer: RequestObserver | None = None) -> None:
+                 observer: RequestObserver | None = None, tool_call_format: str = "auto") -> None:
         self.engine: AsyncEngine | None = None
+        self._tool_call_format = tool_call_format
         self._observer = observer
         self.draining = False
         self._served_name = served_model_name
@@ -235,7 +250,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     def attach(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self._model_info = _model_info(engine.core, self.model_name)
+        self._chat_template = getattr(engine.core.tokenizer.hf, "chat_template", None)
+        self._tool_format = resolve_format(self._tool_call_format, self._chat_template)
+        self._model_info = _model_info(engine.core, self.model_name, self._tool_format.name)
 
     @property
     def model_info(self) -> pb.ModelInfo | None:
@@ -268,29 +285,42 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     # ---- generation -----------------------------------------------------------------------
 
-    def _prepare(self, req: pb.GenerateRequest, engine: AsyncEngine) -> tuple[str | list[int], SamplingParams]:
+    async def _prepare(self, req: pb.GenerateRequest, engine: AsyncEngine
+                       ) -> tuple[str | list[int], SamplingParams, ToolContext | None]:
         kind = req.WhichOneof("prompt")
         try:
             check_unsupported(req)
             params = sampling_params(req)
+            tools = tool_request(req)
             if kind is None:
                 raise InvalidArgumentError("prompt", "set one of text, token_ids or chat")
+            if tools is not None and kind != "chat":
+                raise InvalidArgumentError("tools", "need a chat prompt (the tools are shown in the conversation)")
             if kind == "text":
                 if not req.text:
                     raise InvalidArgumentError("text", "must not be empty")
-                return req.text, params
+                return req.text, params, None
             if kind == "token_ids":
                 if not req.token_ids.ids:
                     raise InvalidArgumentError("token_ids", "must hold at least one token id")
-                return list(req.token_ids.ids), params
-            return self._render_chat(req.chat, engine, add_special_tokens=False), params
+                return list(req.token_ids.ids), params, None
+            ctx = None
+            if tools is not None:
+                ctx = ToolContext(tools, self._tool_format)
+                if tools.constrained:
+                    await check_tool_schemas(tools, ctx.fmt, engine.core.guide_compiler)
+                    params = dataclasses.replace(params, guided=tool_guided_spec(tools, ctx.fmt))
+            return self._render_chat(req.chat, engine, add_special_tokens=False, tools=ctx), params, ctx
         except InvalidArgumentError as exc:
             raise _renamed(exc, kind) from None
 
-    def _render_chat(self, chat: pb.Chat, engine: AsyncEngine, add_special_tokens: bool) -> list[int]:
+    def _render_chat(self, chat: pb.Chat, engine: AsyncEngine, add_special_tokens: bool,
+                     tools: ToolContext | None = None) -> list[int]:
         tok = engine.core.tokenizer
-        messages = chat_messages(chat)
-        text = tok.apply_chat_template(messages, add_generation_prompt=_opt(chat, "add_generation_prompt", True))
+        messages, tool_list = render_messages(chat_messages(chat), tools.request if tools else None,
+                                              tools.fmt if tools else self._tool_format, self._chat_template)
+        text = tok.apply_chat_template(messages, add_generation_prompt=_opt(chat, "add_generation_prompt", True),
+                                       tools=tool_list)
         return tok.encode(text, add_special_tokens=add_special_tokens)
 
     async def _generate(
@@ -304,7 +334,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._idle.clear()
         try:
             engine = self._ready(req.model)
-            prompt, params = self._prepare(req, engine)
+            prompt, params, tools = await self._prepare(req, engine)
+            shaper = OutputShaper(tools)
             kind = req.WhichOneof("prompt")
             try:
                 # asyncio.timeout(None) never fires; the deadline aborts the request like a cancel.
@@ -316,7 +347,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                         async for out in stream:
                             if trace is not None:
                                 trace.output(out)
-                            await on_output(out)
+                            await on_output(out, shaper)
             except InvalidArgumentError as exc:
                 raise _renamed(exc, kind) from None
             outcome = "ok"
@@ -343,17 +374,19 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         usage = _UsageCounter()
         error: str | None = None
 
-        async def collect(out: RequestOutput) -> None:
+        async def collect(out: RequestOutput, shaper: OutputShaper) -> None:
             nonlocal error
             choice = choices.get(out.index)
             if choice is None:
                 choice = choices[out.index] = pb.Choice(index=out.index)
-            choice.text += out.text
+            text, _ = shaper.shape(out.index, out.text, out.finished)
+            choice.text += text
             choice.token_ids.extend(out.token_ids)
             if out.logprobs:
                 choice.logprobs.extend(self._logprobs(out.logprobs))
             if out.finished:
-                _set_finish(choice, out)
+                choice.tool_calls.extend(shaper.calls(out.index))
+                _set_finish(choice, out, has_calls=bool(choice.tool_calls))
                 usage.add(out)
                 error = error or out.error
 
@@ -375,18 +408,19 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         started = False
         error: str | None = None
 
-        async def send(out: RequestOutput) -> None:
+        async def send(out: RequestOutput, shaper: OutputShaper) -> None:
             nonlocal started, error
             if not started:
                 # Headers go out with the first token, so that refusals stay trailers-only.
                 await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
                 started = True
-            choice = pb.Choice(index=out.index, text=out.text, token_ids=out.token_ids)
+            text, calls = shaper.shape(out.index, out.text, out.finished)
+            choice = pb.Choice(index=out.index, text=text, token_ids=out.token_ids, tool_calls=calls)
             if out.logprobs:
                 choice.logprobs.extend(self._logprobs(out.logprobs))
             msg = pb.GenerateStreamResponse(request_id=rid, choice=choice)
             if out.finished:
-                _set_finish(msg.choice, out)
+                _set_finish(msg.choice, out, has_calls=bool(shaper.calls(out.index)))
                 usage.add(out)
                 error = error or out.error
                 if usage.finished == n:
@@ -481,8 +515,9 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex
 
 
-def _set_finish(choice: pb.Choice, out: RequestOutput) -> None:
-    choice.finish_reason = _FINISH.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
+def _set_finish(choice: pb.Choice, out: RequestOutput, has_calls: bool = False) -> None:
+    reason = "tool_calls" if has_calls and out.finish_reason in ("stop", "eos") else out.finish_reason
+    choice.finish_reason = _FINISH.get(reason, pb.FINISH_REASON_UNSPECIFIED)
     if out.finish_reason == "stop":
         if isinstance(out.stop_reason, str):
             choice.stop_string = out.stop_reason
@@ -520,7 +555,7 @@ class _UsageCounter:
         )
 
 
-def _model_info(core: EngineCore, name: str) -> pb.ModelInfo:
+def _model_info(core: EngineCore, name: str, tool_call_format: str) -> pb.ModelInfo:
     cfg = core.config
     tok = core.tokenizer
     arch = (getattr(core.loaded.config, "architectures", None) or [""])[0]
@@ -542,6 +577,8 @@ def _model_info(core: EngineCore, name: str) -> pb.ModelInfo:
             speculative_decoding=True,   # n-gram on request always; the server's default per its config
             # Reported from the engine config once prefix caching lands there.
             prefix_caching=bool(getattr(cfg, "enable_prefix_caching", False)),
+            tool_calls=tok.has_chat_template,
+            tool_call_format=tool_call_format,
         ),
     )
     if tok.bos_token_id is not None:
@@ -638,7 +675,8 @@ class WeftServer:
         on_request_end: RequestEndHook | None = None, observer: RequestObserver | None = None,
     ) -> None:
         self.options = options or ServerOptions()
-        self.servicer = InferenceServicer(self.options.served_model_name, on_request_end, observer)
+        self.servicer = InferenceServicer(self.options.served_model_name, on_request_end, observer,
+                                          self.options.tool_call_format)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None

@@ -52,15 +52,17 @@ class Tokenizer:
         return bool(getattr(self.hf, "chat_template", None))
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The conversation rendered by the model's own template, as text (not ids)."""
+        """The conversation rendered by the model's own template, as text (not ids). `tools`
+        (OpenAI-shaped function definitions) go to templates that render them."""
         if not self.has_chat_template:
             raise InvalidArgumentError("messages", "this model has no chat template; send a plain prompt")
         _validate_messages(messages)
         try:
             rendered = self.hf.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
             )
         except Exception as exc:  # jinja TemplateError, or a template's raise_exception()
             raise InvalidArgumentError("messages", f"the chat template rejected them: {exc}") from exc

@@ -56,6 +56,8 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """The request was aborted before it finished (e.g. the server shut down)."""
     FINISH_REASON_ERROR: _FinishReason.ValueType  # 5
     """The engine failed while generating it; Choice.error says why and the call ends INTERNAL."""
+    FINISH_REASON_TOOL_CALLS: _FinishReason.ValueType  # 6
+    """The completion ended with one or more tool calls (Choice.tool_calls)."""
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why a completion ended."""
@@ -72,6 +74,8 @@ FINISH_REASON_CANCELLED: FinishReason.ValueType  # 4
 """The request was aborted before it finished (e.g. the server shut down)."""
 FINISH_REASON_ERROR: FinishReason.ValueType  # 5
 """The engine failed while generating it; Choice.error says why and the call ends INTERNAL."""
+FINISH_REASON_TOOL_CALLS: FinishReason.ValueType  # 6
+"""The completion ended with one or more tool calls (Choice.tool_calls)."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 @_typing.final
@@ -98,6 +102,9 @@ class GenerateRequest(_message.Message):
     NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _builtins.int
     CACHE_SALT_FIELD_NUMBER: _builtins.int
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model to run; empty means the served model. Any other name than the served model's
     (see ListModels) is NOT_FOUND.
@@ -131,6 +138,8 @@ class GenerateRequest(_message.Message):
     """Remove special tokens (BOS, EOS, chat markers) from the returned text. Default true.
     Token ids are returned either way.
     """
+    parallel_tool_calls: _builtins.bool
+    """Allow more than one call in one answer. Default true."""
     @_builtins.property
     def token_ids(self) -> Global___TokenIds:
         """Token ids, used as they are (nothing is added). Each id must be in [0, vocab_size)."""
@@ -153,6 +162,18 @@ class GenerateRequest(_message.Message):
     def guided(self) -> _guided_pb2.GuidedDecoding:
         """Constrain the output to a JSON schema, regex, choice list or grammar. Unset: free text."""
 
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
+        """Functions the model may call (`chat` prompts only; at most 128, names unique). A call Weft
+        returns always parses and its arguments always validate against that tool's `parameters`:
+        generation runs under a grammar built from the tools, from the moment the model opens a
+        call (see Choice.tool_calls). Not together with `guided`.
+        """
+
+    @_builtins.property
+    def tool_choice(self) -> Global___ToolChoice:
+        """Whether and which tool to call. Unset: AUTO when `tools` are given."""
+
     def __init__(
         self,
         *,
@@ -168,10 +189,13 @@ class GenerateRequest(_message.Message):
         num_speculative_tokens: _builtins.int | None = ...,
         cache_salt: _builtins.str = ...,
         skip_special_tokens: _builtins.bool | None = ...,
+        tools: _abc.Iterable[Global___Tool] | None = ...,
+        tool_choice: Global___ToolChoice | None = ...,
+        parallel_tool_calls: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_logprobs", b"_logprobs", "_n", b"_n", "_num_speculative_tokens", b"_num_speculative_tokens", "_skip_special_tokens", b"_skip_special_tokens", "chat", b"chat", "guided", b"guided", "logprobs", b"logprobs", "n", b"n", "num_speculative_tokens", b"num_speculative_tokens", "prompt", b"prompt", "sampling", b"sampling", "skip_special_tokens", b"skip_special_tokens", "stopping", b"stopping", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_logprobs", b"_logprobs", "_n", b"_n", "_num_speculative_tokens", b"_num_speculative_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_skip_special_tokens", b"_skip_special_tokens", "chat", b"chat", "guided", b"guided", "logprobs", b"logprobs", "n", b"n", "num_speculative_tokens", b"num_speculative_tokens", "parallel_tool_calls", b"parallel_tool_calls", "prompt", b"prompt", "sampling", b"sampling", "skip_special_tokens", b"skip_special_tokens", "stopping", b"stopping", "text", b"text", "token_ids", b"token_ids", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_logprobs", b"_logprobs", "_n", b"_n", "_num_speculative_tokens", b"_num_speculative_tokens", "_skip_special_tokens", b"_skip_special_tokens", "cache_salt", b"cache_salt", "chat", b"chat", "guided", b"guided", "logprobs", b"logprobs", "model", b"model", "n", b"n", "num_speculative_tokens", b"num_speculative_tokens", "prompt", b"prompt", "sampling", b"sampling", "skip_special_tokens", b"skip_special_tokens", "stopping", b"stopping", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_logprobs", b"_logprobs", "_n", b"_n", "_num_speculative_tokens", b"_num_speculative_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_skip_special_tokens", b"_skip_special_tokens", "cache_salt", b"cache_salt", "chat", b"chat", "guided", b"guided", "logprobs", b"logprobs", "model", b"model", "n", b"n", "num_speculative_tokens", b"num_speculative_tokens", "parallel_tool_calls", b"parallel_tool_calls", "prompt", b"prompt", "sampling", b"sampling", "skip_special_tokens", b"skip_special_tokens", "stopping", b"stopping", "text", b"text", "token_ids", b"token_ids", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__logprobs: _TypeAlias = _typing.Literal["logprobs"]  # noqa: Y015
     _WhichOneofArgType__logprobs: _TypeAlias = _typing.Literal["_logprobs", b"_logprobs"]  # noqa: Y015
@@ -179,6 +203,8 @@ class GenerateRequest(_message.Message):
     _WhichOneofArgType__n: _TypeAlias = _typing.Literal["_n", b"_n"]  # noqa: Y015
     _WhichOneofReturnType__num_speculative_tokens: _TypeAlias = _typing.Literal["num_speculative_tokens"]  # noqa: Y015
     _WhichOneofArgType__num_speculative_tokens: _TypeAlias = _typing.Literal["_num_speculative_tokens", b"_num_speculative_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__parallel_tool_calls: _TypeAlias = _typing.Literal["parallel_tool_calls"]  # noqa: Y015
+    _WhichOneofArgType__parallel_tool_calls: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls"]  # noqa: Y015
     _WhichOneofReturnType__skip_special_tokens: _TypeAlias = _typing.Literal["skip_special_tokens"]  # noqa: Y015
     _WhichOneofArgType__skip_special_tokens: _TypeAlias = _typing.Literal["_skip_special_tokens", b"_skip_special_tokens"]  # noqa: Y015
     _WhichOneofReturnType_prompt: _TypeAlias = _typing.Literal["text", "token_ids", "chat"]  # noqa: Y015
@@ -190,11 +216,144 @@ class GenerateRequest(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_speculative_tokens) -> _WhichOneofReturnType__num_speculative_tokens | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parallel_tool_calls) -> _WhichOneofReturnType__parallel_tool_calls | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__skip_special_tokens) -> _WhichOneofReturnType__skip_special_tokens | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_prompt) -> _WhichOneofReturnType_prompt | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class Tool(_message.Message):
+    """A function the model may call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """[a-zA-Z0-9_-], 1 to 64 characters, unique within the request."""
+    description: _builtins.str
+    """What it does, shown to the model."""
+    parameters: _builtins.str
+    """Its arguments as a JSON Schema, as JSON text (like GuidedDecoding.json_schema). Empty: an
+    object with no declared properties. A schema Weft cannot enforce is INVALID_ARGUMENT
+    naming `tools[i].parameters`, never silently loosened.
+    """
+    strict: _builtins.bool
+    """Accepted for OpenAI compatibility: every call is held to its schema, strict or not."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        parameters: _builtins.str = ...,
+        strict: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters", b"parameters", "strict", b"strict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tool: _TypeAlias = Tool  # noqa: Y015
+
+@_typing.final
+class ToolChoice(_message.Message):
+    """Which tools the model may or must call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Mode:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ToolChoice._Mode.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        MODE_UNSPECIFIED: ToolChoice._Mode.ValueType  # 0
+        """AUTO when the request has tools, NONE otherwise."""
+        MODE_NONE: ToolChoice._Mode.ValueType  # 1
+        """Never call a tool: plain text (the tools are shown only to a template that renders them)."""
+        MODE_AUTO: ToolChoice._Mode.ValueType  # 2
+        """The model chooses: free text, or calls (each valid) once it opens one."""
+        MODE_REQUIRED: ToolChoice._Mode.ValueType  # 3
+        """At least one call (exactly one when parallel_tool_calls is false)."""
+
+    class Mode(_Mode, metaclass=_ModeEnumTypeWrapper):
+        """Whether the model may, must or must not call tools."""
+
+    MODE_UNSPECIFIED: ToolChoice.Mode.ValueType  # 0
+    """AUTO when the request has tools, NONE otherwise."""
+    MODE_NONE: ToolChoice.Mode.ValueType  # 1
+    """Never call a tool: plain text (the tools are shown only to a template that renders them)."""
+    MODE_AUTO: ToolChoice.Mode.ValueType  # 2
+    """The model chooses: free text, or calls (each valid) once it opens one."""
+    MODE_REQUIRED: ToolChoice.Mode.ValueType  # 3
+    """At least one call (exactly one when parallel_tool_calls is false)."""
+
+    MODE_FIELD_NUMBER: _builtins.int
+    FUNCTION_NAME_FIELD_NUMBER: _builtins.int
+    mode: Global___ToolChoice.Mode.ValueType
+    """A mode for all tools."""
+    function_name: _builtins.str
+    """Call exactly this tool (one of `tools`), once."""
+    def __init__(
+        self,
+        *,
+        mode: Global___ToolChoice.Mode.ValueType = ...,
+        function_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "function_name", b"function_name", "mode", b"mode"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "function_name", b"function_name", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_choice: _TypeAlias = _typing.Literal["mode", "function_name"]  # noqa: Y015
+    _WhichOneofArgType_choice: _TypeAlias = _typing.Literal["choice", b"choice"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_choice) -> _WhichOneofReturnType_choice | None: ...
+
+Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
+
+@_typing.final
+class ToolCall(_message.Message):
+    """A function call: generated by the model (Choice.tool_calls), or sent back in history
+    (ChatMessage.tool_calls of an assistant turn).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """"call_" and 24 characters, unique within the response; a `tool` message answers it by this id."""
+    name: _builtins.str
+    """One of the request's tools."""
+    arguments: _builtins.str
+    """The arguments as JSON text, valid under that tool's parameters. In GenerateStream a call
+    arrives in pieces with the same `index`: the first carries id and name, each piece more
+    of `arguments`; the pieces concatenated equal the unary call.
+    """
+    index: _builtins.int
+    """Position of the call within its choice (0, 1, ...)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments: _builtins.str = ...,
+        index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "id", b"id", "index", b"index", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
 
 @_typing.final
 class TokenIds(_message.Message):
@@ -258,19 +417,33 @@ class ChatMessage(_message.Message):
 
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     role: _builtins.str
     """One of "system", "user", "assistant", "tool"."""
     content: _builtins.str
-    """The message text."""
+    """The message text (may be empty for an assistant turn that only calls tools)."""
+    tool_call_id: _builtins.str
+    """A `tool` turn: the id of the call it answers (one of an earlier assistant turn's calls)."""
+    name: _builtins.str
+    """A `tool` turn: the name of the tool that answered (optional; taken from the call when empty)."""
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """An assistant turn's calls, as a previous response returned them."""
+
     def __init__(
         self,
         *,
         role: _builtins.str = ...,
         content: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        tool_call_id: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -432,6 +605,7 @@ class Choice(_message.Message):
     STOP_TOKEN_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     SPEC_DECODE_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Which of the request's n completions this is, in [0, n)."""
     text: _builtins.str
@@ -456,6 +630,12 @@ class Choice(_message.Message):
     def spec_decode(self) -> Global___SpecDecodeStats:
         """Speculative decoding counters, on the message that finishes a completion that could speculate."""
 
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """Tool calls the completion made (requests with `tools`). `text` then holds only the text
+        outside the calls. In GenerateStream: pieces of calls, see ToolCall.arguments.
+        """
+
     def __init__(
         self,
         *,
@@ -468,10 +648,11 @@ class Choice(_message.Message):
         stop_token_id: _builtins.int = ...,
         error: _builtins.str = ...,
         spec_decode: Global___SpecDecodeStats | None = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec_decode", b"spec_decode", "stop_reason", b"stop_reason", "stop_string", b"stop_string", "stop_token_id", b"stop_token_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "spec_decode", b"spec_decode", "stop_reason", b"stop_reason", "stop_string", b"stop_string", "stop_token_id", b"stop_token_id", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "spec_decode", b"spec_decode", "stop_reason", b"stop_reason", "stop_string", b"stop_string", "stop_token_id", b"stop_token_id", "text", b"text", "token_ids", b"token_ids", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_stop_reason: _TypeAlias = _typing.Literal["stop_string", "stop_token_id"]  # noqa: Y015
     _WhichOneofArgType_stop_reason: _TypeAlias = _typing.Literal["stop_reason", b"stop_reason"]  # noqa: Y015
@@ -1014,6 +1195,8 @@ class Features(_message.Message):
     GUIDED_DECODING_FIELD_NUMBER: _builtins.int
     SPECULATIVE_DECODING_FIELD_NUMBER: _builtins.int
     PREFIX_CACHING_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_FORMAT_FIELD_NUMBER: _builtins.int
     chat_template: _builtins.bool
     """The model has a chat template: `chat` prompts work."""
     logprobs: _builtins.bool
@@ -1024,6 +1207,10 @@ class Features(_message.Message):
     """A draft proposer runs; num_speculative_tokens takes effect."""
     prefix_caching: _builtins.bool
     """Prompt blocks are reused across requests (Usage.cached_prompt_tokens can be > 0)."""
+    tool_calls: _builtins.bool
+    """`tools` work (with the model's own tool template, or Weft's tool prompt when it has none)."""
+    tool_call_format: _builtins.str
+    """The wire format tool calls are generated in: "hermes", "llama3_json", "mistral", "qwen"."""
     def __init__(
         self,
         *,
@@ -1032,10 +1219,12 @@ class Features(_message.Message):
         guided_decoding: _builtins.bool = ...,
         speculative_decoding: _builtins.bool = ...,
         prefix_caching: _builtins.bool = ...,
+        tool_calls: _builtins.bool = ...,
+        tool_call_format: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "guided_decoding", b"guided_decoding", "logprobs", b"logprobs", "prefix_caching", b"prefix_caching", "speculative_decoding", b"speculative_decoding"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "guided_decoding", b"guided_decoding", "logprobs", b"logprobs", "prefix_caching", b"prefix_caching", "speculative_decoding", b"speculative_decoding", "tool_call_format", b"tool_call_format", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
