@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import hmac
 import logging
 import threading
 import uuid
@@ -47,6 +46,7 @@ from service.tool_calls import (
 )
 from decoding.tools import tool_guided_spec
 from common.errors import InvalidArgumentError, ResourceExhaustedError
+from service.protocol import INVALID_FIELD_KEY, MAX_REQUEST_ID_CHARS, REQUEST_ID_KEY, bearer_matches
 
 log = logging.getLogger("weft.server")
 T = TypeVar("T")
@@ -55,9 +55,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name  # "
 DEFAULT_PORT = 50051
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_CACHE_SALT_CHARS = 256
-MAX_REQUEST_ID_CHARS = 256
-INVALID_FIELD_KEY = "weft-invalid-field"     # trailing metadata: the offending field's path
-REQUEST_ID_KEY = "x-request-id"
 
 _FINISH = {
     None: pb.FINISH_REASON_UNSPECIFIED,
@@ -596,7 +593,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
     def __init__(self, api_key: str) -> None:
-        self._expected = f"Bearer {api_key}".encode()
+        self._api_key = api_key
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -610,8 +607,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(given, self._expected)   # constant time
+                return bearer_matches(value, self._api_key)
         return False
 
 

@@ -78,7 +78,7 @@ async def serve(options: ServerOptions, config: EngineConfig, http_host: str = "
     `http_port` 0 leaves the REST shim off; None means the default port, skipped (with a warning)
     when another process holds it, whereas a port asked for explicitly must be free."""
     from service.metrics import WeftMetrics
-    from service.openai_shim import DEFAULT_HTTP_PORT
+    from service.shim.app import DEFAULT_HTTP_PORT
     from service.server import WeftServer
 
     metrics = WeftMetrics()
@@ -134,7 +134,7 @@ async def serve(options: ServerOptions, config: EngineConfig, http_host: str = "
 
 async def _start_http(options: ServerOptions, grpc_port: int, host: str, port: int, metrics: object):
     """The REST shim on this event loop, talking to this process's gRPC port over loopback."""
-    from service.openai_shim import HttpServer
+    from service.shim.app import HttpServer
 
     tls, root, target = False, None, f"127.0.0.1:{grpc_port}"
     if options.tls_cert:
@@ -157,7 +157,7 @@ async def _stop_http(http: object) -> None:
 
 
 def _add_shim(sub: argparse._SubParsersAction) -> None:
-    from service.openai_shim import DEFAULT_HTTP_PORT
+    from service.shim.app import DEFAULT_HTTP_PORT
 
     s = sub.add_parser("shim", help="serve the OpenAI/Ollama-compatible HTTP API in front of a remote Weft server")
     s.add_argument("--target", default="localhost:50051", help="host:port of the Weft gRPC server")
@@ -181,7 +181,7 @@ async def shim(target: str, host: str, port: int, api_key: str | None = None, tl
     """The REST shim alone until SIGTERM/SIGINT. Its /metrics has only the HTTP request counts
     (engine metrics are on the `weft serve` process's own HTTP port)."""
     from service.metrics import WeftMetrics
-    from service.openai_shim import HttpServer
+    from service.shim.app import HttpServer
 
     root = open(ca_cert, "rb").read() if ca_cert else None
     http = HttpServer(target, host, port, api_key=api_key, metrics=WeftMetrics(), tls=tls, root_certificates=root)

@@ -49,10 +49,8 @@ def tool_request(req: pb.GenerateRequest) -> ToolRequest | None:
     """The request's tools and choice (None when it has neither); raises InvalidArgumentError."""
     has_choice = req.HasField("tool_choice") and req.tool_choice.WhichOneof("choice") is not None
     if not req.tools:
-        if has_choice and req.tool_choice.WhichOneof("choice") == "function_name":
-            raise InvalidArgumentError("tool_choice", "names a tool, but the request has no tools")
-        if has_choice and req.tool_choice.mode == pb.ToolChoice.MODE_REQUIRED:
-            raise InvalidArgumentError("tool_choice", "'required' needs tools; the request has none")
+        if has_choice:
+            raise InvalidArgumentError("tool_choice", "is only allowed together with tools; the request has none")
         return None
     tools = []
     for i, t in enumerate(req.tools):

@@ -27,7 +27,7 @@ from clients.weft.v1 import inference_pb2 as pb
 from clients.weft.v1 import inference_pb2_grpc as pb_grpc
 from service.config import EngineConfig
 from service.metrics import WeftMetrics
-from service.openai_shim import HttpServer
+from service.shim.app import HttpServer
 from service.server import BackgroundServer, ServerOptions, WeftServer
 from service.shim.models import ChatCompletionRequest, CompletionRequest
 from service.shim.translate import HttpError, ollama_guided, openai_guided
@@ -343,7 +343,10 @@ def test_tokenize_and_detokenize(stack, grpc_client) -> None:
     ({"messages": "hi"}, 400, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      "messages[0].content[0].type"),
-    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice":
+      {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
+    ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     400, "tools[0].function.parameters"),
     ({"messages": CHAT, "logit_bias": {"1": 5}}, 400, "logit_bias"),
     ({"messages": CHAT, "temperature": "hot"}, 400, "temperature"),
     ({"messages": CHAT, "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400, "structured_outputs"),
@@ -678,7 +681,7 @@ def test_http_connections_are_nodelay() -> None:
     off only for connections of a socket whose proto is TCP, which is how the shim listens."""
     import socket
 
-    from service.openai_shim import _listen
+    from service.shim.app import _listen
 
     sock = _listen("127.0.0.1", 0)
     try:

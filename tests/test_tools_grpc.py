@@ -140,6 +140,7 @@ def test_model_info_reports_tools(client) -> None:
     (dict(tools=TOOLS, tool_choice="get_news"), "tool_choice"),
     (dict(tool_choice="required"), "tool_choice"),
     (dict(tool_choice="get_weather"), "tool_choice"),
+    (dict(tool_choice="auto"), "tool_choice"),
     (dict(tools=[TOOLS[0], TOOLS[0]]), "tools[1].name"),
     (dict(tools=[{"name": "bad name"}]), "tools[0].name"),
     (dict(tools=[{"name": "f", "parameters": "{not json"}]), "tools[0].parameters"),

@@ -2,8 +2,8 @@
 naming the field), document the API in the served OpenAPI document, and drive the fuzz tests.
 
 Unknown fields are accepted and ignored, as OpenAI's and Ollama's clients add fields over time;
-known fields Weft cannot honour (tools, logit_bias, images, ...) are refused by the shim with a
-400 naming them rather than silently ignored.
+known fields Weft cannot honour (logit_bias, images, ...) are refused by the shim with a 400
+naming them rather than silently ignored.
 """
 from __future__ import annotations
 
@@ -27,9 +27,13 @@ class ContentPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: str = Field(description='"system", "developer" (read as system), "user", "assistant" or "tool".')
+    role: str = Field(description='"system", "developer" (read as system), "user", "assistant", "tool" or '
+                                  '"function" (legacy).')
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, description="An assistant turn's calls.")
+    tool_call_id: str | None = Field(default=None, description="A tool turn: the call it answers.")
+    function_call: dict[str, Any] | None = Field(default=None, description="Legacy: an assistant turn's call.")
 
 
 class JsonSchemaFormat(_Body):
@@ -57,7 +61,7 @@ class StreamOptions(_Body):
     include_usage: bool | None = None
 
 
-class _Sampling(_Body):
+class SamplingFields(_Body):
     model: str | None = Field(default=None, description="The served model's name; empty or unset means it.")
     temperature: float | None = None
     top_p: float | None = None
@@ -91,18 +95,25 @@ class _Sampling(_Body):
     num_speculative_tokens: int | None = None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, description='[{"type": "function", "function": '
+                                                                         '{name, description, parameters, strict}}]')
+    tool_choice: str | dict[str, Any] | None = Field(default=None, description='"none", "auto" (default with '
+                                                     'tools), "required" or {"type": "function", "function": {name}}')
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = Field(default=None, description="Legacy tools: [{name, description, "
+                                                                             "parameters}]")
+    function_call: str | dict[str, Any] | None = Field(default=None, description='Legacy tool_choice: "none", '
+                                                       '"auto" or {name}')
     add_generation_prompt: bool | None = None
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
@@ -165,6 +176,7 @@ class OllamaMessage(_Body):
     content: str | None = ""
     images: list[str] | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None    # a tool turn: which tool answered
 
 
 class OllamaChatRequest(_Body):

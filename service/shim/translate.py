@@ -11,9 +11,9 @@ import grpc
 
 from clients.weft.v1 import guided_pb2
 from clients.weft.v1 import inference_pb2 as pb
-from service.shim.models import _Sampling
+from service.protocol import INVALID_FIELD_KEY
+from service.shim.models import SamplingFields
 
-INVALID_FIELD_KEY = "weft-invalid-field"   # the gRPC server's trailing metadata naming a bad field
 INT32_MAX = 2**31 - 1
 
 
@@ -144,7 +144,7 @@ def rpc_error(exc: grpc.aio.AioRpcError, builder: RequestBuilder | None = None) 
 # ---- sampling fields --------------------------------------------------------------------------
 
 
-def apply_sampling(b: RequestBuilder, body: _Sampling) -> None:
+def apply_sampling(b: RequestBuilder, body: SamplingFields) -> None:
     """The fields OpenAI's chat and completions requests share."""
     b.set("sampling.temperature", body.temperature, "temperature")
     b.set("sampling.top_p", body.top_p, "top_p")
@@ -176,7 +176,7 @@ def apply_sampling(b: RequestBuilder, body: _Sampling) -> None:
         b.name("guided.close_before_max_tokens", "guided_close_before_max_tokens")
 
 
-def openai_guided(body: _Sampling) -> tuple[guided_pb2.GuidedDecoding | None, str | None]:
+def openai_guided(body: SamplingFields) -> tuple[guided_pb2.GuidedDecoding | None, str | None]:
     """The one guided-decoding spec of an OpenAI-style request, from `response_format`, vLLM's
     `structured_outputs` or the older `guided_*` fields; and the HTTP field it came from."""
     found: list[tuple[guided_pb2.GuidedDecoding, str]] = []
@@ -257,8 +257,9 @@ FINISH = {
     pb.FINISH_REASON_EOS: "stop",
     pb.FINISH_REASON_CANCELLED: "abort",
     pb.FINISH_REASON_ERROR: "error",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
-OLLAMA_DONE = {"length": "length", "stop": "stop", "abort": "abort", "error": "error"}
+OLLAMA_DONE = {"length": "length", "stop": "stop", "abort": "abort", "error": "error", "tool_calls": "stop"}
 
 
 def spec_json(choice: pb.Choice) -> dict[str, Any] | None:
