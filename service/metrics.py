@@ -14,7 +14,6 @@ one process. The HTTP shim adds its own request counter (`weft_http_requests_tot
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any

@@ -58,7 +58,8 @@ class ToolCallParser:
         self._in_string = False
         self._escape = False
         self._final = False
-        head = re.escape('{"name": "') + r'((?:[^"\\]|\\.)*)' + re.escape(f'", "{fmt.args_key}": ')
+        # Names are [a-zA-Z0-9_-] (spec.py checks them): nothing in one needs JSON escaping.
+        head = re.escape('{"name": "') + r'([a-zA-Z0-9_-]{1,64})' + re.escape(f'", "{fmt.args_key}": ')
         self._head = re.compile(head)
         self.calls: list[ToolCall] = []
 
@@ -108,7 +109,7 @@ class ToolCallParser:
             if m is None:
                 return False
             self._index += 1
-            call = ToolCall(new_call_id(), _unescape(m.group(1)), "", self._index)
+            call = ToolCall(new_call_id(), m.group(1), "", self._index)
             self.calls.append(call)
             deltas.append(ToolCallDelta(call.index, call.id, call.name))
             self._buf = buf[m.end():]
@@ -179,6 +180,3 @@ def _held_back(text: str, marker: str) -> int:
             return n
     return 0
 
-
-def _unescape(name: str) -> str:
-    return name.encode().decode("unicode_escape") if "\\" in name else name
