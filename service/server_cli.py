@@ -37,6 +37,7 @@ def add_commands(sub: argparse._SubParsersAction, engine_args: EngineArgs, engin
 
 
 def _add_serve(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_config: EngineConfigFn) -> None:
+    from decoding.tools.formats import FORMATS
     from service.server import DEFAULT_PORT
 
     s = sub.add_parser("serve", help="serve the model over gRPC (weft.v1.InferenceService, health, reflection)")
@@ -55,6 +56,8 @@ def _add_serve(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_
                    help="OpenAI/Ollama-compatible HTTP API and /metrics on this port (default 8000, skipped with "
                         "a warning if taken; 0 = off)")
     s.add_argument("--http-host", default=None, help="address of the HTTP API (default: --host)")
+    s.add_argument("--tool-call-format", default="auto", choices=["auto", *FORMATS],
+                   help="how tool calls are written and parsed (default auto: from the chat template, else hermes)")
     s.set_defaults(func=lambda a: cmd_serve(a, engine_config))
 
 
@@ -66,7 +69,8 @@ def cmd_serve(a: argparse.Namespace, engine_config: EngineConfigFn) -> int:
         return 2
     config = engine_config(a, max_queue_len=a.max_queue_len)
     options = ServerOptions(host=a.host, port=a.port, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
-                            served_model_name=a.served_model_name, grace_s=a.grace)
+                            served_model_name=a.served_model_name, grace_s=a.grace,
+                            tool_call_format=a.tool_call_format)
     http_host = a.http_host if a.http_host is not None else a.host
     return asyncio.run(serve(options, config, http_host=http_host, http_port=a.http_port))
 

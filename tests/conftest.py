@@ -143,3 +143,16 @@ def _perturb_ones_and_zeros(model: torch.nn.Module, scale: float) -> None:
             param.add_(torch.randn_like(param) * 0.1)
         elif name.endswith(".bias"):
             param.copy_(torch.randn_like(param) * scale)
+
+
+@pytest.fixture(scope="session")
+def smollm2_served(smollm2_dir: Path):
+    """`weft serve` on the real SmolLM2 as a subprocess (gRPC + the REST shim on loopback), shared by
+    the HTTP tool-call and framework tests: yields the HTTP base URL ("http://127.0.0.1:PORT")."""
+    from tests.test_http_serve import Proc, free_port
+
+    http_port = free_port()
+    proc = Proc(["serve", "--model", str(smollm2_dir), "--host", "127.0.0.1", "--port", "0",
+                 "--http-port", str(http_port), "--kv-cache-gb", "0.3"], ready=r"serving ")
+    yield f"http://127.0.0.1:{http_port}"
+    proc.stop()

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -55,7 +55,7 @@ class Proc:
 @pytest.fixture(scope="module")
 def served(tiny_model_factory) -> Iterator[tuple[Proc, int]]:
     model = tiny_model_factory("llama", max_position_embeddings=4096)
-    http_port = _free_port()
+    http_port = free_port()
     p = Proc(["serve", "--model", str(model), "--host", "127.0.0.1", "--port", "0", "--http-port", str(http_port),
               "--kv-cache-gb", "0.05", "--grace", "30"], ready=r"serving ")
     yield p, http_port
@@ -65,7 +65,7 @@ def served(tiny_model_factory) -> Iterator[tuple[Proc, int]]:
 def test_weft_shim_standalone_in_front_of_weft_serve(served) -> None:
     server, _ = served
     grpc_port = int(server.find(r"listening on 127\.0\.0\.1:(\d+)").group(1))
-    port = _free_port()
+    port = free_port()
     shim = Proc(["shim", "--target", f"127.0.0.1:{grpc_port}", "--host", "127.0.0.1", "--port", str(port)],
                 ready=r"HTTP on")
     try:
