@@ -257,6 +257,13 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="draft tokens per step (0 = off; default: the server's setting)")
+    g.add_argument("--tool", action="append", default=[], metavar="JSON",
+                   help='a tool the model may call (implies --chat), as JSON: {"name", "description", "parameters"} '
+                        'or OpenAI\'s {"type": "function", "function": {...}}; repeatable')
+    g.add_argument("--tools-file", default=None, metavar="PATH", help="a JSON list of tools (as --tool), added to --tool")
+    g.add_argument("--tool-choice", default=None,
+                   help="none | auto (the default with tools) | required | the name of a tool to call")
+    g.add_argument("--no-parallel-tool-calls", action="store_true", help="at most one call per answer")
     g.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     g.add_argument("--json", action="store_true", help="print the response message(s) as JSON")
     g.add_argument("--request-id", default=None)
@@ -301,28 +308,65 @@ def _run_client(fn: Callable[[], int]) -> int:
         return 1
 
 
+def _tools(a: argparse.Namespace) -> list[dict] | None:
+    """--tool and --tools-file as a list of tool mappings (None when neither is given)."""
+    tools = []
+    try:
+        for text in a.tool:
+            tools.append(json.loads(text))
+        if a.tools_file:
+            with open(a.tools_file) as f:
+                more = json.load(f)
+            if not isinstance(more, list):
+                raise ValueError(f"{a.tools_file} must hold a JSON list of tools")
+            tools += more
+    except ValueError as exc:   # JSONDecodeError included
+        raise SystemExit(f"weft client: error: tools: {exc}") from None
+    if not all(isinstance(t, dict) for t in tools):
+        raise SystemExit("weft client: error: tools: each tool is a JSON object")
+    return tools or None
+
+
+def _print_calls(calls, prefix: str = "") -> None:
+    for call in calls:
+        print(f"{prefix}tool call {call.index}: {call.name}({call.arguments})  [{call.id}]")
+
+
 def cmd_client_generate(a: argparse.Namespace) -> int:
+    tools = _tools(a)
     messages = None
-    if a.chat:
+    if a.chat or tools:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
     params = dict(model=a.model, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                   min_p=a.min_p, seed=a.seed, n=a.n, logprobs=a.logprobs, stop=a.stop, ignore_eos=a.ignore_eos,
-                  num_speculative_tokens=a.num_speculative_tokens)
+                  num_speculative_tokens=a.num_speculative_tokens, tools=tools, tool_choice=a.tool_choice,
+                  parallel_tool_calls=False if a.no_parallel_tool_calls else None)
     prompt = messages if messages is not None else a.prompt
 
     def run() -> int:
+        from clients.weft.v1 import inference_pb2 as pb
+
         with _client(a) as client:
             if a.stream:
                 several = (a.n or 1) > 1
+                calls: dict[tuple[int, int], pb.ToolCall] = {}   # (choice, call) -> the call so far
                 for msg in client.generate_stream(prompt, request_id=a.request_id, **params):
+                    for piece in msg.choice.tool_calls:
+                        call = calls.setdefault((msg.choice.index, piece.index), pb.ToolCall(index=piece.index))
+                        call.id, call.name = call.id or piece.id, call.name or piece.name
+                        call.arguments += piece.arguments
                     if a.json:
                         print(_to_json(msg), flush=True)
                     elif several:   # interleaved deltas: one line each, tagged with the completion
-                        print(f"[{msg.choice.index}] {msg.choice.text!r}", flush=True)
+                        if msg.choice.text:
+                            print(f"[{msg.choice.index}] {msg.choice.text!r}", flush=True)
                     else:
                         print(msg.choice.text, end="", flush=True)
-                if not a.json and not several:
-                    print()
+                if not a.json:
+                    if not several:
+                        print()
+                    for k in sorted(calls):
+                        _print_calls([calls[k]], f"[{k[0]}] " if several else "")
                 return 0
             resp = client.generate(prompt, request_id=a.request_id, **params)
             if a.json:
@@ -330,6 +374,7 @@ def cmd_client_generate(a: argparse.Namespace) -> int:
             else:
                 for choice in resp.choices:
                     print((f"[{choice.index}] " if len(resp.choices) > 1 else "") + choice.text)
+                    _print_calls(choice.tool_calls, f"[{choice.index}] " if len(resp.choices) > 1 else "")
             return 0
 
     return _run_client(run)

@@ -166,3 +166,24 @@ def test_bad_history_names_the_field(client) -> None:
     with pytest.raises(grpc.RpcError) as err:
         client.generate("plain text prompt", tools=TOOLS, max_tokens=8)
     assert err.value.details().startswith("tools:")
+
+
+def test_weft_client_cli_tool_flags(server, client, capsys, tmp_path) -> None:
+    from service.cli import main
+
+    expect = client.generate(ASK, tools=TOOLS, tool_choice="get_weather", temperature=0, max_tokens=64)
+    call = expect.choices[0].tool_calls[0]
+    tools_file = tmp_path / "tools.json"
+    tools_file.write_text(json.dumps(TOOLS[1:]))
+    base = ["client", "--target", server.target, "generate", ASK[0]["content"], "--tool", json.dumps(TOOLS[0]),
+            "--tools-file", str(tools_file), "--tool-choice", "get_weather", "--temperature", "0",
+            "--max-tokens", "64"]
+    for extra in ([], ["--stream"]):
+        assert main(base + extra) == 0
+        out = capsys.readouterr().out
+        assert f"tool call 0: get_weather({call.arguments})" in out
+    assert main(base + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["choices"][0]["tool_calls"][0]["arguments"] == call.arguments
+    with pytest.raises(SystemExit, match="tools: "):
+        main(base[:5] + ["--tool", "{not json"])
