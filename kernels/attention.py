@@ -7,12 +7,12 @@ The batch description, `AttentionMetadata`, lives in `kernels.attention_metadata
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
 from kernels import cpu_native
 from kernels.attention_metadata import AttentionMetadata, NativePlan
+from common import env
 
 
 def paged_attention(
@@ -22,7 +22,7 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:             # [T, H, D]
-    if q.is_cuda or os.environ.get("WEFT_FORCE_TRITON") == "1":
+    if q.is_cuda or env.force_triton():
         from kernels.triton_attention import paged_attention_triton
 
         return paged_attention_triton(q, k_cache, v_cache, meta, scale)

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 import torch
+from common import env
 
 log = logging.getLogger("weft.kernels")
 
@@ -39,12 +40,11 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
 def enabled() -> bool:
-    return os.environ.get("WEFT_NATIVE", "1") != "0"
+    return env.native_enabled()
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("WEFT_CACHE_DIR") or Path.home() / ".cache" / "weft"
-    return Path(base) / "kernels"
+    return env.cache_dir() / "kernels"
 
 
 def _cpu_flags() -> str:
@@ -89,7 +89,7 @@ def lib() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         try:
-            compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+            compiler = env.c_compiler() or shutil.which("cc") or shutil.which("gcc")
             path = _build(compiler) if compiler else None
             if path is not None:
                 # torch is imported (and its libgomp loaded) before this: same soname, one runtime.

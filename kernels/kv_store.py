@@ -1,9 +1,9 @@
 """Write the new tokens' K and V into the paged cache."""
 from __future__ import annotations
 
-import os
 
 import torch
+from common import env
 
 
 def store_kv(
@@ -13,7 +13,7 @@ def store_kv(
     v_cache: torch.Tensor,      # [num_blocks, block_size, Hkv, D]
     slot_mapping: torch.Tensor,  # [T] int64: block_id * block_size + offset
 ) -> None:
-    if k_cache.is_cuda or os.environ.get("WEFT_FORCE_TRITON") == "1":
+    if k_cache.is_cuda or env.force_triton():
         from kernels.triton_kv_store import store_kv_triton
 
         store_kv_triton(key, value, k_cache, v_cache, slot_mapping)

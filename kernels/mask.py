@@ -7,9 +7,9 @@ None masks every row. The bitmask must cover the vocabulary: ceil(V / 32) words 
 """
 from __future__ import annotations
 
-import os
 
 import torch
+from common import env
 
 try:
     import triton
@@ -23,7 +23,7 @@ def apply_token_bitmask_(
     bitmask: torch.Tensor,         # [B, ceil(V/32)] int32
     rows: torch.Tensor | None = None,
 ) -> None:
-    if logits.is_cuda or os.environ.get("WEFT_FORCE_TRITON") == "1":
+    if logits.is_cuda or env.force_triton():
         apply_token_bitmask_triton_(logits, bitmask, rows)
         return
     apply_token_bitmask_ref_(logits, bitmask, rows)

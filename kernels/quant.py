@@ -9,11 +9,11 @@ ours does). `WEFT_PACKED=0` turns this off (A/B).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
 from kernels import cpu_native
+from common import env
 
 FMT_Q8_0, FMT_Q4_1 = 1, 2
 BLOCK = 32
@@ -30,7 +30,7 @@ LOGITS_PACKED_MAX_ROWS = 32
 
 
 def enabled() -> bool:
-    return os.environ.get("WEFT_PACKED", "1") != "0"
+    return env.packed_enabled()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,13 +16,13 @@ Accumulation is float32; scores go through exp2 with the scale folded into log2(
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.attention_metadata import AttentionMetadata
+from common import env
 
 _LOG2E = 1.4426950408889634
 
@@ -215,7 +215,7 @@ def paged_attention_triton(
     d_pad = max(16, _next_pow2(head_dim))   # tl.dot needs K >= 16
     # float32 inputs: exact float32 products (not tf32). The interpreter's dot mishandles
     # bf16/fp16 operands, so there the (already rounded) operands go through float32 too.
-    f32_dot = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    f32_dot = q.dtype == torch.float32 or env.triton_interpret()
     bt = meta.block_tables
     nd = meta.num_decodes
     num_rows = len(meta.seq_lens)

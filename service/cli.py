@@ -7,38 +7,22 @@ import logging
 import sys
 
 from service.config import EngineConfig
+from service.config_cli import add_engine_args, engine_config_from_args
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model directory or GGUF file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--kv-cache-gb", type=float, default=2.0)
-    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--speculative-method", default=None, choices=["ngram", "draft"],
-                   help="speculative decoding for every request (requests may still ask for n-gram without it)")
-    p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens verified per step (default 4)")
-    p.add_argument("--draft-model", default=None,
-                   help="HF directory or GGUF of a draft model with the same tokenizer (implies --speculative-method draft)")
+    add_engine_args(p)
 
 
 def _engine_config(a: argparse.Namespace, **extra) -> EngineConfig:
-    return EngineConfig(
-        model=a.model, dtype=a.dtype, device=a.device, kv_cache_gb=a.kv_cache_gb,
-        max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
-        max_model_len=a.max_model_len,
-        speculative_method=a.speculative_method or ("draft" if a.draft_model else None),
-        num_speculative_tokens=a.num_speculative_tokens, draft_model=a.draft_model, **extra,
-    )
+    return engine_config_from_args(a, **extra)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from decoding.sampling import SamplingParams
     from service.llm import LLM
 
-    cfg = _engine_config(a, progress=not a.json)
+    cfg = _engine_config(a, progress=a.progress and not a.json)
     llm = LLM(**{k: getattr(cfg, k) for k in cfg.__slots__})
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed,
                             top_p=a.top_p, top_k=a.top_k)

@@ -1,40 +1,71 @@
-"""Engine settings: one dataclass the CLI, server and tests fill in."""
+"""Engine settings: one dataclass the CLI, server, `LLM` and tests fill in.
+
+The fields stay flat (`config.max_num_seqs`, as vLLM's engine args read) but each carries its
+section and help in its metadata; `service/config_cli.py` generates the command-line flags from
+them, so a default or a help text lives here once. Environment knobs are in `common/env.py`.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
-from decoding.sampling import MAX_SPECULATIVE_TOKENS
 from common.errors import InvalidArgumentError
+from decoding.sampling import MAX_SPECULATIVE_TOKENS
 
 SPECULATIVE_METHODS = (None, "ngram", "draft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SECTIONS = ("model", "cache", "scheduler", "speculative", "output")
+
+
+def _opt(section: str, help: str, default: Any, *, choices: tuple | None = None, cli: bool = True) -> Any:
+    """A field with its section and help; `cli=False` keeps it out of the generated flags."""
+    assert section in SECTIONS, section
+    meta = {"section": section, "help": help, "choices": choices, "cli": cli}
+    return field(default=default, metadata=meta)
 
 
 @dataclass(slots=True)
 class EngineConfig:
-    model: str | None = None            # HF directory or GGUF file; None = the embedded default model
-    dtype: str = "auto"                 # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = "cpu"
-    block_size: int = 16                # tokens per KV block
-    kv_cache_gb: float = 2.0            # KV pool budget
-    num_blocks: int | None = None       # exact pool size (overrides kv_cache_gb; tests use tiny pools)
-    max_num_batched_tokens: int = 1024  # per-step token budget (decodes + prefill chunks)
-    max_num_seqs: int = 256
-    max_model_len: int | None = None    # default: the model's context, capped by the pool
-    max_queue_len: int = 1024           # waiting requests beyond this are refused
-    enable_prefix_caching: bool = True  # reuse KV of full blocks shared with earlier requests
-    progress: bool = True               # show loading progress
-    # Speculative decoding (decoding/speculative/): None = off unless a request asks (then n-gram),
-    # "ngram" = prompt lookup, "draft" = a smaller model with the same tokenizer (`draft_model`).
-    speculative_method: str | None = None
-    num_speculative_tokens: int = 4     # k: draft tokens verified per step (requests may lower it)
-    draft_model: str | None = None      # HF directory or GGUF file for speculative_method="draft"
-    ngram_min_n: int = 2
-    ngram_max_n: int = 4
-    spec_disable_window: int = 8        # drafts looked at before switching a request's speculation off
-    spec_min_acceptance: float = 0.2    # ... when fewer than this fraction of draft tokens were accepted
+    # ---- model
+    model: str | None = _opt("model", "HF model directory or GGUF file (default: the embedded SmolLM2-135M-Instruct)",
+                             None)
+    dtype: str = _opt("model", "weights and activations: auto = bfloat16 on CUDA, float32 on CPU", "auto",
+                      choices=("auto", *DTYPES))
+    device: str = _opt("model", "cpu, or cuda[:N]", "cpu")
+    # ---- KV cache
+    block_size: int = _opt("cache", "tokens per KV block", 16)
+    kv_cache_gb: float = _opt("cache", "KV pool budget in GiB", 2.0)
+    num_blocks: int | None = _opt("cache", "exact KV pool size in blocks (overrides --kv-cache-gb)", None)
+    enable_prefix_caching: bool = _opt("cache", "reuse the KV of full blocks shared with earlier requests", True)
+    # ---- scheduler
+    max_num_batched_tokens: int = _opt("scheduler", "token budget of one step (decodes + prefill chunks)", 1024)
+    max_num_seqs: int = _opt("scheduler", "sequences running at once", 256)
+    max_model_len: int | None = _opt("scheduler", "context length (default: the model's, capped by the KV pool)",
+                                     None)
+    max_queue_len: int = _opt("scheduler", "waiting requests beyond this are refused (RESOURCE_EXHAUSTED / 429)",
+                              1024)
+    # ---- speculative decoding (decoding/speculative/)
+    speculative_method: str | None = _opt(
+        "speculative", "speculative decoding for every request: ngram (prompt lookup) or draft (--draft-model); "
+        "off by default, though a request may still ask for n-gram", None, choices=("ngram", "draft"))
+    num_speculative_tokens: int = _opt("speculative", "k: draft tokens verified per step (requests may lower it)", 4)
+    draft_model: str | None = _opt("speculative", "HF directory or GGUF of a draft model with the same tokenizer "
+                                   "(implies --speculative-method draft)", None)
+    ngram_min_n: int = _opt("speculative", "shortest n-gram the prompt-lookup proposer matches", 2)
+    ngram_max_n: int = _opt("speculative", "longest n-gram the prompt-lookup proposer matches", 4)
+    spec_disable_window: int = _opt("speculative", "drafts looked at before a request's speculation may be "
+                                    "switched off", 8)
+    spec_min_acceptance: float = _opt("speculative", "... switched off when fewer than this fraction of its draft "
+                                      "tokens were accepted", 0.2)
+    # ---- output
+    progress: bool = _opt("output", "show loading progress", True)
+
+    def __post_init__(self) -> None:
+        # A draft model means draft speculation (vLLM's --speculative-model did the same).
+        if self.draft_model and self.speculative_method is None:
+            self.speculative_method = "draft"
 
     def validate_speculative(self) -> None:
         if self.speculative_method not in SPECULATIVE_METHODS:
@@ -51,3 +82,9 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         return DTYPES[self.dtype]
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The fields of one section and their values (for logs, /api/show, a config dump)."""
+        if name not in SECTIONS:
+            raise KeyError(f"no section {name!r}; sections: {', '.join(SECTIONS)}")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["section"] == name}

@@ -27,8 +27,9 @@ import torch
 
 from common.errors import ModelLoadError
 from service.tokenizer import Tokenizer
+from common import env
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+env.set_process_defaults()
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 
@@ -183,8 +184,7 @@ def expected_parameters(config: Any) -> dict[str, tuple[int, ...]]:
 
 def cache_root() -> Path:
     """Where converted models live: `$WEFT_CACHE_DIR` (default ~/.cache/weft) / models."""
-    base = os.environ.get("WEFT_CACHE_DIR") or Path.home() / ".cache" / "weft"
-    return Path(base).expanduser() / "models"
+    return env.cache_dir() / "models"
 
 
 def gguf_cache_dir(gguf: Path) -> Path:

@@ -9,13 +9,13 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from service.config import EngineConfig
+from common import env
 
 if TYPE_CHECKING:  # the server pulls in grpc and torch: load it only for the commands that use it
     from clients.client import WeftClient
@@ -44,12 +44,10 @@ def _add_serve(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_
     engine_args(s)
     s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT}; 0 = any free port)")
-    s.add_argument("--api-key", default=os.environ.get("WEFT_API_KEY") or None,
+    s.add_argument("--api-key", default=env.api_key(),
                    help="require `authorization: Bearer KEY` metadata (default: $WEFT_API_KEY; health checks stay open)")
     s.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     s.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
-    s.add_argument("--max-queue-len", type=int, default=1024,
-                   help="waiting requests beyond this are refused with RESOURCE_EXHAUSTED")
     s.add_argument("--served-model-name", default=None, help="the name clients use in `model` (default: the model's own)")
     s.add_argument("--grace", type=float, default=30.0, help="seconds in-flight calls get to finish on SIGTERM")
     s.add_argument("--http-port", type=int, default=None,
@@ -67,7 +65,7 @@ def cmd_serve(a: argparse.Namespace, engine_config: EngineConfigFn) -> int:
     if bool(a.tls_cert) != bool(a.tls_key):
         print("weft: error: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
-    config = engine_config(a, max_queue_len=a.max_queue_len)
+    config = engine_config(a)
     options = ServerOptions(host=a.host, port=a.port, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
                             served_model_name=a.served_model_name, grace_s=a.grace,
                             tool_call_format=a.tool_call_format)
@@ -167,7 +165,7 @@ def _add_shim(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--target", default="localhost:50051", help="host:port of the Weft gRPC server")
     s.add_argument("--host", default="0.0.0.0", help="HTTP address to listen on (default: all interfaces)")
     s.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT, help=f"HTTP port (default {DEFAULT_HTTP_PORT})")
-    s.add_argument("--api-key", default=os.environ.get("WEFT_API_KEY") or None,
+    s.add_argument("--api-key", default=env.api_key(),
                    help="require `Authorization: Bearer KEY` from HTTP clients and send it to the target "
                         "(default: $WEFT_API_KEY; without it a client's own header is passed through)")
     s.add_argument("--tls", action="store_true", help="connect to the target with TLS (system roots, or --ca-cert)")
@@ -234,7 +232,7 @@ def _log_serving(server: WeftServer, where: str) -> None:
 def _add_client(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("client", help="call a running Weft server (generate, tokenize, models, health)")
     c.add_argument("--target", default="localhost:50051", help="host:port of the server")
-    c.add_argument("--api-key", default=os.environ.get("WEFT_API_KEY") or None, help="default: $WEFT_API_KEY")
+    c.add_argument("--api-key", default=env.api_key(), help="default: $WEFT_API_KEY")
     c.add_argument("--tls", action="store_true", help="connect with TLS (system roots, or --ca-cert)")
     c.add_argument("--ca-cert", default=None, help="PEM root certificate to trust (implies --tls)")
     c.add_argument("--timeout", type=float, default=None, help="deadline per call, in seconds")

@@ -6,12 +6,12 @@ straight to the Rust `tokenizers` backend instead of through `transformers`' Pyt
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidArgumentError, ModelLoadError
+from common import env
 
 # Files any HF tokenizer directory carries at least one of.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -76,7 +76,7 @@ class Tokenizer:
         path = Path(path)
         if not any((path / name).is_file() for name in _TOKENIZER_FILES):
             raise ModelLoadError(f"{path}: no tokenizer files (expected tokenizer.json or tokenizer_config.json)")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        env.set_process_defaults()
         from transformers import AutoTokenizer
 
         try:

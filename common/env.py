@@ -1,0 +1,73 @@
+"""Every environment variable Weft reads, read here and nowhere else (the README's table is
+`ENV_VARS`). Values are read when asked for, not at import, so a test or a process that sets
+one before the first use is obeyed."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class EnvVar:
+    name: str
+    default: str
+    help: str
+
+
+ENV_VARS: tuple[EnvVar, ...] = (
+    EnvVar("WEFT_API_KEY", "", "the API key `weft serve`, `weft shim` and `weft client` use when --api-key is not given"),
+    EnvVar("WEFT_CACHE_DIR", "~/.cache/weft", "converted models (models/) and compiled CPU kernels (kernels/)"),
+    EnvVar("WEFT_NATIVE", "1", "0: no native CPU path (the decoder layers in C); torch ops only"),
+    EnvVar("WEFT_PACKED", "1", "0: no GGUF-block matmuls for few-row steps; float32 weights only"),
+    EnvVar("WEFT_FORCE_TRITON", "0", "1: the Triton kernels on CPU tensors too (with TRITON_INTERPRET=1, for tests)"),
+    EnvVar("TRITON_INTERPRET", "0", "Triton's own: 1 runs Triton kernels in its interpreter (no GPU needed)"),
+    EnvVar("CC", "cc or gcc on PATH", "the C compiler for the native CPU kernels"),
+    EnvVar("GOMP_SPINCOUNT", "10000", "set by Weft unless given: how long idle OpenMP workers spin (see service/__init__.py)"),
+    EnvVar("HF_HUB_OFFLINE", "1", "set by Weft unless given: transformers never reaches the Hugging Face hub"),
+)
+
+
+def _get(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def _on(name: str, default: bool) -> bool:
+    value = _get(name)
+    return default if value is None or value == "" else value != "0"
+
+
+def api_key() -> str | None:
+    return _get("WEFT_API_KEY") or None
+
+
+def cache_dir() -> Path:
+    """`$WEFT_CACHE_DIR`, default ~/.cache/weft, with ~ expanded."""
+    return Path(_get("WEFT_CACHE_DIR") or Path.home() / ".cache" / "weft").expanduser()
+
+
+def native_enabled() -> bool:
+    return _on("WEFT_NATIVE", True)
+
+
+def packed_enabled() -> bool:
+    return _on("WEFT_PACKED", True)
+
+
+def force_triton() -> bool:
+    return _get("WEFT_FORCE_TRITON") == "1"
+
+
+def triton_interpret() -> bool:
+    return _get("TRITON_INTERPRET") == "1"
+
+
+def c_compiler() -> str | None:
+    return _get("CC") or None
+
+
+def set_process_defaults() -> None:
+    """The defaults Weft gives its process unless the user set them (before torch/OpenMP start,
+    before transformers is imported)."""
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
