@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from decoding.row_layout import RowLayout
 from decoding.sampling import (
     DRAW_BLOCK,
     NoValidTokenError,
@@ -46,12 +47,9 @@ from decoding.sampling import (
 )
 
 
-def _offsets(ks: Sequence[int]) -> list[int]:
-    """Start of each row's k+1 positions in the flattened target rows."""
-    starts = [0]
-    for k in ks:
-        starts.append(starts[-1] + k + 1)
-    return starts
+def _layout(ks: Sequence[int]) -> RowLayout:
+    """Each draft's k + 1 target positions, back to back."""
+    return RowLayout.packed([k + 1 for k in ks])
 
 
 def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -100,9 +98,9 @@ def rejection_sample(
     """
     batch = len(draft_tokens)
     ks = [len(d) for d in draft_tokens]
-    starts = _offsets(ks)
-    if target_probs.dim() != 2 or target_probs.shape[0] != starts[-1]:
-        raise ValueError(f"target_probs must be [{starts[-1]}, V] for drafts of lengths {ks}; "
+    layout = _layout(ks)
+    if target_probs.dim() != 2 or target_probs.shape[0] != layout.num_rows:
+        raise ValueError(f"target_probs must be [{layout.num_rows}, V] for drafts of lengths {ks}; "
                          f"got {tuple(target_probs.shape)}")
     for name, seq in (("draft_probs", draft_probs), ("generators", generators), ("greedy", greedy)):
         if seq is not None and len(seq) != batch:
@@ -113,7 +111,7 @@ def rejection_sample(
     greedy_rows = [i for i in range(batch) if greedy is not None and greedy[i]]
     sampled_rows = [i for i in range(batch) if greedy is None or not greedy[i]]
     if greedy_rows:
-        positions = [p for i in greedy_rows for p in range(starts[i], starts[i + 1])]
+        positions = layout.rows(greedy_rows)
         rows = target_probs.index_select(0, _index(positions, target_probs.device))
         # max(dim) returns the first maximal index: the same tie rule as the greedy sampler.
         flat = rows.max(dim=-1).indices.tolist()
@@ -127,7 +125,7 @@ def rejection_sample(
         drawn = _sample_rows(
             [list(draft_tokens[i]) for i in sampled_rows],
             target_probs,
-            [starts[i] for i in sampled_rows],
+            [layout.first[i] for i in sampled_rows],
             [draft_probs[i] if draft_probs is not None else None for i in sampled_rows],
             [generators[i] if generators is not None else None for i in sampled_rows],
         )
@@ -292,9 +290,9 @@ class SpeculativeVerifier:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[VerifyRow]) -> list[VerifyResult]:
         ks = [len(r.draft_tokens) for r in rows]
-        starts = _offsets(ks)
-        if logits.dim() != 2 or logits.shape[0] != starts[-1]:
-            raise ValueError(f"logits must be [{starts[-1]}, V] for drafts of lengths {ks}; got {tuple(logits.shape)}")
+        layout = _layout(ks)
+        if logits.dim() != 2 or logits.shape[0] != layout.num_rows:
+            raise ValueError(f"logits must be [{layout.num_rows}, V] for drafts of lengths {ks}; got {tuple(logits.shape)}")
         if not rows:
             return []
         _check_drafts([r.draft_tokens for r in rows], [r.draft_probs for r in rows], logits.shape[1])
@@ -303,7 +301,7 @@ class SpeculativeVerifier:
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
 
         def positions(which: list[int]) -> list[int]:
-            return [p for i in which for p in range(starts[i], starts[i + 1])]
+            return layout.rows(which)
 
         def requests(which: list[int]) -> list[SampleRequest]:
             reqs = []
@@ -353,7 +351,7 @@ class SpeculativeVerifier:
             drawn = _sample_rows(
                 [list(rows[i].draft_tokens) for i in sampled],
                 weights,
-                _offsets([ks[i] for i in sampled])[:-1],
+                _layout([ks[i] for i in sampled]).first,
                 [rows[i].draft_probs for i in sampled],
                 [rows[i].generator for i in sampled],
                 row_sums=weights.sum(dim=-1),
@@ -362,7 +360,7 @@ class SpeculativeVerifier:
             wanted = [i for i in sampled if rows[i].params.logprobs is not None]
             if wanted:
                 # Logprobs of the raw logits at each emitted position, as normal sampling reports.
-                pos = [starts[i] + j for i in wanted for j in range(len(emitted[i]))]
+                pos = [layout.first[i] + j for i in wanted for j in range(len(emitted[i]))]
                 reqs = [SampleRequest(rows[i].params, (), ()) for i in wanted for _ in emitted[i]]
                 chosen = _index([t for i in wanted for t in emitted[i]], dev)
                 lps = token_logprobs(logits.index_select(0, _index(pos, dev)), reqs, chosen)

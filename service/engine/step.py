@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from decoding.row_layout import RowLayout
+
+__all__ = ["RowLayout", "SeqInput", "StepOutput"]
+
 
 @dataclass(slots=True)
 class SeqInput:
@@ -21,30 +25,6 @@ class SeqInput:
     token_ids: list[int]     # fed this step: real tokens, then any draft tokens
     start: int               # position of token_ids[0] (the KV below it is already computed)
     num_logits: int = 0      # logits rows wanted, the last ones: 0 (a mid-prompt chunk), 1, or 1 + k drafts
-
-
-@dataclass(slots=True)
-class RowLayout:
-    """Where each sequence's logits rows are: `first[i]`, `count[i]` for sequence i (count 0: none)."""
-    first: list[int]
-    count: list[int]
-
-    @classmethod
-    def packed(cls, counts: Sequence[int]) -> RowLayout:
-        """Rows laid out back to back in sequence order."""
-        first, at = [], 0
-        for c in counts:
-            first.append(at)
-            at += c
-        return cls(first, list(counts))
-
-    @property
-    def num_rows(self) -> int:
-        return sum(self.count)
-
-    def rows(self, seqs: Sequence[int]) -> list[int]:
-        """The row indices of the given sequences, in that order."""
-        return [r for i in seqs for r in range(self.first[i], self.first[i] + self.count[i])]
 
 
 @dataclass(slots=True)
