@@ -121,6 +121,29 @@ def test_an_unenforceable_keyword_is_refused(compiler) -> None:
         compiler.compile_sync(tool_guided_spec(ToolRequest((bad,), ToolChoice("required")), FORMATS["hermes"]))
 
 
+def test_local_refs_resolve_inside_the_call_object(compiler) -> None:
+    """pydantic's $defs and a recursive "#": the arguments schema sits under the call object's
+    "arguments", so its refs must point there, not at the call object."""
+    person = ToolSpec("add_person", parameters={
+        "type": "object", "properties": {"person": {"$ref": "#/$defs/Person"}}, "required": ["person"],
+        "additionalProperties": False,
+        "$defs": {"Person": {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}},
+                             "required": ["age"], "additionalProperties": False}}})
+    req = ToolRequest((person,), ToolChoice("required"))
+    assert _accepts(compiler, req, "hermes", _calls("hermes", ("add_person", {"person": {"age": 3}})))
+    assert not _accepts(compiler, req, "hermes", _calls("hermes", ("add_person", {"person": {"age": -3}})))
+    tree = ToolSpec("tree", parameters={
+        "type": "object", "properties": {"label": {"type": "string", "maxLength": 8},
+                                         "children": {"type": "array", "items": {"$ref": "#"}}},
+        "required": ["label"], "additionalProperties": False})
+    req = ToolRequest((tree,), ToolChoice("required"))
+    nested = {"label": "a", "children": [{"label": "b", "children": [{"label": "c"}]}]}
+    assert _accepts(compiler, req, "hermes", _calls("hermes", ("tree", nested)))
+    # "#" is the arguments, not the call object: a child shaped like a call is refused.
+    assert not _accepts(compiler, req, "hermes", _calls("hermes", ("tree", {"label": "a", "children": [
+        {"name": "tree", "arguments": {"label": "b"}}]})))
+
+
 def test_history_without_template_support_uses_weft_prompt() -> None:
     req = ToolRequest((WEATHER,), ToolChoice("auto"))
     messages = [{"role": "user", "content": "Weather in Paris?"},

@@ -29,10 +29,43 @@ _X_GUIDANCE = {"whitespace_flexible": False, "lenient": False, "coerce_one_of": 
                "item_separator": ", ", "key_separator": ": "}
 
 
+# Keywords whose values are schemas keyed by names (a property may be called "$ref" or "const").
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+# Keywords whose values are instances, not schemas: a "$ref" key in them is data.
+_INSTANCE_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _rebase_refs(node: Any, base: str) -> Any:
+    """`node` (a schema) with its local JSON-pointer $refs ("#", "#/$defs/X") moved under the
+    pointer `base`: the arguments schema is embedded in the call object's schema, whose root is
+    what "#" means there, so "#/$defs/X" would not resolve (pydantic's and MCP's schemas are
+    written this way) and a recursive "#" would point at the call object."""
+    if isinstance(node, list):
+        return [_rebase_refs(x, base) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        if k == "$ref" and isinstance(v, str) and (v == "#" or v.startswith("#/")):
+            out[k] = "#" + base + v[1:]
+        elif k in _SCHEMA_MAPS and isinstance(v, dict):
+            out[k] = {name: _rebase_refs(sub, base) for name, sub in v.items()}
+        elif k in _INSTANCE_KEYWORDS:
+            out[k] = v
+        else:
+            out[k] = _rebase_refs(v, base)
+    return out
+
+
+def _pointer_token(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
 def call_schema(tool: ToolSpec, fmt: ToolFormat) -> dict[str, Any]:
     """The JSON Schema of one call object of `tool` in `fmt`."""
     args = tool.arguments_schema()
     args.pop("x-guidance", None)   # only the top-level block counts, and it is ours
+    args = _rebase_refs(args, "/properties/" + _pointer_token(fmt.args_key))
     return {
         "type": "object",
         "properties": {"name": {"const": tool.name}, fmt.args_key: args},
