@@ -8,6 +8,10 @@ from importlib import metadata
 INVALID_FIELD_KEY = "weft-invalid-field"     # trailing metadata: the offending field's path
 REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID_CHARS = 256
+# The largest request body (HTTP) or message (gRPC) a server reads: beyond it, 413 /
+# RESOURCE_EXHAUSTED naming the limit. 16 MiB holds a 128k-token context as JSON several times
+# over; gRPC's own default (4 MiB) is too small for long chats with tools.
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 
 def weft_version() -> str:

@@ -46,7 +46,13 @@ from service.tool_calls import (
 )
 from decoding.tools import tool_guided_spec
 from common.errors import InvalidArgumentError, ResourceExhaustedError
-from service.protocol import INVALID_FIELD_KEY, MAX_REQUEST_ID_CHARS, REQUEST_ID_KEY, bearer_matches
+from service.protocol import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    INVALID_FIELD_KEY,
+    MAX_REQUEST_ID_CHARS,
+    REQUEST_ID_KEY,
+    bearer_matches,
+)
 
 log = logging.getLogger("weft.server")
 T = TypeVar("T")
@@ -107,6 +113,7 @@ class ServerOptions:
     served_model_name: str | None = None    # the name requests use; default: the model's own name
     grace_s: float = 30.0                   # drain time for in-flight calls on stop()
     tool_call_format: str = "auto"          # how calls are written: auto (from the chat template) | hermes | ...
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES   # larger messages: RESOURCE_EXHAUSTED naming the limit
 
 
 # ---- proto -> engine ------------------------------------------------------------------------
@@ -688,7 +695,8 @@ class WeftServer:
         """Listen (health NOT_SERVING until an engine is attached); returns the bound port."""
         o = self.options
         interceptors = [ApiKeyInterceptor(o.api_key)] if o.api_key else []
-        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", o.max_request_bytes)])
         pb_grpc.add_InferenceServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -38,6 +38,7 @@ def add_commands(sub: argparse._SubParsersAction, engine_args: EngineArgs, engin
 
 def _add_serve(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_config: EngineConfigFn) -> None:
     from decoding.tools.formats import FORMATS
+    from service.protocol import DEFAULT_MAX_REQUEST_BYTES
     from service.server import DEFAULT_PORT
 
     s = sub.add_parser("serve", help="serve the model over gRPC (weft.v1.InferenceService, health, reflection)")
@@ -54,6 +55,9 @@ def _add_serve(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_
                    help="OpenAI/Ollama-compatible HTTP API and /metrics on this port (default 8000, skipped with "
                         "a warning if taken; 0 = off)")
     s.add_argument("--http-host", default=None, help="address of the HTTP API (default: --host)")
+    s.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="largest gRPC message and HTTP body read (default 16 MiB): beyond it RESOURCE_EXHAUSTED / 413 "
+                        "naming the limit")
     s.add_argument("--tool-call-format", default="auto", choices=["auto", *FORMATS],
                    help="how tool calls are written and parsed (default auto: from the chat template, else hermes)")
     s.set_defaults(func=lambda a: cmd_serve(a, engine_config))
@@ -68,7 +72,7 @@ def cmd_serve(a: argparse.Namespace, engine_config: EngineConfigFn) -> int:
     config = engine_config(a)
     options = ServerOptions(host=a.host, port=a.port, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
                             served_model_name=a.served_model_name, grace_s=a.grace,
-                            tool_call_format=a.tool_call_format)
+                            tool_call_format=a.tool_call_format, max_request_bytes=a.max_request_bytes)
     http_host = a.http_host if a.http_host is not None else a.host
     return asyncio.run(serve(options, config, http_host=http_host, http_port=a.http_port))
 
@@ -144,7 +148,8 @@ async def _start_http(options: ServerOptions, grpc_port: int, host: str, port: i
         tls, target = True, f"localhost:{grpc_port}"
         with open(options.tls_cert, "rb") as f:
             root = f.read()
-    http = HttpServer(target, host, port, api_key=options.api_key, metrics=metrics, tls=tls, root_certificates=root)
+    http = HttpServer(target, host, port, api_key=options.api_key, metrics=metrics, tls=tls, root_certificates=root,
+                      max_body_bytes=options.max_request_bytes)
     bound = await http.start()
     log.info("HTTP on %s:%d (OpenAI /v1, Ollama /api, /health, /metrics)", host, bound)
     return http
@@ -159,6 +164,7 @@ async def _stop_http(http: object) -> None:
 
 
 def _add_shim(sub: argparse._SubParsersAction) -> None:
+    from service.protocol import DEFAULT_MAX_REQUEST_BYTES
     from service.shim.app import DEFAULT_HTTP_PORT
 
     s = sub.add_parser("shim", help="serve the OpenAI/Ollama-compatible HTTP API in front of a remote Weft server")
@@ -170,23 +176,27 @@ def _add_shim(sub: argparse._SubParsersAction) -> None:
                         "(default: $WEFT_API_KEY; without it a client's own header is passed through)")
     s.add_argument("--tls", action="store_true", help="connect to the target with TLS (system roots, or --ca-cert)")
     s.add_argument("--ca-cert", default=None, help="PEM root certificate to trust for the target (implies --tls)")
+    s.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="largest HTTP body read (default 16 MiB): beyond it 413")
     s.set_defaults(func=cmd_shim)
 
 
 def cmd_shim(a: argparse.Namespace) -> int:
     return asyncio.run(shim(a.target, a.host, a.port, api_key=a.api_key, tls=a.tls or bool(a.ca_cert),
-                            ca_cert=a.ca_cert))
+                            ca_cert=a.ca_cert, max_body_bytes=a.max_request_bytes))
 
 
 async def shim(target: str, host: str, port: int, api_key: str | None = None, tls: bool = False,
-               ca_cert: str | None = None) -> int:
+               ca_cert: str | None = None, max_body_bytes: int | None = None) -> int:
     """The REST shim alone until SIGTERM/SIGINT. Its /metrics has only the HTTP request counts
     (engine metrics are on the `weft serve` process's own HTTP port)."""
     from service.metrics import WeftMetrics
     from service.shim.app import HttpServer
 
     root = open(ca_cert, "rb").read() if ca_cert else None
-    http = HttpServer(target, host, port, api_key=api_key, metrics=WeftMetrics(), tls=tls, root_certificates=root)
+    limit = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
+    http = HttpServer(target, host, port, api_key=api_key, metrics=WeftMetrics(), tls=tls, root_certificates=root,
+                      **limit)
     bound = await http.start()
     log.info("HTTP on %s:%d in front of %s (OpenAI /v1, Ollama /api, /health)", host, bound, target)
     stop = asyncio.Event()

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.protocol import bearer_matches, weft_version
+from service.protocol import DEFAULT_MAX_REQUEST_BYTES, bearer_matches, weft_version
 from service.shim.backend import ClientGone, GrpcBackend
 from service.shim.ollama import OllamaRoutes
 from service.shim.openai import OpenAIRoutes
@@ -45,8 +45,10 @@ DEFAULT_HTTP_PORT = 8000
 class Shim(OpenAIRoutes, OllamaRoutes):
     """The routes of both protocols, bound to one GrpcBackend. `app` is the ASGI application."""
 
-    def __init__(self, backend: GrpcBackend, *, api_key: str | None = None, metrics: Any = None) -> None:
+    def __init__(self, backend: GrpcBackend, *, api_key: str | None = None, metrics: Any = None,
+                 max_body_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         super().__init__(backend, api_key=api_key, metrics=metrics)
+        self.max_body_bytes = max_body_bytes
         self.app = self._build()
 
     def _build(self) -> FastAPI:
@@ -79,7 +81,7 @@ class Shim(OpenAIRoutes, OllamaRoutes):
 
     def asgi(self) -> ASGIApp:
         """The app with API-key checks and request counting in front."""
-        return _Gate(self.app, self.api_key, self.metrics)
+        return _Gate(self.app, self.api_key, self.metrics, self.max_body_bytes)
 
     # ---- errors -------------------------------------------------------------------------------
 
@@ -138,10 +140,11 @@ class _Gate:
 
     PROTECTED = ("/v1/", "/api/", "/tokenize", "/detokenize")
 
-    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Any) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Any, max_body_bytes: int) -> None:
         self.app = app
         self.api_key = api_key
         self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -166,6 +169,14 @@ class _Gate:
                 return
             if scope.get("method") == "POST":
                 scope = _as_json(scope)
+                body = await _read_body(receive, self.max_body_bytes)
+                if body is None:
+                    err = HttpError(413, f"request body larger than the server's limit of {self.max_body_bytes} bytes "
+                                    "(--max-request-bytes)", code="request_too_large")
+                    await JSONResponse(err.ollama() if path.startswith("/api/") else err.openai(), status_code=413,
+                                       headers={"Connection": "close"})(scope, receive, send_status)
+                    return
+                receive = _replay(body, receive)
             await self.app(scope, receive, send_status)
         finally:
             if self.metrics is not None:
@@ -177,6 +188,37 @@ class _Gate:
             if key == b"authorization":
                 return bearer_matches(value, self.api_key or "")
         return False
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None as soon as it passes `limit` bytes (the rest is never
+    read: a client that announces or sends 30 MB costs the server at most `limit`)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break   # the client went away: what came so far (the route then sees the disconnect)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the body read already, then the client's own (disconnects)."""
+    sent = False
+
+    async def again() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return again
 
 
 def _as_json(scope: Scope) -> Scope:
@@ -217,10 +259,11 @@ _TYPE_NAMES = frozenset(("str", "int", "float", "bool", "dict", "list", "none", 
 
 
 def create_app(target: str, *, api_key: str | None = None, metrics: Any = None, tls: bool = False,
-               root_certificates: bytes | None = None) -> tuple[ASGIApp, Shim]:
+               root_certificates: bytes | None = None,
+               max_body_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> tuple[ASGIApp, Shim]:
     """The ASGI app in front of the gRPC server at `target`. Call on the serving event loop."""
     shim = Shim(GrpcBackend(target, api_key=api_key, tls=tls, root_certificates=root_certificates),
-                api_key=api_key, metrics=metrics)
+                api_key=api_key, metrics=metrics, max_body_bytes=max_body_bytes)
     return shim.asgi(), shim
 
 
@@ -248,9 +291,10 @@ class HttpServer:
 
     def __init__(self, target: str, host: str = "0.0.0.0", port: int = DEFAULT_HTTP_PORT, *,
                  api_key: str | None = None, metrics: Any = None, tls: bool = False,
-                 root_certificates: bytes | None = None) -> None:
+                 root_certificates: bytes | None = None, max_body_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         self.target, self.host, self.requested_port = target, host, port
-        self._kw = dict(api_key=api_key, metrics=metrics, tls=tls, root_certificates=root_certificates)
+        self._kw = dict(api_key=api_key, metrics=metrics, tls=tls, root_certificates=root_certificates,
+                        max_body_bytes=max_body_bytes)
         self.port: int | None = None
         self.shim: Shim | None = None
         self._server: Any = None

@@ -40,7 +40,7 @@ class HttpError(Exception):
 
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    429: "rate_limit_error", 500: "server_error", 501: "not_implemented_error", 503: "service_unavailable_error",
+    413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 501: "not_implemented_error", 503: "service_unavailable_error",
     504: "timeout_error",
 }
 
@@ -126,6 +126,9 @@ def rpc_error(exc: grpc.aio.AioRpcError, builder: RequestBuilder | None = None) 
     """A gRPC status as the matching HTTP error, the offending field renamed to its HTTP name."""
     status, code = _STATUS.get(exc.code(), (500, None))
     message = exc.details() or exc.code().name.lower()
+    if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in message:
+        # gRPC's message-size limit, not a full queue: retrying can never succeed.
+        status, code = 413, "request_too_large"
     param = None
     field = None
     for key, value in exc.trailing_metadata() or ():
