@@ -126,6 +126,15 @@ def build_generate_request(
     return req
 
 
+def add_tool_call_piece(calls: dict[Any, pb.ToolCall], key: Any, piece: pb.ToolCall) -> None:
+    """Fold one streamed `Choice.tool_calls` piece into `calls[key]` (key: the piece's index, or
+    (choice index, piece index) across choices): id and name come with a call's first piece, its
+    arguments in pieces after."""
+    call = calls.setdefault(key, pb.ToolCall(index=piece.index))
+    call.id, call.name = call.id or piece.id, call.name or piece.name
+    call.arguments += piece.arguments
+
+
 def chat_message(m: Message) -> pb.ChatMessage:
     """One chat turn as a ChatMessage. Tool calls may be given as {"id", "name", "arguments"} or
     in OpenAI's shape ({"id", "type": "function", "function": {"name", "arguments"}}); arguments

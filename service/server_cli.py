@@ -14,8 +14,9 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from service.config import EngineConfig
 from common import env
+from service.config import EngineConfig
+from service.protocol import DEFAULT_MAX_REQUEST_BYTES
 
 if TYPE_CHECKING:  # the server pulls in grpc and torch: load it only for the commands that use it
     from clients.client import WeftClient
@@ -38,7 +39,6 @@ def add_commands(sub: argparse._SubParsersAction, engine_args: EngineArgs, engin
 
 def _add_serve(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_config: EngineConfigFn) -> None:
     from decoding.tools.formats import FORMATS
-    from service.protocol import DEFAULT_MAX_REQUEST_BYTES
     from service.server import DEFAULT_PORT
 
     s = sub.add_parser("serve", help="serve the model over gRPC (weft.v1.InferenceService, health, reflection)")
@@ -164,7 +164,6 @@ async def _stop_http(http: object) -> None:
 
 
 def _add_shim(sub: argparse._SubParsersAction) -> None:
-    from service.protocol import DEFAULT_MAX_REQUEST_BYTES
     from service.shim.app import DEFAULT_HTTP_PORT
 
     s = sub.add_parser("shim", help="serve the OpenAI/Ollama-compatible HTTP API in front of a remote Weft server")
@@ -187,16 +186,15 @@ def cmd_shim(a: argparse.Namespace) -> int:
 
 
 async def shim(target: str, host: str, port: int, api_key: str | None = None, tls: bool = False,
-               ca_cert: str | None = None, max_body_bytes: int | None = None) -> int:
+               ca_cert: str | None = None, max_body_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> int:
     """The REST shim alone until SIGTERM/SIGINT. Its /metrics has only the HTTP request counts
     (engine metrics are on the `weft serve` process's own HTTP port)."""
     from service.metrics import WeftMetrics
     from service.shim.app import HttpServer
 
     root = open(ca_cert, "rb").read() if ca_cert else None
-    limit = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
     http = HttpServer(target, host, port, api_key=api_key, metrics=WeftMetrics(), tls=tls, root_certificates=root,
-                      **limit)
+                      max_body_bytes=max_body_bytes)
     bound = await http.start()
     log.info("HTTP on %s:%d in front of %s (OpenAI /v1, Ollama /api, /health)", host, bound, target)
     stop = asyncio.Event()
@@ -352,6 +350,7 @@ def cmd_client_generate(a: argparse.Namespace) -> int:
     prompt = messages if messages is not None else a.prompt
 
     def run() -> int:
+        from clients.client import add_tool_call_piece
         from clients.weft.v1 import inference_pb2 as pb
 
         with _client(a) as client:
@@ -360,9 +359,7 @@ def cmd_client_generate(a: argparse.Namespace) -> int:
                 calls: dict[tuple[int, int], pb.ToolCall] = {}   # (choice, call) -> the call so far
                 for msg in client.generate_stream(prompt, request_id=a.request_id, **params):
                     for piece in msg.choice.tool_calls:
-                        call = calls.setdefault((msg.choice.index, piece.index), pb.ToolCall(index=piece.index))
-                        call.id, call.name = call.id or piece.id, call.name or piece.name
-                        call.arguments += piece.arguments
+                        add_tool_call_piece(calls, (msg.choice.index, piece.index), piece)
                     if a.json:
                         print(_to_json(msg), flush=True)
                     elif several:   # interleaved deltas: one line each, tagged with the completion

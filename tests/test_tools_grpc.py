@@ -10,7 +10,7 @@ import grpc
 import jsonschema
 import pytest
 
-from clients.client import NO_RETRY, WeftClient
+from clients.client import NO_RETRY, WeftClient, add_tool_call_piece
 from clients.weft.v1 import inference_pb2 as pb
 from service.config import EngineConfig
 from service.server import BackgroundServer, ServerOptions
@@ -56,9 +56,7 @@ def _streamed(client: WeftClient, **kw) -> tuple[str, list[pb.ToolCall], int]:
     for msg in client.generate_stream(ASK, tools=TOOLS, **kw):
         text += msg.choice.text
         for piece in msg.choice.tool_calls:
-            call = calls.setdefault(piece.index, pb.ToolCall(index=piece.index))
-            call.id, call.name = call.id or piece.id, call.name or piece.name
-            call.arguments += piece.arguments
+            add_tool_call_piece(calls, piece.index, piece)
         if msg.choice.finish_reason:
             reason = msg.choice.finish_reason
     return text, [calls[i] for i in sorted(calls)], reason

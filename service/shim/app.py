@@ -87,8 +87,7 @@ class Shim(OpenAIRoutes, OllamaRoutes):
 
     @staticmethod
     def _error_response(request: Request, err: HttpError) -> JSONResponse:
-        body = err.ollama() if request.url.path.startswith("/api/") else err.openai()
-        return JSONResponse(body, status_code=err.status, headers=err.headers)
+        return JSONResponse(_error_body(request.url.path, err), status_code=err.status, headers=err.headers)
 
     async def _on_http_error(self, request: Request, exc: HttpError) -> JSONResponse:
         return self._error_response(request, exc)
@@ -163,8 +162,7 @@ class _Gate:
             if self.api_key and path.startswith(self.PROTECTED) and not self._authorized(scope):
                 err = HttpError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
                                 code="invalid_api_key")
-                body = err.ollama() if path.startswith("/api/") else err.openai()
-                await JSONResponse(body, status_code=401,
+                await JSONResponse(_error_body(path, err), status_code=401,
                                    headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_status)
                 return
             if scope.get("method") == "POST":
@@ -173,7 +171,7 @@ class _Gate:
                 if body is None:
                     err = HttpError(413, f"request body larger than the server's limit of {self.max_body_bytes} bytes "
                                     "(--max-request-bytes)", code="request_too_large")
-                    await JSONResponse(err.ollama() if path.startswith("/api/") else err.openai(), status_code=413,
+                    await JSONResponse(_error_body(path, err), status_code=413,
                                        headers={"Connection": "close"})(scope, receive, send_status)
                     return
                 receive = _replay(body, receive)
@@ -188,6 +186,11 @@ class _Gate:
             if key == b"authorization":
                 return bearer_matches(value, self.api_key or "")
         return False
+
+
+def _error_body(path: str, err: HttpError) -> dict[str, Any]:
+    """Ollama's error shape on /api/ routes, OpenAI's everywhere else."""
+    return err.ollama() if path.startswith("/api/") else err.openai()
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:

@@ -11,6 +11,7 @@ import grpc
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from clients.client import add_tool_call_piece
 from clients.weft.v1 import inference_pb2 as pb
 from service.shim.backend import EOF_MSG, Ctx, Stream, dumps, now_iso
 from service.shim.base import ShimBase
@@ -163,9 +164,7 @@ class OllamaRoutes(ShimBase):
                     c = msg.choice
                     out_ids.extend(c.token_ids)
                     for piece in c.tool_calls:
-                        acc = calls.setdefault(piece.index, pb.ToolCall(index=piece.index))
-                        acc.id, acc.name = acc.id or piece.id, acc.name or piece.name
-                        acc.arguments += piece.arguments
+                        add_tool_call_piece(calls, piece.index, piece)
                     if t_first is None and c.token_ids:
                         t_first = time.perf_counter()
                     if c.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
