@@ -7,7 +7,6 @@ The batch description, `AttentionMetadata`, lives in `kernels.attention_metadata
 """
 from __future__ import annotations
 
-
 import torch
 
 from kernels import cpu_native

@@ -1,7 +1,6 @@
 """Write the new tokens' K and V into the paged cache."""
 from __future__ import annotations
 
-
 import torch
 from common import env
 

@@ -7,7 +7,6 @@ None masks every row. The bitmask must cover the vocabulary: ceil(V / 32) words 
 """
 from __future__ import annotations
 
-
 import torch
 from common import env
 

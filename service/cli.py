@@ -6,23 +6,14 @@ import json
 import logging
 import sys
 
-from service.config import EngineConfig
 from service.config_cli import add_engine_args, engine_config_from_args
-
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    add_engine_args(p)
-
-
-def _engine_config(a: argparse.Namespace, **extra) -> EngineConfig:
-    return engine_config_from_args(a, **extra)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from decoding.sampling import SamplingParams
     from service.llm import LLM
 
-    cfg = _engine_config(a, progress=a.progress and not a.json)
+    cfg = engine_config_from_args(a, progress=a.progress and not a.json)
     llm = LLM(**{k: getattr(cfg, k) for k in cfg.__slots__})
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed,
                             top_p=a.top_p, top_k=a.top_k)
@@ -53,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="complete one prompt offline")
-    _engine_args(g)
+    add_engine_args(g)
     g.add_argument("prompt")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -69,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from service import server_cli
-        server_cli.add_commands(sub, _engine_args, _engine_config)
+        server_cli.add_commands(sub, add_engine_args, engine_config_from_args)
     except ImportError:
         pass
 

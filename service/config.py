@@ -19,10 +19,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SECTIONS = ("model", "cache", "scheduler", "speculative", "output")
 
 
-def _opt(section: str, help: str, default: Any, *, choices: tuple | None = None, cli: bool = True) -> Any:
-    """A field with its section and help; `cli=False` keeps it out of the generated flags."""
+def _opt(section: str, help: str, default: Any, *, choices: tuple | None = None) -> Any:
+    """A field with its section, help and (for the flag) choices."""
     assert section in SECTIONS, section
-    meta = {"section": section, "help": help, "choices": choices, "cli": cli}
+    meta = {"section": section, "help": help, "choices": choices}
     return field(default=default, metadata=meta)
 
 
@@ -84,7 +84,7 @@ class EngineConfig:
         return DTYPES[self.dtype]
 
     def section(self, name: str) -> dict[str, Any]:
-        """The fields of one section and their values (for logs, /api/show, a config dump)."""
+        """The fields of one section and their values."""
         if name not in SECTIONS:
             raise KeyError(f"no section {name!r}; sections: {', '.join(SECTIONS)}")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["section"] == name}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from dataclasses import MISSING, Field, fields
+from dataclasses import fields
 from typing import Any
 
 from service.config import SECTIONS, EngineConfig
@@ -19,24 +19,21 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _base_type(f: Field) -> type:
-    """int for `int`, `int | None`; the field's annotation is a string (postponed annotations)."""
-    hint = typing.get_type_hints(EngineConfig)[f.name]
+def _base_type(hint: Any) -> type:
+    """int for `int` and `int | None` (the annotations are strings: get_type_hints resolves them)."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        (hint,) = args
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
     return hint
 
 
-def add_engine_args(parser: argparse.ArgumentParser, skip: frozenset[str] = frozenset()) -> None:
-    """One flag per EngineConfig field (but those in `skip` and those marked cli=False)."""
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field, grouped by section."""
     groups = {s: parser.add_argument_group(f"engine: {_TITLES[s]}") for s in SECTIONS}
+    hints = typing.get_type_hints(EngineConfig)
     for f in fields(EngineConfig):
         meta = f.metadata
-        if not meta["cli"] or f.name in skip:
-            continue
-        default = f.default if f.default is not MISSING else None
-        kind = _base_type(f)
+        default = f.default
+        kind = _base_type(hints[f.name])
         shown = "" if default is None else f" (default: {default})"
         kw: dict[str, Any] = {"dest": f.name, "default": default, "help": meta["help"] + shown}
         if kind is bool:

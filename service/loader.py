@@ -29,8 +29,6 @@ from common.errors import ModelLoadError
 from service.tokenizer import Tokenizer
 from common import env
 
-env.set_process_defaults()
-
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 
 # config.json `model_type` -> architecture, for configs that do not list `architectures`.

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidArgumentError, ModelLoadError
-from common import env
 
 # Files any HF tokenizer directory carries at least one of.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -76,8 +75,7 @@ class Tokenizer:
         path = Path(path)
         if not any((path / name).is_file() for name in _TOKENIZER_FILES):
             raise ModelLoadError(f"{path}: no tokenizer files (expected tokenizer.json or tokenizer_config.json)")
-        env.set_process_defaults()
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer   # offline: service/__init__ set HF_HUB_OFFLINE
 
         try:
             hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
