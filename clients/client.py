@@ -65,14 +65,15 @@ def build_generate_request(
     skip_special_tokens: bool | None = None, guided: guided_pb2.GuidedDecoding | None = None,
     num_speculative_tokens: int | None = None, cache_salt: str = "", add_generation_prompt: bool | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: str | None = None,
-    parallel_tool_calls: bool | None = None,
+    parallel_tool_calls: bool | None = None, logit_bias: Mapping[int, float] | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from Python values. `prompt` is text, token ids, chat messages
     ({"role", "content"} mappings; an assistant turn may carry "tool_calls", a tool turn
     "tool_call_id") or a ready GenerateRequest (returned as is). `tools` are
     {"name", "description", "parameters"} mappings (or OpenAI's {"type": "function", "function":
-    {...}}); `tool_choice` is "none", "auto", "required" or a tool's name. None leaves a field
-    unset, so the server's documented default applies."""
+    {...}}); `tool_choice` is "none", "auto", "required" or a tool's name; `logit_bias` maps token
+    ids to a bias in [-100, 100]. None leaves a field unset, so the server's documented default
+    applies."""
     if isinstance(prompt, pb.GenerateRequest):
         return prompt
     req = pb.GenerateRequest(model=model, cache_salt=cache_salt)
@@ -96,6 +97,8 @@ def build_generate_request(
     for name in _SAMPLING:
         if values[name] is not None:
             setattr(req.sampling, name, values[name])
+    for token, bias in (logit_bias or {}).items():
+        req.sampling.logit_bias[token] = bias
     if max_tokens is not None:
         req.stopping.max_tokens = max_tokens
     req.stopping.stop.extend(stop)

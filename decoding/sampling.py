@@ -36,6 +36,9 @@ MAX_N = 16
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 MAX_SPECULATIVE_TOKENS = 16
+# OpenAI's limits on logit_bias: at most 300 tokens, each biased by a value in [-100, 100].
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_LOGIT_BIAS = 100.0
 _SEED_LIMIT = 2**63
 
 # Block size of the two-level inverse-CDF draw: per-row block sums, then a cumsum inside one block.
@@ -64,6 +67,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     guided: GuidedSpec | None = None  # constrain the output to a JSON schema / regex / choice / grammar
     num_speculative_tokens: int | None = None   # draft tokens per step; None: the server's setting, 0: off
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100 bans it); see kernels/mask.py
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidArgumentError naming the first bad field."""
@@ -97,6 +101,8 @@ class SamplingParams:
                 raise InvalidArgumentError(name, "must be a boolean")
         if self.num_speculative_tokens is not None:
             _check_int("num_speculative_tokens", self.num_speculative_tokens, 0, MAX_SPECULATIVE_TOKENS)
+        if self.logit_bias:
+            self._validate_logit_bias(vocab_size)
         if self.guided is not None:
             if not isinstance(self.guided, GuidedSpec):
                 raise InvalidArgumentError("guided", "must be a GuidedSpec")
@@ -117,6 +123,21 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0 or (vocab_size is not None and t >= vocab_size):
                 raise InvalidArgumentError("stop_token_ids", f"every id must be an int in {upper}, got {t!r}")
+
+    def _validate_logit_bias(self, vocab_size: int | None) -> None:
+        bias = self.logit_bias
+        if not isinstance(bias, dict):
+            raise InvalidArgumentError("logit_bias", "must be a map of token id to bias")
+        if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidArgumentError("logit_bias", f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(bias)}")
+        upper = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+        for token, value in bias.items():
+            if not _is_int(token) or token < 0 or (vocab_size is not None and token >= vocab_size):
+                raise InvalidArgumentError("logit_bias", f"every token id must be an int in {upper}, got {token!r}")
+            _check_float("logit_bias", value)
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise InvalidArgumentError(
+                    "logit_bias", f"bias of token {token} must be in [-100, 100], got {value}")
 
     @property
     def greedy(self) -> bool:

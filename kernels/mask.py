@@ -77,3 +77,23 @@ def apply_token_bitmask_triton_(logits: torch.Tensor, bitmask: torch.Tensor, row
         logits, bitmask, rows if rows is not None else bitmask, logits.shape[1],
         logits.stride(0), bitmask.stride(0), HAS_ROWS=rows is not None, BLOCK_V=block_v, num_warps=4,
     )
+
+
+# OpenAI's "-100 bans the token": taken literally, as -inf, so that no logit, however large,
+# can bring a banned token back (adding -100 to a logit of 120 would not ban it).
+BAN_BIAS = -100.0
+
+
+def apply_logit_bias_(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor) -> None:
+    """logits[rows[i], tokens[i]] += bias[i] in place; a bias of BAN_BIAS or below sets -inf.
+
+    One scatter for the whole step (a few hundred cells at most per row), the same torch op on
+    every device: there is no pass over the vocabulary for a Triton kernel to speed up.
+    (rows[i], tokens[i]) pairs must be distinct."""
+    if rows.numel() == 0:
+        return
+    device = logits.device
+    bias = bias.to(device=device, dtype=torch.float32)
+    bias = torch.where(bias <= BAN_BIAS, torch.full_like(bias, float("-inf")), bias)
+    logits.index_put_((rows.to(device, torch.long), tokens.to(device, torch.long)), bias.to(logits.dtype),
+                      accumulate=True)

@@ -73,7 +73,8 @@ _FINISH = {
 }
 # Engine field names -> their path in GenerateRequest (engine errors name SamplingParams fields).
 _SAMPLING_FIELDS = frozenset(
-    ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed")
+    ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
+     "logit_bias")
 )
 _STOPPING_FIELDS = frozenset(("max_tokens", "stop", "stop_token_ids", "ignore_eos", "include_stop_str_in_output"))
 
@@ -145,6 +146,7 @@ def sampling_params(req: pb.GenerateRequest) -> SamplingParams:
         skip_special_tokens=_opt(req, "skip_special_tokens", True),
         guided=guided_spec(req),
         num_speculative_tokens=_opt(req, "num_speculative_tokens", None),
+        logit_bias=dict(s.logit_bias) or None,
     )
 
 

@@ -306,6 +306,11 @@ INVALID: list[tuple[str, Build, str]] = [
     ("num_speculative_tokens_negative", _with(lambda r: setattr(r, "num_speculative_tokens", -1)),
      "num_speculative_tokens"),
     ("cache_salt_too_long", _req(cache_salt="s" * 257), "cache_salt"),
+    ("logit_bias_token_past_vocab", _req(logit_bias={49152: 1.0}), "sampling.logit_bias"),
+    ("logit_bias_token_negative", _req(logit_bias={-1: 1.0}), "sampling.logit_bias"),
+    ("logit_bias_101", _req(logit_bias={5: 101.0}), "sampling.logit_bias"),
+    ("logit_bias_nan", _req(logit_bias={5: float("nan")}), "sampling.logit_bias"),
+    ("logit_bias_301_entries", _req(logit_bias={t: 1.0 for t in range(301)}), "sampling.logit_bias"),
 ]
 
 

@@ -79,7 +79,7 @@ PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "format": st.sampled_from(["json", "", "yaml"]) | schema,
     "options": options,
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans() | any_json}),
-    "logit_bias": st.dictionaries(words, numbers, max_size=1),
+    "logit_bias": st.dictionaries(words | st.integers(-2, 49155).map(str), numbers, max_size=2),
     "tools": st.lists(st.fixed_dictionaries({"type": st.just("function")}), max_size=1),
     "model": st.sampled_from(["", "", "nope", "llama:latest"]) | st.none(),
     "name": st.sampled_from(["", "nope"]) | st.none(),

@@ -17,7 +17,7 @@ from common.errors import InvalidArgumentError
 from decoding.guided import CompiledGrammar, GuideCompiler
 from decoding.sampling import NoValidTokenError, Sampler, SampleRequest, SamplingParams, TokenLogprobs
 from decoding.stopping import StopChecker
-from kernels.mask import apply_token_bitmask_
+from kernels.mask import apply_logit_bias_, apply_token_bitmask_
 from service.config import EngineConfig
 from service.engine.draft import DraftModelProposer
 from service.engine.kv_cache import KVCacheManager
@@ -196,6 +196,7 @@ class EngineCore:
         # or 1 + k for a request verifying a draft of k.
         plain = [(i, r) for i, r in enumerate(batch.requests) if out.layout.count[i] and r.spec_draft is None]
         verifying = [(i, r) for i, r in enumerate(batch.requests) if out.layout.count[i] and r.spec_draft is not None]
+        self._apply_logit_bias(out, plain + verifying)
         self._apply_guides(out, plain + verifying)
         outputs = self._verify(out, verifying) + self._sample(out, plain)
         # Drafts for the next step, for every request that just got its tokens and goes on.
@@ -276,7 +277,29 @@ class EngineCore:
             req.num_registered_blocks, req.cache_salt,
         )
 
-    # ---- guided decoding ---------------------------------------------------------------------
+    # ---- logit bias and guided decoding --------------------------------------------------------
+
+    def _apply_logit_bias(self, out: StepOutput, rows: list[tuple[int, Request]]) -> None:
+        """Add each request's logit_bias to every logits row it has this step (1, or 1 + k when
+        verifying a draft, so that speculation stays lossless against the biased distribution),
+        in one scatter. Runs before the guide masks: a bias can never re-allow a masked token."""
+        cells_r: list[int] = []
+        cells_t: list[int] = []
+        values: list[float] = []
+        for i, req in rows:
+            bias = req.params.logit_bias
+            if not bias:
+                continue
+            first = out.layout.first[i]
+            tokens, vals = list(bias.keys()), list(bias.values())
+            for row in range(first, first + out.layout.count[i]):
+                cells_r.extend([row] * len(tokens))
+                cells_t.extend(tokens)
+                values.extend(vals)
+        if not cells_r:
+            return
+        with torch.inference_mode():   # logits come out of the runner as inference tensors
+            apply_logit_bias_(out.logits, torch.tensor(cells_r), torch.tensor(cells_t), torch.tensor(values))
 
     def _apply_guides(self, out: StepOutput, rows: list[tuple[int, Request]]) -> None:
         """Mask every guided row of the step with one bitmask and one kernel call: a plain row by

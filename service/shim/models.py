@@ -2,7 +2,7 @@
 naming the field), document the API in the served OpenAPI document, and drive the fuzz tests.
 
 Unknown fields are accepted and ignored, as OpenAI's and Ollama's clients add fields over time;
-known fields Weft cannot honour (logit_bias, images, ...) are refused by the shim with a 400
+known fields Weft cannot honour (images, `suffix`, ...) are refused by the shim with a 400
 naming them rather than silently ignored.
 """
 from __future__ import annotations

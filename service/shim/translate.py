@@ -168,7 +168,7 @@ def apply_sampling(b: RequestBuilder, body: SamplingFields) -> None:
     b.set("cache_salt", body.cache_salt, "cache_salt")
     b.set("num_speculative_tokens", body.num_speculative_tokens, "num_speculative_tokens")
     if body.logit_bias:
-        raise HttpError(400, "logit_bias: not supported", "logit_bias")
+        apply_logit_bias(b, body.logit_bias)
     guided, param = openai_guided(body)
     if guided is not None:
         if body.guided_close_before_max_tokens is not None:
@@ -177,6 +177,21 @@ def apply_sampling(b: RequestBuilder, body: SamplingFields) -> None:
         b.name("guided", param or "response_format")
         b.name(f"guided.{guided.WhichOneof('kind')}", param or "response_format")
         b.name("guided.close_before_max_tokens", "guided_close_before_max_tokens")
+
+
+def apply_logit_bias(b: RequestBuilder, bias: dict[str, float]) -> None:
+    """OpenAI's `logit_bias`: JSON keys are token ids written as strings ("50256": -100). The
+    server checks the ranges (ids in the vocabulary, biases in [-100, 100], 300 entries)."""
+    target = b.req.sampling.logit_bias
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise HttpError(400, f"logit_bias: keys must be token ids, got {_short(key)}", "logit_bias") from None
+        if not -2**31 <= token < 2**31:
+            raise HttpError(400, f"logit_bias: token id out of range: {_short(key)}", "logit_bias")
+        target[token] = value
+    b.name("sampling.logit_bias", "logit_bias")
 
 
 def openai_guided(body: SamplingFields) -> tuple[guided_pb2.GuidedDecoding | None, str | None]:
