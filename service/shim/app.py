@@ -5,8 +5,8 @@ process for `weft serve`, to a remote server for `weft shim --target`), and ever
 status comes back as OpenAI's or Ollama's JSON. It never touches the engine. The routes live by
 protocol (service/shim/openai.py, ollama.py); this module is the app: routing, errors, auth, ops.
 
-    OpenAI   POST /v1/chat/completions, /v1/completions, /v1/tokenize, /v1/detokenize;
-             GET /v1/models, /v1/models/{model}
+    OpenAI   POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/tokenize,
+             /v1/detokenize; GET /v1/models, /v1/models/{model}; GET, DELETE /v1/responses/{id}
     Ollama   POST /api/generate, /api/chat, /api/show; GET /api/tags, /api/ps, /api/version
     Ops      GET /health (503 while loading or draining), /metrics (Prometheus), /version,
              /openapi.json, /docs
@@ -35,6 +35,8 @@ from service.protocol import DEFAULT_MAX_REQUEST_BYTES, bearer_matches, weft_ver
 from service.shim.backend import ClientGone, GrpcBackend
 from service.shim.ollama import OllamaRoutes
 from service.shim.openai import OpenAIRoutes
+from service.shim.response_store import ResponseStore
+from service.shim.responses import ResponsesRoutes
 from service.shim.translate import HttpError
 
 log = logging.getLogger("weft.http")
@@ -42,13 +44,14 @@ log = logging.getLogger("weft.http")
 DEFAULT_HTTP_PORT = 8000
 
 
-class Shim(OpenAIRoutes, OllamaRoutes):
+class Shim(OpenAIRoutes, ResponsesRoutes, OllamaRoutes):
     """The routes of both protocols, bound to one GrpcBackend. `app` is the ASGI application."""
 
     def __init__(self, backend: GrpcBackend, *, api_key: str | None = None, metrics: Any = None,
                  max_body_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
         super().__init__(backend, api_key=api_key, metrics=metrics)
         self.max_body_bytes = max_body_bytes
+        self.response_store = ResponseStore()
         self.app = self._build()
 
     def _build(self) -> FastAPI:
@@ -63,6 +66,9 @@ class Shim(OpenAIRoutes, OllamaRoutes):
 
         app.post("/v1/chat/completions", tags=["openai"])(self.chat_completions)
         app.post("/v1/completions", tags=["openai"])(self.completions)
+        app.post("/v1/responses", tags=["openai"])(self.create_response)
+        app.get("/v1/responses/{response_id}", tags=["openai"])(self.get_response)
+        app.delete("/v1/responses/{response_id}", tags=["openai"])(self.delete_response)
         app.get("/v1/models", tags=["openai"])(self.list_models)
         app.get("/v1/models/{model_id:path}", tags=["openai"])(self.get_model)
         for prefix in ("/v1", ""):
@@ -178,7 +184,7 @@ class _Gate:
             await self.app(scope, receive, send_status)
         finally:
             if self.metrics is not None:
-                route = path if path in _ROUTES else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+                route = path if path in _ROUTES else _ROUTE_PREFIXES.get(path[:path.find("/", 4) + 1], "other")
                 self.metrics.http_requests.labels(route, str(status)).inc()
 
     def _authorized(self, scope: Scope) -> bool:
@@ -236,9 +242,13 @@ def _as_json(scope: Scope) -> Scope:
 
 
 _ROUTES = frozenset((
-    "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/tokenize", "/v1/detokenize", "/tokenize",
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/v1/tokenize", "/v1/detokenize", "/tokenize",
     "/detokenize", "/api/generate", "/api/chat", "/api/tags", "/api/show", "/api/ps", "/api/version", "/health",
     "/metrics", "/version", "/openapi.json", "/docs"))
+
+
+# Routes with an id in the path, counted under one label each.
+_ROUTE_PREFIXES = {"/v1/models/": "/v1/models/{model}", "/v1/responses/": "/v1/responses/{id}"}
 
 
 def _loc_param(loc: Sequence[Any]) -> str | None:
@@ -252,10 +262,6 @@ def _loc_param(loc: Sequence[Any]) -> str | None:
         else:
             out += ("." if out else "") + str(part)
     return out or None
-
-
-_TYPE_NAMES = frozenset(("str", "int", "float", "bool", "dict", "list", "none", "ContentPart", "literal"))
-
 
 
 _TYPE_NAMES = frozenset(("str", "int", "float", "bool", "dict", "list", "none", "ContentPart", "literal"))

@@ -122,6 +122,38 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
 
 
+class ResponsesRequest(_Body):
+    """OpenAI's Responses API (POST /v1/responses)."""
+    model: str | None = Field(default=None, description="The served model's name; empty or unset means it.")
+    input: str | list[dict[str, Any]] = Field(description="Text, or input items: messages (text parts), "
+                                              "function_call and function_call_output items.")
+    instructions: str | None = Field(default=None, description="A system message put first (not carried over "
+                                                               "by previous_response_id).")
+    previous_response_id: str | None = Field(default=None, description="Continue a stored response's "
+                                                                       "conversation.")
+    store: bool | None = Field(default=None, description="Keep the response for previous_response_id and GET "
+                                                         "(default true; in memory, bounded, expiring).")
+    tools: list[dict[str, Any]] | None = Field(default=None, description='[{"type": "function", name, description, '
+                                                                         'parameters, strict}]')
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = Field(default=None, description='{"format": {"type": "text" | "json_object" | '
+                                                                  '"json_schema", name, schema, strict}}')
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_logprobs: int | None = None
+    include: list[str] | None = None
+    stream: bool | None = False
+    truncation: str | None = None
+    metadata: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    user: str | None = None
+    background: bool | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
+
+
 class TokenizeRequest(_Body):
     """vLLM's /tokenize: `prompt` text, or `messages` rendered with the chat template."""
     model: str | None = None

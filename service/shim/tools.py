@@ -11,7 +11,7 @@ from clients.weft.v1 import inference_pb2 as pb
 from service.shim.models import ChatCompletionRequest
 from service.shim.translate import HttpError, RequestBuilder
 
-_MODES = {"none": pb.ToolChoice.MODE_NONE, "auto": pb.ToolChoice.MODE_AUTO, "required": pb.ToolChoice.MODE_REQUIRED}
+TOOL_CHOICE_MODES = {"none": pb.ToolChoice.MODE_NONE, "auto": pb.ToolChoice.MODE_AUTO, "required": pb.ToolChoice.MODE_REQUIRED}
 
 
 def add_tool(b: RequestBuilder, i: int, fn: Any, param: str) -> None:
@@ -46,10 +46,10 @@ def openai_tools(b: RequestBuilder, body: ChatCompletionRequest) -> bool:
     choice, param = (body.function_call, "function_call") if legacy else (body.tool_choice, "tool_choice")
     if choice is not None:
         if isinstance(choice, str):
-            if choice not in _MODES or (legacy and choice == "required"):
+            if choice not in TOOL_CHOICE_MODES or (legacy and choice == "required"):
                 raise HttpError(400, f"{param}: must be none, auto{'' if legacy else ', required'} or a function; "
                                 f"got {choice!r}", param)
-            b.req.tool_choice.mode = _MODES[choice]
+            b.req.tool_choice.mode = TOOL_CHOICE_MODES[choice]
         else:
             fn = choice.get("function", choice) if isinstance(choice, dict) else None
             name = fn.get("name") if isinstance(fn, dict) else None
