@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Literal
-
 import httpx
 import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from tests.test_tools_frameworks import weather_agent
 from tests.test_tools_grpc import SCHEMAS, TOOLS
 
 ASK = "What is the weather like in Paris today?"
@@ -195,24 +194,14 @@ def test_bad_fields_are_400_naming_them(oa, model, extra, param) -> None:
 
 
 def test_openai_agents_sdk_default_responses_model(smollm2_served, model) -> None:
-    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+    from agents import OpenAIResponsesModel, Runner
 
-    set_tracing_disabled(True)   # no exporter: nothing leaves the machine
     seen: list[dict] = []
 
-    @function_tool
-    def get_weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius") -> str:
-        """Current weather in a city."""
-        seen.append({"city": city, "unit": unit})
-        return json.dumps({"city": city, "temperature": 18, "unit": unit})
-
-    def agent() -> Agent:
+    def agent():
         # A client per event loop: httpx's connections belong to the loop that opened them.
         client = openai.AsyncOpenAI(base_url=f"{smollm2_served}/v1", api_key="unused", max_retries=0)
-        return Agent(name="weather", instructions="Answer questions about the weather.", tools=[get_weather],
-                     model=OpenAIResponsesModel(model=model, openai_client=client),
-                     model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=96),
-                     tool_use_behavior="stop_on_first_tool")
+        return weather_agent(OpenAIResponsesModel(model=model, openai_client=client), seen)
 
     result = Runner.run_sync(agent(), ASK, max_turns=2)
     assert len(seen) >= 1 and all(isinstance(s["city"], str) for s in seen)

@@ -95,11 +95,12 @@ def test_pydantic_ai_agent_output_type(smollm2_served, model) -> None:
     assert calls and json.loads(calls[0].args_as_json_str()) == result.output.model_dump()
 
 
-def test_openai_agents_sdk_function_tool(smollm2_served, model) -> None:
-    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
+def weather_agent(model_obj, seen: list[dict]):
+    """An Agents SDK agent that must call a `get_weather` function tool (recording each call in
+    `seen`) and stops on its first result, on the given SDK model object."""
+    from agents import Agent, ModelSettings, function_tool, set_tracing_disabled
 
     set_tracing_disabled(True)   # no exporter: nothing leaves the machine
-    seen: list[dict] = []
 
     @function_tool
     def get_weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius") -> str:
@@ -107,11 +108,17 @@ def test_openai_agents_sdk_function_tool(smollm2_served, model) -> None:
         seen.append({"city": city, "unit": unit})
         return json.dumps({"city": city, "temperature": 18, "unit": unit})
 
+    return Agent(name="weather", instructions="Answer questions about the weather.", tools=[get_weather],
+                 model=model_obj, model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=96),
+                 tool_use_behavior="stop_on_first_tool")
+
+
+def test_openai_agents_sdk_function_tool(smollm2_served, model) -> None:
+    from agents import OpenAIChatCompletionsModel, Runner
+
+    seen: list[dict] = []
     client = openai.AsyncOpenAI(base_url=f"{smollm2_served}/v1", api_key="unused", max_retries=0)
-    agent = Agent(name="weather", instructions="Answer questions about the weather.", tools=[get_weather],
-                  model=OpenAIChatCompletionsModel(model=model, openai_client=client),
-                  model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=96),
-                  tool_use_behavior="stop_on_first_tool")
+    agent = weather_agent(OpenAIChatCompletionsModel(model=model, openai_client=client), seen)
     result = Runner.run_sync(agent, "What is the weather like in Paris today?", max_turns=2)
     assert len(seen) >= 1 and all(isinstance(s["city"], str) for s in seen)
     assert json.loads(result.final_output)["temperature"] == 18
