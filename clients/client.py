@@ -279,6 +279,13 @@ class WeftClient(_Base):
     def reset_prefix_cache(self, model: str = "", *, timeout: float | None = None) -> pb.ResetPrefixCacheResponse:
         return self._unary(self.stub.ResetPrefixCache, pb.ResetPrefixCacheRequest(model=model), timeout)
 
+    def load_adapter(self, name: str, path: str, *, timeout: float | None = None) -> pb.LoadAdapterResponse:
+        """Serve the PEFT LoRA adapter at `path` (on the server) as model `name`."""
+        return self._unary(self.stub.LoadAdapter, pb.LoadAdapterRequest(name=name, path=path), timeout)
+
+    def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        self._unary(self.stub.UnloadAdapter, pb.UnloadAdapterRequest(name=name), timeout)
+
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING", ... (grpc.health.v1; needs no API key)."""
         resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -380,6 +387,12 @@ class AsyncWeftClient(_Base):
 
     async def model_info(self, model: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
         return (await self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest(model=model), timeout)).model
+
+    async def load_adapter(self, name: str, path: str, *, timeout: float | None = None) -> pb.LoadAdapterResponse:
+        return await self._unary(self.stub.LoadAdapter, pb.LoadAdapterRequest(name=name, path=path), timeout)
+
+    async def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        await self._unary(self.stub.UnloadAdapter, pb.UnloadAdapterRequest(name=name), timeout)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         resp = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

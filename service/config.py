@@ -16,13 +16,13 @@ from decoding.sampling import MAX_SPECULATIVE_TOKENS
 
 SPECULATIVE_METHODS = (None, "ngram", "draft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SECTIONS = ("model", "cache", "scheduler", "speculative", "output")
+SECTIONS = ("model", "cache", "scheduler", "speculative", "lora", "output")
 
 
-def _opt(section: str, help: str, default: Any, *, choices: tuple | None = None) -> Any:
-    """A field with its section, help and (for the flag) choices."""
+def _opt(section: str, help: str, default: Any, *, choices: tuple | None = None, metavar: str | None = None) -> Any:
+    """A field with its section, help and (for the flag) choices and metavar."""
     assert section in SECTIONS, section
-    meta = {"section": section, "help": help, "choices": choices}
+    meta = {"section": section, "help": help, "choices": choices, "metavar": metavar}
     return field(default=default, metadata=meta)
 
 
@@ -59,6 +59,14 @@ class EngineConfig:
                                     "switched off", 8)
     spec_min_acceptance: float = _opt("speculative", "... switched off when fewer than this fraction of its draft "
                                       "tokens were accepted", 0.2)
+    # ---- LoRA adapters (service/engine/lora_manager.py)
+    lora: tuple[str, ...] = _opt("lora", "serve the PEFT LoRA adapter at PATH as model NAME (repeatable)", (),
+                                 metavar="NAME=PATH")
+    enable_lora: bool = _opt("lora", "accept adapters at run time (LoadAdapter, /v1/load_lora_adapter); implied by "
+                             "--lora", False)
+    max_loras: int = _opt("lora", "adapters resident in a batch at once (more may be loaded: the least recently "
+                          "used idle one makes room)", 4)
+    max_lora_rank: int = _opt("lora", "the largest adapter rank accepted", 16)
     # ---- output
     progress: bool = _opt("output", "show loading progress", True)
 
@@ -66,6 +74,23 @@ class EngineConfig:
         # A draft model means draft speculation (vLLM's --speculative-model did the same).
         if self.draft_model and self.speculative_method is None:
             self.speculative_method = "draft"
+        self.lora = tuple(self.lora or ())
+        if self.lora:
+            self.enable_lora = True
+
+    def lora_modules(self) -> list[tuple[str, str]]:
+        """--lora NAME=PATH values as (name, path)."""
+        out = []
+        for item in self.lora:
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise InvalidArgumentError("lora", f"expected NAME=PATH, got {item!r}")
+            out.append((name.strip(), path.strip()))
+        if not 1 <= self.max_loras <= 256:
+            raise InvalidArgumentError("max_loras", f"must be in [1, 256], got {self.max_loras}")
+        if not 1 <= self.max_lora_rank <= 512:
+            raise InvalidArgumentError("max_lora_rank", f"must be in [1, 512], got {self.max_lora_rank}")
+        return out
 
     def validate_speculative(self) -> None:
         if self.speculative_method not in SPECULATIVE_METHODS:

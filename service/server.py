@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -34,6 +35,7 @@ from decoding.sampling import MAX_LOGPROBS, MAX_N, SamplingParams, TokenLogprobs
 from service.config import EngineConfig
 from service.engine.async_engine import AsyncEngine
 from service.engine.core import EngineCore
+from service.engine.lora_manager import AdapterInfo
 from service.engine.request import RequestOutput
 from service.tool_calls import (
     OutputShaper,
@@ -45,7 +47,7 @@ from service.tool_calls import (
     tool_request,
 )
 from decoding.tools import tool_guided_spec
-from common.errors import InvalidArgumentError, ResourceExhaustedError
+from common.errors import InvalidArgumentError, ModelLoadError, ResourceExhaustedError
 from service.protocol import (
     DEFAULT_MAX_REQUEST_BYTES,
     INVALID_FIELD_KEY,
@@ -61,6 +63,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name  # "
 DEFAULT_PORT = 50051
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_CACHE_SALT_CHARS = 256
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 
 _FINISH = {
     None: pb.FINISH_REASON_UNSPECIFIED,
@@ -247,6 +250,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._served_name = served_model_name
         self._on_request_end = on_request_end
         self._model_info: pb.ModelInfo | None = None
+        self._adapters: dict[str, pb.ModelInfo] = {}   # LoRA adapters served as models, by name
         self._token_text: dict[int, str] = {}  # id -> its text alone, for logprobs
         self._in_flight = 0                    # generation calls running (the drain waits on them)
         self._idle = asyncio.Event()
@@ -259,6 +263,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._chat_template = getattr(engine.core.tokenizer.hf, "chat_template", None)
         self._tool_format = resolve_format(self._tool_call_format, self._chat_template)
         self._model_info = _model_info(engine.core, self.model_name, self._tool_format.name)
+        if engine.core.lora is not None:   # --lora adapters, registered as the core was built
+            for a in engine.core.lora.infos():
+                self._adapters[a.name] = self._adapter_info(a)
 
     @property
     def model_info(self) -> pb.ModelInfo | None:
@@ -282,12 +289,20 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             raise StatusError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
         if self.engine is None:
             raise StatusError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
-        if model and model not in (self.model_name, self.engine.core.model_name):
+        if model and model not in (self.model_name, self.engine.core.model_name) and model not in self._adapters:
+            served = ", ".join([repr(self.model_name), *map(repr, self._adapters)])
             raise StatusError(
-                grpc.StatusCode.NOT_FOUND, f"model {model!r} is not served here; this server serves {self.model_name!r}",
+                grpc.StatusCode.NOT_FOUND, f"model {model!r} is not served here; this server serves {served}",
                 field="model",
             )
         return self.engine
+
+    def _adapter_info(self, a: AdapterInfo) -> pb.ModelInfo:
+        assert self._model_info is not None
+        info = pb.ModelInfo()
+        info.CopyFrom(self._model_info)
+        info.name, info.parent, info.source, info.lora_rank = a.name, self._model_info.name, a.path, a.rank
+        return info
 
     # ---- generation -----------------------------------------------------------------------
 
@@ -340,6 +355,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._idle.clear()
         try:
             engine = self._ready(req.model)
+            # Resolved now: an adapter unloaded while the prompt is prepared must not turn this
+            # request into a base-model one (the engine then refuses it instead).
+            lora = req.model if req.model in self._adapters else None
             prompt, params, tools = await self._prepare(req, engine)
             shaper = OutputShaper(tools)
             kind = req.WhichOneof("prompt")
@@ -348,7 +366,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 async with asyncio.timeout(context.time_remaining()):
                     # aclosing: a cancel or deadline closes the engine stream at once, which aborts
                     # the request and frees its KV blocks within a step.
-                    gen = engine.generate(prompt, params, rid, cache_salt=req.cache_salt or None)
+                    gen = engine.generate(prompt, params, rid, cache_salt=req.cache_salt or None, lora=lora)
                     async with contextlib.aclosing(gen) as stream:  # type: ignore[type-var]
                         async for out in stream:
                             if trace is not None:
@@ -401,7 +419,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             raise StatusError(grpc.StatusCode.INTERNAL, f"generation failed: {error}")
         await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
         return pb.GenerateResponse(
-            request_id=rid, model=self.model_name, choices=[choices[i] for i in sorted(choices)], usage=usage.proto()
+            request_id=rid, model=request.model or self.model_name,
+            choices=[choices[i] for i in sorted(choices)], usage=usage.proto()
         )
 
     @_handler
@@ -490,14 +509,46 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         self._ready()
         assert self._model_info is not None
-        return pb.ListModelsResponse(models=[self._model_info])
+        return pb.ListModelsResponse(models=[self._model_info, *self._adapters.values()])
 
     @_handler
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
         self._ready(request.model)
-        return pb.GetModelInfoResponse(model=self._model_info)
+        return pb.GetModelInfoResponse(model=self._adapters.get(request.model, self._model_info))
+
+    @_handler
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest,
+                          context: grpc.aio.ServicerContext) -> pb.LoadAdapterResponse:
+        engine = self._ready()
+        name = request.name
+        if not ADAPTER_NAME.fullmatch(name) or name in (self.model_name, engine.core.model_name):
+            raise InvalidArgumentError("name", f"must be 1 to 128 of [A-Za-z0-9._:/-] and not the base model's name, "
+                                       f"got {name!r}")
+        if not request.path:
+            raise InvalidArgumentError("path", "required: a PEFT adapter directory")
+        try:
+            a = await engine.load_adapter(name, request.path)
+        except ModelLoadError as exc:
+            raise InvalidArgumentError("path", str(exc)) from None
+        self._adapters[name] = info = self._adapter_info(a)
+        return pb.LoadAdapterResponse(model=info, load_seconds=a.load_s)
+
+    @_handler
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest,
+                            context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
+        engine = self._ready()
+        if request.name not in self._adapters:
+            raise StatusError(grpc.StatusCode.NOT_FOUND, f"no LoRA adapter {request.name!r} is loaded", field="name")
+        # Refused to new requests before the engine lets go of it.
+        info = self._adapters.pop(request.name)
+        try:
+            await engine.unload_adapter(request.name)
+        except BaseException:
+            self._adapters[request.name] = info
+            raise
+        return pb.UnloadAdapterResponse()
 
     @_handler
     async def ResetPrefixCache(
@@ -585,6 +636,7 @@ def _model_info(core: EngineCore, name: str, tool_call_format: str) -> pb.ModelI
             prefix_caching=bool(getattr(cfg, "enable_prefix_caching", False)),
             tool_calls=tok.has_chat_template,
             tool_call_format=tool_call_format,
+            lora=core.lora is not None,
         ),
     )
     if tok.bos_token_id is not None:

@@ -19,6 +19,7 @@ from common.errors import InvalidArgumentError, ResourceExhaustedError, WeftErro
 from decoding.guided import CompiledGrammar
 from decoding.sampling import SamplingParams
 from service.engine.core import EngineCore
+from service.engine.lora_manager import AdapterInfo
 from service.engine.openmp import release_thread_pool
 from service.engine.request import RequestOutput
 from service.engine.stats import EngineStats
@@ -33,6 +34,7 @@ class _Add:
     params: SamplingParams
     cache_salt: str | None = None
     grammar: CompiledGrammar | None = None   # params.guided, compiled before the add is queued
+    lora: str | None = None                  # the adapter it runs with
 
 
 @dataclass(slots=True)
@@ -91,7 +93,7 @@ class AsyncEngine:
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-        cache_salt: str | None = None,
+        cache_salt: str | None = None, lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream deltas for a request. Raises InvalidArgumentError / ResourceExhaustedError before
         the first delta. Leaving the iteration early (cancel, disconnect) aborts the request."""
@@ -111,7 +113,7 @@ class AsyncEngine:
         stream: asyncio.Queue[list[RequestOutput] | BaseException] = asyncio.Queue()
         self._streams[rid] = stream
         self._pending_adds += 1
-        self._commands.put(_Add(rid, ids, params, cache_salt, grammar))
+        self._commands.put(_Add(rid, ids, params, cache_salt, grammar, lora))
         remaining = params.n
         try:
             while remaining:
@@ -150,6 +152,17 @@ class AsyncEngine:
             core.reset_prefix_cache()
             return core.stats()
         return await self.call(reset)
+
+    async def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Read an adapter on a worker thread (the engine keeps stepping), then serve it."""
+        weights, seconds = await asyncio.to_thread(self.core.read_adapter, name, path)
+        return await self.call(lambda core: core.add_adapter(weights, seconds))
+
+    async def unload_adapter(self, name: str) -> bool:
+        return await self.call(lambda core: core.remove_adapter(name))
+
+    async def adapters(self) -> list[AdapterInfo]:
+        return await self.call(lambda core: core.lora.infos() if core.lora is not None else [])
 
     def stats(self) -> EngineStats:
         """The engine's counters as of its last loop pass (a snapshot the engine thread took:
@@ -215,7 +228,7 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(_resolve, cmd.future, result)
         elif isinstance(cmd, _Add):
             try:
-                core.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.cache_salt, cmd.grammar)
+                core.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.cache_salt, cmd.grammar, cmd.lora)
             except WeftError as exc:
                 errors.append((cmd.request_id, exc))
             except Exception as exc:

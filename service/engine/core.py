@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import torch
 
@@ -21,6 +22,7 @@ from kernels.mask import apply_logit_bias_, apply_token_bitmask_
 from service.config import EngineConfig
 from service.engine.draft import DraftModelProposer
 from service.engine.kv_cache import KVCacheManager
+from service.engine.lora_manager import AdapterInfo, LoRAManager
 from service.engine.request import Request, RequestOutput
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -29,6 +31,7 @@ from service.engine.stats import EngineStats
 from service.engine.step import StepOutput
 from service.loader import LoadedModel, load_model
 from service.models.build import build_model
+from service.models.lora import LoRAStacks, LoRAWeights, load_lora
 
 log = logging.getLogger("weft.engine")
 
@@ -51,10 +54,18 @@ class EngineCore:
         self.num_blocks = num_blocks
         self.max_model_len = min(config.max_model_len or context, context, num_blocks * config.block_size)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.lora: LoRAManager | None = None
+        if config.enable_lora:
+            adapters = config.lora_modules()
+            self.lora = LoRAManager(LoRAStacks(model.lora_shapes(), config.max_loras, config.max_lora_rank, dtype,
+                                               self.device))
+            for name, path in adapters:
+                self.add_adapter(*self.read_adapter(name, path))
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len), self.kv
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len), self.kv, self.lora
         )
-        self.runner = ModelRunner(model, self.kv, num_blocks, config.block_size, dtype, self.device)
+        self.runner = ModelRunner(model, self.kv, num_blocks, config.block_size, dtype, self.device,
+                                  self.lora.stacks if self.lora is not None else None)
         self.sampler = Sampler()
         self.requests: dict[str, list[Request]] = {}   # parent id -> its n sequences
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids)
@@ -95,16 +106,19 @@ class EngineCore:
 
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, cache_salt: str | None = None,
-        guide: CompiledGrammar | None = None,
+        guide: CompiledGrammar | None = None, lora: str | None = None,
     ) -> int:
         """Queue a request (n sequences). Returns the prompt length. Raises InvalidArgumentError.
 
         `guide` is `params.guided` compiled (callers compile off this thread: AsyncEngine awaits
         the compiler); when it is missing for a guided request it is compiled here, blocking.
-        Each of the n sequences gets its own guide from it."""
+        Each of the n sequences gets its own guide from it. `lora` names a loaded adapter."""
         if request_id in self.requests:
             raise InvalidArgumentError("request_id", f"{request_id!r} is already running")
         ids = self.validate(prompt, params)
+        if lora is not None and self.lora is None:
+            raise InvalidArgumentError("model", f"{lora!r}: LoRA adapters are not enabled on this server "
+                                       "(start it with --enable-lora or --lora NAME=PATH)")
         if guide is None and params.guided is not None:
             guide = self.guide_compiler.compile_sync(params.guided)
         # Generation never runs past the context: cap max_tokens so the stop checker says "length".
@@ -112,9 +126,13 @@ class EngineCore:
         if params.max_tokens > room:
             params = dataclasses.replace(params, max_tokens=room)
         children = []
+        refs = [self.lora.hold(lora) for _ in range(params.n)] if lora is not None and self.lora is not None else []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             child_params = dataclasses.replace(params, n=1, seed=seed)
+            ref = refs[i] if refs else None
+            # No KV is shared across adapters: the adapter's load joins the prefix-cache key.
+            salt = (cache_salt or "") + (f"\x00lora:{ref.uid}" if ref is not None else "")
             req = Request(
                 request_id=request_id if params.n == 1 else f"{request_id}#{i}",
                 parent_id=request_id,
@@ -123,12 +141,18 @@ class EngineCore:
                 params=child_params,
                 stop_checker=StopChecker(child_params, self.tokenizer, ids, self.eos_token_ids),
                 generator=None if seed is None else Sampler.make_generator(seed),
-                cache_salt=cache_salt or "",
+                cache_salt=salt,
                 guide=None if guide is None else guide.new_guide(child_params),
+                lora=ref,
             )
             req.num_speculative_tokens = self.spec.k_for(params.num_speculative_tokens)
             children.append(req)
-        _check_guided_fits(children[0], params)
+        try:
+            _check_guided_fits(children[0], params)
+        except InvalidArgumentError:
+            for ref in refs:
+                self.lora.release(ref)   # type: ignore[union-attr]
+            raise
         for req in children:
             self.scheduler.add(req)
         self.requests[request_id] = children
@@ -155,9 +179,35 @@ class EngineCore:
         return self.scheduler.has_work
 
     def pool_is_whole(self) -> bool:
-        """Every KV block is free again (the draft model's too, when one runs)."""
+        """Every KV block is free again (the draft model's too, when one runs), and no request
+        holds a LoRA adapter."""
         draft_whole = getattr(self.spec.proposer, "pool_is_whole", None)
-        return self.kv.num_free_blocks == self.num_blocks and (draft_whole is None or draft_whole())
+        return (self.kv.num_free_blocks == self.num_blocks and (draft_whole is None or draft_whole())
+                and (self.lora is None or self.lora.is_idle()))
+
+    # ---- LoRA adapters -------------------------------------------------------------------------
+
+    def read_adapter(self, name: str, path: str) -> tuple[LoRAWeights, float]:
+        """Read and check an adapter's files (any thread: it touches no engine state); returns
+        the weights and the seconds it took. Raises AdapterLoadError."""
+        if self.lora is None:
+            raise InvalidArgumentError("name", "LoRA adapters are not enabled on this server (start it with "
+                                       "--enable-lora or --lora NAME=PATH)")
+        if not name or name == self.model_name:
+            raise InvalidArgumentError("name", f"an adapter needs a name of its own, got {name!r}")
+        t0 = time.perf_counter()
+        weights = load_lora(name, path, self.lora.stacks.shapes, self.lora.stacks.max_rank,
+                            self.lora.stacks.stacks[0]["o"][0].dtype)
+        return weights, time.perf_counter() - t0
+
+    def add_adapter(self, weights: LoRAWeights, load_s: float = 0.0) -> AdapterInfo:
+        """Serve read weights (engine thread)."""
+        assert self.lora is not None
+        return self.lora.register(weights, load_s)
+
+    def remove_adapter(self, name: str) -> bool:
+        """Stop serving an adapter; requests already holding it finish with it (engine thread)."""
+        return self.lora is not None and self.lora.unregister(name)
 
     def reset_prefix_cache(self) -> None:
         self.kv.reset_prefix_cache()

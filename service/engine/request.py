@@ -11,6 +11,7 @@ from decoding.guided.base import Guide
 from decoding.sampling import SamplingParams, TokenLogprobs
 from decoding.speculative.proposer import Draft
 from decoding.stopping import StopChecker
+from service.engine.lora_manager import AdapterRef
 
 
 class RequestStatus(enum.Enum):
@@ -40,6 +41,8 @@ class Request:
     generator: torch.Generator | None = None
     cache_salt: str = ""
     guide: Guide | None = None                                # guided decoding state (None: unconstrained)
+    lora: AdapterRef | None = None                            # the LoRA adapter it runs with (None: base model)
+    lora_slot: int = -1                                       # its slot in the LoRA stacks while running
     block_hashes: list[bytes] = field(default_factory=list)   # chained hashes of its full blocks
     num_registered_blocks: int = 0                            # how many of them are in the prefix cache
     token_ids: list[int] = field(default_factory=list)

@@ -6,15 +6,18 @@ import torch
 
 from kernels import cpu_native
 from kernels.attention import AttentionMetadata
+from kernels.lora import make_plan
 from service.engine.kv_cache import KVCacheManager
 from service.engine.step import RowLayout, SeqInput, StepOutput
+from service.models.lora import LoRAStacks, LoRAStep
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv: KVCacheManager, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, lora_stacks: LoRAStacks | None = None) -> None:
         self.model = model
         self.kv = kv
+        self.lora_stacks = lora_stacks
         self.block_size = block_size
         self.device = device
         n_layers = model.config.num_hidden_layers
@@ -42,6 +45,7 @@ class ModelRunner:
         seq_lens: list[int] = []
         tables: list[list[int]] = []
         sample_rows: list[int] = []
+        token_slots: list[int] = []   # each token's LoRA slot (-1: none)
         first = [0] * len(seqs)
         count = [0] * len(seqs)
         bs = self.block_size
@@ -50,6 +54,7 @@ class ModelRunner:
             start, end = seq.start, seq.start + len(seq.token_ids)
             blocks = self.kv.block_ids(seq.request_id)
             ids.extend(seq.token_ids)
+            token_slots.extend([seq.lora_slot] * len(seq.token_ids))
             positions.extend(range(start, end))
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             starts.append(starts[-1] + len(seq.token_ids))
@@ -77,7 +82,11 @@ class ModelRunner:
             num_decodes=num_decodes,
             block_size=bs,
         )
-        hidden = self.model(ids_t, positions_t, self.kv_caches, slots_t, meta)
+        lora = None
+        if self.lora_stacks is not None:
+            plan = make_plan(token_slots, self.lora_stacks.num_slots, self.device)
+            lora = None if plan is None else LoRAStep(self.lora_stacks, plan)
+        hidden = self.model(ids_t, positions_t, self.kv_caches, slots_t, meta, lora)
         layout = RowLayout(first, count)
         if not sample_rows:
             return StepOutput(hidden.new_empty((0, 0), dtype=torch.float32), layout)

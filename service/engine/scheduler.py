@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from service.engine.kv_cache import KVCacheManager
+from service.engine.lora_manager import LoRAManager
 from service.engine.request import Request, RequestStatus
 from service.engine.step import SeqInput
 
@@ -49,14 +50,15 @@ class ScheduledBatch:
             real = n - len(spec)
             done = start + real == req.num_tokens
             out.append(SeqInput(req.request_id, req.token_ids[start:start + real] + spec, start,
-                                len(spec) + 1 if done else 0))
+                                len(spec) + 1 if done else 0, req.lora_slot))
         return out
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, lora: LoRAManager | None = None) -> None:
         self.config = config
         self.kv = kv
+        self.lora = lora   # pins a running request's adapter in a slot of the LoRA stacks
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -112,6 +114,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         # Recompute, not swap: drop the KV; prompt + output so far is recomputed when it returns.
         self.kv.free(req.request_id)
+        self._unpin(req)
         req.num_computed_tokens = 0
         req.spec_draft = None
         req.status = RequestStatus.PREEMPTED
@@ -126,7 +129,13 @@ class Scheduler:
             cached = self.kv.cached_prefix(req.token_ids, req.block_hashes, req.cache_salt)
             num_cached = len(cached) * self.kv.block_size
             n = min(req.num_tokens - num_cached, budget)
+            if req.lora is not None and self.lora is not None:
+                slot = self.lora.pin(req.lora)
+                if slot is None:
+                    break   # every slot runs other adapters: wait for one (FCFS, as for blocks)
+                req.lora_slot = slot
             if not self.kv.allocate(req.request_id, num_cached + n, cached):
+                self._unpin(req)
                 break
             req.num_computed_tokens = num_cached
             if req.status is RequestStatus.WAITING:
@@ -152,9 +161,17 @@ class Scheduler:
         """Take a request out (done, aborted or failed) and return its blocks."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
+            self._unpin(req)
         elif req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(req)
+        if req.lora is not None and self.lora is not None and req.status is not RequestStatus.FINISHED:
+            self.lora.release(req.lora)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.spec_draft = None
         self.kv.free(req.request_id)
+
+    def _unpin(self, req: Request) -> None:
+        if req.lora_slot >= 0 and self.lora is not None and req.lora is not None:
+            self.lora.unpin(req.lora)
+        req.lora_slot = -1

@@ -25,6 +25,7 @@ class SeqInput:
     token_ids: list[int]     # fed this step: real tokens, then any draft tokens
     start: int               # position of token_ids[0] (the KV below it is already computed)
     num_logits: int = 0      # logits rows wanted, the last ones: 0 (a mid-prompt chunk), 1, or 1 + k drafts
+    lora_slot: int = -1      # the LoRA stacks' slot its tokens use (-1: the base model alone)
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ from kernels.attention import AttentionMetadata, paged_attention
 from kernels.norm import add_rms_norm, rms_norm_ref
 from kernels.rope import StepRope, rope_store
 from service.models.llama_native import NativeLayers
+from service.models.lora import BaseShapes, LoRAStep
 
 
 def _rope_parameters(config: PretrainedConfig) -> dict:
@@ -81,12 +82,18 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: StepRope,
         k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, meta: AttentionMetadata,
+        lora: LoRAStep | None = None, layer: int = 0,
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        if lora is not None:
+            lora.add_(qkv, x, layer, "qkv")
         q = rope_store(qkv, rope, k_cache, v_cache, slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return F.linear(o.reshape(t, self.q_size), self.o_proj.weight, self.o_proj.bias)
+        o = paged_attention(q, k_cache, v_cache, meta, self.scale).reshape(t, self.q_size)
+        out = F.linear(o, self.o_proj.weight, self.o_proj.bias)
+        if lora is not None:
+            lora.add_(out, o, layer, "o")
+        return out
 
 
 class MLP(nn.Module):
@@ -96,9 +103,16 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.inter, bias=False)
         self.down_proj = nn.Linear(self.inter, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj.weight).split(self.inter, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+    def forward(self, x: torch.Tensor, lora: LoRAStep | None = None, layer: int = 0) -> torch.Tensor:
+        gate_up = F.linear(x, self.gate_up_proj.weight)
+        if lora is not None:
+            lora.add_(gate_up, x, layer, "gate_up")
+        gate, up = gate_up.split(self.inter, dim=-1)
+        act = F.silu(gate) * up
+        out = F.linear(act, self.down_proj.weight)
+        if lora is not None:
+            lora.add_(out, act, layer, "down")
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -141,22 +155,29 @@ class LlamaForCausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slot_mapping: torch.Tensor, meta: AttentionMetadata,
+        lora: LoRAStep | None = None,
     ) -> torch.Tensor:
         h = F.embedding(input_ids, self.embed_tokens.weight)
-        out = self.native(self, h, positions, kv_caches, slot_mapping, meta)
-        if out is not None:
-            return out
+        if lora is None:   # the native loop knows no adapters
+            out = self.native(self, h, positions, kv_caches, slot_mapping, meta)
+            if out is not None:
+                return out
         rope = StepRope(self.rope_cos, self.rope_sin, positions)
         # The residual stream h is updated in place by each norm (h += delta). Sub-modules are
         # called through .forward: nn.Module.__call__ costs ~4 us, ~1 ms a step on 30 layers,
         # and no hooks are ever registered here.
         delta = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             x = layer.input_layernorm.add_forward(h, delta)
-            delta = layer.self_attn.forward(x, rope, k_cache, v_cache, slot_mapping, meta)
+            delta = layer.self_attn.forward(x, rope, k_cache, v_cache, slot_mapping, meta, lora, i)
             x = layer.post_attention_layernorm.add_forward(h, delta)
-            delta = layer.mlp.forward(x)
+            delta = layer.mlp.forward(x, lora, i)
         return self.norm.add_forward(h, delta)
+
+    def lora_shapes(self) -> BaseShapes:
+        """The projection shapes a LoRA adapter of this model must fit."""
+        attn = self.layers[0].self_attn
+        return BaseShapes(len(self.layers), self.config.hidden_size, attn.q_size, attn.kv_size, self.layers[0].mlp.inter)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

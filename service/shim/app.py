@@ -7,6 +7,7 @@ protocol (service/shim/openai.py, ollama.py); this module is the app: routing, e
 
     OpenAI   POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/tokenize,
              /v1/detokenize; GET /v1/models, /v1/models/{model}; GET, DELETE /v1/responses/{id}
+    vLLM     POST /v1/load_lora_adapter, /v1/unload_lora_adapter
     Ollama   POST /api/generate, /api/chat, /api/show; GET /api/tags, /api/ps, /api/version
     Ops      GET /health (503 while loading or draining), /metrics (Prometheus), /version,
              /openapi.json, /docs
@@ -69,6 +70,8 @@ class Shim(OpenAIRoutes, ResponsesRoutes, OllamaRoutes):
         app.post("/v1/responses", tags=["openai"])(self.create_response)
         app.get("/v1/responses/{response_id}", tags=["openai"])(self.get_response)
         app.delete("/v1/responses/{response_id}", tags=["openai"])(self.delete_response)
+        app.post("/v1/load_lora_adapter", tags=["openai"])(self.load_lora_adapter)
+        app.post("/v1/unload_lora_adapter", tags=["openai"])(self.unload_lora_adapter)
         app.get("/v1/models", tags=["openai"])(self.list_models)
         app.get("/v1/models/{model_id:path}", tags=["openai"])(self.get_model)
         for prefix in ("/v1", ""):
@@ -242,7 +245,8 @@ def _as_json(scope: Scope) -> Scope:
 
 
 _ROUTES = frozenset((
-    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/v1/tokenize", "/v1/detokenize", "/tokenize",
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+    "/v1/models", "/v1/tokenize", "/v1/detokenize", "/tokenize",
     "/detokenize", "/api/generate", "/api/chat", "/api/tags", "/api/show", "/api/ps", "/api/version", "/health",
     "/metrics", "/version", "/openapi.json", "/docs"))
 

@@ -154,6 +154,16 @@ class ResponsesRequest(_Body):
     prompt: dict[str, Any] | None = None
 
 
+class LoadLoraAdapterRequest(_Body):
+    """vLLM's /v1/load_lora_adapter."""
+    lora_name: str = Field(description="The model name requests will use.")
+    lora_path: str = Field(description="A PEFT adapter directory on the server.")
+
+
+class UnloadLoraAdapterRequest(_Body):
+    lora_name: str
+
+
 class TokenizeRequest(_Body):
     """vLLM's /tokenize: `prompt` text, or `messages` rendered with the chat template."""
     model: str | None = None

@@ -24,14 +24,17 @@ OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}   # Ollama's d
 
 
 class OllamaRoutes(ShimBase):
-    def _ollama_model(self, name: str | None, info: pb.ModelInfo) -> str:
-        """Ollama names carry a tag (`name:latest`); the served model answers to both."""
+    async def _ollama_model(self, name: str | None, request: Request, ctx: Ctx) -> pb.ModelInfo:
+        """The named model: the base model, or a LoRA adapter served as a model. Ollama names
+        carry a tag (`name:latest`); a model answers to both."""
+        info = await self.backend.model_info(ctx.metadata)
         name = name or ""
         if name.endswith(":latest"):
             name = name[: -len(":latest")]
-        if name and name != info.name:
-            raise HttpError(404, f"model {name!r} not found; this server serves {info.name!r}", "model")
-        return info.name
+        if not name or name == info.name:
+            return info
+        call = self.backend.stub.GetModelInfo(pb.GetModelInfoRequest(model=name), metadata=ctx.metadata)
+        return (await self._unary(request, call)).model
 
     def _ollama_sampling(self, b: RequestBuilder, opts: OllamaOptions | None, fmt: Any, info: pb.ModelInfo,
                          logprobs: bool | None, top_logprobs: int | None) -> None:
@@ -60,8 +63,8 @@ class OllamaRoutes(ShimBase):
 
     async def ollama_generate(self, body: OllamaGenerateRequest, request: Request) -> Response:
         ctx = self._ctx(request)
-        info = await self.backend.model_info(ctx.metadata)
-        model = self._ollama_model(body.model, info)
+        info = await self._ollama_model(body.model, request, ctx)
+        model = info.name
         if body.images:
             raise HttpError(400, "images: this model takes text only", "images")
         if body.template:
@@ -100,8 +103,8 @@ class OllamaRoutes(ShimBase):
 
     async def ollama_chat(self, body: OllamaChatRequest, request: Request) -> Response:
         ctx = self._ctx(request)
-        info = await self.backend.model_info(ctx.metadata)
-        model = self._ollama_model(body.model, info)
+        info = await self._ollama_model(body.model, request, ctx)
+        model = info.name
         if not body.messages:   # Ollama: an empty chat loads the model
             return JSONResponse({"model": model, "created_at": now_iso(),
                                  "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
@@ -191,7 +194,7 @@ class OllamaRoutes(ShimBase):
 
     def _ollama_details(self, info: pb.ModelInfo) -> dict[str, Any]:
         family = info.architecture.removesuffix("ForCausalLM").lower() or "unknown"
-        return {"parent_model": "", "format": "safetensors", "family": family, "families": [family],
+        return {"parent_model": info.parent, "format": "safetensors", "family": family, "families": [family],
                 "parameter_size": "", "quantization_level": info.dtype.upper()}
 
     def _ollama_entry(self, info: pb.ModelInfo) -> dict[str, Any]:
@@ -211,8 +214,8 @@ class OllamaRoutes(ShimBase):
 
     async def ollama_show(self, body: OllamaShowRequest, request: Request) -> Response:
         ctx = self._ctx(request)
-        info = await self.backend.model_info(ctx.metadata)
-        name = self._ollama_model(body.model or body.name, info)
+        info = await self._ollama_model(body.model or body.name, request, ctx)
+        name = info.name
         caps = ["completion"]
         if info.features.tool_calls:
             caps.append("tools")

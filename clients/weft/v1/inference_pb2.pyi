@@ -106,8 +106,9 @@ class GenerateRequest(_message.Message):
     TOOL_CHOICE_FIELD_NUMBER: _builtins.int
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The model to run; empty means the served model. Any other name than the served model's
-    (see ListModels) is NOT_FOUND.
+    """The model to run; empty means the served model. A LoRA adapter's name (see ListModels:
+    its `parent` is the base model) runs the base model with that adapter; requests of
+    different adapters and of the base model are batched together. Any other name is NOT_FOUND.
     """
     text: _builtins.str
     """Plain text, tokenized with the model's tokenizer (adding its BOS token if it has one).
@@ -1083,7 +1084,7 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
-        """One entry per served model (one today)."""
+        """The base model first, then each LoRA adapter loaded on it."""
 
     def __init__(
         self,
@@ -1162,6 +1163,9 @@ class ModelInfo(_message.Message):
     MAX_N_FIELD_NUMBER: _builtins.int
     KV_CACHE_TOKENS_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    LORA_RANK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use in `model`."""
     max_model_len: _builtins.int
@@ -1182,6 +1186,12 @@ class ModelInfo(_message.Message):
     """The most completions (`n`) one request may ask for."""
     kv_cache_tokens: _builtins.int
     """Tokens the KV cache holds across all running requests."""
+    parent: _builtins.str
+    """A LoRA adapter: the base model it runs on (empty for the base model itself)."""
+    source: _builtins.str
+    """A LoRA adapter: the directory it was loaded from (vLLM's `root`)."""
+    lora_rank: _builtins.int
+    """A LoRA adapter: its largest rank."""
     @_builtins.property
     def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Generation ends (EOS) on any of these, unless ignore_eos."""
@@ -1205,10 +1215,13 @@ class ModelInfo(_message.Message):
         max_n: _builtins.int = ...,
         kv_cache_tokens: _builtins.int = ...,
         features: Global___Features | None = ...,
+        parent: _builtins.str = ...,
+        source: _builtins.str = ...,
+        lora_rank: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "bos_token_id", b"bos_token_id", "features", b"features"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "architecture", b"architecture", "bos_token_id", b"bos_token_id", "device", b"device", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "features", b"features", "kv_cache_tokens", b"kv_cache_tokens", "max_logprobs", b"max_logprobs", "max_model_len", b"max_model_len", "max_n", b"max_n", "name", b"name", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "architecture", b"architecture", "bos_token_id", b"bos_token_id", "device", b"device", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "features", b"features", "kv_cache_tokens", b"kv_cache_tokens", "lora_rank", b"lora_rank", "max_logprobs", b"max_logprobs", "max_model_len", b"max_model_len", "max_n", b"max_n", "name", b"name", "parent", b"parent", "source", b"source", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__bos_token_id: _TypeAlias = _typing.Literal["bos_token_id"]  # noqa: Y015
     _WhichOneofArgType__bos_token_id: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id"]  # noqa: Y015
@@ -1229,6 +1242,7 @@ class Features(_message.Message):
     PREFIX_CACHING_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     TOOL_CALL_FORMAT_FIELD_NUMBER: _builtins.int
+    LORA_FIELD_NUMBER: _builtins.int
     chat_template: _builtins.bool
     """The model has a chat template: `chat` prompts work."""
     logprobs: _builtins.bool
@@ -1243,6 +1257,8 @@ class Features(_message.Message):
     """`tools` work (with the model's own tool template, or Weft's tool prompt when it has none)."""
     tool_call_format: _builtins.str
     """The wire format tool calls are generated in: "hermes", "llama3_json", "mistral", "qwen"."""
+    lora: _builtins.bool
+    """LoRA adapters can be loaded (LoadAdapter) and requested by name."""
     def __init__(
         self,
         *,
@@ -1253,10 +1269,11 @@ class Features(_message.Message):
         prefix_caching: _builtins.bool = ...,
         tool_calls: _builtins.bool = ...,
         tool_call_format: _builtins.str = ...,
+        lora: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "guided_decoding", b"guided_decoding", "logprobs", b"logprobs", "prefix_caching", b"prefix_caching", "speculative_decoding", b"speculative_decoding", "tool_call_format", b"tool_call_format", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "guided_decoding", b"guided_decoding", "logprobs", b"logprobs", "lora", b"lora", "prefix_caching", b"prefix_caching", "speculative_decoding", b"speculative_decoding", "tool_call_format", b"tool_call_format", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1314,3 +1331,100 @@ class ResetPrefixCacheResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResetPrefixCacheResponse: _TypeAlias = ResetPrefixCacheResponse  # noqa: Y015
+
+@_typing.final
+class LoadAdapterRequest(_message.Message):
+    """A LoRA adapter to serve."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The model name requests will use: [A-Za-z0-9._:/-], 1 to 128 characters, not the base
+    model's name.
+    """
+    path: _builtins.str
+    """A PEFT adapter directory on the server's file system (adapter_config.json +
+    adapter_model.safetensors).
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadAdapterRequest: _TypeAlias = LoadAdapterRequest  # noqa: Y015
+
+@_typing.final
+class LoadAdapterResponse(_message.Message):
+    """The adapter as ListModels now shows it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    load_seconds: _builtins.float
+    """Seconds spent reading and checking its files."""
+    @_builtins.property
+    def model(self) -> Global___ModelInfo:
+        """Its description (parent: the base model)."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___ModelInfo | None = ...,
+        load_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_seconds", b"load_seconds", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadAdapterResponse: _TypeAlias = LoadAdapterResponse  # noqa: Y015
+
+@_typing.final
+class UnloadAdapterRequest(_message.Message):
+    """The adapter to stop serving."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadAdapterRequest: _TypeAlias = UnloadAdapterRequest  # noqa: Y015
+
+@_typing.final
+class UnloadAdapterResponse(_message.Message):
+    """Empty: the adapter is gone for new requests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadAdapterResponse: _TypeAlias = UnloadAdapterResponse  # noqa: Y015

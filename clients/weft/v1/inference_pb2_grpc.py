@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class InferenceServiceStub:
-    """One process serves one model. Requests may name it in `model` (empty means that model).
+    """One process serves one base model, and the LoRA adapters loaded on it as models of their own.
+    Requests name one in `model` (empty means the base model).
     """
 
     def __init__(self, channel):
@@ -70,10 +71,21 @@ class InferenceServiceStub:
                 request_serializer=weft_dot_v1_dot_inference__pb2.ResetPrefixCacheRequest.SerializeToString,
                 response_deserializer=weft_dot_v1_dot_inference__pb2.ResetPrefixCacheResponse.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/weft.v1.InferenceService/LoadAdapter',
+                request_serializer=weft_dot_v1_dot_inference__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/weft.v1.InferenceService/UnloadAdapter',
+                request_serializer=weft_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
-    """One process serves one model. Requests may name it in `model` (empty means that model).
+    """One process serves one base model, and the LoRA adapters loaded on it as models of their own.
+    Requests name one in `model` (empty means the base model).
     """
 
     def Generate(self, request, context):
@@ -126,6 +138,24 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """Admin: serve a LoRA adapter (PEFT's format) as a model of its own, while the server runs.
+        INVALID_ARGUMENT when the server has no LoRA (`--enable-lora`) or the adapter cannot be
+        served (missing, corrupt, rank over --max-lora-rank, shapes of another model, unsupported
+        target modules), naming why. Loading a name again replaces it for new requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Admin: stop serving an adapter. New requests naming it are NOT_FOUND at once; requests
+        already running with it finish with it. NOT_FOUND for a name that is not loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +194,16 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=weft_dot_v1_dot_inference__pb2.ResetPrefixCacheRequest.FromString,
                     response_serializer=weft_dot_v1_dot_inference__pb2.ResetPrefixCacheResponse.SerializeToString,
             ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'weft.v1.InferenceService', rpc_method_handlers)
@@ -173,7 +213,8 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
-    """One process serves one model. Requests may name it in `model` (empty means that model).
+    """One process serves one base model, and the LoRA adapters loaded on it as models of their own.
+    Requests name one in `model` (empty means the base model).
     """
 
     @staticmethod
@@ -355,6 +396,60 @@ class InferenceService:
             '/weft.v1.InferenceService/ResetPrefixCache',
             weft_dot_v1_dot_inference__pb2.ResetPrefixCacheRequest.SerializeToString,
             weft_dot_v1_dot_inference__pb2.ResetPrefixCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weft.v1.InferenceService/LoadAdapter',
+            weft_dot_v1_dot_inference__pb2.LoadAdapterRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weft.v1.InferenceService/UnloadAdapter',
+            weft_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

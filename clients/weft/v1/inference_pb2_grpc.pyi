@@ -45,7 +45,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class InferenceServiceStub:
-    """One process serves one model. Requests may name it in `model` (empty means that model)."""
+    """One process serves one base model, and the LoRA adapters loaded on it as models of their own.
+    Requests name one in `model` (empty means the base model).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -67,10 +69,22 @@ class InferenceServiceStub:
     """Limits and features of one model: context length, vocabulary, end-of-sequence ids, ..."""
     ResetPrefixCache: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ResetPrefixCacheRequest, _inference_pb2.ResetPrefixCacheResponse]
     """Admin: forget every cached prefix block (blocks in use keep serving their requests)."""
+    LoadAdapter: _grpc.UnaryUnaryMultiCallable[_inference_pb2.LoadAdapterRequest, _inference_pb2.LoadAdapterResponse]
+    """Admin: serve a LoRA adapter (PEFT's format) as a model of its own, while the server runs.
+    INVALID_ARGUMENT when the server has no LoRA (`--enable-lora`) or the adapter cannot be
+    served (missing, corrupt, rank over --max-lora-rank, shapes of another model, unsupported
+    target modules), naming why. Loading a name again replaces it for new requests.
+    """
+    UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_inference_pb2.UnloadAdapterRequest, _inference_pb2.UnloadAdapterResponse]
+    """Admin: stop serving an adapter. New requests naming it are NOT_FOUND at once; requests
+    already running with it finish with it. NOT_FOUND for a name that is not loaded.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
-    """One process serves one model. Requests may name it in `model` (empty means that model)."""
+    """One process serves one base model, and the LoRA adapters loaded on it as models of their own.
+    Requests name one in `model` (empty means the base model).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryUnaryMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]  # type: ignore[assignment]
@@ -89,9 +103,21 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Limits and features of one model: context length, vocabulary, end-of-sequence ids, ..."""
     ResetPrefixCache: _aio.UnaryUnaryMultiCallable[_inference_pb2.ResetPrefixCacheRequest, _inference_pb2.ResetPrefixCacheResponse]  # type: ignore[assignment]
     """Admin: forget every cached prefix block (blocks in use keep serving their requests)."""
+    LoadAdapter: _aio.UnaryUnaryMultiCallable[_inference_pb2.LoadAdapterRequest, _inference_pb2.LoadAdapterResponse]  # type: ignore[assignment]
+    """Admin: serve a LoRA adapter (PEFT's format) as a model of its own, while the server runs.
+    INVALID_ARGUMENT when the server has no LoRA (`--enable-lora`) or the adapter cannot be
+    served (missing, corrupt, rank over --max-lora-rank, shapes of another model, unsupported
+    target modules), naming why. Loading a name again replaces it for new requests.
+    """
+    UnloadAdapter: _aio.UnaryUnaryMultiCallable[_inference_pb2.UnloadAdapterRequest, _inference_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
+    """Admin: stop serving an adapter. New requests naming it are NOT_FOUND at once; requests
+    already running with it finish with it. NOT_FOUND for a name that is not loaded.
+    """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
-    """One process serves one model. Requests may name it in `model` (empty means that model)."""
+    """One process serves one base model, and the LoRA adapters loaded on it as models of their own.
+    Requests name one in `model` (empty means the base model).
+    """
 
     @_abc_1.abstractmethod
     def Generate(
@@ -150,5 +176,27 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ResetPrefixCacheResponse, _abc.Awaitable[_inference_pb2.ResetPrefixCacheResponse]]:
         """Admin: forget every cached prefix block (blocks in use keep serving their requests)."""
+
+    @_abc_1.abstractmethod
+    def LoadAdapter(
+        self,
+        request: _inference_pb2.LoadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.LoadAdapterResponse, _abc.Awaitable[_inference_pb2.LoadAdapterResponse]]:
+        """Admin: serve a LoRA adapter (PEFT's format) as a model of its own, while the server runs.
+        INVALID_ARGUMENT when the server has no LoRA (`--enable-lora`) or the adapter cannot be
+        served (missing, corrupt, rank over --max-lora-rank, shapes of another model, unsupported
+        target modules), naming why. Loading a name again replaces it for new requests.
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadAdapter(
+        self,
+        request: _inference_pb2.UnloadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.UnloadAdapterResponse, _abc.Awaitable[_inference_pb2.UnloadAdapterResponse]]:
+        """Admin: stop serving an adapter. New requests naming it are NOT_FOUND at once; requests
+        already running with it finish with it. NOT_FOUND for a name that is not loaded.
+        """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
