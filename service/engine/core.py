@@ -238,7 +238,9 @@ class EngineCore:
         if not batch.requests:
             return []
         try:
+            t0 = time.perf_counter()
             out = self._execute(batch)
+            self.spec.observe_step(batch.total_tokens, time.perf_counter() - t0)
         except Exception as exc:  # a failing batch must not take the engine down with it
             log.exception("model step failed")
             return self._fail(batch.requests, f"model step failed: {exc}")
