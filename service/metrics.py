@@ -167,6 +167,15 @@ class _EngineCollector(Collector):
                                 "1 + accepted / drafts since start-up: tokens per verification step.", value=mean_len)
         yield CounterMetricFamily("weft_spec_decode_num_disabled_requests",
                                   "Requests whose speculation switched itself off for poor acceptance.", value=disabled)
+        memory = GaugeMetricFamily("weft_spec_decode_proposer_memory",
+                                   "What the speculative proposer holds (suffix decoding: shared tokens, tree nodes).",
+                                   labels=["kind"])
+        for kind, value in sorted(stats.spec_memory.items()):
+            memory.add_metric([kind], value)
+        yield memory
+        yield GaugeMetricFamily("weft_lora_adapters_loaded", "LoRA adapters served.", value=stats.lora_loaded)
+        yield GaugeMetricFamily("weft_lora_adapters_resident", "LoRA adapters in the batch's stacks (<= --max-loras).",
+                                value=stats.lora_resident)
 
     def _observe_compiles(self, compiler: Any) -> None:
         """Move compile times the guide compiler recorded since the last scrape into the histogram."""

@@ -672,6 +672,7 @@ def test_metrics(stack, oa, name) -> None:
     assert accepted <= value("weft_spec_decode_num_draft_tokens_total") <= 3 * drafts
     assert value("weft_spec_decode_mean_acceptance_length") == pytest.approx(1 + accepted / max(drafts, 1), rel=1e-6)
     assert value("weft_spec_decode_num_disabled_requests_total") >= 0
+    assert value("weft_lora_adapters_loaded") == value("weft_lora_adapters_resident") == 0   # LoRA is off here
     assert value("weft_guided_compile_seconds_count") >= 0
     assert value('weft_http_requests_total{route="/v1/chat/completions",status="200"}') >= 1
 

@@ -154,3 +154,7 @@ def test_http_clients_and_vllm_routes(stack, offline, adapters) -> None:
     assert r.status_code == 404 and r.json()["error"]["param"] == "lora_name"
     r = httpx.post(f"{stack.url}/v1/load_lora_adapter", json={"lora_name": "broken", "lora_path": "/nowhere"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
+    metrics = {line.split()[0]: float(line.split()[1]) for line in httpx.get(f"{stack.url}/metrics").text.splitlines()
+               if line.startswith("weft_lora_")}
+    served = len([m for m in oa.models.list().data if m.model_extra.get("parent")])
+    assert metrics["weft_lora_adapters_loaded"] == served and 1 <= metrics["weft_lora_adapters_resident"] <= 2

@@ -116,3 +116,5 @@ def test_engine_suffix_speculation_is_exact_and_learns_across_requests(tiny_llam
     assert again.outputs[0].spec["num_accepted_tokens"] >= 12
     assert llm.engine.spec.tracker.aggregate.num_accepted_tokens > before
     assert llm.engine.pool_is_whole()
+    memory = llm.engine.stats().spec_memory   # what /metrics reports as weft_spec_decode_proposer_memory
+    assert memory["shared_tokens"] == 4 * 24 and memory["shared_nodes"] > 0

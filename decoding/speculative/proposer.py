@@ -99,6 +99,10 @@ class Proposer(ABC):
     def reset(self) -> None:
         """Forget every request."""
 
+    def memory(self) -> dict[str, int]:
+        """What the proposer holds, by kind, for metrics (nothing worth counting by default)."""
+        return {}
+
 
 def _allowed(row: torch.Tensor, token: int) -> bool:
     return bool((int(row[token >> 5]) >> (token & 31)) & 1)

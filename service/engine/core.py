@@ -227,6 +227,9 @@ class EngineCore:
             spec=dataclasses.replace(agg, drafted_per_position=list(agg.drafted_per_position),
                                      accepted_per_position=list(agg.accepted_per_position)),
             spec_num_disabled=tracker.num_disabled,
+            spec_memory=self.spec.proposer.memory(),
+            lora_resident=self.lora.num_resident if self.lora is not None else 0,
+            lora_loaded=len(self.lora.infos()) if self.lora is not None else 0,
         )
 
     # ---- one step: schedule -> execute -> sample / verify -> commit ----------------------------
