@@ -47,7 +47,7 @@ from service.tool_calls import (
     tool_request,
 )
 from decoding.tools import tool_guided_spec
-from common.errors import InvalidArgumentError, ModelLoadError, ResourceExhaustedError
+from common.errors import InvalidArgumentError, ModelLoadError, NotFoundError, ResourceExhaustedError
 from service.protocol import (
     DEFAULT_MAX_REQUEST_BYTES,
     INVALID_FIELD_KEY,
@@ -233,6 +233,8 @@ def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str, str | None]:
         return exc.code, exc.message, exc.field
     if isinstance(exc, InvalidArgumentError):
         return grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}", exc.field
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND, exc.message, exc.field
     if isinstance(exc, ResourceExhaustedError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), None
     if isinstance(exc, TimeoutError):
