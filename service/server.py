@@ -36,6 +36,8 @@ from service.config import EngineConfig
 from service.engine.async_engine import AsyncEngine
 from service.engine.core import EngineCore
 from service.engine.lora_manager import AdapterInfo
+from service.model_defaults import apply_defaults, template_renderer
+from service.modelfile import Modelfile
 from service.engine.request import RequestOutput
 from service.tool_calls import (
     OutputShaper,
@@ -118,6 +120,8 @@ class ServerOptions:
     grace_s: float = 30.0                   # drain time for in-flight calls on stop()
     tool_call_format: str = "auto"          # how calls are written: auto (from the chat template) | hermes | ...
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES   # larger messages: RESOURCE_EXHAUSTED naming the limit
+    defaults: Modelfile | None = None       # a store model's Modelfile: the defaults of its requests
+    model_adapter: str | None = None        # the LoRA adapter every request of the served model runs with
 
 
 # ---- proto -> engine ------------------------------------------------------------------------
@@ -244,8 +248,12 @@ def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str, str | None]:
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, served_model_name: str | None = None, on_request_end: RequestEndHook | None = None,
-                 observer: RequestObserver | None = None, tool_call_format: str = "auto") -> None:
+                 observer: RequestObserver | None = None, tool_call_format: str = "auto",
+                 defaults: Modelfile | None = None, model_adapter: str | None = None) -> None:
         self.engine: AsyncEngine | None = None
+        self._defaults = defaults
+        self._model_adapter = model_adapter
+        self._template = template_renderer(defaults.template) if defaults is not None and defaults.template else None
         self._tool_call_format = tool_call_format
         self._observer = observer
         self.draining = False
@@ -263,11 +271,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def attach(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._chat_template = getattr(engine.core.tokenizer.hf, "chat_template", None)
+        if self._template is not None:
+            self._chat_template = self._defaults.template   # type: ignore[union-attr]
         self._tool_format = resolve_format(self._tool_call_format, self._chat_template)
         self._model_info = _model_info(engine.core, self.model_name, self._tool_format.name)
+        if self._defaults is not None:
+            self._model_info.modelfile = self._defaults.render()
         if engine.core.lora is not None:   # --lora adapters, registered as the core was built
             for a in engine.core.lora.infos():
-                self._adapters[a.name] = self._adapter_info(a)
+                if a.name != self._model_adapter:   # the Modelfile's ADAPTER is part of the model
+                    self._adapters[a.name] = self._adapter_info(a)
 
     @property
     def model_info(self) -> pb.ModelInfo | None:
@@ -313,6 +326,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         kind = req.WhichOneof("prompt")
         try:
             check_unsupported(req)
+            if self._defaults is not None and not (req.model and req.model in self._adapters):
+                apply_defaults(req, self._defaults)
             params = sampling_params(req)
             tools = tool_request(req)
             if kind is None:
@@ -342,8 +357,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         tok = engine.core.tokenizer
         messages, tool_list = render_messages(chat_messages(chat), tools.request if tools else None,
                                               tools.fmt if tools else self._tool_format, self._chat_template)
-        text = tok.apply_chat_template(messages, add_generation_prompt=_opt(chat, "add_generation_prompt", True),
-                                       tools=tool_list)
+        if self._template is not None:   # the Modelfile's TEMPLATE: tools come as Weft's tool prompt
+            text = self._template([{"role": m["role"], "content": m.get("content") or ""} for m in messages])
+        else:
+            text = tok.apply_chat_template(messages, add_generation_prompt=_opt(chat, "add_generation_prompt", True),
+                                           tools=tool_list)
         return tok.encode(text, add_special_tokens=add_special_tokens)
 
     async def _generate(
@@ -359,7 +377,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             engine = self._ready(req.model)
             # Resolved now: an adapter unloaded while the prompt is prepared must not turn this
             # request into a base-model one (the engine then refuses it instead).
-            lora = req.model if req.model in self._adapters else None
+            lora = req.model if req.model in self._adapters else self._model_adapter
             prompt, params, tools = await self._prepare(req, engine)
             shaper = OutputShaper(tools)
             kind = req.WhichOneof("prompt")
@@ -735,7 +753,8 @@ class WeftServer:
     ) -> None:
         self.options = options or ServerOptions()
         self.servicer = InferenceServicer(self.options.served_model_name, on_request_end, observer,
-                                          self.options.tool_call_format)
+                                          self.options.tool_call_format, self.options.defaults,
+                                          self.options.model_adapter)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None

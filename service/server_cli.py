@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from common import env
+from common.errors import InvalidArgumentError
 from service.config import EngineConfig
 from service.protocol import DEFAULT_MAX_REQUEST_BYTES
 
@@ -73,8 +74,36 @@ def cmd_serve(a: argparse.Namespace, engine_config: EngineConfigFn) -> int:
     options = ServerOptions(host=a.host, port=a.port, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
                             served_model_name=a.served_model_name, grace_s=a.grace,
                             tool_call_format=a.tool_call_format, max_request_bytes=a.max_request_bytes)
+    config, options = from_store(config, options)
     http_host = a.http_host if a.http_host is not None else a.host
     return asyncio.run(serve(options, config, http_host=http_host, http_port=a.http_port))
+
+
+def from_store(config: EngineConfig, options: ServerOptions) -> tuple[EngineConfig, ServerOptions]:
+    """`--model NAME` of a store model (`weft create`, `weft list`) rather than a path: its weights,
+    served under its name, its Modelfile the defaults of its requests (num_ctx the context, an
+    ADAPTER applied to every request of the model)."""
+    import dataclasses
+    from pathlib import Path
+
+    from service.store import NAME, ModelStore
+
+    name = config.model
+    if name is None or Path(name).expanduser().exists() or not NAME.fullmatch(name):
+        return config, options
+    m = ModelStore().get(name)
+    mf = m.modelfile()
+    if len(mf.adapters) > 1:
+        raise InvalidArgumentError("model", f"{m.name}: one ADAPTER per model is served")
+    served = options.served_model_name or m.name.removesuffix(":latest")
+    changes: dict = {"model": m.weights}
+    if "num_ctx" in mf.parameters:
+        changes["max_model_len"] = mf.parameters["num_ctx"]
+    if mf.adapters:
+        changes["lora"] = (*config.lora, f"{served}+adapter={mf.adapters[0]}")
+    options = dataclasses.replace(options, served_model_name=served, defaults=mf,
+                                  model_adapter=f"{served}+adapter" if mf.adapters else None)
+    return dataclasses.replace(config, **changes), options
 
 
 async def serve(options: ServerOptions, config: EngineConfig, http_host: str = "0.0.0.0",

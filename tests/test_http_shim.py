@@ -65,9 +65,10 @@ class ShimStack:
     metrics: WeftMetrics
 
     @classmethod
-    def start(cls, config: EngineConfig, api_key: str | None = None, on_request_end=None) -> ShimStack:
+    def start(cls, config: EngineConfig, api_key: str | None = None, on_request_end=None,
+              options: ServerOptions | None = None) -> ShimStack:
         metrics = WeftMetrics()
-        options = ServerOptions(host="127.0.0.1", port=0, api_key=api_key)
+        options = options or ServerOptions(host="127.0.0.1", port=0, api_key=api_key)
         bg = BackgroundServer(options, config=config, on_request_end=on_request_end, observer=metrics).start()
         metrics.bind(lambda: bg.server.engine if bg.server else None)
         http = HttpServer(bg.target, "127.0.0.1", 0, api_key=api_key, metrics=metrics)

@@ -2,6 +2,8 @@
 and /api/version, each a weft.v1 call; NDJSON streaming by default, as Ollama does."""
 from __future__ import annotations
 
+import json
+
 import hashlib
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -17,6 +19,7 @@ from service.shim.backend import EOF_MSG, Ctx, Stream, dumps, now_iso
 from service.shim.base import ShimBase
 from service.shim.models import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
 from service.shim.tools import add_tool, ollama_calls, ollama_history
+from service.modelfile import Modelfile, parse
 from service.shim.translate import FINISH, OLLAMA_DONE, HttpError, RequestBuilder, ollama_guided, ollama_logprobs, rpc_error
 
 OLLAMA_API_VERSION = "0.12.0"     # the Ollama API this shim follows (GET /api/version)
@@ -39,9 +42,11 @@ class OllamaRoutes(ShimBase):
     def _ollama_sampling(self, b: RequestBuilder, opts: OllamaOptions | None, fmt: Any, info: pb.ModelInfo,
                          logprobs: bool | None, top_logprobs: int | None) -> None:
         o = opts or OllamaOptions()
-        b.set("sampling.temperature", _default(o.temperature, "temperature"), "options.temperature")
-        b.set("sampling.top_p", _default(o.top_p, "top_p"), "options.top_p")
-        b.set("sampling.top_k", _default(o.top_k, "top_k"), "options.top_k")
+        # Ollama's defaults, except where the model's Modelfile sets its own (the server fills those).
+        own = _modelfile(info).parameters
+        b.set("sampling.temperature", _default(o.temperature, "temperature", own), "options.temperature")
+        b.set("sampling.top_p", _default(o.top_p, "top_p", own), "options.top_p")
+        b.set("sampling.top_k", _default(o.top_k, "top_k", own), "options.top_k")
         b.set("sampling.min_p", o.min_p, "options.min_p")
         b.set("sampling.seed", o.seed, "options.seed")
         b.set("sampling.repetition_penalty", o.repeat_penalty, "options.repeat_penalty")
@@ -50,7 +55,9 @@ class OllamaRoutes(ShimBase):
         if o.stop is not None:
             b.extend("stopping.stop", [o.stop] if isinstance(o.stop, str) else o.stop, "options.stop")
         num_predict = o.num_predict
-        if num_predict is None or num_predict < 0:   # -1: unlimited, -2: fill the context
+        if num_predict is None and "num_predict" in own:
+            num_predict = None   # the model's own, filled by the server
+        elif num_predict is None or num_predict < 0:   # -1: unlimited, -2: fill the context
             num_predict = info.max_model_len
         b.set("stopping.max_tokens", num_predict, "options.num_predict")
         if logprobs or top_logprobs:
@@ -221,8 +228,12 @@ class OllamaRoutes(ShimBase):
             caps.append("tools")
         if info.features.guided_decoding:
             caps.append("structured_outputs")
+        mf = _modelfile(info)
+        params = "\n".join(f"{k} {json.dumps(x) if isinstance(x, str) else x}"
+                           for k, v in mf.parameters.items() for x in (v if isinstance(v, list) else [v]))
         return JSONResponse({
-            "license": "", "modelfile": f"# Served by Weft\nFROM {name}\n", "parameters": "", "template": "",
+            "license": "\n".join(mf.license), "modelfile": info.modelfile or f"# Served by Weft\nFROM {name}\n",
+            "parameters": params, "template": mf.template or "", "system": mf.system or "",
             "details": self._ollama_details(info),
             "model_info": {"general.architecture": info.architecture, "general.name": name,
                            "weft.context_length": info.max_model_len, "weft.vocab_size": info.vocab_size,
@@ -233,5 +244,12 @@ class OllamaRoutes(ShimBase):
         return JSONResponse({"version": OLLAMA_API_VERSION})
 
 
-def _default(value: Any, name: str) -> Any:
-    return OLLAMA_DEFAULTS[name] if value is None else value
+def _default(value: Any, name: str, own: dict[str, Any]) -> Any:
+    if value is not None or name in own:
+        return value
+    return OLLAMA_DEFAULTS[name]
+
+
+def _modelfile(info: pb.ModelInfo) -> Modelfile:
+    """A store model's Modelfile (ModelInfo.modelfile); an empty one for a model served by path."""
+    return parse(info.modelfile) if info.modelfile else Modelfile(info.name)

@@ -1166,6 +1166,7 @@ class ModelInfo(_message.Message):
     PARENT_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     LORA_RANK_FIELD_NUMBER: _builtins.int
+    MODELFILE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use in `model`."""
     max_model_len: _builtins.int
@@ -1192,6 +1193,11 @@ class ModelInfo(_message.Message):
     """A LoRA adapter: the directory it was loaded from (vLLM's `root`)."""
     lora_rank: _builtins.int
     """A LoRA adapter: its largest rank."""
+    modelfile: _builtins.str
+    """A model from the store (`weft create`): its Modelfile. Its system prompt and few-shot
+    messages go before a chat's own turns, its parameters fill the fields a request leaves
+    unset, its template (if any) renders chats. Empty for a model served by path.
+    """
     @_builtins.property
     def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Generation ends (EOS) on any of these, unless ignore_eos."""
@@ -1218,10 +1224,11 @@ class ModelInfo(_message.Message):
         parent: _builtins.str = ...,
         source: _builtins.str = ...,
         lora_rank: _builtins.int = ...,
+        modelfile: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "bos_token_id", b"bos_token_id", "features", b"features"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "architecture", b"architecture", "bos_token_id", b"bos_token_id", "device", b"device", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "features", b"features", "kv_cache_tokens", b"kv_cache_tokens", "lora_rank", b"lora_rank", "max_logprobs", b"max_logprobs", "max_model_len", b"max_model_len", "max_n", b"max_n", "name", b"name", "parent", b"parent", "source", b"source", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "architecture", b"architecture", "bos_token_id", b"bos_token_id", "device", b"device", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "features", b"features", "kv_cache_tokens", b"kv_cache_tokens", "lora_rank", b"lora_rank", "max_logprobs", b"max_logprobs", "max_model_len", b"max_model_len", "max_n", b"max_n", "modelfile", b"modelfile", "name", b"name", "parent", b"parent", "source", b"source", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__bos_token_id: _TypeAlias = _typing.Literal["bos_token_id"]  # noqa: Y015
     _WhichOneofArgType__bos_token_id: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id"]  # noqa: Y015
