@@ -284,6 +284,15 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     d.add_argument("token_ids", type=int, nargs="+")
     d.set_defaults(func=cmd_client_detokenize)
 
+    e = csub.add_parser("embed", help="embedding vectors of texts (one JSON array per line)")
+    e.add_argument("texts", nargs="+", metavar="TEXT")
+    e.add_argument("--model", default="", help="e.g. all-minilm (default: the first served model)")
+    e.add_argument("--dimensions", type=int, default=None, help="keep the first N components (re-normalised)")
+    e.add_argument("--no-normalize", action="store_true", help="raw pooled vectors, not L2-normalised")
+    e.add_argument("--truncate", action="store_true", help="cut inputs longer than the model takes instead of failing")
+    e.add_argument("--json", action="store_true", help="print the whole response message as JSON")
+    e.set_defaults(func=cmd_client_embed)
+
     m = csub.add_parser("models", help="the served model(s) and their limits")
     m.set_defaults(func=cmd_client_models)
 
@@ -390,6 +399,21 @@ def cmd_client_tokenize(a: argparse.Namespace) -> int:
         with _client(a) as client:
             resp = client.tokenize(a.text, return_tokens=a.tokens)
             print(_to_json(resp) if a.tokens else json.dumps(list(resp.token_ids)))
+            return 0
+
+    return _run_client(run)
+
+
+def cmd_client_embed(a: argparse.Namespace) -> int:
+    def run() -> int:
+        with _client(a) as client:
+            resp = client.embed(a.texts, model=a.model, truncate=a.truncate, dimensions=a.dimensions,
+                                normalize=False if a.no_normalize else None)
+            if a.json:
+                print(_to_json(resp))
+            else:
+                for e in resp.embeddings:
+                    print(json.dumps(list(e.values)))
             return 0
 
     return _run_client(run)

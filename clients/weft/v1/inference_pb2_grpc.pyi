@@ -45,7 +45,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class InferenceServiceStub:
-    """One process serves one model. Requests may name it in `model` (empty means that model)."""
+    """One process serves one model, and optionally an embedding model beside it (ListModels names
+    them). Requests may name a model in `model` (empty means the first one ListModels lists).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -65,12 +67,19 @@ class InferenceServiceStub:
     """The models this server serves (one today)."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetModelInfoRequest, _inference_pb2.GetModelInfoResponse]
     """Limits and features of one model: context length, vocabulary, end-of-sequence ids, ..."""
+    Embed: _grpc.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]
+    """Embedding vectors of a batch of texts or token lists, one per input, in input order. Works
+    with embedding models (ModelInfo.features.embeddings, e.g. BERT-family sentence encoders)
+    and with generation models (pooled hidden states of the prompt, see `weft serve --pooling`).
+    """
     ResetPrefixCache: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ResetPrefixCacheRequest, _inference_pb2.ResetPrefixCacheResponse]
     """Admin: forget every cached prefix block (blocks in use keep serving their requests)."""
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
-    """One process serves one model. Requests may name it in `model` (empty means that model)."""
+    """One process serves one model, and optionally an embedding model beside it (ListModels names
+    them). Requests may name a model in `model` (empty means the first one ListModels lists).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryUnaryMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]  # type: ignore[assignment]
@@ -87,11 +96,18 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """The models this server serves (one today)."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetModelInfoRequest, _inference_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Limits and features of one model: context length, vocabulary, end-of-sequence ids, ..."""
+    Embed: _aio.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Embedding vectors of a batch of texts or token lists, one per input, in input order. Works
+    with embedding models (ModelInfo.features.embeddings, e.g. BERT-family sentence encoders)
+    and with generation models (pooled hidden states of the prompt, see `weft serve --pooling`).
+    """
     ResetPrefixCache: _aio.UnaryUnaryMultiCallable[_inference_pb2.ResetPrefixCacheRequest, _inference_pb2.ResetPrefixCacheResponse]  # type: ignore[assignment]
     """Admin: forget every cached prefix block (blocks in use keep serving their requests)."""
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
-    """One process serves one model. Requests may name it in `model` (empty means that model)."""
+    """One process serves one model, and optionally an embedding model beside it (ListModels names
+    them). Requests may name a model in `model` (empty means the first one ListModels lists).
+    """
 
     @_abc_1.abstractmethod
     def Generate(
@@ -142,6 +158,17 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.GetModelInfoResponse, _abc.Awaitable[_inference_pb2.GetModelInfoResponse]]:
         """Limits and features of one model: context length, vocabulary, end-of-sequence ids, ..."""
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _inference_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.EmbedResponse, _abc.Awaitable[_inference_pb2.EmbedResponse]]:
+        """Embedding vectors of a batch of texts or token lists, one per input, in input order. Works
+        with embedding models (ModelInfo.features.embeddings, e.g. BERT-family sentence encoders)
+        and with generation models (pooled hidden states of the prompt, see `weft serve --pooling`).
+        """
 
     @_abc_1.abstractmethod
     def ResetPrefixCache(
