@@ -37,6 +37,7 @@ from service.encoder_loader import DEFAULT_EMBEDDING_NAME, is_encoder_dir, load_
 from service.engine.async_encoder import AsyncEncoder
 from service.engine.async_engine import AsyncEngine
 from service.engine.core import EngineCore
+from service.engine.decoder_embedder import DecoderEmbedder
 from service.engine.embedder import Embedder
 from service.engine.encoder import EncoderCore
 from service.engine.request import RequestOutput
@@ -51,7 +52,7 @@ from service.tool_calls import (
 )
 from decoding.tools import tool_guided_spec
 from common.errors import InvalidArgumentError, ResourceExhaustedError
-from service.models.pooling import POOLING_MODES, finish
+from service.models.pooling import finish
 from service.protocol import (
     DEFAULT_MAX_REQUEST_BYTES,
     INVALID_FIELD_KEY,
@@ -901,7 +902,7 @@ class WeftServer:
         An `owned` engine is shut down by stop()."""
         self._owns_engine = owned
         engine.start()
-        self.servicer.attach(engine, None)
+        self.servicer.attach(engine, DecoderEmbedder(engine, self.options.pooling))
         if not self.servicer.draining:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 

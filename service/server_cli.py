@@ -39,6 +39,7 @@ def add_commands(sub: argparse._SubParsersAction, engine_args: EngineArgs, engin
 
 def _add_serve(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_config: EngineConfigFn) -> None:
     from decoding.tools.formats import FORMATS
+    from service.encoder_loader import DEFAULT_EMBEDDING_NAME
     from service.server import DEFAULT_PORT
 
     s = sub.add_parser("serve", help="serve the model over gRPC (weft.v1.InferenceService, health, reflection)")
@@ -60,6 +61,15 @@ def _add_serve(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_
                         "naming the limit")
     s.add_argument("--tool-call-format", default="auto", choices=["auto", *FORMATS],
                    help="how tool calls are written and parsed (default auto: from the chat template, else hermes)")
+    s.add_argument("--embedding-model", default=None, metavar="PATH",
+                   help="a sentence-transformers directory to serve beside the model for embeddings, under "
+                        "--embedding-model-name (default: the packaged all-MiniLM-L6-v2 when installed; none = off)")
+    s.add_argument("--embedding-model-name", default=DEFAULT_EMBEDDING_NAME,
+                   help=f"the name requests use for it (default {DEFAULT_EMBEDDING_NAME!r}, Ollama's name; "
+                        "NAME:latest works too)")
+    s.add_argument("--pooling", default="last", choices=("last", "mean"),
+                   help="how the generation model's last hidden states become an embedding (default last: the "
+                        "last token's; mean: the average over the input); vectors are L2-normalised")
     s.set_defaults(func=lambda a: cmd_serve(a, engine_config))
 
 
@@ -72,9 +82,24 @@ def cmd_serve(a: argparse.Namespace, engine_config: EngineConfigFn) -> int:
     config = engine_config(a)
     options = ServerOptions(host=a.host, port=a.port, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
                             served_model_name=a.served_model_name, grace_s=a.grace,
-                            tool_call_format=a.tool_call_format, max_request_bytes=a.max_request_bytes)
+                            tool_call_format=a.tool_call_format, max_request_bytes=a.max_request_bytes,
+                            embedding_model=_embedding_model(a.embedding_model, config.model),
+                            embedding_model_name=a.embedding_model_name, pooling=a.pooling)
     http_host = a.http_host if a.http_host is not None else a.host
     return asyncio.run(serve(options, config, http_host=http_host, http_port=a.http_port))
+
+
+def _embedding_model(flag: str | None, model: str | None) -> str | None:
+    """--embedding-model: a path, "none", or unset for the packaged all-MiniLM-L6-v2 (when it is
+    installed; a server whose --model is itself an embedding model serves no second one)."""
+    from service.encoder_loader import default_embedding_model_path, is_encoder_dir
+
+    if flag is not None:
+        return None if flag.lower() == "none" else flag
+    if is_encoder_dir(model):
+        return None
+    path = default_embedding_model_path()
+    return str(path) if path is not None else None
 
 
 async def serve(options: ServerOptions, config: EngineConfig, http_host: str = "0.0.0.0",
@@ -226,11 +251,13 @@ def _log_serving(server: WeftServer, where: str) -> None:
     o = server.options
     info = server.servicer.model_info
     assert info is not None
+    embedders = [n for n in server.servicer.served_names if n != info.name]
     log.info(
-        "serving %s on %s (gRPC weft.v1.InferenceService + grpc.health.v1 + reflection; %s; %s); "
+        "serving %s%s on %s (gRPC weft.v1.InferenceService + grpc.health.v1 + reflection; %s; %s); "
         "context %d tokens, KV cache %d tokens",
-        info.name, where, "TLS" if o.tls_cert else "plaintext",
-        "API key required" if o.api_key else "no API key", info.max_model_len, info.kv_cache_tokens,
+        info.name, f" (embeddings: {', '.join(embedders)})" if embedders else "", where,
+        "TLS" if o.tls_cert else "plaintext", "API key required" if o.api_key else "no API key",
+        info.max_model_len, info.kv_cache_tokens,
     )
 
 
