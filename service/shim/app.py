@@ -5,9 +5,10 @@ process for `weft serve`, to a remote server for `weft shim --target`), and ever
 status comes back as OpenAI's or Ollama's JSON. It never touches the engine. The routes live by
 protocol (service/shim/openai.py, ollama.py); this module is the app: routing, errors, auth, ops.
 
-    OpenAI   POST /v1/chat/completions, /v1/completions, /v1/tokenize, /v1/detokenize;
+    OpenAI   POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/tokenize, /v1/detokenize;
              GET /v1/models, /v1/models/{model}
-    Ollama   POST /api/generate, /api/chat, /api/show; GET /api/tags, /api/ps, /api/version
+    Ollama   POST /api/generate, /api/chat, /api/embed, /api/embeddings, /api/show; GET /api/tags, /api/ps,
+             /api/version
     Ops      GET /health (503 while loading or draining), /metrics (Prometheus), /version,
              /openapi.json, /docs
 
@@ -33,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.protocol import DEFAULT_MAX_REQUEST_BYTES, bearer_matches, weft_version
 from service.shim.backend import ClientGone, GrpcBackend
+from service.shim.embeddings import EmbeddingRoutes
 from service.shim.ollama import OllamaRoutes
 from service.shim.openai import OpenAIRoutes
 from service.shim.translate import HttpError
@@ -42,7 +44,7 @@ log = logging.getLogger("weft.http")
 DEFAULT_HTTP_PORT = 8000
 
 
-class Shim(OpenAIRoutes, OllamaRoutes):
+class Shim(OpenAIRoutes, OllamaRoutes, EmbeddingRoutes):
     """The routes of both protocols, bound to one GrpcBackend. `app` is the ASGI application."""
 
     def __init__(self, backend: GrpcBackend, *, api_key: str | None = None, metrics: Any = None,
@@ -63,6 +65,7 @@ class Shim(OpenAIRoutes, OllamaRoutes):
 
         app.post("/v1/chat/completions", tags=["openai"])(self.chat_completions)
         app.post("/v1/completions", tags=["openai"])(self.completions)
+        app.post("/v1/embeddings", tags=["openai"])(self.openai_embeddings)
         app.get("/v1/models", tags=["openai"])(self.list_models)
         app.get("/v1/models/{model_id:path}", tags=["openai"])(self.get_model)
         for prefix in ("/v1", ""):
@@ -70,6 +73,8 @@ class Shim(OpenAIRoutes, OllamaRoutes):
             app.post(f"{prefix}/detokenize", tags=["openai"], include_in_schema=bool(prefix))(self.detokenize)
         app.post("/api/generate", tags=["ollama"])(self.ollama_generate)
         app.post("/api/chat", tags=["ollama"])(self.ollama_chat)
+        app.post("/api/embed", tags=["ollama"])(self.ollama_embed)
+        app.post("/api/embeddings", tags=["ollama"])(self.ollama_embeddings)
         app.get("/api/tags", tags=["ollama"])(self.ollama_tags)
         app.post("/api/show", tags=["ollama"])(self.ollama_show)
         app.get("/api/ps", tags=["ollama"])(self.ollama_ps)
@@ -236,8 +241,8 @@ def _as_json(scope: Scope) -> Scope:
 
 
 _ROUTES = frozenset((
-    "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/tokenize", "/v1/detokenize", "/tokenize",
-    "/detokenize", "/api/generate", "/api/chat", "/api/tags", "/api/show", "/api/ps", "/api/version", "/health",
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/tokenize", "/v1/detokenize",
+    "/tokenize", "/detokenize", "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/tags", "/api/show", "/api/ps", "/api/version", "/health",
     "/metrics", "/version", "/openapi.json", "/docs"))
 
 

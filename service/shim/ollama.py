@@ -24,6 +24,30 @@ OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}   # Ollama's d
 
 
 class OllamaRoutes(ShimBase):
+    async def _ollama_info(self, ctx: Ctx, name: str | None, main: pb.ModelInfo) -> pb.ModelInfo:
+        """The ModelInfo of the model a request names: the main one, or another the server lists (an
+        embedding model served beside it); an unknown name is 404."""
+        wanted = (name or "").removesuffix(":latest")
+        if not wanted or wanted == main.name:
+            return main
+        try:
+            resp = await self.backend.stub.GetModelInfo(pb.GetModelInfoRequest(model=wanted), metadata=ctx.metadata,
+                                                        timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                self._ollama_model(name, main)   # raises Ollama's 404
+            raise rpc_error(exc) from None
+        return resp.model
+
+    async def _generation_info(self, ctx: Ctx, name: str | None) -> pb.ModelInfo:
+        """The main model's info for /api/generate and /api/chat; 400 for an embedding model."""
+        main = await self.backend.model_info(ctx.metadata)
+        info = await self._ollama_info(ctx, name, main)
+        if info.features.embedding_only:
+            raise HttpError(400, f"model: {info.name!r} is an embedding model: it does not generate (use /api/embed)",
+                            "model")
+        return main
+
     def _ollama_model(self, name: str | None, info: pb.ModelInfo) -> str:
         """Ollama names carry a tag (`name:latest`); the served model answers to both."""
         name = name or ""
@@ -60,7 +84,7 @@ class OllamaRoutes(ShimBase):
 
     async def ollama_generate(self, body: OllamaGenerateRequest, request: Request) -> Response:
         ctx = self._ctx(request)
-        info = await self.backend.model_info(ctx.metadata)
+        info = await self._generation_info(ctx, body.model)
         model = self._ollama_model(body.model, info)
         if body.images:
             raise HttpError(400, "images: this model takes text only", "images")
@@ -100,7 +124,7 @@ class OllamaRoutes(ShimBase):
 
     async def ollama_chat(self, body: OllamaChatRequest, request: Request) -> Response:
         ctx = self._ctx(request)
-        info = await self.backend.model_info(ctx.metadata)
+        info = await self._generation_info(ctx, body.model)
         model = self._ollama_model(body.model, info)
         if not body.messages:   # Ollama: an empty chat loads the model
             return JSONResponse({"model": model, "created_at": now_iso(),
@@ -190,7 +214,7 @@ class OllamaRoutes(ShimBase):
         return Stream(lines(), media_type="application/x-ndjson", headers={"x-request-id": ctx.rid})
 
     def _ollama_details(self, info: pb.ModelInfo) -> dict[str, Any]:
-        family = info.architecture.removesuffix("ForCausalLM").lower() or "unknown"
+        family = info.architecture.removesuffix("ForCausalLM").removesuffix("Model").lower() or "unknown"
         return {"parent_model": "", "format": "safetensors", "family": family, "families": [family],
                 "parameter_size": "", "quantization_level": info.dtype.upper()}
 
@@ -211,9 +235,11 @@ class OllamaRoutes(ShimBase):
 
     async def ollama_show(self, body: OllamaShowRequest, request: Request) -> Response:
         ctx = self._ctx(request)
-        info = await self.backend.model_info(ctx.metadata)
-        name = self._ollama_model(body.model or body.name, info)
-        caps = ["completion"]
+        info = await self._ollama_info(ctx, body.model or body.name, await self.backend.model_info(ctx.metadata))
+        name = info.name
+        caps = [] if info.features.embedding_only else ["completion"]
+        if info.features.embeddings:
+            caps.append("embedding")
         if info.features.tool_calls:
             caps.append("tools")
         if info.features.guided_decoding:
