@@ -3,9 +3,12 @@ each token attending to every token of its own sequence and to nothing else (enc
 cache, no causal mask).
 
 One `scaled_dot_product_attention` call per sequence on views of the flat Q/K/V: no padding is
-built and no mask is needed, so the work is exactly sum(L_i^2), not B * max(L)^2. The loop costs a
-few microseconds per sequence and layer, which is noise next to the projections of even a short
-sequence; a batch of equal lengths takes a single call.
+built and no mask is needed, so the work is exactly sum(L_i^2), not B * max(L)^2. A batch of equal
+lengths takes a single call. Measured on one thread, 32 sequences of 8-256 tokens (all-MiniLM
+shapes): 43 ms a layer this way, 105 ms for one call over the batch padded to its longest
+sequence with a key mask, 95 ms for length-sorted groups padded within each. (With 2 threads on
+a CPU busy with other processes, every small parallel call waits for descheduled workers and the
+single padded call came out ahead; that is the contention's cost, not the method's.)
 """
 from __future__ import annotations
 
@@ -29,7 +32,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         return o.transpose(1, 2).reshape(t, heads, dim)
     out = torch.empty_like(q)
     for a, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        o = F.scaled_dot_product_attention(q[a:e].transpose(0, 1), k[a:e].transpose(0, 1), v[a:e].transpose(0, 1),
-                                           scale=scale)
-        out[a:e] = o.transpose(0, 1)
+        # 4-D [1, heads, L, dim] views: torch's fused CPU kernel takes those; 3-D inputs fall back
+        # to the unfused math path (softmax, NaN checks and two bmm as separate ops), measured
+        # 3x slower on all-MiniLM.
+        o = F.scaled_dot_product_attention(q[None, a:e].transpose(1, 2), k[None, a:e].transpose(1, 2),
+                                           v[None, a:e].transpose(1, 2), scale=scale)
+        out[a:e] = o[0].transpose(0, 1)
     return out
