@@ -165,3 +165,15 @@ def test_embedding_metrics_are_counted_apart(smollm2_served: str, oa) -> None:
     assert delta("weft_embedding_inputs_total") == 2 and delta("weft_embedding_tokens_total") > 0
     assert delta("weft_prompt_tokens_total") == 0
     assert delta('weft_http_requests_total{route="/v1/embeddings",status="200"}') == 1
+
+
+def test_llamaindex_embeddings(smollm2_served: str, ref) -> None:
+    from llama_index.embeddings.ollama import OllamaEmbedding
+    from llama_index.embeddings.openai import OpenAIEmbedding
+
+    li = OpenAIEmbedding(model_name="all-minilm", api_base=f"{smollm2_served}/v1", api_key="unused", max_retries=0)
+    _close(li.get_text_embedding_batch(TEXTS), ref)
+    _close(li.get_query_embedding(TEXTS[0]), ref[0])
+    lo = OllamaEmbedding(model_name="all-minilm", base_url=smollm2_served)
+    _close(lo.get_text_embedding_batch(TEXTS), ref)
+    _close(lo.get_query_embedding(TEXTS[4]), ref[4])
