@@ -83,13 +83,13 @@ def cmd_serve(a: argparse.Namespace, engine_config: EngineConfigFn) -> int:
     options = ServerOptions(host=a.host, port=a.port, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
                             served_model_name=a.served_model_name, grace_s=a.grace,
                             tool_call_format=a.tool_call_format, max_request_bytes=a.max_request_bytes,
-                            embedding_model=_embedding_model(a.embedding_model, config.model),
+                            embedding_model=resolve_embedding_model(a.embedding_model, config.model),
                             embedding_model_name=a.embedding_model_name, pooling=a.pooling)
     http_host = a.http_host if a.http_host is not None else a.host
     return asyncio.run(serve(options, config, http_host=http_host, http_port=a.http_port))
 
 
-def _embedding_model(flag: str | None, model: str | None) -> str | None:
+def resolve_embedding_model(flag: str | None, model: str | None) -> str | None:
     """--embedding-model: a path, "none", or unset for the packaged all-MiniLM-L6-v2 (when it is
     installed; a server whose --model is itself an embedding model serves no second one)."""
     from service.encoder_loader import default_embedding_model_path, is_encoder_dir

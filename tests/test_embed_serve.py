@@ -37,13 +37,13 @@ def test_sentence_transformers_dir_as_the_model(minilm_dir: Path, minilm_st) -> 
         proc.stop()
 
 
-def test_embedding_model_none(tiny_llama: Path) -> None:
-    proc, url = _serve("--model", str(tiny_llama), "--kv-cache-gb", "0.02", "--embedding-model", "none")
-    try:
-        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == [tiny_llama.name]
-        r = httpx.post(f"{url}/v1/embeddings", json={"model": "all-minilm", "input": "x"})
-        assert r.status_code == 404, r.text
-        r = httpx.post(f"{url}/v1/embeddings", json={"input": "the model itself embeds"})
-        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 64, r.text
-    finally:
-        proc.stop()
+def test_embedding_model_flag(minilm_dir: Path, tiny_llama: Path) -> None:
+    """--embedding-model: unset means the packaged model, `none` none, a path that path; a server
+    whose --model is itself an embedding model serves no second one."""
+    from service.server_cli import resolve_embedding_model
+
+    assert resolve_embedding_model(None, str(tiny_llama)) == str(minilm_dir)
+    assert resolve_embedding_model(None, None) == str(minilm_dir)
+    assert resolve_embedding_model("none", str(tiny_llama)) is None
+    assert resolve_embedding_model("/some/dir", None) == "/some/dir"
+    assert resolve_embedding_model(None, str(minilm_dir)) is None

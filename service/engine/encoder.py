@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from common.errors import InvalidArgumentError, ModelLoadError
+from common.errors import ModelLoadError
 from service.encoder_loader import LoadedEncoder
 from service.models.bert import ENCODER_CLASSES, BertEncoder
 from service.models.pooling import pool
@@ -84,10 +84,3 @@ class EncoderCore:
         ids_t, pos_t = packed.split([len(ids), len(ids)])
         hidden = self.model(ids_t, pos_t, cu)
         return pool(hidden, cu, self.pooling).cpu()
-
-    def check_ids(self, ids: Sequence[int], field: str) -> None:
-        if not ids:
-            raise InvalidArgumentError(field, "must not be empty")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise InvalidArgumentError(field, f"every id must be in [0, {self.vocab_size}), got {bad}")
