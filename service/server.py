@@ -267,7 +267,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._decoder_embedder: Embedder | None = None
         self._loaded = False                   # an engine or the main embedding model is attached
         self._token_text: dict[int, str] = {}  # id -> its text alone, for logprobs
-        self._in_flight = 0                    # generation calls running (the drain waits on them)
+        self._in_flight = 0                    # generation and Embed calls running (the drain waits on them)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -581,6 +581,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         t0 = time.perf_counter()
         outcome, tokens = "internal", 0
+        self._in_flight += 1     # a drain lets it finish, like a generation
+        self._idle.clear()
         try:
             rid = _request_id(context)
             name, embedder = self._embedder(request.model)
@@ -607,6 +609,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             outcome = _status_of(exc)[0].name.lower()
             raise
         finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
             if self._observer is not None:
                 self._observer.embedding_ended(outcome, len(request.inputs), tokens, time.perf_counter() - t0)
 
