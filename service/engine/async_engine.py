@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from common.errors import InvalidArgumentError, ResourceExhaustedError, WeftError
 from decoding.guided import CompiledGrammar
 from decoding.sampling import SamplingParams
@@ -35,6 +37,13 @@ class _Add:
     cache_salt: str | None = None
     grammar: CompiledGrammar | None = None   # params.guided, compiled before the add is queued
     lora: str | None = None                  # the adapter it runs with
+
+
+@dataclass(slots=True)
+class _AddEmbedding:
+    request_id: str
+    prompts: list[list[int]]
+    pooling: str
 
 
 @dataclass(slots=True)
@@ -63,7 +72,7 @@ class _Call:
 class AsyncEngine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Ping | _Call | _Stop] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _AddEmbedding | _Abort | _Ping | _Call | _Stop] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[list[RequestOutput] | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -128,6 +137,38 @@ class AsyncEngine:
             self._streams.pop(rid, None)
             if remaining:
                 self._commands.put(_Abort(rid))
+
+    async def embed(self, prompts: list[list[int]], pooling: str, request_id: str | None = None) -> torch.Tensor:
+        """Pooled final hidden states [len(prompts), hidden] (float32, CPU) of token lists, computed
+        as prefill-only requests scheduled beside generation; their KV blocks are freed as each
+        finishes. Raises InvalidArgumentError / ResourceExhaustedError; cancelling aborts them."""
+        self.start()
+        rid = request_id or f"emb-{next(self._ids)}"
+        if rid in self._streams:
+            raise InvalidArgumentError("request_id", f"{rid!r} is already in flight")
+        self._check_queue()
+        stream: asyncio.Queue[list[RequestOutput] | BaseException] = asyncio.Queue()
+        self._streams[rid] = stream
+        self._pending_adds += 1
+        self._commands.put(_AddEmbedding(rid, prompts, pooling))
+        vectors: list[torch.Tensor | None] = [None] * len(prompts)
+        remaining = len(prompts)
+        try:
+            while remaining:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                for out in item:
+                    if out.finished:
+                        if out.embedding is None:
+                            raise RuntimeError(out.error or f"embedding request ended: {out.finish_reason}")
+                        vectors[out.index] = out.embedding
+                        remaining -= 1
+        finally:
+            self._streams.pop(rid, None)
+            if remaining:
+                self._commands.put(_Abort(rid))
+        return torch.stack(vectors)  # type: ignore[arg-type]
 
     def _check_queue(self) -> None:
         # The snapshot and the pending count move together (`_publish`): every add is in one of them.
@@ -200,7 +241,7 @@ class AsyncEngine:
                 if isinstance(cmd, _Ping):
                     pings.append(cmd)
                     continue
-                added += isinstance(cmd, _Add)
+                added += isinstance(cmd, (_Add, _AddEmbedding))
                 self._apply(cmd, outputs, errors)
             try:
                 outputs.extend(core.step())
@@ -214,7 +255,7 @@ class AsyncEngine:
                     self._loop.call_soon_threadsafe(_resolve, ping.future)
                 pings = []
 
-    def _apply(self, cmd: _Add | _Abort | _Call, outputs: list[RequestOutput],
+    def _apply(self, cmd: _Add | _AddEmbedding | _Abort | _Call, outputs: list[RequestOutput],
                errors: list[tuple[str, BaseException]]) -> None:
         """One command on the engine thread; whatever it raises goes to its caller alone."""
         core = self.core
@@ -226,9 +267,13 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(_fail_future, cmd.future, exc)
             else:
                 self._loop.call_soon_threadsafe(_resolve, cmd.future, result)
-        elif isinstance(cmd, _Add):
+        elif isinstance(cmd, (_Add, _AddEmbedding)):
             try:
-                core.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.cache_salt, cmd.grammar, cmd.lora)
+                if isinstance(cmd, _AddEmbedding):
+                    core.add_embedding(cmd.request_id, cmd.prompts, cmd.pooling)
+                else:
+                    core.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.cache_salt, cmd.grammar,
+                                     cmd.lora)
             except WeftError as exc:
                 errors.append((cmd.request_id, exc))
             except Exception as exc:

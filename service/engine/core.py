@@ -158,13 +158,36 @@ class EngineCore:
         self.requests[request_id] = children
         return len(ids)
 
+    def add_embedding(self, request_id: str, prompts: list[list[int]], pooling: str) -> None:
+        """Queue an embedding request: one prefill-only sequence per prompt, each finishing with its
+        pooled final hidden states ("last" token or "mean" over the prompt) in RequestOutput.embedding."""
+        if request_id in self.requests:
+            raise InvalidArgumentError("request_id", f"{request_id!r} is already running")
+        if pooling not in ("last", "mean"):
+            raise InvalidArgumentError("pooling", f"must be last or mean, got {pooling!r}")
+        if not prompts:
+            raise InvalidArgumentError("inputs", "must hold at least one input")
+        for i, ids in enumerate(prompts):
+            if not ids or len(ids) > self.max_model_len:
+                raise InvalidArgumentError(f"inputs[{i}]", f"must hold 1 to {self.max_model_len} tokens, got {len(ids)}")
+            if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in ids):
+                raise InvalidArgumentError(f"inputs[{i}]", f"every id must be an int in [0, {self.vocab_size})")
+        children = [Request(request_id=request_id if len(prompts) == 1 else f"{request_id}#{i}", parent_id=request_id,
+                            index=i, prompt_ids=list(ids), params=SamplingParams(max_tokens=1), stop_checker=None,
+                            pooling=pooling)
+                    for i, ids in enumerate(prompts)]
+        for req in children:
+            self.scheduler.add(req)
+        self.requests[request_id] = children
+
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Stop a request now and free its blocks. Unknown or finished ids are ignored."""
         outs = []
         for req in self.requests.pop(request_id, []):
             if not req.finished:
                 self.scheduler.finish(req, "cancelled")
-                outs.append(self._output(req))
+                if req.pooling is None:
+                    outs.append(self._output(req))
         return outs
 
     @property
@@ -238,6 +261,7 @@ class EngineCore:
         batch = self.scheduler.schedule()
         for req in batch.preempted:
             self.spec.preempted(req)
+            req.pool_sum = None   # recomputed from the start, like its KV
         if not batch.requests:
             return []
         try:
@@ -253,7 +277,7 @@ class EngineCore:
         verifying = [(i, r) for i, r in enumerate(batch.requests) if out.layout.count[i] and r.spec_draft is not None]
         self._apply_logit_bias(out, plain + verifying)
         self._apply_guides(out, plain + verifying)
-        outputs = self._verify(out, verifying) + self._sample(out, plain)
+        outputs = self._pool(out, batch) + self._verify(out, verifying) + self._sample(out, plain)
         # Drafts for the next step, for every request that just got its tokens and goes on.
         self.spec.propose([r for _, r in plain + verifying if not r.finished])
         return outputs
@@ -264,9 +288,36 @@ class EngineCore:
         out = self.runner.run(batch.seq_inputs())
         for req, n, spec in zip(batch.requests, batch.num_tokens, batch.spec_tokens):
             req.num_computed_tokens += n - len(spec)
-            if not spec:
+            if not spec and req.pooling is None:
                 self._register_blocks(req)
         return out
+
+    def _pool(self, out: StepOutput, batch: ScheduledBatch) -> list[RequestOutput]:
+        """Embedding requests: fold this step's hidden rows into the pooled vector; a request whose
+        prompt is now all computed finishes with its vector, and its KV blocks go back to the pool."""
+        outputs = []
+        for i, req in enumerate(batch.requests):
+            rows = out.hidden.get(i)
+            if req.pooling is None or rows is None:
+                continue
+            done = req.num_computed_tokens == req.num_tokens
+            if req.pooling == "mean":
+                part = rows.float().sum(0)
+                req.pool_sum = part if req.pool_sum is None else req.pool_sum + part
+            if not done:
+                continue
+            if req.pooling == "mean":
+                vector = req.pool_sum / req.num_tokens
+            else:
+                vector = rows[-1].float()
+            self.scheduler.finish(req, "stop")
+            outputs.append(RequestOutput(
+                request_id=req.parent_id, index=req.index, text="", token_ids=[], logprobs=None, finished=True,
+                finish_reason="stop", num_prompt_tokens=req.num_prompt_tokens, embedding=vector.cpu()))
+            req.pool_sum = None
+            self.spec.finished(req)
+            self._forget(req)
+        return outputs
 
     def _sample(self, out: StepOutput, rows: list[tuple[int, Request]]) -> list[RequestOutput]:
         """One token per plain request, from its logits row."""
@@ -458,7 +509,7 @@ class EngineCore:
             logprobs=req.pending_logprobs if req.params.logprobs is not None else None,
             finished=req.finished,
             finish_reason=req.finish_reason,
-            stop_reason=req.stop_checker.stop_reason,
+            stop_reason=req.stop_checker.stop_reason if req.stop_checker is not None else None,
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=req.num_output_tokens,
             num_cached_tokens=req.num_cached_tokens,

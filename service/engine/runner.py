@@ -48,6 +48,7 @@ class ModelRunner:
         token_slots: list[int] = []   # each token's LoRA slot (-1: none)
         first = [0] * len(seqs)
         count = [0] * len(seqs)
+        spans: dict[int, tuple[int, int]] = {}   # want_hidden sequences: their rows in the flat batch
         bs = self.block_size
         for i in order:
             seq = seqs[i]
@@ -60,6 +61,8 @@ class ModelRunner:
             starts.append(starts[-1] + len(seq.token_ids))
             seq_lens.append(end)
             tables.append(blocks)
+            if seq.want_hidden:
+                spans[i] = (starts[-2], starts[-1])
             if seq.num_logits:
                 first[i], count[i] = len(sample_rows), seq.num_logits
                 sample_rows.extend(range(starts[-1] - seq.num_logits, starts[-1]))
@@ -88,8 +91,9 @@ class ModelRunner:
             lora = None if plan is None else LoRAStep(self.lora_stacks, plan)
         hidden = self.model(ids_t, positions_t, self.kv_caches, slots_t, meta, lora)
         layout = RowLayout(first, count)
+        rows = {i: hidden[a:b] for i, (a, b) in spans.items()}
         if not sample_rows:
-            return StepOutput(hidden.new_empty((0, 0), dtype=torch.float32), layout)
+            return StepOutput(hidden.new_empty((0, 0), dtype=torch.float32), layout, rows)
         # A single decode samples its only row: no gather.
         logits = self.model.compute_logits(hidden if len(sample_rows) == num_t else hidden[sample_t])
-        return StepOutput(logits, layout)
+        return StepOutput(logits, layout, rows)

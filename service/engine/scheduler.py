@@ -49,6 +49,9 @@ class ScheduledBatch:
             start = req.num_computed_tokens
             real = n - len(spec)
             done = start + real == req.num_tokens
+            if req.pooling is not None:   # an embedding request: hidden states, no logits
+                out.append(SeqInput(req.request_id, req.token_ids[start:start + real], start, 0, want_hidden=True))
+                continue
             out.append(SeqInput(req.request_id, req.token_ids[start:start + real] + spec, start,
                                 len(spec) + 1 if done else 0, req.lora_slot))
         return out
@@ -126,7 +129,9 @@ class Scheduler:
             req = self.waiting[0]
             if self._sibling_prefilling(req):
                 break  # n > 1: let one sample compute the prompt, the others then hit the cache
-            cached = self.kv.cached_prefix(req.token_ids, req.block_hashes, req.cache_salt)
+            # Embedding requests compute every token: mean pooling needs each row's hidden state.
+            cached = [] if req.pooling is not None else self.kv.cached_prefix(req.token_ids, req.block_hashes,
+                                                                               req.cache_salt)
             num_cached = len(cached) * self.kv.block_size
             n = min(req.num_tokens - num_cached, budget)
             if req.lora is not None and self.lora is not None:
@@ -138,7 +143,7 @@ class Scheduler:
                 self._unpin(req)
                 break
             req.num_computed_tokens = num_cached
-            if req.status is RequestStatus.WAITING:
+            if req.status is RequestStatus.WAITING and req.pooling is None:
                 # Reported in usage and metrics; a preempted request's re-run doesn't count again.
                 req.num_cached_tokens = num_cached
                 self.kv.record_lookup(req.num_prompt_tokens, num_cached)

@@ -238,3 +238,36 @@ class OllamaShowRequest(_Body):
     model: str | None = None
     name: str | None = None     # older clients
     verbose: bool | None = None
+
+
+# ---- embeddings -------------------------------------------------------------------------------
+
+
+class EmbeddingRequest(_Body):
+    """OpenAI's /v1/embeddings."""
+    model: str | None = Field(default=None, description="e.g. all-minilm; empty or unset: the first served model.")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A text, texts, token ids, or lists of token ids (at most 2048 inputs).")
+    encoding_format: Literal["float", "base64"] | None = Field(
+        default="float", description="base64: each vector as little-endian float32 bytes, base64-encoded.")
+    dimensions: int | None = Field(default=None, description="Keep the first N components (re-normalised).")
+    user: str | None = None
+
+
+class OllamaEmbedRequest(_Body):
+    """Ollama's /api/embed."""
+    model: str | None = ""
+    input: str | list[str] | None = None
+    truncate: bool | None = Field(default=True, description="Cut inputs longer than the model takes (Ollama's "
+                                                            "default); false: 400 naming the input.")
+    dimensions: int | None = None
+    keep_alive: str | float | None = None
+    options: dict[str, Any] | None = None
+
+
+class OllamaEmbeddingsRequest(_Body):
+    """Ollama's older /api/embeddings: one prompt, one vector."""
+    model: str | None = ""
+    prompt: str | None = None
+    keep_alive: str | float | None = None
+    options: dict[str, Any] | None = None

@@ -27,17 +27,29 @@ OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}   # Ollama's d
 
 
 class OllamaRoutes(ShimBase):
-    async def _ollama_model(self, name: str | None, request: Request, ctx: Ctx) -> pb.ModelInfo:
-        """The named model: the base model, or a LoRA adapter served as a model. Ollama names
+    async def _ollama_info(self, ctx: Ctx, name: str | None, main: pb.ModelInfo) -> pb.ModelInfo:
+        """The ModelInfo of the model a request names: the main one, or another the server lists (a
+        LoRA adapter, an embedding model served beside it); an unknown name is 404. Ollama names
         carry a tag (`name:latest`); a model answers to both."""
-        info = await self.backend.model_info(ctx.metadata)
-        name = name or ""
-        if name.endswith(":latest"):
-            name = name[: -len(":latest")]
-        if not name or name == info.name:
-            return info
-        call = self.backend.stub.GetModelInfo(pb.GetModelInfoRequest(model=name), metadata=ctx.metadata)
-        return (await self._unary(request, call)).model
+        wanted = (name or "").removesuffix(":latest")
+        if not wanted or wanted == main.name:
+            return main
+        try:
+            resp = await self.backend.stub.GetModelInfo(pb.GetModelInfoRequest(model=wanted), metadata=ctx.metadata,
+                                                        timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                raise HttpError(404, f"model {wanted!r} not found; this server serves {main.name!r}", "model") from None
+            raise rpc_error(exc) from None
+        return resp.model
+
+    async def _generation_info(self, ctx: Ctx, name: str | None) -> pb.ModelInfo:
+        """The named model's info for /api/generate and /api/chat; 400 for an embedding model."""
+        info = await self._ollama_info(ctx, name, await self.backend.model_info(ctx.metadata))
+        if info.features.embedding_only:
+            raise HttpError(400, f"model: {info.name!r} is an embedding model: it does not generate (use /api/embed)",
+                            "model")
+        return info
 
     def _ollama_sampling(self, b: RequestBuilder, opts: OllamaOptions | None, fmt: Any, info: pb.ModelInfo,
                          logprobs: bool | None, top_logprobs: int | None) -> None:
@@ -70,7 +82,7 @@ class OllamaRoutes(ShimBase):
 
     async def ollama_generate(self, body: OllamaGenerateRequest, request: Request) -> Response:
         ctx = self._ctx(request)
-        info = await self._ollama_model(body.model, request, ctx)
+        info = await self._generation_info(ctx, body.model)
         model = info.name
         if body.images:
             raise HttpError(400, "images: this model takes text only", "images")
@@ -110,7 +122,7 @@ class OllamaRoutes(ShimBase):
 
     async def ollama_chat(self, body: OllamaChatRequest, request: Request) -> Response:
         ctx = self._ctx(request)
-        info = await self._ollama_model(body.model, request, ctx)
+        info = await self._generation_info(ctx, body.model)
         model = info.name
         if not body.messages:   # Ollama: an empty chat loads the model
             return JSONResponse({"model": model, "created_at": now_iso(),
@@ -200,7 +212,7 @@ class OllamaRoutes(ShimBase):
         return Stream(lines(), media_type="application/x-ndjson", headers={"x-request-id": ctx.rid})
 
     def _ollama_details(self, info: pb.ModelInfo) -> dict[str, Any]:
-        family = info.architecture.removesuffix("ForCausalLM").lower() or "unknown"
+        family = info.architecture.removesuffix("ForCausalLM").removesuffix("Model").lower() or "unknown"
         return {"parent_model": info.parent, "format": "safetensors", "family": family, "families": [family],
                 "parameter_size": "", "quantization_level": info.dtype.upper()}
 
@@ -221,9 +233,11 @@ class OllamaRoutes(ShimBase):
 
     async def ollama_show(self, body: OllamaShowRequest, request: Request) -> Response:
         ctx = self._ctx(request)
-        info = await self._ollama_model(body.model or body.name, request, ctx)
+        info = await self._ollama_info(ctx, body.model or body.name, await self.backend.model_info(ctx.metadata))
         name = info.name
-        caps = ["completion"]
+        caps = [] if info.features.embedding_only else ["completion"]
+        if info.features.embeddings:
+            caps.append("embedding")
         if info.features.tool_calls:
             caps.append("tools")
         if info.features.guided_decoding:

@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class InferenceServiceStub:
-    """One process serves one base model, and the LoRA adapters loaded on it as models of their own.
-    Requests name one in `model` (empty means the base model).
+    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all). Requests name one in
+    `model` (empty means the first one ListModels lists).
     """
 
     def __init__(self, channel):
@@ -66,6 +67,11 @@ class InferenceServiceStub:
                 request_serializer=weft_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=weft_dot_v1_dot_inference__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/weft.v1.InferenceService/Embed',
+                request_serializer=weft_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.ResetPrefixCache = channel.unary_unary(
                 '/weft.v1.InferenceService/ResetPrefixCache',
                 request_serializer=weft_dot_v1_dot_inference__pb2.ResetPrefixCacheRequest.SerializeToString,
@@ -84,8 +90,9 @@ class InferenceServiceStub:
 
 
 class InferenceServiceServicer:
-    """One process serves one base model, and the LoRA adapters loaded on it as models of their own.
-    Requests name one in `model` (empty means the base model).
+    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all). Requests name one in
+    `model` (empty means the first one ListModels lists).
     """
 
     def Generate(self, request, context):
@@ -118,7 +125,7 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """The models this server serves (one today).
+        """The models this server serves: the base model, its LoRA adapters, an embedding model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,6 +133,15 @@ class InferenceServiceServicer:
 
     def GetModelInfo(self, request, context):
         """Limits and features of one model: context length, vocabulary, end-of-sequence ids, ...
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Embedding vectors of a batch of texts or token lists, one per input, in input order. Works
+        with embedding models (ModelInfo.features.embeddings, e.g. BERT-family sentence encoders)
+        and with generation models (pooled hidden states of the prompt, see `weft serve --pooling`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,6 +205,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=weft_dot_v1_dot_inference__pb2.GetModelInfoRequest.FromString,
                     response_serializer=weft_dot_v1_dot_inference__pb2.GetModelInfoResponse.SerializeToString,
             ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
             'ResetPrefixCache': grpc.unary_unary_rpc_method_handler(
                     servicer.ResetPrefixCache,
                     request_deserializer=weft_dot_v1_dot_inference__pb2.ResetPrefixCacheRequest.FromString,
@@ -213,8 +234,9 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
-    """One process serves one base model, and the LoRA adapters loaded on it as models of their own.
-    Requests name one in `model` (empty means the base model).
+    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all). Requests name one in
+    `model` (empty means the first one ListModels lists).
     """
 
     @staticmethod
@@ -369,6 +391,33 @@ class InferenceService:
             '/weft.v1.InferenceService/GetModelInfo',
             weft_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
             weft_dot_v1_dot_inference__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weft.v1.InferenceService/Embed',
+            weft_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,8 +45,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class InferenceServiceStub:
-    """One process serves one base model, and the LoRA adapters loaded on it as models of their own.
-    Requests name one in `model` (empty means the base model).
+    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all). Requests name one in
+    `model` (empty means the first one ListModels lists).
     """
 
     @_typing.overload
@@ -64,9 +65,14 @@ class InferenceServiceStub:
     Detokenize: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DetokenizeRequest, _inference_pb2.DetokenizeResponse]
     """Token ids to text."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
-    """The models this server serves (one today)."""
+    """The models this server serves: the base model, its LoRA adapters, an embedding model."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetModelInfoRequest, _inference_pb2.GetModelInfoResponse]
     """Limits and features of one model: context length, vocabulary, end-of-sequence ids, ..."""
+    Embed: _grpc.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]
+    """Embedding vectors of a batch of texts or token lists, one per input, in input order. Works
+    with embedding models (ModelInfo.features.embeddings, e.g. BERT-family sentence encoders)
+    and with generation models (pooled hidden states of the prompt, see `weft serve --pooling`).
+    """
     ResetPrefixCache: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ResetPrefixCacheRequest, _inference_pb2.ResetPrefixCacheResponse]
     """Admin: forget every cached prefix block (blocks in use keep serving their requests)."""
     LoadAdapter: _grpc.UnaryUnaryMultiCallable[_inference_pb2.LoadAdapterRequest, _inference_pb2.LoadAdapterResponse]
@@ -82,8 +88,9 @@ class InferenceServiceStub:
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
-    """One process serves one base model, and the LoRA adapters loaded on it as models of their own.
-    Requests name one in `model` (empty means the base model).
+    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all). Requests name one in
+    `model` (empty means the first one ListModels lists).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -98,9 +105,14 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     Detokenize: _aio.UnaryUnaryMultiCallable[_inference_pb2.DetokenizeRequest, _inference_pb2.DetokenizeResponse]  # type: ignore[assignment]
     """Token ids to text."""
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """The models this server serves (one today)."""
+    """The models this server serves: the base model, its LoRA adapters, an embedding model."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetModelInfoRequest, _inference_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Limits and features of one model: context length, vocabulary, end-of-sequence ids, ..."""
+    Embed: _aio.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Embedding vectors of a batch of texts or token lists, one per input, in input order. Works
+    with embedding models (ModelInfo.features.embeddings, e.g. BERT-family sentence encoders)
+    and with generation models (pooled hidden states of the prompt, see `weft serve --pooling`).
+    """
     ResetPrefixCache: _aio.UnaryUnaryMultiCallable[_inference_pb2.ResetPrefixCacheRequest, _inference_pb2.ResetPrefixCacheResponse]  # type: ignore[assignment]
     """Admin: forget every cached prefix block (blocks in use keep serving their requests)."""
     LoadAdapter: _aio.UnaryUnaryMultiCallable[_inference_pb2.LoadAdapterRequest, _inference_pb2.LoadAdapterResponse]  # type: ignore[assignment]
@@ -115,8 +127,9 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
-    """One process serves one base model, and the LoRA adapters loaded on it as models of their own.
-    Requests name one in `model` (empty means the base model).
+    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all). Requests name one in
+    `model` (empty means the first one ListModels lists).
     """
 
     @_abc_1.abstractmethod
@@ -159,7 +172,7 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ListModelsResponse, _abc.Awaitable[_inference_pb2.ListModelsResponse]]:
-        """The models this server serves (one today)."""
+        """The models this server serves: the base model, its LoRA adapters, an embedding model."""
 
     @_abc_1.abstractmethod
     def GetModelInfo(
@@ -168,6 +181,17 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.GetModelInfoResponse, _abc.Awaitable[_inference_pb2.GetModelInfoResponse]]:
         """Limits and features of one model: context length, vocabulary, end-of-sequence ids, ..."""
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _inference_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.EmbedResponse, _abc.Awaitable[_inference_pb2.EmbedResponse]]:
+        """Embedding vectors of a batch of texts or token lists, one per input, in input order. Works
+        with embedding models (ModelInfo.features.embeddings, e.g. BERT-family sentence encoders)
+        and with generation models (pooled hidden states of the prompt, see `weft serve --pooling`).
+        """
 
     @_abc_1.abstractmethod
     def ResetPrefixCache(
