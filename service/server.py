@@ -44,6 +44,8 @@ from service.engine.encoder import EncoderCore
 from service.engine.lora_manager import AdapterInfo
 from service.model_defaults import apply_defaults, template_renderer
 from service.modelfile import Modelfile
+from service.store import ModelStore
+from service.store_views import StoreViews, View
 from service.engine.request import RequestOutput
 from service.tool_calls import (
     OutputShaper,
@@ -132,6 +134,7 @@ class ServerOptions:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES   # larger messages: RESOURCE_EXHAUSTED naming the limit
     defaults: Modelfile | None = None       # a store model's Modelfile: the defaults of its requests
     model_adapter: str | None = None        # the LoRA adapter every request of the served model runs with
+    store: bool = False                     # serve the store's models of the loaded weights, and its admin RPCs
     embedding_model: str | None = None      # a sentence-transformers directory served beside the model (None: none)
     embedding_model_name: str = DEFAULT_EMBEDDING_NAME   # ... under this name (Ollama's for all-MiniLM-L6-v2)
     pooling: str = "last"                   # how a generation model's hidden states become an embedding: last | mean
@@ -262,8 +265,10 @@ def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str, str | None]:
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, served_model_name: str | None = None, on_request_end: RequestEndHook | None = None,
                  observer: RequestObserver | None = None, tool_call_format: str = "auto",
-                 defaults: Modelfile | None = None, model_adapter: str | None = None) -> None:
+                 defaults: Modelfile | None = None, model_adapter: str | None = None, store: bool = False) -> None:
         self.engine: AsyncEngine | None = None
+        self._store = store
+        self._views: StoreViews | None = None   # the store's models of the loaded weights (store mode)
         self._defaults = defaults
         self._model_adapter = model_adapter
         self._template = template_renderer(defaults.template) if defaults is not None and defaults.template else None
@@ -298,6 +303,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._model_info = _model_info(engine.core, self.model_name, self._tool_format.name, embedder)
         if self._defaults is not None:
             self._model_info.modelfile = self._defaults.render()
+        if self._store:
+            self._views = StoreViews(ModelStore(), engine.core.loaded.source, self.model_name)
         if engine.core.lora is not None:   # --lora adapters, registered as the core was built
             for a in engine.core.lora.infos():
                 if a.name != self._model_adapter:   # the Modelfile's ADAPTER is part of the model
@@ -367,9 +374,24 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 f"model: {embedding!r} is an embedding model: it answers Embed (OpenAI /v1/embeddings, Ollama "
                 "/api/embed), not generation or tokenization", field="model")
         assert self.engine is not None
-        if model and model not in (self.model_name, self.engine.core.model_name) and model not in self._adapters:
+        if model and model not in (self.model_name, self.engine.core.model_name) and model not in self._adapters \
+                and self._view_of(model) is None:
             raise self._not_found(model)
         return self.engine
+
+    def _view_of(self, model: str) -> View | None:
+        """The store model `model` names when it is a view of the loaded engine (store mode)."""
+        if self._views is None or not model or model in self._adapters or self.engine is None \
+                or model.removesuffix(":latest") in (self.model_name, self.engine.core.model_name):
+            return None
+        return self._views.get(model)
+
+    def _view_info(self, view: View) -> pb.ModelInfo:
+        assert self._model_info is not None
+        info = pb.ModelInfo()
+        info.CopyFrom(self._model_info)
+        info.name, info.modelfile = view.name, view.modelfile.render()
+        return info
 
     def _adapter_info(self, a: AdapterInfo) -> pb.ModelInfo:
         assert self._model_info is not None
@@ -392,13 +414,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     # ---- generation -----------------------------------------------------------------------
 
-    async def _prepare(self, req: pb.GenerateRequest, engine: AsyncEngine
+    async def _prepare(self, req: pb.GenerateRequest, engine: AsyncEngine, view: View | None = None,
                        ) -> tuple[str | list[int], SamplingParams, ToolContext | None]:
         kind = req.WhichOneof("prompt")
         try:
             check_unsupported(req)
-            if self._defaults is not None and not (req.model and req.model in self._adapters):
-                apply_defaults(req, self._defaults)
+            defaults = view.modelfile if view is not None else self._defaults
+            if defaults is not None and not (req.model and req.model in self._adapters):
+                apply_defaults(req, defaults)
             params = sampling_params(req)
             tools = tool_request(req)
             if kind is None:
@@ -419,17 +442,19 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 if tools.constrained:
                     await check_tool_schemas(tools, ctx.fmt, engine.core.guide_compiler)
                     params = dataclasses.replace(params, guided=tool_guided_spec(tools, ctx.fmt))
-            return self._render_chat(req.chat, engine, add_special_tokens=False, tools=ctx), params, ctx
+            return self._render_chat(req.chat, engine, add_special_tokens=False, tools=ctx, view=view), params, ctx
         except InvalidArgumentError as exc:
             raise _renamed(exc, kind) from None
 
     def _render_chat(self, chat: pb.Chat, engine: AsyncEngine, add_special_tokens: bool,
-                     tools: ToolContext | None = None) -> list[int]:
+                     tools: ToolContext | None = None, view: View | None = None) -> list[int]:
         tok = engine.core.tokenizer
+        template = view.template if view is not None and view.template is not None else self._template
+        chat_template = view.modelfile.template if view is not None and view.template is not None else self._chat_template
         messages, tool_list = render_messages(chat_messages(chat), tools.request if tools else None,
-                                              tools.fmt if tools else self._tool_format, self._chat_template)
-        if self._template is not None:   # the Modelfile's TEMPLATE: tools come as Weft's tool prompt
-            text = self._template([{"role": m["role"], "content": m.get("content") or ""} for m in messages])
+                                              tools.fmt if tools else self._tool_format, chat_template)
+        if template is not None:   # the Modelfile's TEMPLATE: tools come as Weft's tool prompt
+            text = template([{"role": m["role"], "content": m.get("content") or ""} for m in messages])
         else:
             text = tok.apply_chat_template(messages, add_generation_prompt=_opt(chat, "add_generation_prompt", True),
                                            tools=tool_list)
@@ -449,7 +474,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             # Resolved now: an adapter unloaded while the prompt is prepared must not turn this
             # request into a base-model one (the engine then refuses it instead).
             lora = req.model if req.model in self._adapters else self._model_adapter
-            prompt, params, tools = await self._prepare(req, engine)
+            prompt, params, tools = await self._prepare(req, engine, self._view_of(req.model))
             shaper = OutputShaper(tools)
             kind = req.WhichOneof("prompt")
             try:
@@ -577,7 +602,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             ids = tok.encode(request.text, add_special_tokens=_opt(request, "add_special_tokens", True))
         else:
             try:
-                ids = self._render_chat(request.chat, engine, _opt(request, "add_special_tokens", False))
+                ids = self._render_chat(request.chat, engine, _opt(request, "add_special_tokens", False),
+                                        view=self._view_of(request.model))
             except InvalidArgumentError as exc:
                 raise _renamed(exc, kind) from None
         resp = pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=engine.core.max_model_len)
@@ -601,6 +627,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._up()
         models = ([self._model_info, *self._adapters.values()] if self._model_info is not None else []) + list(
             self._embedder_infos.values())
+        if self._views is not None:
+            taken = {m.name for m in models}
+            models += [self._view_info(v) for n in self._views.names()
+                       if n not in taken and (v := self._views.get(n)) is not None]
         return pb.ListModelsResponse(models=models)
 
     @_handler
@@ -612,7 +642,38 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if embedding is not None:
             return pb.GetModelInfoResponse(model=self._embedder_infos[embedding])
         self._ready(request.model)
+        view = self._view_of(request.model)
+        if view is not None:
+            return pb.GetModelInfoResponse(model=self._view_info(view))
         return pb.GetModelInfoResponse(model=self._adapters.get(request.model, self._model_info))
+
+    def _store_views(self) -> StoreViews:
+        self._up()
+        if self._views is None:
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "this server serves a model by path, without the "
+                              "model store: start it with a store model (`weft serve --model NAME`) to manage models")
+        return self._views
+
+    @_handler
+    async def CreateModel(self, request: pb.CreateModelRequest,
+                          context: grpc.aio.ServicerContext) -> pb.CreateModelResponse:
+        views = self._store_views()
+        # The store reads files (hashing a GGUF): off the event loop.
+        name, served = await asyncio.to_thread(views.create, request.name, request.modelfile)
+        view = views.get(name) if served else None
+        info = self._view_info(view) if view is not None else pb.ModelInfo(name=name)
+        return pb.CreateModelResponse(model=info, served=served)
+
+    @_handler
+    async def DeleteModel(self, request: pb.DeleteModelRequest,
+                          context: grpc.aio.ServicerContext) -> pb.DeleteModelResponse:
+        self._store_views().delete(request.name)
+        return pb.DeleteModelResponse()
+
+    @_handler
+    async def CopyModel(self, request: pb.CopyModelRequest, context: grpc.aio.ServicerContext) -> pb.CopyModelResponse:
+        self._store_views().copy(request.source, request.destination)
+        return pb.CopyModelResponse()
 
     @_handler
     async def LoadAdapter(self, request: pb.LoadAdapterRequest,
@@ -932,7 +993,7 @@ class WeftServer:
         self.options = options or ServerOptions()
         self.servicer = InferenceServicer(self.options.served_model_name, on_request_end, observer,
                                           self.options.tool_call_format, self.options.defaults,
-                                          self.options.model_adapter)
+                                          self.options.model_adapter, self.options.store)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None

@@ -101,8 +101,10 @@ def from_store(config: EngineConfig, options: ServerOptions) -> tuple[EngineConf
     from service.store import NAME, ModelStore
 
     name = config.model
-    if name is None or Path(name).expanduser().exists() or not NAME.fullmatch(name):
-        return config, options
+    if name is None:   # the default model: the store's models of its weights are served too (smollm2:135m ...)
+        return config, dataclasses.replace(options, store=True)
+    if Path(name).expanduser().exists() or not NAME.fullmatch(name):
+        return config, options   # production: exactly the model at that path
     m = ModelStore().get(name)
     mf = m.modelfile()
     if len(mf.adapters) > 1:
@@ -113,7 +115,7 @@ def from_store(config: EngineConfig, options: ServerOptions) -> tuple[EngineConf
         changes["max_model_len"] = mf.parameters["num_ctx"]
     if mf.adapters:
         changes["lora"] = (*config.lora, f"{served}+adapter={mf.adapters[0]}")
-    options = dataclasses.replace(options, served_model_name=served, defaults=mf,
+    options = dataclasses.replace(options, served_model_name=served, defaults=mf, store=True,
                                   model_adapter=f"{served}+adapter" if mf.adapters else None)
     return dataclasses.replace(config, **changes), options
 

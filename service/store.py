@@ -76,6 +76,18 @@ def _sha256_dir(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+_DIGESTS: dict[tuple[str, int, float], str] = {}
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a file's content, or of a directory's files (cached by path, size and mtime)."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _sha256_file(path) if path.is_file() else _sha256_dir(path)[0]
+    return _DIGESTS[key]
+
+
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")

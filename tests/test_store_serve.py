@@ -140,3 +140,40 @@ def test_weft_run_one_shot(home) -> None:
     out = pexpect.run(f"{sys.executable} -m service.cli run terse 'Name a fruit.'", env=env, timeout=120,
                       withexitstatus=True, encoding="utf-8")
     assert out[1] == 0 and out[0].strip()
+
+
+def test_ollama_create_copy_show_delete_over_http(stack, home) -> None:
+    """Ollama's library calls against the served store: a model created FROM the loaded one is
+    served at once with its own system prompt and parameters; copy, show, delete; bad input."""
+    client = ollama.Client(host=stack.url)
+    done = client.create(model="pirate", from_="terse", system="You are a pirate.",
+                         parameters={"num_predict": 5, "temperature": 0})
+    assert done.status == "success"
+    ask = [{"role": "user", "content": "Name a fruit."}]
+    chat = client.chat(model="pirate", messages=ask)
+    assert chat.eval_count == 5
+    with WeftClient(stack.grpc.target, retry=NO_RETRY, timeout=60) as c:
+        explicit = c.generate([{"role": "system", "content": "You are a pirate."}, *ask], temperature=0, max_tokens=5,
+                              stop=["zzzz"])   # terse's stop, inherited
+        by_name = c.generate(ask, model="pirate")
+        assert list(by_name.choices[0].token_ids) == list(explicit.choices[0].token_ids)
+        assert by_name.model == "pirate"
+        assert {"terse", "pirate"} <= {m.name for m in c.models()}
+    shown = parse(client.show("pirate").modelfile)
+    assert shown.system == "You are a pirate." and shown.parameters["num_predict"] == 5
+    client.copy("pirate", "pirate2")
+    assert {"terse", "pirate", "pirate2"} <= {m.model for m in client.list().models}
+    client.delete("pirate")
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="pirate", messages=ask)
+    assert err.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as err:
+        client.delete("terse")           # the model the server runs
+    assert err.value.status_code == 400
+    with pytest.raises(ollama.ResponseError) as err:
+        client.create(model="bad", from_="terse", parameters={"temperature": "hot"})
+    assert err.value.status_code == 400 and "temperature" in str(err.value)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.create(model="bad", from_="/no/such/model.gguf")
+    assert err.value.status_code == 400
+    assert client.chat(model="pirate2", messages=ask).eval_count == 5   # the server keeps serving

@@ -8,8 +8,8 @@ protocol (service/shim/openai.py, ollama.py); this module is the app: routing, e
     OpenAI   POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/tokenize,
              /v1/detokenize; GET /v1/models, /v1/models/{model}; GET, DELETE /v1/responses/{id}
     vLLM     POST /v1/load_lora_adapter, /v1/unload_lora_adapter
-    Ollama   POST /api/generate, /api/chat, /api/embed, /api/embeddings, /api/show; GET /api/tags, /api/ps,
-             /api/version
+    Ollama   POST /api/generate, /api/chat, /api/embed, /api/embeddings, /api/show, /api/create, /api/copy;
+             DELETE /api/delete; GET /api/tags, /api/ps, /api/version
     Ops      GET /health (503 while loading or draining), /metrics (Prometheus), /version,
              /openapi.json, /docs
 
@@ -86,6 +86,9 @@ class Shim(OpenAIRoutes, ResponsesRoutes, OllamaRoutes, EmbeddingRoutes):
         app.post("/api/embeddings", tags=["ollama"])(self.ollama_embeddings)
         app.get("/api/tags", tags=["ollama"])(self.ollama_tags)
         app.post("/api/show", tags=["ollama"])(self.ollama_show)
+        app.post("/api/create", tags=["ollama"])(self.ollama_create)
+        app.delete("/api/delete", tags=["ollama"])(self.ollama_delete)
+        app.post("/api/copy", tags=["ollama"])(self.ollama_copy)
         app.get("/api/ps", tags=["ollama"])(self.ollama_ps)
         app.get("/api/version", tags=["ollama"])(self.ollama_version)
         app.get("/health", tags=["ops"])(self.health)
@@ -179,7 +182,7 @@ class _Gate:
                 await JSONResponse(_error_body(path, err), status_code=401,
                                    headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_status)
                 return
-            if scope.get("method") == "POST":
+            if scope.get("method") in ("POST", "DELETE"):   # the methods with a JSON body here
                 scope = _as_json(scope)
                 body = await _read_body(receive, self.max_body_bytes)
                 if body is None:
@@ -253,6 +256,7 @@ _ROUTES = frozenset((
     "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/load_lora_adapter",
     "/v1/unload_lora_adapter", "/v1/models", "/v1/tokenize", "/v1/detokenize", "/tokenize", "/detokenize",
     "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/tags", "/api/show", "/api/ps", "/api/version",
+    "/api/create", "/api/delete", "/api/copy",
     "/health",
     "/metrics", "/version", "/openapi.json", "/docs"))
 

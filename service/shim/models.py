@@ -240,6 +240,34 @@ class OllamaShowRequest(_Body):
     verbose: bool | None = None
 
 
+class OllamaCreateRequest(_Body):
+    """Ollama's /api/create, as the current `ollama` client sends it (Modelfile fields as JSON)."""
+    model: str | None = None
+    name: str | None = None     # older clients
+    from_: str | None = Field(default=None, alias="from", description="A store name or a path on the server.")
+    system: str | None = None
+    template: str | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] | None = None
+    adapters: dict[str, str] | None = Field(default=None, description="LoRA adapters: name -> directory on the "
+                                                                      "server.")
+    license: str | list[str] | None = None
+    files: dict[str, str] | None = None
+    quantize: str | None = None
+    modelfile: str | None = Field(default=None, description="Older clients: the Modelfile text.")
+    stream: bool | None = True
+
+
+class OllamaDeleteRequest(_Body):
+    model: str | None = None
+    name: str | None = None
+
+
+class OllamaCopyRequest(_Body):
+    source: str
+    destination: str
+
+
 # ---- embeddings -------------------------------------------------------------------------------
 
 

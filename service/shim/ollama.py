@@ -17,9 +17,17 @@ from clients.client import add_tool_call_piece
 from clients.weft.v1 import inference_pb2 as pb
 from service.shim.backend import EOF_MSG, Ctx, Stream, dumps, now_iso
 from service.shim.base import ShimBase
-from service.shim.models import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
+from service.shim.models import (
+    OllamaChatRequest,
+    OllamaCopyRequest,
+    OllamaCreateRequest,
+    OllamaDeleteRequest,
+    OllamaGenerateRequest,
+    OllamaOptions,
+    OllamaShowRequest,
+)
 from service.shim.tools import add_tool, ollama_calls, ollama_history
-from service.modelfile import Modelfile, parse
+from service.modelfile import MESSAGE_ROLES, Modelfile, parse, set_parameter
 from service.shim.translate import FINISH, OLLAMA_DONE, HttpError, RequestBuilder, ollama_guided, ollama_logprobs, rpc_error
 
 OLLAMA_API_VERSION = "0.12.0"     # the Ollama API this shim follows (GET /api/version)
@@ -254,6 +262,45 @@ class OllamaRoutes(ShimBase):
                            "weft.dtype": info.dtype, "weft.device": info.device},
             "capabilities": caps, "modified_at": now_iso()})
 
+    # ---- the model store ---------------------------------------------------------------------
+
+    async def ollama_create(self, body: OllamaCreateRequest, request: Request) -> Response:
+        ctx = self._ctx(request)
+        name = body.model or body.name
+        if not name:
+            raise HttpError(400, "model: required (the new model's name)", "model")
+        if body.files:
+            raise HttpError(400, "files: uploaded blobs are not supported; send `from` with a store name or a path on "
+                            "the server", "files")
+        if body.quantize:
+            raise HttpError(400, "quantize: re-quantising is not supported", "quantize")
+        text = body.modelfile if body.modelfile and not body.from_ else _create_modelfile(body).render()
+        b = RequestBuilder()
+        b.names.update(name="model", modelfile="modelfile")
+        call = self.backend.stub.CreateModel(pb.CreateModelRequest(name=name, modelfile=text), metadata=ctx.metadata)
+        await self._unary(request, call, b)
+        if body.stream is False:
+            return JSONResponse({"status": "success"})
+
+        async def lines() -> AsyncIterator[str]:
+            for status in ("reading model metadata", "writing manifest", "success"):
+                yield dumps({"status": status}) + "\n"
+        return Stream(lines(), media_type="application/x-ndjson")
+
+    async def ollama_delete(self, body: OllamaDeleteRequest, request: Request) -> Response:
+        ctx = self._ctx(request)
+        b = RequestBuilder()
+        b.names.update(name="model")
+        req = pb.DeleteModelRequest(name=body.model or body.name or "")
+        await self._unary(request, self.backend.stub.DeleteModel(req, metadata=ctx.metadata), b)
+        return Response(status_code=200)
+
+    async def ollama_copy(self, body: OllamaCopyRequest, request: Request) -> Response:
+        ctx = self._ctx(request)
+        req = pb.CopyModelRequest(source=body.source, destination=body.destination)
+        await self._unary(request, self.backend.stub.CopyModel(req, metadata=ctx.metadata))
+        return Response(status_code=200)
+
     async def ollama_version(self) -> Response:
         return JSONResponse({"version": OLLAMA_API_VERSION})
 
@@ -262,6 +309,27 @@ def _default(value: Any, name: str, own: dict[str, Any]) -> Any:
     if value is not None or name in own:
         return value
     return OLLAMA_DEFAULTS[name]
+
+
+def _create_modelfile(body: OllamaCreateRequest) -> Modelfile:
+    """/api/create's JSON fields as a Modelfile, each value checked, errors naming the field."""
+    if not body.from_:
+        raise HttpError(400, "from: required (a store name, or a path on the server)", "from")
+    mf = Modelfile(body.from_, body.system, body.template)
+    for name, value in (body.parameters or {}).items():
+        for v in value if isinstance(value, list) else [value]:
+            try:
+                set_parameter(mf.parameters, name, v)
+            except ValueError as exc:
+                raise HttpError(400, f"parameters.{name}: {exc}", f"parameters.{name}") from None
+    for i, m in enumerate(body.messages or ()):
+        if m.get("role") not in MESSAGE_ROLES or not isinstance(m.get("content"), str):
+            raise HttpError(400, f"messages[{i}]: needs a role ({', '.join(MESSAGE_ROLES)}) and content",
+                            f"messages[{i}]")
+        mf.messages.append({"role": m["role"], "content": m["content"]})
+    mf.adapters = list((body.adapters or {}).values())
+    mf.license = [body.license] if isinstance(body.license, str) else list(body.license or [])
+    return mf
 
 
 def _modelfile(info: pb.ModelInfo) -> Modelfile:

@@ -87,6 +87,21 @@ class InferenceServiceStub:
                 request_serializer=weft_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
                 response_deserializer=weft_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
                 _registered_method=True)
+        self.CreateModel = channel.unary_unary(
+                '/weft.v1.InferenceService/CreateModel',
+                request_serializer=weft_dot_v1_dot_inference__pb2.CreateModelRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.CreateModelResponse.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/weft.v1.InferenceService/DeleteModel',
+                request_serializer=weft_dot_v1_dot_inference__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
+        self.CopyModel = channel.unary_unary(
+                '/weft.v1.InferenceService/CopyModel',
+                request_serializer=weft_dot_v1_dot_inference__pb2.CopyModelRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.CopyModelResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -172,6 +187,31 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateModel(self, request, context):
+        """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
+        Modelfile. A store model with the weights this server has loaded is served at once, its
+        Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
+        with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
+        the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CopyModel(self, request, context):
+        """Admin: copy a store model under another name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -224,6 +264,21 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.UnloadAdapter,
                     request_deserializer=weft_dot_v1_dot_inference__pb2.UnloadAdapterRequest.FromString,
                     response_serializer=weft_dot_v1_dot_inference__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'CreateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateModel,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.CreateModelRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.CreateModelResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.DeleteModelRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'CopyModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CopyModel,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.CopyModelRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.CopyModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -499,6 +554,87 @@ class InferenceService:
             '/weft.v1.InferenceService/UnloadAdapter',
             weft_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
             weft_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weft.v1.InferenceService/CreateModel',
+            weft_dot_v1_dot_inference__pb2.CreateModelRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.CreateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weft.v1.InferenceService/DeleteModel',
+            weft_dot_v1_dot_inference__pb2.DeleteModelRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weft.v1.InferenceService/CopyModel',
+            weft_dot_v1_dot_inference__pb2.CopyModelRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.CopyModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

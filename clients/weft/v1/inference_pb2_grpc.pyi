@@ -85,6 +85,18 @@ class InferenceServiceStub:
     """Admin: stop serving an adapter. New requests naming it are NOT_FOUND at once; requests
     already running with it finish with it. NOT_FOUND for a name that is not loaded.
     """
+    CreateModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CreateModelRequest, _inference_pb2.CreateModelResponse]
+    """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
+    Modelfile. A store model with the weights this server has loaded is served at once, its
+    Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+    """
+    DeleteModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DeleteModelRequest, _inference_pb2.DeleteModelResponse]
+    """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
+    with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
+    the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+    """
+    CopyModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CopyModelRequest, _inference_pb2.CopyModelResponse]
+    """Admin: copy a store model under another name."""
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -125,6 +137,18 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Admin: stop serving an adapter. New requests naming it are NOT_FOUND at once; requests
     already running with it finish with it. NOT_FOUND for a name that is not loaded.
     """
+    CreateModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.CreateModelRequest, _inference_pb2.CreateModelResponse]  # type: ignore[assignment]
+    """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
+    Modelfile. A store model with the weights this server has loaded is served at once, its
+    Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+    """
+    DeleteModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.DeleteModelRequest, _inference_pb2.DeleteModelResponse]  # type: ignore[assignment]
+    """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
+    with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
+    the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+    """
+    CopyModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.CopyModelRequest, _inference_pb2.CopyModelResponse]  # type: ignore[assignment]
+    """Admin: copy a store model under another name."""
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
@@ -222,5 +246,35 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         """Admin: stop serving an adapter. New requests naming it are NOT_FOUND at once; requests
         already running with it finish with it. NOT_FOUND for a name that is not loaded.
         """
+
+    @_abc_1.abstractmethod
+    def CreateModel(
+        self,
+        request: _inference_pb2.CreateModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.CreateModelResponse, _abc.Awaitable[_inference_pb2.CreateModelResponse]]:
+        """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
+        Modelfile. A store model with the weights this server has loaded is served at once, its
+        Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteModel(
+        self,
+        request: _inference_pb2.DeleteModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.DeleteModelResponse, _abc.Awaitable[_inference_pb2.DeleteModelResponse]]:
+        """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
+        with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
+        the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+        """
+
+    @_abc_1.abstractmethod
+    def CopyModel(
+        self,
+        request: _inference_pb2.CopyModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.CopyModelResponse, _abc.Awaitable[_inference_pb2.CopyModelResponse]]:
+        """Admin: copy a store model under another name."""
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
