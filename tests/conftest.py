@@ -25,7 +25,15 @@ import torch  # noqa: E402
 
 from service.loader import default_model_path, resolve_hf_dir  # noqa: E402
 
-TINY_KINDS = ("llama", "qwen2", "mistral")
+# kind -> (transformers config class, model class, config defaults beyond _TINY_DEFAULTS). Every
+# kind gets head_dim 16 where its config's default would be larger than hidden / heads.
+_TINY_CLASSES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+}
+TINY_KINDS = tuple(_TINY_CLASSES)
 
 # Tokenizer files copied from the converted SmolLM2 into every tiny model.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -47,7 +55,7 @@ _TINY_DEFAULTS: dict[str, Any] = {
     "pad_token_id": 2,
 }
 # A different seed per family so that llama and mistral do not share weights.
-_SEEDS = {"llama": 0, "qwen2": 1, "mistral": 2}
+_SEEDS = {kind: i for i, kind in enumerate(_TINY_CLASSES)}
 
 TinyModelFactory = Callable[..., Path]
 
@@ -79,7 +87,8 @@ def smollm2_transformers_gguf(smollm2_gguf: Path) -> torch.nn.Module:
 def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> TinyModelFactory:
     """`make(kind, **config_overrides) -> Path`: a tiny random model dir, written once per distinct args.
 
-    kind is "llama", "qwen2" or "mistral". Overrides go to the transformers config, e.g.
+    kind is one of TINY_KINDS ("llama", "qwen2", "mistral", "qwen3", ...). Overrides go to the
+    transformers config, e.g.
     `make("llama", tie_word_embeddings=False)` or
     `make("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
     "high_freq_factor": 4.0, "original_max_position_embeddings": 128})`.
@@ -117,13 +126,10 @@ def tiny_mistral(tiny_model_factory: TinyModelFactory) -> Path:
 def _write_tiny_model(out: Path, kind: str, overrides: dict[str, Any], tokenizer_dir: Path) -> Path:
     import transformers
 
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[kind]
+    config_name, model_name, defaults = _TINY_CLASSES[kind]
+    config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
     vocab_size = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
-    config = config_cls(**{"vocab_size": vocab_size, **_TINY_DEFAULTS, **overrides})
+    config = config_cls(**{"vocab_size": vocab_size, **_TINY_DEFAULTS, **defaults, **overrides})
     torch.manual_seed(_SEEDS[kind])
     model = model_cls(config).to(torch.float32)
     _perturb_ones_and_zeros(model, config.initializer_range)

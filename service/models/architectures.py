@@ -1,0 +1,15 @@
+"""Which checkpoint architectures Weft runs, by name only (no model code): the loader checks a
+directory against this before reading anything heavy; service/models/registry.py maps each
+name to its class."""
+from __future__ import annotations
+
+# config.json `architectures` entry -> its `model_type`.
+LLAMA_FAMILY: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+ARCHITECTURES: dict[str, str] = {
+    **LLAMA_FAMILY,
+    "Qwen3ForCausalLM": "qwen3",
+}

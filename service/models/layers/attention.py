@@ -1,0 +1,83 @@
+"""Self-attention over the paged KV cache: fused q/k/v projection, optional q/k norms, rotary
+embedding and cache store (one native call on CPU), paged attention (with the layer's sliding
+window and soft-cap, if any), output projection."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.attention import AttentionMetadata, paged_attention
+from kernels.rope import StepRope, rope_store
+from service.models.layers.weights import CheckpointWeights
+from service.models.lora import LoRAStep
+
+
+class Attention(nn.Module):
+    """q/k/v are one [(H + 2 * Hkv) * D, hidden] projection: one GEMM instead of three.
+
+    `q_norm` / `k_norm` (Qwen3, Gemma 3, OLMo 2) normalise q and k before the rotary embedding,
+    each head on its own when their weight has head_dim entries, else all heads together.
+    `rope_key` names the rotary table the layer reads (families with several: Gemma 3)."""
+
+    def __init__(
+        self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+        qkv_bias: bool = False, o_bias: bool = False, scale: float | None = None,
+        window: int | None = None, softcap: float | None = None,
+        q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, rope_key: str = "default",
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.q_size = num_heads * head_dim
+        self.kv_size = num_kv_heads * head_dim
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=o_bias)
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.window = window
+        self.softcap = softcap
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+        self.rope_key = rope_key
+
+    def forward(
+        self, x: torch.Tensor, rope: StepRope,
+        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, meta: AttentionMetadata,
+        lora: LoRAStep | None = None, layer: int = 0,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        if lora is not None:
+            lora.add_(qkv, x, layer, "qkv")
+        if self.q_norm is not None:
+            qkv = self._norm_qk(qkv)
+        q = rope_store(qkv, rope, k_cache, v_cache, slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
+        o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window, self.softcap).reshape(t, self.q_size)
+        out = F.linear(o, self.o_proj.weight, self.o_proj.bias)
+        if lora is not None:
+            lora.add_(out, o, layer, "o")
+        return out
+
+    def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm.weight.numel() == self.head_dim:   # per head
+            q = self.q_norm.forward(q.reshape(t, self.num_heads, self.head_dim)).reshape(t, self.q_size)
+            k = self.k_norm.forward(k.reshape(t, self.num_kv_heads, self.head_dim)).reshape(t, self.kv_size)
+        else:                                             # over all heads at once
+            q = self.q_norm.forward(q)
+            k = self.k_norm.forward(k)
+        return torch.cat([q, k, v], dim=-1)
+
+    def load_weights(self, w: CheckpointWeights, prefix: str) -> None:
+        """From separate q/k/v/o projections (and norms) named prefix + q_proj.weight etc."""
+        w.put(self.qkv_proj.weight, w.cat([prefix + f"{n}_proj.weight" for n in "qkv"]), prefix + "qkv_proj.weight")
+        if self.qkv_proj.bias is not None:
+            w.put(self.qkv_proj.bias, w.cat([prefix + f"{n}_proj.bias" for n in "qkv"]), prefix + "qkv_proj.bias")
+        w.put_named(self.o_proj.weight, prefix + "o_proj.weight")
+        if self.o_proj.bias is not None:
+            w.put_named(self.o_proj.bias, prefix + "o_proj.bias")
+        if self.q_norm is not None:
+            w.put_named(self.q_norm.weight, prefix + "q_norm.weight")
+            w.put_named(self.k_norm.weight, prefix + "k_norm.weight")
