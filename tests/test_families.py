@@ -29,12 +29,18 @@ WINDOW = 24
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3": ("qwen3", {}),
     "qwen3-sliding": ("qwen3", {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}),
+    "mixtral-sliding": ("mixtral", {"sliding_window": WINDOW}),
+    "qwen2_moe": ("qwen2_moe", {}),
+    "qwen3_moe-dense-layer-topk-norm": ("qwen3_moe", {"mlp_only_layers": [1], "norm_topk_prob": True}),
 }
+MOE_CASES = {"mixtral-sliding", "qwen2_moe", "qwen3_moe-dense-layer-topk-norm"}
 
 
 @dataclass
 class Case:
+    name: str
     path: Path
+    hf: torch.nn.Module
     prompts: list[list[int]]
     expected: list[list[int]]
 
@@ -47,7 +53,7 @@ def case(request: pytest.FixtureRequest, tiny_model_factory) -> Case:
     rng = random.Random(request.param)
     prompts = [[rng.randrange(1000, 40000) for _ in range(n)] for n in LENGTHS]
     expected = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
-    return Case(path, prompts, expected)
+    return Case(request.param, path, hf, prompts, expected)
 
 
 def test_alone_matches_transformers(case: Case) -> None:
@@ -65,6 +71,21 @@ def test_batch_with_chunked_prefill_and_preemption_matches_transformers(case: Ca
     assert [r.outputs[0].token_ids for r in results] == case.expected
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.pool_is_whole()
+
+
+@torch.inference_mode()
+def test_moe_batch_reaches_every_expert(case: Case) -> None:
+    """The batch above exercises every expert of every sparse layer (transformers' own routing)."""
+    if case.name not in MOE_CASES:
+        pytest.skip("not a mixture-of-experts model")
+    hit: dict[int, set[int]] = {}
+    for prompt in case.prompts:
+        out = case.hf(torch.tensor([prompt]), output_router_logits=True)
+        for layer, logits in enumerate(out.router_logits):
+            hit.setdefault(layer, set()).update(logits.topk(2, dim=-1).indices.flatten().tolist())
+    num_experts = case.hf.config.num_local_experts if hasattr(case.hf.config, "num_local_experts") \
+        else case.hf.config.num_experts
+    assert hit and all(len(experts) == num_experts for experts in hit.values()), hit
 
 
 def test_every_architecture_has_a_class() -> None:

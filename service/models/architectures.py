@@ -12,4 +12,7 @@ LLAMA_FAMILY: dict[str, str] = {
 ARCHITECTURES: dict[str, str] = {
     **LLAMA_FAMILY,
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
