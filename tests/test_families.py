@@ -32,6 +32,16 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral-sliding": ("mixtral", {"sliding_window": WINDOW}),
     "qwen2_moe": ("qwen2_moe", {}),
     "qwen3_moe-dense-layer-topk-norm": ("qwen3_moe", {"mlp_only_layers": [1], "norm_topk_prob": True}),
+    "gemma": ("gemma", {}),
+    # Caps low enough to bend the tiny model's scores and logits.
+    "gemma2-sliding-softcaps": ("gemma2", {"sliding_window": WINDOW, "attn_logit_softcapping": 4.0,
+                                           "final_logit_softcapping": 12.0}),
+    # A sliding layer (local RoPE base) then a global one (its own base, linearly scaled).
+    "gemma3-sliding-dual-rope": ("gemma3", {
+        "sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"],
+        "final_logit_softcapping": 12.0,
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0}}}),
 }
 MOE_CASES = {"mixtral-sliding", "qwen2_moe", "qwen3_moe-dense-layer-topk-norm"}
 
@@ -71,6 +81,22 @@ def test_batch_with_chunked_prefill_and_preemption_matches_transformers(case: Ca
     assert [r.outputs[0].token_ids for r in results] == case.expected
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.pool_is_whole()
+
+
+@torch.inference_mode()
+def test_logprobs_match_transformers(case: Case) -> None:
+    """Beyond the argmax: the logits' values (soft-capped, scaled) give transformers' log-probabilities."""
+    prompt, want = case.prompts[2], case.expected[2]
+    llm = LLM(str(case.path), dtype="float32", progress=False, num_blocks=16)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+    got = llm.generate([prompt], params)[0].outputs[0]
+    logits = case.hf(torch.tensor([prompt + want[:6]])).logits[0, len(prompt) - 1:].float()
+    ref = torch.log_softmax(logits, dim=-1)
+    for i, step in enumerate(got.logprobs):
+        assert step.token_id == want[i]
+        assert step.logprob == pytest.approx(float(ref[i, want[i]]), abs=2e-4)
+        for token, logprob in step.top:
+            assert logprob == pytest.approx(float(ref[i, token]), abs=2e-4)
 
 
 @torch.inference_mode()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from service.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaForCausalLM
 from service.models.llama import LlamaForCausalLM
 from service.models.mixtral import MixtralForCausalLM
 from service.models.qwen3 import Qwen3ForCausalLM
@@ -16,4 +17,7 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "GemmaForCausalLM": GemmaForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
 }
