@@ -42,6 +42,19 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         "final_logit_softcapping": 12.0,
         "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                             "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0}}}),
+    # The 90-token prompt fits in the original 96 positions; its generation runs past them.
+    "phi3-longrope-partial-rotary": ("phi3", {
+        "original_max_position_embeddings": 96,
+        "rope_parameters": {"rope_type": "longrope", "rope_theta": 50_000.0, "partial_rotary_factor": 0.75,
+                            "original_max_position_embeddings": 96,
+                            "short_factor": [1.0, 1.1, 1.3, 1.7, 2.5, 4.0],
+                            "long_factor": [1.0, 1.5, 3.0, 6.0, 12.0, 30.0]}}),
+    "granite-multipliers-biases": ("granite", {
+        "embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5, "logits_scaling": 2.0,
+        "attention_bias": True, "mlp_bias": True}),
+    "olmo2": ("olmo2", {}),
+    "cohere-qk-norm": ("cohere", {"use_qk_norm": True}),
+    "starcoder2-sliding": ("starcoder2", {"sliding_window": WINDOW}),
 }
 MOE_CASES = {"mixtral-sliding", "qwen2_moe", "qwen3_moe-dense-layer-topk-norm"}
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.attention import AttentionMetadata, paged_attention
-from kernels.rope import StepRope, rope_store
+from kernels.kv_store import store_kv
+from kernels.rope import StepRope, rope_store, rotate_ref
 from service.models.layers.weights import CheckpointWeights
 from service.models.lora import LoRAStep
 
@@ -16,15 +17,17 @@ from service.models.lora import LoRAStep
 class Attention(nn.Module):
     """q/k/v are one [(H + 2 * Hkv) * D, hidden] projection: one GEMM instead of three.
 
-    `q_norm` / `k_norm` (Qwen3, Gemma 3, OLMo 2) normalise q and k before the rotary embedding,
-    each head on its own when their weight has head_dim entries, else all heads together.
-    `rope_key` names the rotary table the layer reads (families with several: Gemma 3)."""
+    `q_norm` / `k_norm` (Qwen3, Gemma 3, Cohere, OLMo 2) normalise q and k before the rotary
+    embedding, each head on its own (`qk_norm_per_head`) or all heads together (OLMo 2).
+    `rope_key` names the rotary table the layer reads (families with several: Gemma 3);
+    `rotary_dim` < head_dim rotates only the first dimensions of each head (partial rotary)."""
 
     def __init__(
         self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
         qkv_bias: bool = False, o_bias: bool = False, scale: float | None = None,
         window: int | None = None, softcap: float | None = None,
-        q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, rope_key: str = "default",
+        q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, qk_norm_per_head: bool = True,
+        rope_key: str = "default", rotary_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -39,7 +42,9 @@ class Attention(nn.Module):
         self.softcap = softcap
         self.q_norm = q_norm
         self.k_norm = k_norm
+        self.qk_norm_per_head = qk_norm_per_head
         self.rope_key = rope_key
+        self.rotary_dim = head_dim if rotary_dim is None else rotary_dim
 
     def forward(
         self, x: torch.Tensor, rope: StepRope,
@@ -52,7 +57,10 @@ class Attention(nn.Module):
             lora.add_(qkv, x, layer, "qkv")
         if self.q_norm is not None:
             qkv = self._norm_qk(qkv)
-        q = rope_store(qkv, rope, k_cache, v_cache, slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
+        if self.rotary_dim == self.head_dim:
+            q = rope_store(qkv, rope, k_cache, v_cache, slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
+        else:
+            q = self._partial_rope_store(qkv, rope, k_cache, v_cache, slot_mapping)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window, self.softcap).reshape(t, self.q_size)
         out = F.linear(o, self.o_proj.weight, self.o_proj.bias)
         if lora is not None:
@@ -62,13 +70,26 @@ class Attention(nn.Module):
     def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
         t = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.q_norm.weight.numel() == self.head_dim:   # per head
+        if self.qk_norm_per_head:
             q = self.q_norm.forward(q.reshape(t, self.num_heads, self.head_dim)).reshape(t, self.q_size)
             k = self.k_norm.forward(k.reshape(t, self.num_kv_heads, self.head_dim)).reshape(t, self.kv_size)
-        else:                                             # over all heads at once
+        else:
             q = self.q_norm.forward(q)
             k = self.k_norm.forward(k)
         return torch.cat([q, k, v], dim=-1)
+
+    def _partial_rope_store(self, qkv: torch.Tensor, rope: StepRope, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Rotate the first rotary_dim dimensions of each q/k head, pass the rest; store k, v."""
+        t, rd = qkv.shape[0], self.rotary_dim
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        cos, sin = rope.gathered(qkv.dtype)
+        q = torch.cat([rotate_ref(q[..., :rd], cos, sin), q[..., rd:]], dim=-1)
+        k = torch.cat([rotate_ref(k[..., :rd], cos, sin), k[..., rd:]], dim=-1)
+        store_kv(k, v.reshape(t, self.num_kv_heads, self.head_dim), k_cache, v_cache, slot_mapping)
+        return q
 
     def load_weights(self, w: CheckpointWeights, prefix: str) -> None:
         """From separate q/k/v/o projections (and norms) named prefix + q_proj.weight etc."""

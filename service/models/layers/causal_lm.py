@@ -31,9 +31,11 @@ class CausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.embed_scale: float | None = None      # embeddings times this (Gemma: sqrt(hidden))
+        self.embed_scale: float | None = None      # embeddings times this, rounded to their dtype (Gemma)
+        self.embed_multiplier: float | None = None  # embeddings times this Python scalar (Granite)
         self.final_softcap: float | None = None    # logits -> cap * tanh(logits / cap)
-        self.logit_scale: float | None = None      # logits times this
+        self.logit_scale: float | None = None      # logits times this (Cohere)
+        self.logit_divisor: float | None = None    # logits divided by this (Granite)
         self.layers = nn.ModuleList()
         self.norm: nn.Module = nn.Identity()
         self.rope_keys: list[str] = []
@@ -49,6 +51,8 @@ class CausalLM(nn.Module):
         if self.embed_scale is not None:
             # As transformers does: the scale rounded to the weights' dtype first.
             h = h * torch.tensor(self.embed_scale, dtype=torch.float32).to(h.dtype)
+        if self.embed_multiplier is not None:
+            h = h * self.embed_multiplier
         return h
 
     @torch.inference_mode()
@@ -82,6 +86,8 @@ class CausalLM(nn.Module):
         logits = F.linear(hidden, self.lm_head_weight)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
+        if self.logit_divisor is not None:
+            logits = logits / self.logit_divisor
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits.float()
@@ -91,7 +97,7 @@ class CausalLM(nn.Module):
         # A tied checkpoint may still store lm_head; old ones store rotary inv_freq buffers.
         w = CheckpointWeights(weights, ignorable=("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.tied else ()))
         w.put_named(self.embed_tokens.weight, "model.embed_tokens.weight")
-        w.put_named(self.norm.weight, "model.norm.weight")
+        w.put_norm(self.norm, "model.norm")
         if not self.tied:
             w.put_named(self.lm_head.weight, "lm_head.weight")
         for i, layer in enumerate(self.layers):

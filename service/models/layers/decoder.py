@@ -66,3 +66,33 @@ class SandwichNormLayer(nn.Module):
         h = h + self.post_attention_layernorm.forward(delta)
         delta = self.mlp.forward(self.pre_feedforward_layernorm.forward(h))
         return h + self.post_feedforward_layernorm.forward(delta)
+
+
+class PostNormLayer(nn.Module):
+    """Branches normed on the way out only (OLMo 2): h += post_attn_norm(attn(h)); h += post_ff_norm(mlp(h))."""
+
+    def __init__(self, self_attn: Attention, mlp: nn.Module, post_attention_layernorm: nn.Module,
+                 post_feedforward_layernorm: nn.Module) -> None:
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.post_attention_layernorm = post_attention_layernorm
+        self.post_feedforward_layernorm = post_feedforward_layernorm
+
+    def forward(self, h: torch.Tensor, step: Step, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        h = h + self.post_attention_layernorm.forward(attend(self.self_attn, h, step, kv))
+        return h + self.post_feedforward_layernorm.forward(self.mlp.forward(h))
+
+
+class ParallelLayer(nn.Module):
+    """Attention and MLP side by side on one norm (Cohere): x = norm(h); h = h + attn(x) + mlp(x)."""
+
+    def __init__(self, self_attn: Attention, mlp: nn.Module, input_layernorm: nn.Module) -> None:
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = input_layernorm
+
+    def forward(self, h: torch.Tensor, step: Step, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = self.input_layernorm.forward(h)
+        return h + attend(self.self_attn, x, step, kv) + self.mlp.forward(x)

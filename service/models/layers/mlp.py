@@ -1,4 +1,5 @@
-"""Feed-forward blocks: the gated MLP (SwiGLU, GeGLU) with gate and up fused into one matmul."""
+"""Feed-forward blocks: the gated MLP (SwiGLU, GeGLU) with gate and up fused into one matmul, and
+the plain two-layer MLP (StarCoder2)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -60,3 +61,23 @@ class GatedMLP(nn.Module):
         if self.gate_up_proj.bias is not None:
             w.put(self.gate_up_proj.bias, w.cat([gate + ".bias", up + ".bias"]), gate + "+up.bias")
             w.put_named(self.down_proj.bias, down + ".bias")
+
+
+class MLP(nn.Module):
+    """down(act(up(x))), biases optional."""
+
+    def __init__(self, hidden: int, inter: int, act: str, bias: bool) -> None:
+        super().__init__()
+        self.act = activation(act)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act(F.linear(x, self.up_proj.weight, self.up_proj.bias)),
+                        self.down_proj.weight, self.down_proj.bias)
+
+    def load_weights(self, w: CheckpointWeights, prefix: str, names: tuple[str, str] = ("up_proj", "down_proj")) -> None:
+        for mod, name in zip((self.up_proj, self.down_proj), names):
+            w.put_named(mod.weight, prefix + name + ".weight")
+            if mod.bias is not None:
+                w.put_named(mod.bias, prefix + name + ".bias")

@@ -54,6 +54,12 @@ class CheckpointWeights:
         if param is not None:
             self.put(param, self.take(name), name)
 
+    def put_norm(self, norm: nn.Module, prefix: str) -> None:
+        """A norm's weight (and bias, if it has one) from prefix + .weight / .bias."""
+        self.put_named(norm.weight, prefix + ".weight")
+        if getattr(norm, "bias", None) is not None:
+            self.put_named(norm.bias, prefix + ".bias")
+
     def finish(self) -> None:
         if self.missing:
             shown = ", ".join(self.missing[:5]) + (f" (and {len(self.missing) - 5} more)" if len(self.missing) > 5 else "")
