@@ -20,11 +20,7 @@ def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -
     if arch not in MODEL_CLASSES:
         raise ModelLoadError(f"unsupported architecture {arch!r}; supported: {sorted(MODEL_CLASSES)}")
     cls = MODEL_CLASSES[arch]
-    context = int(getattr(hf, "max_position_embeddings", 2048))
-    window = getattr(hf, "sliding_window", None)
-    if window and getattr(hf, "use_sliding_window", True) and not cls.implements_sliding_window:
-        # This class attends to the whole context: stay within the window, where it is exact.
-        context = min(context, int(window))
+    context = int(getattr(hf, "max_position_embeddings", 2048))   # sliding windows are run, not a cap
     try:
         model = cls(hf, max_positions=context)
     except ValueError as exc:   # a config feature the family does not compute

@@ -16,6 +16,7 @@ from service.models.layers.mlp import GatedMLP
 from service.models.layers.norms import OffsetRMSNorm
 from service.models.layers.rotary import rope_cos_sin
 from service.models.layers.weights import CheckpointWeights
+from service.models.layers.windows import windows_by_layer_type
 
 _SANDWICH_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                    "post_feedforward_layernorm")
@@ -37,10 +38,6 @@ class _Gemma(CausalLM):
 
     def _norms(self, count: int) -> list[OffsetRMSNorm]:
         return [OffsetRMSNorm(self.config.hidden_size, self.config.rms_norm_eps) for _ in range(count)]
-
-    def _windows(self) -> list[int | None]:
-        c = self.config
-        return [c.sliding_window if t == "sliding_attention" else None for t in c.layer_types]
 
     def load_layer(self, w: CheckpointWeights, prefix: str, layer: nn.Module) -> None:
         layer.self_attn.load_weights(w, prefix + "self_attn.")
@@ -71,7 +68,7 @@ class Gemma2ForCausalLM(_Gemma):
             SandwichNormLayer(
                 self._attention(window, scale=c.query_pre_attn_scalar ** -0.5, softcap=c.attn_logit_softcapping),
                 GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_activation), *self._norms(4))
-            for window in self._windows())
+            for window in windows_by_layer_type(c))
 
 
 class Gemma3ForCausalLM(_Gemma):
@@ -91,4 +88,4 @@ class Gemma3ForCausalLM(_Gemma):
                 self._attention(window, scale=c.query_pre_attn_scalar ** -0.5, rope_key=layer_type,
                                 q_norm=OffsetRMSNorm(self.head_dim, eps), k_norm=OffsetRMSNorm(self.head_dim, eps)),
                 GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_activation), *self._norms(4))
-            for window, layer_type in zip(self._windows(), c.layer_types))
+            for window, layer_type in zip(windows_by_layer_type(c), c.layer_types))

@@ -21,22 +21,32 @@ from service.models.layers.attention import Attention
 from service.models.layers.mlp import GatedMLP
 from service.models.layers.norms import RMSNorm
 from service.models.layers.rotary import rope_cos_sin
+from service.models.layers.windows import window_everywhere, windows_by_layer_type
 from service.models.llama_native import NativeLayers
 from service.models.lora import BaseShapes, LoRAStep
 
 
-def _attention(config: PretrainedConfig, head_dim: int) -> Attention:
+def _attention(config: PretrainedConfig, head_dim: int, window: int | None) -> Attention:
     heads = config.num_attention_heads
     attention_bias = bool(getattr(config, "attention_bias", False))
     return Attention(config.hidden_size, heads, getattr(config, "num_key_value_heads", None) or heads, head_dim,
-                     qkv_bias=attention_bias or config.model_type == "qwen2", o_bias=attention_bias)
+                     qkv_bias=attention_bias or config.model_type == "qwen2", o_bias=attention_bias, window=window)
+
+
+def _windows(config: PretrainedConfig) -> list[int | None]:
+    """Mistral windows every layer; Qwen2 the layers its layer_types mark; Llama none."""
+    if config.model_type == "mistral":
+        return [window_everywhere(config)] * config.num_hidden_layers
+    if config.model_type == "qwen2":
+        return windows_by_layer_type(config)
+    return [None] * config.num_hidden_layers
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, head_dim: int) -> None:
+    def __init__(self, config: PretrainedConfig, head_dim: int, window: int | None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = _attention(config, head_dim)
+        self.self_attn = _attention(config, head_dim, window)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, "silu")
 
@@ -47,9 +57,6 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Forward over a flat batch: input_ids [T], positions [T] -> hidden states [T, hidden]."""
-
-    # The native loop attends to the whole context: build.py caps the context at the window.
-    implements_sliding_window = False
 
     def __init__(self, config: PretrainedConfig, max_positions: int) -> None:
         super().__init__()
@@ -62,7 +69,10 @@ class LlamaForCausalLM(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, self.head_dim) for _ in range(config.num_hidden_layers))
+        windows = _windows(config)
+        self.layers = nn.ModuleList(DecoderLayer(config, self.head_dim, w) for w in windows)
+        # The native loop attends to the whole context: only steps that fit in every window take it.
+        self.min_window = min((w for w in windows if w), default=None)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -80,7 +90,8 @@ class LlamaForCausalLM(nn.Module):
         lora: LoRAStep | None = None,
     ) -> torch.Tensor:
         h = F.embedding(input_ids, self.embed_tokens.weight)
-        if lora is None:   # the native loop knows no adapters
+        if lora is None and (self.min_window is None or max(meta.seq_lens) <= self.min_window):
+            # The native loop knows no adapters and no windows.
             out = self.native(self, h, positions, kv_caches, slot_mapping, meta)
             if out is not None:
                 return out

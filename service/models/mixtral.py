@@ -12,6 +12,7 @@ from service.models.layers.moe import SparseMoE
 from service.models.layers.norms import RMSNorm
 from service.models.layers.rotary import rope_cos_sin
 from service.models.layers.weights import CheckpointWeights
+from service.models.layers.windows import window_everywhere
 
 
 class MixtralForCausalLM(CausalLM):
@@ -19,7 +20,7 @@ class MixtralForCausalLM(CausalLM):
         super().__init__(config, max_positions)
         eps, hidden = config.rms_norm_eps, config.hidden_size
         self.add_rope("default", *rope_cos_sin(config, self.head_dim, max_positions))
-        window = getattr(config, "sliding_window", None) or None
+        window = window_everywhere(config)
         self.layers = nn.ModuleList(
             PreNormLayer(
                 Attention(hidden, config.num_attention_heads, self.num_kv_heads, self.head_dim, window=window),

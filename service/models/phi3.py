@@ -13,6 +13,7 @@ from service.models.layers.mlp import GatedMLP
 from service.models.layers.norms import RMSNorm
 from service.models.layers.rotary import rope_cos_sin, rope_parameters
 from service.models.layers.weights import CheckpointWeights
+from service.models.layers.windows import window_everywhere
 
 
 class Phi3ForCausalLM(CausalLM):
@@ -21,7 +22,7 @@ class Phi3ForCausalLM(CausalLM):
         c, eps, hidden = config, config.rms_norm_eps, config.hidden_size
         self.add_rope("default", *rope_cos_sin(c, self.head_dim, max_positions))
         rotary_dim = int(self.head_dim * rope_parameters(c).get("partial_rotary_factor", 1.0))
-        window = getattr(c, "sliding_window", None) or None
+        window = window_everywhere(c)
         self.layers = nn.ModuleList(
             PreNormLayer(
                 Attention(hidden, c.num_attention_heads, self.num_kv_heads, self.head_dim, window=window,

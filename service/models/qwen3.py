@@ -11,14 +11,7 @@ from service.models.layers.mlp import GatedMLP
 from service.models.layers.norms import RMSNorm
 from service.models.layers.rotary import rope_cos_sin
 from service.models.layers.weights import CheckpointWeights
-
-
-def layer_windows(config: PretrainedConfig) -> list[int | None]:
-    """Each layer's sliding window as the Qwen2/Qwen3 configs say: `layer_types` (derived from
-    use_sliding_window and max_window_layers) marks the sliding ones."""
-    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    window = getattr(config, "sliding_window", None)
-    return [window if t == "sliding_attention" and window else None for t in types]
+from service.models.layers.windows import windows_by_layer_type
 
 
 def qk_norm_attention(config: PretrainedConfig, head_dim: int, window: int | None) -> Attention:
@@ -38,7 +31,7 @@ class Qwen3ForCausalLM(CausalLM):
             PreNormLayer(qk_norm_attention(config, self.head_dim, window),
                          GatedMLP(hidden, config.intermediate_size, config.hidden_act),
                          RMSNorm(hidden, eps), RMSNorm(hidden, eps))
-            for window in layer_windows(config))
+            for window in windows_by_layer_type(config))
         self.norm = RMSNorm(hidden, eps)
 
     def load_layer(self, w: CheckpointWeights, prefix: str, layer: nn.Module) -> None:

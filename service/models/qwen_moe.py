@@ -15,7 +15,8 @@ from service.models.layers.moe import SparseMoE
 from service.models.layers.norms import RMSNorm
 from service.models.layers.rotary import rope_cos_sin
 from service.models.layers.weights import CheckpointWeights
-from service.models.qwen3 import layer_windows, qk_norm_attention
+from service.models.layers.windows import window_everywhere, windows_by_layer_type
+from service.models.qwen3 import qk_norm_attention
 
 
 def _is_sparse(config: PretrainedConfig, i: int) -> bool:
@@ -49,7 +50,7 @@ class Qwen2MoeForCausalLM(_QwenMoE):
                 Attention(hidden, config.num_attention_heads, self.num_kv_heads, self.head_dim,
                           qkv_bias=bool(config.qkv_bias), window=window),
                 _feed_forward(config, i, shared=True), RMSNorm(hidden, eps), RMSNorm(hidden, eps))
-            for i, window in enumerate(layer_windows(config)))
+            for i, window in enumerate(windows_by_layer_type(config)))
         self.norm = RMSNorm(hidden, eps)
 
 
@@ -58,8 +59,7 @@ class Qwen3MoeForCausalLM(_QwenMoE):
         super().__init__(config, max_positions)
         eps, hidden = config.rms_norm_eps, config.hidden_size
         self.add_rope("default", *rope_cos_sin(config, self.head_dim, max_positions))
-        # Every layer windowed when the config keeps a sliding_window (use_sliding_window).
-        window = getattr(config, "sliding_window", None) or None
+        window = window_everywhere(config)
         self.layers = nn.ModuleList(
             PreNormLayer(qk_norm_attention(config, self.head_dim, window), _feed_forward(config, i, shared=False),
                          RMSNorm(hidden, eps), RMSNorm(hidden, eps))

@@ -12,6 +12,7 @@ from service.models.layers.mlp import MLP
 from service.models.layers.norms import LayerNorm
 from service.models.layers.rotary import rope_cos_sin
 from service.models.layers.weights import CheckpointWeights
+from service.models.layers.windows import window_everywhere
 
 
 class Starcoder2ForCausalLM(CausalLM):
@@ -19,7 +20,7 @@ class Starcoder2ForCausalLM(CausalLM):
         super().__init__(config, max_positions)
         c, eps, hidden, bias = config, config.norm_epsilon, config.hidden_size, bool(config.use_bias)
         self.add_rope("default", *rope_cos_sin(c, self.head_dim, max_positions))
-        window = getattr(c, "sliding_window", None) or None
+        window = window_everywhere(c)
         self.layers = nn.ModuleList(
             PreNormLayer(
                 Attention(hidden, c.num_attention_heads, self.num_kv_heads, self.head_dim, qkv_bias=bias, o_bias=bias,

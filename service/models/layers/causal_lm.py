@@ -19,9 +19,6 @@ from service.models.lora import BaseShapes, LoRAStep
 class CausalLM(nn.Module):
     """Forward over a flat batch: input_ids [T], positions [T] -> hidden states [T, hidden]."""
 
-    # The paged attention runs the layers' sliding windows, so the context is not capped at one.
-    implements_sliding_window = True
-
     def __init__(self, config: PretrainedConfig, max_positions: int) -> None:
         super().__init__()
         self.config = config
