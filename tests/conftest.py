@@ -46,6 +46,16 @@ _TINY_CLASSES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
     "cohere": ("CohereConfig", "CohereForCausalLM", {}),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {}),
+    # MLA: 4 heads of 16 + 8 (rope) dims, a 32-dim latent; 4 routed experts from layer 1 on.
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", {
+        "num_key_value_heads": 4, "kv_lora_rank": 32, "q_lora_rank": None, "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
+        "n_shared_experts": 1, "moe_intermediate_size": 32, "first_k_dense_replace": 1}),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {
+        "num_key_value_heads": 4, "kv_lora_rank": 32, "q_lora_rank": 48, "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
+        "n_shared_experts": 1, "moe_intermediate_size": 32, "first_k_dense_replace": 1, "n_group": 2,
+        "topk_group": 1}),
 }
 TINY_KINDS = tuple(_TINY_CLASSES)
 
@@ -163,6 +173,9 @@ def _perturb_ones_and_zeros(model: torch.nn.Module, scale: float) -> None:
             param.add_(torch.randn_like(param) * 0.1)
         elif name.endswith(".bias"):
             param.copy_(torch.randn_like(param) * scale)
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):   # DeepSeek-V3's expert-choice bias, saved with the weights
+            buf.copy_(torch.randn_like(buf) * scale)
 
 
 @pytest.fixture(scope="session")

@@ -58,8 +58,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "olmo2": ("olmo2", {}),
     "cohere-qk-norm": ("cohere", {"use_qk_norm": True}),
     "starcoder2-sliding": ("starcoder2", {"sliding_window": WINDOW}),
+    "deepseek_v2-mla-group-limited": ("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 2,
+                                                      "topk_group": 1, "routed_scaling_factor": 1.5}),
+    "deepseek_v3-mla-interleaved-rope": ("deepseek_v3", {}),
 }
-MOE_CASES = {"mixtral-sliding", "qwen2_moe", "qwen3_moe-dense-layer-topk-norm"}
+MOE_CASES = {"mixtral-sliding", "qwen2_moe", "qwen3_moe-dense-layer-topk-norm", "deepseek_v2-mla-group-limited",
+             "deepseek_v3-mla-interleaved-rope"}
 
 
 @dataclass
@@ -113,17 +117,21 @@ def test_batch_with_chunked_prefill_and_preemption_matches_transformers(case: Ca
 
 @torch.inference_mode()
 def test_moe_batch_reaches_every_expert(case: Case) -> None:
-    """The batch above exercises every expert of every sparse layer (transformers' own routing)."""
+    """The batch above exercises every expert of every sparse layer: the expert ids transformers'
+    own routers pick (each router returns logits, weights, expert ids), read with forward hooks."""
     if case.name not in MOE_CASES:
         pytest.skip("not a mixture-of-experts model")
-    hit: dict[int, set[int]] = {}
-    for prompt in case.prompts:
-        out = case.hf(torch.tensor([prompt]), output_router_logits=True)
-        for layer, logits in enumerate(out.router_logits):
-            hit.setdefault(layer, set()).update(logits.topk(2, dim=-1).indices.flatten().tolist())
-    num_experts = case.hf.config.num_local_experts if hasattr(case.hf.config, "num_local_experts") \
-        else case.hf.config.num_experts
-    assert hit and all(len(experts) == num_experts for experts in hit.values()), hit
+    routers = [m for m in case.hf.modules() if type(m).__name__.lower().endswith("topkrouter")]
+    hit: list[set[int]] = [set() for _ in routers]
+    hooks = [r.register_forward_hook(lambda mod, args, out, seen=seen: seen.update(out[2].flatten().tolist()))
+             for r, seen in zip(routers, hit)]
+    try:
+        for prompt in case.prompts:
+            case.hf(torch.tensor([prompt]))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert routers and all(seen == set(range(r.num_experts)) for r, seen in zip(routers, hit)), hit
 
 
 def test_every_architecture_has_a_class() -> None:

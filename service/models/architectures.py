@@ -23,4 +23,6 @@ ARCHITECTURES: dict[str, str] = {
     "Olmo2ForCausalLM": "olmo2",
     "CohereForCausalLM": "cohere",
     "Starcoder2ForCausalLM": "starcoder2",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }

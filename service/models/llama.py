@@ -58,6 +58,8 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Forward over a flat batch: input_ids [T], positions [T] -> hidden states [T, hidden]."""
 
+    kv_planes = 2   # a K and a V cache per layer (the runner's KV layout)
+
     def __init__(self, config: PretrainedConfig, max_positions: int) -> None:
         super().__init__()
         self.config = config

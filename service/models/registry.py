@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from service.models.cohere import CohereForCausalLM
+from service.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from service.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaForCausalLM
 from service.models.granite import GraniteForCausalLM
 from service.models.llama import LlamaForCausalLM
@@ -30,4 +31,6 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "CohereForCausalLM": CohereForCausalLM,
     "Starcoder2ForCausalLM": Starcoder2ForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }

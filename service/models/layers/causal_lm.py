@@ -17,7 +17,14 @@ from service.models.lora import BaseShapes, LoRAStep
 
 
 class CausalLM(nn.Module):
-    """Forward over a flat batch: input_ids [T], positions [T] -> hidden states [T, hidden]."""
+    """Forward over a flat batch: input_ids [T], positions [T] -> hidden states [T, hidden].
+
+    The KV cache the runner allocates per layer: `kv_planes` tensors (2: K and V; 1: one tensor
+    passed as both) of [blocks, block_size, num_kv_heads, head_dim]."""
+
+    kv_planes = 2
+    # Checkpoint tensors that may be present without being used: name suffixes, name prefixes.
+    ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
     def __init__(self, config: PretrainedConfig, max_positions: int) -> None:
         super().__init__()
@@ -92,7 +99,8 @@ class CausalLM(nn.Module):
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Take HF-named weights; raises ModelLoadError naming any missing, misshapen or unused one."""
         # A tied checkpoint may still store lm_head; old ones store rotary inv_freq buffers.
-        w = CheckpointWeights(weights, ignorable=("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.tied else ()))
+        w = CheckpointWeights(weights, ignorable=self.ignored_suffixes + (("lm_head.weight",) if self.tied else ()),
+                              ignorable_prefixes=self.ignored_prefixes())
         w.put_named(self.embed_tokens.weight, "model.embed_tokens.weight")
         w.put_norm(self.norm, "model.norm")
         if not self.tied:
@@ -100,6 +108,9 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             self.load_layer(w, f"model.layers.{i}.", layer)
         w.finish()
+
+    def ignored_prefixes(self) -> tuple[str, ...]:
+        return ()
 
     def load_layer(self, w: CheckpointWeights, prefix: str, layer: nn.Module) -> None:
         raise NotImplementedError

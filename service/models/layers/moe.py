@@ -86,8 +86,9 @@ class SparseMoE(nn.Module):
         return out
 
     def load_weights(self, w: CheckpointWeights, prefix: str, expert_names: tuple[str, str, str] = (
-            "gate_proj", "up_proj", "down_proj")) -> None:
-        """Router prefix + gate.weight; expert e's prefix + experts.{e}.{gate,up,down}.weight."""
+            "gate_proj", "up_proj", "down_proj"), shared_name: str = "shared_expert") -> None:
+        """Router prefix + gate.weight; expert e's prefix + experts.{e}.{gate,up,down}.weight;
+        the shared expert's prefix + shared_name."""
         gate, up, down = expert_names
         n = self.experts_gate_up.shape[0]
         w.put_named(self.gate.weight, prefix + "gate.weight")
@@ -97,6 +98,6 @@ class SparseMoE(nn.Module):
         w.put(self.experts_down, w.stack([f"{prefix}experts.{e}.{down}.weight" for e in range(n)]),
               prefix + "experts.*.down")
         if self.shared_expert is not None:
-            self.shared_expert.load_weights(w, prefix + "shared_expert.")
+            self.shared_expert.load_weights(w, prefix + shared_name + ".")
         if self.shared_expert_gate is not None:
             w.put_named(self.shared_expert_gate.weight, prefix + "shared_expert_gate.weight")

@@ -12,9 +12,11 @@ from common.errors import ModelLoadError
 class CheckpointWeights:
     """Hands out checkpoint tensors and remembers which were asked for and which were missing."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], ignorable: tuple[str, ...] = ()) -> None:
+    def __init__(self, weights: dict[str, torch.Tensor], ignorable: tuple[str, ...] = (),
+                 ignorable_prefixes: tuple[str, ...] = ()) -> None:
         self.weights = weights
-        self.ignorable = ignorable     # names that may be present without being used (a tied lm_head)
+        self.ignorable = ignorable     # name suffixes that may be present unused (a tied lm_head)
+        self.ignorable_prefixes = ignorable_prefixes   # name prefixes likewise (extra prediction layers)
         self.used: set[str] = set()
         self.missing: list[str] = []
         self.bad_shapes: list[str] = []
@@ -33,6 +35,14 @@ class CheckpointWeights:
         if any(p is None for p in parts):
             return None
         return torch.cat(parts, dim=dim)
+
+    def take_shaped(self, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The named tensor if it has `shape` (else None, and `finish` reports it)."""
+        tensor = self.take(name)
+        if tensor is not None and tuple(tensor.shape) != tuple(shape):
+            self.bad_shapes.append(f"{name}: shape {tuple(tensor.shape)}, the config implies {tuple(shape)}")
+            return None
+        return tensor
 
     def stack(self, names: list[str]) -> torch.Tensor | None:
         """The named tensors stacked on a new first dimension (one expert each)."""
@@ -66,7 +76,8 @@ class CheckpointWeights:
             raise ModelLoadError(f"weights missing for {len(self.missing)} parameter(s) the config implies: {shown}")
         if self.bad_shapes:
             raise ModelLoadError("; ".join(self.bad_shapes[:5]))
-        left = sorted(n for n in self.weights if n not in self.used and not n.endswith(self.ignorable))
+        left = sorted(n for n in self.weights if n not in self.used and not n.endswith(self.ignorable)
+                      and not n.startswith(self.ignorable_prefixes))
         if left:
             # A tensor we would not use means a feature we do not compute (a bias, an extra norm).
             shown = ", ".join(left[:5]) + (f" (and {len(left) - 5} more)" if len(left) > 5 else "")
