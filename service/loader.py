@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from common.errors import ModelLoadError
-from service.models.architectures import ARCHITECTURES, LLAMA_FAMILY
+from service.models.architectures import ARCHITECTURES, LLAMA_FAMILY, TEXT_OF_MULTIMODAL
 from service.tokenizer import Tokenizer
 from common import env
 
@@ -110,7 +110,8 @@ def load_model(
     started = time.perf_counter()
     _say(progress, f"loading {hf_dir} ({_dtype_name(dtype)})")
     config = _load_config(hf_dir)
-    weights = _load_weights(hf_dir, config, dtype, config.architectures[0] in LLAMA_FAMILY)
+    arch = config.architectures[0]
+    weights = _load_weights(hf_dir, config, dtype, arch in LLAMA_FAMILY, TEXT_OF_MULTIMODAL.get(arch, ()))
     tokenizer = Tokenizer.from_dir(hf_dir)
     name = _gguf_display_name(source) if source.is_file() else source.resolve().name
     elapsed = time.perf_counter() - started
@@ -244,6 +245,11 @@ def _load_config(hf_dir: Path) -> Any:
     if config.model_type != ARCHITECTURES[arch]:
         raise ModelLoadError(f"{config_file}: architecture {arch} with model_type {config.model_type!r} "
                              f"(expected {ARCHITECTURES[arch]!r})")
+    if arch in TEXT_OF_MULTIMODAL:
+        # The text decoder's config; transformers ties the lm_head by the outer config's flag.
+        text = config.get_text_config(decoder=True)
+        text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", text.tie_word_embeddings))
+        config = text
     config.architectures = [arch]
     return config
 
@@ -259,9 +265,11 @@ def _weight_files(hf_dir: Path) -> list[Path]:
     return sorted(hf_dir.glob("*.safetensors"))
 
 
-def _load_weights(hf_dir: Path, config: Any, dtype: torch.dtype, llama_family: bool) -> dict[str, torch.Tensor]:
+def _load_weights(hf_dir: Path, config: Any, dtype: torch.dtype, llama_family: bool,
+                  skipped: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Llama-family weights are checked against the names and shapes the config implies here;
-    other families take every tensor and their model checks them (service/models/layers/weights.py)."""
+    other families take every tensor (but those under the `skipped` prefixes) and their model
+    checks them (service/models/layers/weights.py)."""
     from safetensors import safe_open
 
     expected = expected_parameters(config) if llama_family else None
@@ -274,7 +282,7 @@ def _load_weights(hf_dir: Path, config: Any, dtype: torch.dtype, llama_family: b
                 for name in f.keys():
                     # Tied checkpoints may still store lm_head; unknown names (rotary inv_freq
                     # buffers of old checkpoints) are not parameters of our model.
-                    if expected is None or name in expected:
+                    if (expected is None and not name.startswith(skipped)) or (expected is not None and name in expected):
                         weights[name] = f.get_tensor(name).to(dtype)
         except ModelLoadError:
             raise

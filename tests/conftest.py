@@ -41,6 +41,8 @@ _TINY_CLASSES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "query_pre_attn_scalar": 24}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "query_pre_attn_scalar": 24}),
+    # Multimodal Gemma 3: these settings go to its text_config (a tiny vision tower beside it).
+    "gemma3_mm": ("Gemma3Config", "Gemma3ForConditionalGeneration", {"head_dim": 16, "query_pre_attn_scalar": 24}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
@@ -58,6 +60,12 @@ _TINY_CLASSES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "topk_group": 1}),
 }
 TINY_KINDS = tuple(_TINY_CLASSES)
+# Multimodal kinds: the outer config's own settings (the tiny model's settings go to text_config).
+_MULTIMODAL: dict[str, dict[str, Any]] = {
+    "gemma3_mm": {"mm_tokens_per_image": 4, "vision_config": {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "image_size": 28, "patch_size": 14}},
+}
 
 # Tokenizer files copied from the converted SmolLM2 into every tiny model.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -153,7 +161,11 @@ def _write_tiny_model(out: Path, kind: str, overrides: dict[str, Any], tokenizer
     config_name, model_name, defaults = _TINY_CLASSES[kind]
     config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
     vocab_size = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
-    config = config_cls(**{"vocab_size": vocab_size, **_TINY_DEFAULTS, **defaults, **overrides})
+    settings = {"vocab_size": vocab_size, **_TINY_DEFAULTS, **defaults, **overrides}
+    if kind in _MULTIMODAL:
+        config = config_cls(text_config=settings, tie_word_embeddings=settings["tie_word_embeddings"], **_MULTIMODAL[kind])
+    else:
+        config = config_cls(**settings)
     torch.manual_seed(_SEEDS[kind])
     model = model_cls(config).to(torch.float32)
     _perturb_ones_and_zeros(model, config.initializer_range)

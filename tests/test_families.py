@@ -45,6 +45,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         "final_logit_softcapping": 12.0,
         "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                             "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0}}}),
+    # The language model of a multimodal checkpoint (vision tower left unread).
+    "gemma3_mm-text": ("gemma3_mm", {"sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"]}),
     # The 90-token prompt fits in the original 96 positions; its generation runs past them.
     "phi3-longrope-partial-rotary": ("phi3", {
         "original_max_position_embeddings": 96,

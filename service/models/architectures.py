@@ -18,6 +18,7 @@ ARCHITECTURES: dict[str, str] = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
+    "Gemma3ForConditionalGeneration": "gemma3",   # its language model; the vision tower is not loaded
     "Phi3ForCausalLM": "phi3",
     "GraniteForCausalLM": "granite",
     "Olmo2ForCausalLM": "olmo2",
@@ -25,4 +26,10 @@ ARCHITECTURES: dict[str, str] = {
     "Starcoder2ForCausalLM": "starcoder2",
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+}
+# Multimodal architectures Weft runs as their text decoder: the loader hands out their text_config
+# and does not read the tensors under these prefixes (the vision tower, the projector).
+TEXT_OF_MULTIMODAL: dict[str, tuple[str, ...]] = {
+    "Gemma3ForConditionalGeneration": ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                                       "model.multi_modal_projector."),
 }

@@ -6,9 +6,11 @@ separate RoPE base for its sliding layers, and soft-caps only the final logits (
 ignores its attn_logit_softcapping, and so do we)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from service.models.architectures import TEXT_OF_MULTIMODAL
 from service.models.layers.attention import Attention
 from service.models.layers.causal_lm import CausalLM
 from service.models.layers.decoder import PreNormLayer, SandwichNormLayer
@@ -89,3 +91,17 @@ class Gemma3ForCausalLM(_Gemma):
                                 q_norm=OffsetRMSNorm(self.head_dim, eps), k_norm=OffsetRMSNorm(self.head_dim, eps)),
                 GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_activation), *self._norms(4))
             for window, layer_type in zip(windows_by_layer_type(c), c.layer_types))
+
+
+class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
+    """The language model of a multimodal Gemma 3 checkpoint (the loader gives it the text_config);
+    the vision tower and projector tensors are left unread. Hub checkpoints name the decoder
+    language_model.model.* (older) or model.language_model.* (newer)."""
+
+    def checkpoint_names(self, weights: dict[str, torch.Tensor]) -> tuple[str, str]:
+        if any(name.startswith("model.language_model.") for name in weights):
+            return "model.language_model.", "lm_head.weight"
+        return "language_model.model.", "language_model.lm_head.weight"
+
+    def ignored_prefixes(self) -> tuple[str, ...]:
+        return TEXT_OF_MULTIMODAL["Gemma3ForConditionalGeneration"]   # the loader does not even read them

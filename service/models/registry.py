@@ -5,7 +5,7 @@ from torch import nn
 
 from service.models.cohere import CohereForCausalLM
 from service.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
-from service.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaForCausalLM
+from service.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, GemmaForCausalLM
 from service.models.granite import GraniteForCausalLM
 from service.models.llama import LlamaForCausalLM
 from service.models.mixtral import MixtralForCausalLM
@@ -26,6 +26,7 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
     "Olmo2ForCausalLM": Olmo2ForCausalLM,

@@ -98,16 +98,21 @@ class CausalLM(nn.Module):
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Take HF-named weights; raises ModelLoadError naming any missing, misshapen or unused one."""
+        prefix, lm_head = self.checkpoint_names(weights)
         # A tied checkpoint may still store lm_head; old ones store rotary inv_freq buffers.
-        w = CheckpointWeights(weights, ignorable=self.ignored_suffixes + (("lm_head.weight",) if self.tied else ()),
+        w = CheckpointWeights(weights, ignorable=self.ignored_suffixes + ((lm_head,) if self.tied else ()),
                               ignorable_prefixes=self.ignored_prefixes())
-        w.put_named(self.embed_tokens.weight, "model.embed_tokens.weight")
-        w.put_norm(self.norm, "model.norm")
+        w.put_named(self.embed_tokens.weight, prefix + "embed_tokens.weight")
+        w.put_norm(self.norm, prefix + "norm")
         if not self.tied:
-            w.put_named(self.lm_head.weight, "lm_head.weight")
+            w.put_named(self.lm_head.weight, lm_head)
         for i, layer in enumerate(self.layers):
-            self.load_layer(w, f"model.layers.{i}.", layer)
+            self.load_layer(w, f"{prefix}layers.{i}.", layer)
         w.finish()
+
+    def checkpoint_names(self, weights: dict[str, torch.Tensor]) -> tuple[str, str]:
+        """(prefix of the decoder's tensors, name of the lm_head) in the checkpoint."""
+        return "model.", "lm_head.weight"
 
     def ignored_prefixes(self) -> tuple[str, ...]:
         return ()
