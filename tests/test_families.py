@@ -19,7 +19,7 @@ from service.models.architectures import ARCHITECTURES
 from service.models.registry import MODEL_CLASSES
 from tests.hf_reference import hf_greedy, load_hf
 
-NEW_TOKENS = 16
+NEW_TOKENS = 12
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 # Mixed lengths, two of them past the sliding windows below and past the chunk budget.
 LENGTHS = [3, 70, 17, 40, 1, 33, 90, 8]

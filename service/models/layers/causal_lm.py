@@ -1,7 +1,7 @@
 """The shell every non-Llama family shares: token embedding (optionally scaled), decoder layers
 over the paged KV cache, final norm, lm_head (or the tied embedding) and the logits'
 post-processing (soft-capping, scaling). A family subclasses it, builds `layers` and `norm`,
-registers its rotary tables and maps its checkpoint names in `load_checkpoint`."""
+registers its rotary tables and maps its checkpoint names in `load_layer`."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from common.errors import ModelLoadError
 from kernels.attention import AttentionMetadata
 from kernels.rope import StepRope
 from service.models.layers.decoder import Step
@@ -76,8 +77,6 @@ class CausalLM(nn.Module):
         return self.norm.forward(h)
 
     def lora_shapes(self) -> BaseShapes:
-        from common.errors import ModelLoadError
-
         raise ModelLoadError(f"LoRA adapters are supported for the Llama family only, not {type(self).__name__}")
 
     @property
