@@ -21,16 +21,18 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         n_layers = model.config.num_hidden_layers
-        shape = (n_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        # kv_planes 2: a K and a V tensor per layer; 1: one tensor passed as both (MLA's latent rows).
+        planes = model.kv_planes
+        shape = (n_layers, planes, num_blocks, block_size, model.num_kv_heads, model.head_dim)
         self.kv_tensor = torch.zeros(shape, dtype=dtype, device=device)
-        self.kv_caches = [(self.kv_tensor[i, 0], self.kv_tensor[i, 1]) for i in range(n_layers)]
+        self.kv_caches = [(self.kv_tensor[i, 0], self.kv_tensor[i, planes - 1]) for i in range(n_layers)]
         if self.kv_tensor.device.type == "cpu" and dtype == torch.float32:
             cpu_native.lib()   # build the native kernels now (~1 s, once per machine), not on the first request
 
     @staticmethod
     def kv_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return model.config.num_hidden_layers * 2 * block_size * model.num_kv_heads * model.head_dim * elem
+        return model.config.num_hidden_layers * model.kv_planes * block_size * model.num_kv_heads * model.head_dim * elem
 
     def run(self, seqs: list[SeqInput]) -> StepOutput:
         """Run one step over `seqs`. Returns float32 logits for the sequences that asked for
