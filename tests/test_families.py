@@ -118,11 +118,10 @@ def test_batch_with_chunked_prefill_and_preemption_matches_transformers(case: Ca
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("case", sorted(MOE_CASES), indirect=True)
 def test_moe_batch_reaches_every_expert(case: Case) -> None:
     """The batch above exercises every expert of every sparse layer: the expert ids transformers'
     own routers pick (each router returns logits, weights, expert ids), read with forward hooks."""
-    if case.name not in MOE_CASES:
-        pytest.skip("not a mixture-of-experts model")
     routers = [m for m in case.hf.modules() if type(m).__name__.lower().endswith("topkrouter")]
     hit: list[set[int]] = [set() for _ in routers]
     hooks = [r.register_forward_hook(lambda mod, args, out, seen=seen: seen.update(out[2].flatten().tolist()))
