@@ -1657,7 +1657,9 @@ class CreateModelResponse(_message.Message):
     served: _builtins.bool
     """The loaded engine serves it now (same weights); otherwise it is in the store only."""
     @_builtins.property
-    def model(self) -> Global___ModelInfo: ...
+    def model(self) -> Global___ModelInfo:
+        """The model (only its name when it is not served here)."""
+
     def __init__(
         self,
         *,
@@ -1680,6 +1682,7 @@ class DeleteModelRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """name[:tag]."""
     def __init__(
         self,
         *,
@@ -1719,7 +1722,9 @@ class CopyModelRequest(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     DESTINATION_FIELD_NUMBER: _builtins.int
     source: _builtins.str
+    """The store model to copy."""
     destination: _builtins.str
+    """Its new name (name[:tag])."""
     def __init__(
         self,
         *,
