@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.conformance import accepts
 from decoding.guided import GuideCompiler, GuidedSpec
 from decoding.sampling import SamplingParams
 from common.errors import InvalidArgumentError
@@ -85,10 +86,13 @@ def test_spec_validation_names_the_field(spec: GuidedSpec, field: str) -> None:
 
 @pytest.mark.parametrize("spec, field, words", [
     (GuidedSpec("json_schema", {"type": "array", "uniqueItems": True}), "guided.json_schema", ["uniqueItems"]),
-    (GuidedSpec("json_schema", {"type": "object", "properties": {"a": {"not": {"type": "null"}}}}),
+    # No exact rewrite exists for these (the normaliser's rewrites: tests/test_guided_normalize.py).
+    (GuidedSpec("json_schema", {"type": "object", "properties": {"a": {"not": {"multipleOf": 3}}}}),
      "guided.json_schema", ["not"]),
-    (GuidedSpec("json_schema", {"type": "string", "format": "color"}), "guided.json_schema", ["format", "color"]),
-    (GuidedSpec("json_schema", {"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]}),
+    (GuidedSpec("json_schema", {"type": "string", "format": "idn-email"}), "guided.json_schema",
+     ["format", "idn-email"]),
+    (GuidedSpec("json_schema", {"oneOf": [{"type": "array", "items": {"type": "integer"}},
+                                          {"type": "array", "maxItems": 3}]}),
      "guided.json_schema", ["oneOf"]),
     (GuidedSpec("json_schema", {"type": "integer", "minimum": 3}, backend="outlines-core"), "guided.json_schema",
      ["minimum"]),
@@ -335,8 +339,8 @@ def _conform(compiler, tok, docs, backend):
             continue
         counts["compiled"] += 1
         for test in doc["tests"]:
-            text = json.dumps(test["data"], separators=(",", ":"), ensure_ascii=False)
-            ok = replay(compiler, g, enc(tok, text))
+            # Objects are unordered: any key order the guide takes counts (bench/conformance.py).
+            ok, _ = accepts(g, test["data"], lambda text: enc(tok, text), tok.decode, compiler.bitmask_words)
             counts[("valid_" if test["valid"] else "invalid_") + ("accepted" if ok else "rejected")] += 1
     return counts, reasons
 

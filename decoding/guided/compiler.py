@@ -13,6 +13,10 @@
   tokenizer's budget tables (built once per compiler) and the schema's string hints, so that
   `new_guide(params)` closes the output before max_tokens. Backends know nothing of budgets.
 
+The normaliser (normalize/): a JSON Schema a backend refuses is rewritten into an equivalent one
+it may enforce (`not`, `oneOf`, `if`/`then`/`else`, dependencies, unknown formats ...) and that
+is compiled instead; a schema the backend takes as sent is compiled as sent.
+
 Backend choice ("auto"): llguidance first for every kind, outlines-core as the fallback for the
 kinds it handles when llguidance refuses a spec. Measured on jsonschemabench-dev (300 real
 schemas, SmolLM2's 49k vocabulary; `python -m bench guided`, docs/guided.md): llguidance compiles
@@ -25,15 +29,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures as cf
+import dataclasses
 import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from decoding.guided.base import CompiledGrammar
 from decoding.guided.budget import BudgetGrammar, BudgetTables
 from decoding.guided.hints import string_hints
+from decoding.guided.normalize import normalize_schema
 from decoding.guided.spec import GuidedSpec, schema_json
 from common.errors import InvalidArgumentError
 
@@ -99,13 +106,12 @@ class GuideCompiler:
         except asyncio.TimeoutError:
             raise self._timeout_error(spec) from None
 
-    def compile_uncached(self, spec: GuidedSpec, backend: str | None = None) -> CompiledGrammar:
-        """Compile now in this thread, bypassing cache and pool (benchmarks, tests)."""
+    def compile_uncached(self, spec: GuidedSpec, backend: str | None = None, normalize: bool = True) -> CompiledGrammar:
+        """Compile now in this thread, bypassing cache and pool (benchmarks, tests). `backend`: that
+        one alone instead of the spec's choice; `normalize=False`: the schema as it came, without
+        the normaliser's rewrites (what the backend alone compiles)."""
         spec.validate()
-        if backend is not None:
-            grammar = self.backend(backend).compile(spec)
-            return _with_budget(grammar, spec, self._tables())
-        return self._build(spec)
+        return self._build(spec, (backend,) if backend is not None else None, normalize)
 
     def backend(self, name: str) -> Any:
         """The backend object (built on first use: the tokenizer tables take ~0.3-1 s)."""
@@ -200,10 +206,15 @@ class GuideCompiler:
                 self._budget_tables = BudgetTables(info.token_bytes(), info.eos_ids, info.words)
             return self._budget_tables
 
-    def _build(self, spec: GuidedSpec) -> CompiledGrammar:
-        names = AUTO_ORDER[spec.kind] if spec.backend == "auto" else (spec.backend,)
+    def _build(self, spec: GuidedSpec, names: tuple[str, ...] | None = None, normalize: bool = True) -> CompiledGrammar:
+        if names is None:
+            names = AUTO_ORDER[spec.kind] if spec.backend == "auto" else (spec.backend,)
         first_error: InvalidArgumentError | None = None
         t0 = time.perf_counter()
+        # Each backend gets the schema as sent, then (when it refuses that) the normaliser's
+        # equivalent rewrite: a schema a backend takes as it is costs nothing more, and a refusal
+        # reports the user's keyword.
+        variants = _Variants(spec, normalize)
         for name in names:
             backend = self.backend(name)
             if spec.kind not in backend.kinds:
@@ -211,20 +222,23 @@ class GuideCompiler:
                     spec.field, f"backend {name} does not support kind {spec.kind!r}; llguidance does")
                 first_error = first_error or err
                 continue
-            try:
-                tables = self._tables()
-                grammar = backend.compile(spec)
-            except InvalidArgumentError as exc:
-                first_error = first_error or exc
-                continue
-            except Exception as exc:  # a backend bug or panic: report it as this spec's failure
-                log.exception("guided compile failed in %s", name)
-                first_error = first_error or InvalidArgumentError(spec.field, f"{name} failed: {exc}")
-                continue
-            with self._lock:
-                self.num_compiled += 1
-                self.compile_times_s.append(time.perf_counter() - t0)
-            return _with_budget(grammar, spec, tables)
+            tables = self._tables()
+            for variant in variants:
+                try:
+                    grammar = backend.compile(variant)
+                except InvalidArgumentError as exc:
+                    if variant is spec:
+                        first_error = first_error or exc
+                    continue
+                except Exception as exc:  # a backend bug or panic: report it as this spec's failure
+                    log.exception("guided compile failed in %s", name)
+                    if variant is spec:
+                        first_error = first_error or InvalidArgumentError(spec.field, f"{name} failed: {exc}")
+                    continue
+                with self._lock:
+                    self.num_compiled += 1
+                    self.compile_times_s.append(time.perf_counter() - t0)
+                return _with_budget(grammar, variant, tables)
         with self._lock:
             self.num_failed += 1
         assert first_error is not None
@@ -232,6 +246,37 @@ class GuideCompiler:
 
     def _timeout_error(self, spec: GuidedSpec) -> InvalidArgumentError:
         return InvalidArgumentError(spec.field, f"compiling took longer than the {self.timeout_s:g} s limit")
+
+
+class _Variants:
+    """The spec as sent, then (json_schema kind, when it differs) the spec with its schema
+    normalised: computed once, on first need."""
+
+    def __init__(self, spec: GuidedSpec, normalize: bool) -> None:
+        self.spec = spec
+        self.normalize = normalize and spec.kind == "json_schema"
+        self._normalized: GuidedSpec | None = None
+        self._done = False
+
+    def __iter__(self) -> Iterator[GuidedSpec]:
+        yield self.spec
+        if self.normalize:
+            normalized = self._get()
+            if normalized is not None:
+                yield normalized
+
+    def _get(self) -> GuidedSpec | None:
+        if not self._done:
+            self._done = True
+            schema = json.loads(schema_json(self.spec))
+            try:
+                normalized = normalize_schema(schema)
+            except Exception:  # a rewrite's bug must not cost the request: the schema as sent stands
+                log.exception("guided: normalising a schema failed")
+                normalized = schema
+            if normalized is not schema:
+                self._normalized = dataclasses.replace(self.spec, value=normalized)
+        return self._normalized
 
 
 def _with_budget(grammar: CompiledGrammar, spec: GuidedSpec, tables: BudgetTables) -> BudgetGrammar:
