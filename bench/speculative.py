@@ -110,7 +110,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     a = ap.parse_args(argv)
 
-    common = dict(dtype=a.dtype, kv_cache_gb=0.5, progress=False, spec_disable_window=0)
+    # Prefix caching off: the plain run and the n-gram run share an engine, and a cached prompt
+    # would make the second run of each prompt look faster for a reason that is not speculation.
+    common = dict(dtype=a.dtype, kv_cache_gb=0.5, progress=False, spec_disable_window=0, enable_prefix_caching=False)
     engines = {"ngram": LLM(a.model, speculative_method="ngram", num_speculative_tokens=a.k, **common),
                "suffix": LLM(a.model, speculative_method="suffix", num_speculative_tokens=a.k, **common),
                "ngram_fixed": LLM(a.model, speculative_method="ngram", num_speculative_tokens=a.fixed_k,
