@@ -27,6 +27,12 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("CC", "cc or gcc on PATH", "the C compiler for the native CPU kernels"),
     EnvVar("GOMP_SPINCOUNT", "10000", "set by Weft unless given: how long idle OpenMP workers spin (see service/__init__.py)"),
     EnvVar("HF_HUB_OFFLINE", "1", "set by Weft unless given: transformers never reaches the Hugging Face hub"),
+    EnvVar("RANK", "", "tensor parallelism across hosts (torchrun's names): this process's rank; unset: `weft serve "
+           "--tensor-parallel-size N` starts ranks 1..N-1 itself on this machine"),
+    EnvVar("WORLD_SIZE", "--tensor-parallel-size", "... the number of ranks"),
+    EnvVar("MASTER_ADDR", "127.0.0.1", "... the address of rank 0 (the server) for the rendezvous"),
+    EnvVar("MASTER_PORT", "29500", "... its port"),
+    EnvVar("LOCAL_RANK", "RANK", "... on CUDA: which GPU of this host the rank uses"),
 )
 
 
@@ -75,6 +81,20 @@ def triton_interpret() -> bool:
 
 def c_compiler() -> str | None:
     return _get("CC") or None
+
+
+def rendezvous() -> dict[str, str] | None:
+    """RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and LOCAL_RANK as torchrun sets them; None
+    when RANK is unset (a single process, or the driver that starts its local ranks)."""
+    if _get("RANK") is None:
+        return None
+    return {name: value for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+            if (value := _get(name)) is not None}
+
+
+def child_environment(**overrides: str) -> dict[str, str]:
+    """This process's environment with `overrides`: for the processes Weft starts itself."""
+    return {**os.environ, **overrides}
 
 
 def set_process_defaults() -> None:

@@ -23,6 +23,11 @@ class ResourceExhaustedError(WeftError):
     """The waiting queue is full (gRPC RESOURCE_EXHAUSTED, HTTP 429)."""
 
 
+class UnavailableError(WeftError):
+    """The engine cannot serve any more (a tensor-parallel rank was lost): gRPC UNAVAILABLE,
+    HTTP 503, health NOT_SERVING. Clients retry on another replica."""
+
+
 class NotFoundError(WeftError):
     """A named thing (a model in the store) does not exist (gRPC NOT_FOUND, HTTP 404). `field`
     names the request field that named it."""

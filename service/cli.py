@@ -1,4 +1,4 @@
-"""`weft` command line: serve | generate | client | models | create | list | show | rm | cp | run."""
+"""`weft` command line: serve | worker | generate | client | models | create | list | show | rm | cp | run."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +31,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(a: argparse.Namespace) -> int:
+    from service.engine.tp_worker import serve_rank
+
+    return serve_rank(engine_config_from_args(a, progress=False))
+
+
 def cmd_models(a: argparse.Namespace) -> int:
     from service.loader import default_model_path
 
@@ -54,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--raw", action="store_true", help="no chat template")
     g.add_argument("--json", action="store_true", help='print {"text", "token_ids", "finish_reason"}')
     g.set_defaults(func=cmd_generate)
+
+    w = sub.add_parser("worker", help="run a tensor-parallel rank >= 1 for a `weft serve --tensor-parallel-size N` "
+                       "on another host (rendezvous from MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK)")
+    add_engine_args(w)
+    w.set_defaults(func=cmd_worker)
 
     m = sub.add_parser("models", help="show the default model path")
     m.set_defaults(func=cmd_models)

@@ -16,7 +16,7 @@ from decoding.sampling import MAX_SPECULATIVE_TOKENS
 
 SPECULATIVE_METHODS = (None, "ngram", "suffix", "draft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SECTIONS = ("model", "cache", "scheduler", "speculative", "lora", "output")
+SECTIONS = ("model", "cache", "scheduler", "speculative", "lora", "parallel", "output")
 
 
 def _opt(section: str, help: str, default: Any, *, choices: tuple | None = None, metavar: str | None = None) -> Any:
@@ -72,6 +72,10 @@ class EngineConfig:
     max_loras: int = _opt("lora", "adapters resident in a batch at once (more may be loaded: the least recently "
                           "used idle one makes room)", 4)
     max_lora_rank: int = _opt("lora", "the largest adapter rank accepted", 16)
+    # ---- tensor parallelism (service/engine/tensor_parallel.py)
+    tensor_parallel_size: int = _opt("parallel", "ranks the model is sharded over (Megatron-style, torch.distributed: "
+                                     "gloo on CPU, NCCL on CUDA); without RANK in the environment the ranks run as "
+                                     "local processes with cores split between them", 1)
     # ---- output
     progress: bool = _opt("output", "show loading progress", True)
 
@@ -106,6 +110,12 @@ class EngineConfig:
         if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             raise InvalidArgumentError("num_speculative_tokens",
                                        f"must be in [1, {MAX_SPECULATIVE_TOKENS}], got {self.num_speculative_tokens}")
+
+    def validate_parallel(self) -> None:
+        if not 1 <= self.tensor_parallel_size <= 64:
+            raise InvalidArgumentError("tensor_parallel_size", f"must be in [1, 64], got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.enable_lora:
+            raise InvalidArgumentError("tensor_parallel_size", "LoRA adapters are not supported with tensor parallelism")
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

@@ -12,7 +12,8 @@ from typing import Any
 from service.config import SECTIONS, EngineConfig
 
 _TITLES = {"model": "model", "cache": "KV cache", "scheduler": "scheduler",
-           "speculative": "speculative decoding", "lora": "LoRA adapters", "output": "output"}
+           "speculative": "speculative decoding", "lora": "LoRA adapters", "parallel": "tensor parallelism",
+           "output": "output"}
 
 
 def flag(name: str) -> str:

@@ -57,7 +57,7 @@ from service.tool_calls import (
     tool_request,
 )
 from decoding.tools import tool_guided_spec
-from common.errors import InvalidArgumentError, ModelLoadError, NotFoundError, ResourceExhaustedError
+from common.errors import InvalidArgumentError, ModelLoadError, NotFoundError, ResourceExhaustedError, UnavailableError
 from service.models.pooling import finish
 from service.protocol import (
     DEFAULT_MAX_REQUEST_BYTES,
@@ -257,6 +257,8 @@ def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str, str | None]:
         return grpc.StatusCode.NOT_FOUND, exc.message, exc.field
     if isinstance(exc, ResourceExhaustedError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), None
+    if isinstance(exc, UnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc), None
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; the request was aborted", None
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", None
@@ -348,6 +350,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             raise StatusError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
         if not self._loaded:
             raise StatusError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+        if self.engine is not None and self.engine.dead is not None:
+            raise StatusError(grpc.StatusCode.UNAVAILABLE, f"{self.engine.dead}; retry on another replica")
 
     def _not_found(self, model: str) -> StatusError:
         names = ", ".join(repr(n) for n in self.served_names)
@@ -1040,6 +1044,9 @@ class WeftServer:
         """Serve requests with this engine (its loop is this server's loop); health -> SERVING.
         An `owned` engine is shut down by stop()."""
         self._owns_engine = owned
+        # An engine that can no longer serve (a lost tensor-parallel rank) takes health down with it.
+        engine.on_dead = lambda reason: asyncio.ensure_future(
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
         engine.start()
         self.servicer.attach(engine, DecoderEmbedder(engine, self.options.pooling))
         if not self.servicer.draining:

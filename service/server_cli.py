@@ -87,6 +87,11 @@ def cmd_serve(a: argparse.Namespace, engine_config: EngineConfigFn) -> int:
                             tool_call_format=a.tool_call_format, max_request_bytes=a.max_request_bytes,
                             embedding_model_name=a.embedding_model_name, pooling=a.pooling)
     config, options = from_store(config, options)   # --model NAME of the store: its weights and defaults
+    if int((env.rendezvous() or {}).get("RANK", "0")) > 0:
+        # torchrun (or a hand-made rendezvous) started this process as a tensor-parallel rank
+        # other than 0: it serves no API, it runs its shard of every step rank 0 sends.
+        from service.engine.tp_worker import serve_rank
+        return serve_rank(config)
     options = dataclasses.replace(options, embedding_model=resolve_embedding_model(a.embedding_model, config.model))
     http_host = a.http_host if a.http_host is not None else a.host
     return asyncio.run(serve(options, config, http_host=http_host, http_port=a.http_port))

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from common.errors import InvalidArgumentError, ResourceExhaustedError, WeftError
+from common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError, WeftError
 from decoding.guided import CompiledGrammar
 from decoding.sampling import SamplingParams
 from service.engine.core import EngineCore
@@ -27,6 +27,8 @@ from service.engine.request import RequestOutput
 from service.engine.stats import EngineStats
 
 log = logging.getLogger("weft.engine")
+
+HEARTBEAT_S = 1.0   # an idle tensor-parallel engine checks its ranks this often
 
 
 @dataclass(slots=True)
@@ -80,6 +82,8 @@ class AsyncEngine:
         self._pending_adds = 0   # adds sent but not yet in a published snapshot (queue-limit accounting)
         self._stats = core.stats()   # replaced after every pass of the engine thread's loop
         self.steps = 0
+        self.dead: str | None = None   # why the engine can no longer serve (a lost tensor-parallel rank)
+        self.on_dead: Callable[[str], None] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -97,6 +101,7 @@ class AsyncEngine:
             self._commands.put(_Stop())
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        await asyncio.to_thread(self.core.close)
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -108,6 +113,7 @@ class AsyncEngine:
         the first delta. Leaving the iteration early (cancel, disconnect) aborts the request."""
         self.start()
         rid = request_id or f"req-{next(self._ids)}"
+        self._check_alive()
         if rid in self._streams:
             raise InvalidArgumentError("request_id", f"{rid!r} is already in flight")
         ids = self.core.validate(prompt, params)
@@ -144,6 +150,7 @@ class AsyncEngine:
         finishes. Raises InvalidArgumentError / ResourceExhaustedError; cancelling aborts them."""
         self.start()
         rid = request_id or f"emb-{next(self._ids)}"
+        self._check_alive()
         if rid in self._streams:
             raise InvalidArgumentError("request_id", f"{rid!r} is already in flight")
         self._check_queue()
@@ -169,6 +176,10 @@ class AsyncEngine:
             if remaining:
                 self._commands.put(_Abort(rid))
         return torch.stack(vectors)  # type: ignore[arg-type]
+
+    def _check_alive(self) -> None:
+        if self.dead is not None:
+            raise UnavailableError(self.dead)
 
     def _check_queue(self) -> None:
         # The snapshot and the pending count move together (`_publish`): every add is in one of them.
@@ -225,8 +236,15 @@ class AsyncEngine:
         core = self.core
         pings: list[_Ping] = []
         while True:
-            # Idle: block until a command arrives instead of spinning.
-            commands = [self._commands.get()] if not core.has_unfinished() else []
+            # Idle: block until a command arrives instead of spinning (tensor parallel: waking
+            # every HEARTBEAT_S to check that every rank is still there).
+            commands: list = []
+            if not core.has_unfinished():
+                try:
+                    commands.append(self._commands.get(timeout=HEARTBEAT_S if core.tp is not None else None))
+                except queue.Empty:
+                    self._heartbeat()
+                    continue
             while True:
                 try:
                     commands.append(self._commands.get_nowait())
@@ -246,6 +264,9 @@ class AsyncEngine:
             try:
                 outputs.extend(core.step())
                 self.steps += 1
+            except UnavailableError as exc:   # a lost tensor-parallel rank: nothing can run any more
+                errors += self._fail_all(str(exc), UnavailableError)
+                self._die(str(exc))
             except Exception as exc:  # keep the loop alive; fail what was running
                 log.exception("engine step failed")
                 errors += self._fail_all(f"engine step failed: {exc}")
@@ -287,8 +308,8 @@ class AsyncEngine:
                 # The caller has gone (abort follows a cancel or a disconnect): nobody to tell.
                 log.exception("aborting request %s failed", cmd.request_id)
 
-    def _fail_all(self, message: str) -> list[tuple[str, BaseException]]:
-        """Abort every request the core holds, each with `message` for its stream."""
+    def _fail_all(self, message: str, kind: type[Exception] = RuntimeError) -> list[tuple[str, BaseException]]:
+        """Abort every request the core holds, each with `kind(message)` for its stream."""
         errors: list[tuple[str, BaseException]] = []
         for rid in list(self.core.requests):
             try:
@@ -296,8 +317,26 @@ class AsyncEngine:
             except Exception:
                 log.exception("aborting request %s failed", rid)
                 self.core.requests.pop(rid, None)
-            errors.append((rid, RuntimeError(message)))
+            errors.append((rid, kind(message)))
         return errors
+
+    def _heartbeat(self) -> None:
+        if self.dead is not None:
+            return
+        try:
+            self.core.heartbeat()
+        except UnavailableError as exc:
+            self._die(str(exc))
+
+    def _die(self, reason: str) -> None:
+        """The engine cannot serve any more: new requests get UnavailableError, and `on_dead`
+        (the server's: health NOT_SERVING) runs on the event loop."""
+        if self.dead is not None:
+            return
+        self.dead = reason
+        log.error("engine unavailable: %s", reason)
+        if self.on_dead is not None:
+            self._loop.call_soon_threadsafe(self.on_dead, reason)
 
     def _snapshot(self) -> EngineStats | None:
         try:

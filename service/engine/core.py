@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common.errors import InvalidArgumentError
+from common.errors import InvalidArgumentError, UnavailableError
 from decoding.guided import CompiledGrammar, GuideCompiler
 from decoding.sampling import NoValidTokenError, Sampler, SampleRequest, SamplingParams, TokenLogprobs
 from decoding.stopping import StopChecker
@@ -28,6 +28,7 @@ from service.engine.runner import ModelRunner
 from service.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from service.engine.speculation import Speculator
 from service.engine.stats import EngineStats
+from service.engine.tensor_parallel import TPGroup, start_group, tensor_bytes
 from service.engine.step import StepOutput
 from service.loader import LoadedModel, load_model
 from service.models.build import build_model
@@ -46,9 +47,17 @@ class EngineCore:
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
         hf = loaded.config
-        model, context = build_model(loaded, self.device, dtype)
+        config.validate_parallel()
+        # Tensor parallel: this process is rank 0; the other ranks build their shards meanwhile.
+        self.tp: TPGroup | None = start_group(config) if config.tensor_parallel_size > 1 else None
+        try:
+            model, context = build_model(loaded, self.device, dtype, self.tp)
+        except Exception:
+            self.close()
+            raise
         self.model = model
 
+        # Per rank under tensor parallelism: each holds its KV heads of every block.
         block_bytes = ModelRunner.kv_bytes_per_block(model, config.block_size, dtype)
         num_blocks = config.num_blocks or max(1, int(config.kv_cache_gb * 2**30) // block_bytes)
         self.num_blocks = num_blocks
@@ -65,7 +74,17 @@ class EngineCore:
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len), self.kv, self.lora
         )
         self.runner = ModelRunner(model, self.kv, num_blocks, config.block_size, dtype, self.device,
-                                  self.lora.stacks if self.lora is not None else None)
+                                  self.lora.stacks if self.lora is not None else None, self.tp)
+        # Each rank's (weight bytes, KV bytes), rank 0 first: what sharding saved, measured.
+        self.rank_memory: list[tuple[int, int]] = [(tensor_bytes(model.parameters()),
+                                                    tensor_bytes([self.runner.kv_tensor]))]
+        if self.tp is not None:
+            try:
+                self.tp.send_ints([num_blocks, config.block_size])
+                self.rank_memory = [(w, k) for w, k in self.tp.gather_ints(list(self.rank_memory[0]))]
+            except Exception:
+                self.close()
+                raise
         self.sampler = Sampler()
         self.requests: dict[str, list[Request]] = {}   # parent id -> its n sequences
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids)
@@ -198,6 +217,17 @@ class EngineCore:
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
+    def heartbeat(self) -> None:
+        """Check, while idle, that every tensor-parallel rank is still there (UnavailableError if not)."""
+        if self.tp is not None:
+            self.tp.heartbeat()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (the rest goes with the object)."""
+        if self.tp is not None:
+            self.tp.close()
+            self.tp = None
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 
@@ -268,6 +298,8 @@ class EngineCore:
             t0 = time.perf_counter()
             out = self._execute(batch)
             self.spec.observe_step(batch.total_tokens, time.perf_counter() - t0)
+        except UnavailableError:   # a lost tensor-parallel rank: no batch can run any more
+            raise
         except Exception as exc:  # a failing batch must not take the engine down with it
             log.exception("model step failed")
             return self._fail(batch.requests, f"model step failed: {exc}")

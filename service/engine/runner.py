@@ -9,14 +9,18 @@ from kernels.attention import AttentionMetadata
 from kernels.lora import make_plan
 from service.engine.kv_cache import KVCacheManager
 from service.engine.step import RowLayout, SeqInput, StepOutput
+from service.engine.tensor_parallel import TPGroup
 from service.models.lora import LoRAStacks, LoRAStep
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv: KVCacheManager, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, lora_stacks: LoRAStacks | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, kv: KVCacheManager | None, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device, lora_stacks: LoRAStacks | None = None,
+                 tp: TPGroup | None = None) -> None:
         self.model = model
-        self.kv = kv
+        self.kv = kv   # None on tensor-parallel ranks other than 0: rank 0 sends the block tables
+        self.tp = tp
+        self.vocab_size = int(model.config.vocab_size)
         self.lora_stacks = lora_stacks
         self.block_size = block_size
         self.device = device
@@ -74,28 +78,47 @@ class ModelRunner:
         for t in tables:
             flat_tables.extend(t)
             flat_tables.extend([0] * (width - len(t)))
-        num_t, num_b = len(ids), len(tables)
-        packed = torch.tensor(ids + positions + slots + seq_lens + flat_tables + sample_rows, dtype=torch.long)
-        packed = packed.to(self.device)
-        ids_t, positions_t, slots_t, seq_lens_t, tables_t, sample_t = packed.split(
-            [num_t, num_t, num_t, num_b, num_b * width, len(sample_rows)])
+        dims = [len(ids), len(tables), width, len(sample_rows), num_decodes]
+        packed = torch.tensor(ids + positions + slots + seq_lens + flat_tables + sample_rows + starts, dtype=torch.long)
+        if self.tp is not None:   # the other ranks run the same step on their shards
+            self.tp.send_step(dims, packed)
+        lora = None
+        if self.lora_stacks is not None:
+            plan = make_plan(token_slots, self.lora_stacks.num_slots, self.device)
+            lora = None if plan is None else LoRAStep(self.lora_stacks, plan)
+        hidden, logits = self._forward(packed.to(self.device), dims, starts, seq_lens, lora)
+        rows = {i: hidden[a:b] for i, (a, b) in spans.items()}
+        if logits is None:
+            logits = hidden.new_empty((0, 0), dtype=torch.float32)
+        return StepOutput(logits, RowLayout(first, count), rows)
+
+    def run_remote(self, dims: list[int], packed: torch.Tensor) -> None:
+        """A tensor-parallel rank's share of the step rank 0 described (its `run` above)."""
+        num_t, num_b, width, num_sample, _ = dims
+        starts = packed[-(num_b + 1):].tolist()
+        seq_lens = packed[3 * num_t:3 * num_t + num_b].tolist()
+        self._forward(packed.to(self.device), dims, starts, seq_lens, None)
+
+    def _forward(self, packed: torch.Tensor, dims: list[int], starts: list[int], seq_lens: list[int],
+                 lora: LoRAStep | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states [T, hidden] and the float32 logits of the sampled rows (None when none
+        are, and on ranks other than 0)."""
+        num_t, num_b, width, num_sample, num_decodes = dims
+        ids_t, positions_t, slots_t, seq_lens_t, tables_t, sample_t, _ = packed.split(
+            [num_t, num_t, num_t, num_b, num_b * width, num_sample, num_b + 1])
         meta = AttentionMetadata(
             query_start_loc=starts,
             seq_lens=seq_lens,
             block_tables=tables_t.view(num_b, width),
             seq_lens_t=seq_lens_t,
             num_decodes=num_decodes,
-            block_size=bs,
+            block_size=self.block_size,
         )
-        lora = None
-        if self.lora_stacks is not None:
-            plan = make_plan(token_slots, self.lora_stacks.num_slots, self.device)
-            lora = None if plan is None else LoRAStep(self.lora_stacks, plan)
         hidden = self.model(ids_t, positions_t, self.kv_caches, slots_t, meta, lora)
-        layout = RowLayout(first, count)
-        rows = {i: hidden[a:b] for i, (a, b) in spans.items()}
-        if not sample_rows:
-            return StepOutput(hidden.new_empty((0, 0), dtype=torch.float32), layout, rows)
+        if not num_sample:
+            return hidden, None
         # A single decode samples its only row: no gather.
-        logits = self.model.compute_logits(hidden if len(sample_rows) == num_t else hidden[sample_t])
-        return StepOutput(logits, layout, rows)
+        logits = self.model.compute_logits(hidden if num_sample == num_t else hidden[sample_t])
+        if self.tp is not None:   # each rank computed its vocabulary share
+            logits = self.tp.gather_logits(logits, self.vocab_size)
+        return hidden, logits

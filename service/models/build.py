@@ -8,13 +8,16 @@ import torch
 from common.errors import ModelLoadError
 from service.loader import LoadedModel, gguf_source
 from service.models.gguf_packed import attach_packed
+from service.models.parallel import Parallel, shard_model
 from service.models.registry import MODEL_CLASSES
 
 log = logging.getLogger("weft.engine")
 
 
-def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, int]:
-    """Our forward pass for a loaded checkpoint, on `device`; returns it and its usable context."""
+def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
+                parallel: Parallel | None = None) -> tuple[torch.nn.Module, int]:
+    """Our forward pass for a loaded checkpoint, on `device`; returns it and its usable context.
+    With `parallel` (a tensor-parallel rank), only that rank's shard of the weights is kept."""
     hf = loaded.config
     arch = (getattr(hf, "architectures", None) or ["?"])[0]
     if arch not in MODEL_CLASSES:
@@ -29,9 +32,16 @@ def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -
         model.load_weights(loaded.weights)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{loaded.source}: {exc}") from exc
-    model.to(device=device, dtype=dtype).eval()
     loaded.weights.clear()  # the model holds its own (fused) copies now
-    gguf = gguf_source(loaded) if device.type == "cpu" and dtype == torch.float32 else None
+    sharded = parallel is not None and parallel.world > 1
+    if sharded:
+        try:
+            shard_model(model, parallel)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{loaded.source}: {arch}: {exc}") from exc
+    model.to(device=device, dtype=dtype).eval()
+    # The GGUF blocks are whole matrices: a shard reads its float weights only.
+    gguf = gguf_source(loaded) if device.type == "cpu" and dtype == torch.float32 and not sharded else None
     if gguf is not None:
         # Few-row steps read the GGUF's blocks instead of the float32 weights (kernels/quant.py).
         try:

@@ -91,8 +91,8 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slot_mapping: torch.Tensor, meta: AttentionMetadata,
         lora: LoRAStep | None = None,
     ) -> torch.Tensor:
-        h = F.embedding(input_ids, self.embed_tokens.weight)
-        if lora is None and (self.min_window is None or max(meta.seq_lens) <= self.min_window):
+        h = self.embed_tokens.forward(input_ids)   # a vocabulary share under tensor parallelism
+        if self.native is not None and lora is None and (self.min_window is None or max(meta.seq_lens) <= self.min_window):
             # The native loop knows no adapters and no windows.
             out = self.native(self, h, positions, kv_caches, slot_mapping, meta)
             if out is not None:

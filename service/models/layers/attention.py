@@ -3,6 +3,8 @@ embedding and cache store (one native call on CPU), paged attention (with the la
 window and soft-cap, if any), output projection."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +47,8 @@ class Attention(nn.Module):
         self.qk_norm_per_head = qk_norm_per_head
         self.rope_key = rope_key
         self.rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        # Tensor parallel: sums the partial o_proj outputs of the ranks (service/models/parallel.py).
+        self.reduce: Callable[[torch.Tensor], None] | None = None
 
     def forward(
         self, x: torch.Tensor, rope: StepRope,
@@ -65,6 +69,8 @@ class Attention(nn.Module):
         out = F.linear(o, self.o_proj.weight, self.o_proj.bias)
         if lora is not None:
             lora.add_(out, o, layer, "o")
+        if self.reduce is not None:
+            self.reduce(out)
         return out
 
     def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:

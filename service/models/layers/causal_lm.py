@@ -52,7 +52,7 @@ class CausalLM(nn.Module):
         self.rope_keys.append(key)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = F.embedding(input_ids, self.embed_tokens.weight)
+        h = self.embed_tokens.forward(input_ids)   # a vocabulary share under tensor parallelism
         if self.embed_scale is not None:
             # As transformers does: the scale rounded to the weights' dtype first.
             h = h * torch.tensor(self.embed_scale, dtype=torch.float32).to(h.dtype)

@@ -40,6 +40,8 @@ class GatedMLP(nn.Module):
         self.act = activation(act)
         self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        # Tensor parallel: sums the partial down_proj outputs of the ranks (service/models/parallel.py).
+        self.reduce: Callable[[torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor, lora: LoRAStep | None = None, layer: int = 0) -> torch.Tensor:
         gate_up = F.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
@@ -50,6 +52,8 @@ class GatedMLP(nn.Module):
         out = F.linear(act, self.down_proj.weight, self.down_proj.bias)
         if lora is not None:
             lora.add_(out, act, layer, "down")
+        if self.reduce is not None:
+            self.reduce(out)
         return out
 
     def load_weights(self, w: CheckpointWeights, prefix: str, names: tuple[str, str, str] = (
@@ -71,10 +75,14 @@ class MLP(nn.Module):
         self.act = activation(act)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.reduce: Callable[[torch.Tensor], None] | None = None   # as GatedMLP's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act(F.linear(x, self.up_proj.weight, self.up_proj.bias)),
-                        self.down_proj.weight, self.down_proj.bias)
+        out = F.linear(self.act(F.linear(x, self.up_proj.weight, self.up_proj.bias)),
+                       self.down_proj.weight, self.down_proj.bias)
+        if self.reduce is not None:
+            self.reduce(out)
+        return out
 
     def load_weights(self, w: CheckpointWeights, prefix: str, names: tuple[str, str] = ("up_proj", "down_proj")) -> None:
         for mod, name in zip((self.up_proj, self.down_proj), names):

@@ -7,6 +7,8 @@ expert that received tokens (a loop over experts, never over tokens), one scatte
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,6 +66,8 @@ class SparseMoE(nn.Module):
         self.experts_down = nn.Parameter(torch.empty(num_experts, hidden, inter))
         self.shared_expert = GatedMLP(hidden, shared_inter, act) if shared_inter else None
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_gate else None
+        # Tensor parallel: sums the ranks' partial expert outputs (service/models/parallel.py).
+        self.reduce: Callable[[torch.Tensor], None] | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(top-k expert ids, their weights) [T, k] per token."""
@@ -83,6 +87,8 @@ class SparseMoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(F.linear(x, self.shared_expert_gate.weight)) * shared
             out = out + shared
+        if self.reduce is not None:
+            self.reduce(out)
         return out
 
     def load_weights(self, w: CheckpointWeights, prefix: str, expert_names: tuple[str, str, str] = (
