@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -51,7 +52,10 @@ def write_results(suite: str, workload: dict, rows: list[dict], ratios: dict[str
     path = RESULTS / f"{suite}.json"
     doc = {"workload": {**workload, "machine": machine(), "command": command}, "rows": rows,
            "ratios": {k: round(v, 3) for k, v in ratios.items()}}
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    # Write, then rename: a run killed half-way leaves the previous results whole.
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 
