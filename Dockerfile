@@ -55,11 +55,13 @@ COPY --chown=weft:weft . .
 ENV WEFT_HOME=/var/lib/weft \
     PATH=/opt/weft/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1
-VOLUME ["/var/lib/weft"]
 
 # Convert the default model's GGUF once at build time (about 20 s) so that a new replica is
 # ready in seconds instead of repeating it on every start.
 RUN weft generate --max-tokens 1 --temperature 0 "Hello"
+
+# Declared after every build step: what a RUN writes under a declared volume is discarded.
+VOLUME ["/var/lib/weft"]
 
 # gRPC (service/server.py DEFAULT_PORT) and HTTP: OpenAI/Ollama shim and /metrics
 # (service/shim/app.py DEFAULT_HTTP_PORT).

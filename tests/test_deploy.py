@@ -57,8 +57,9 @@ class Instruction:
 
     def exec_form(self) -> list[str]:
         """The JSON array of an exec-form ENTRYPOINT / CMD / HEALTHCHECK CMD / VOLUME."""
-        text = self.value.removeprefix("CMD").strip() if self.keyword == "HEALTHCHECK" else self.value
-        text = re.sub(r"^(--\S+\s+)+", "", text).removeprefix("CMD").strip()
+        text = self.value
+        if self.keyword == "HEALTHCHECK":   # HEALTHCHECK [--option=value ...] CMD [...]
+            text = re.sub(r"^(--\S+\s+)*CMD\s+", "", text)
         value = json.loads(text)
         assert isinstance(value, list) and all(isinstance(v, str) for v in value), self
         return value
