@@ -26,10 +26,11 @@ def free_port() -> int:
 class Proc:
     """A `weft ...` subprocess whose log is read until a line matches, then drained in the background."""
 
-    def __init__(self, args: list[str], ready: str) -> None:
+    def __init__(self, args: list[str], ready: str, program: list[str] | None = None) -> None:
+        """`program` replaces `python -m service.cli` (tests/test_deploy.py runs the image's entrypoint)."""
         env = {**os.environ, "WEFT_API_KEY": ""}
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", *args], stderr=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, text=True, env=env)
+        argv = [*(program or [sys.executable, "-m", "service.cli"]), *args]
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         assert self.proc.stderr is not None
         self.lines: list[str] = []
         for line in self.proc.stderr:          # wait on the log, not on a timer
