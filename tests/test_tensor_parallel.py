@@ -24,6 +24,7 @@ from clients.weft.v1 import inference_pb2 as pb
 from clients.weft.v1 import inference_pb2_grpc as pb_grpc
 from decoding.guided import GuidedSpec
 from decoding.sampling import SamplingParams
+from service.engine.tensor_parallel import free_port
 from service.llm import LLM
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -36,6 +37,12 @@ FAMILIES = [
     ("qwen2_moe", {}),
     # StarCoder2: biases on every projection (the row-parallel ones added once).
     ("starcoder2", {}),
+    # Gemma 2: soft-capped attention and logits, sliding windows, sandwich norms.
+    ("gemma2", {}),
+    # Cohere: attention and MLP side by side, per-head q/k norms (a weight per head, split too).
+    ("cohere", {"use_qk_norm": True}),
+    ("mixtral", {}),
+    ("phi3", {}),
 ]
 
 
@@ -53,7 +60,7 @@ def _tokens(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
 def test_two_ranks_equal_one(tiny_model_factory, kind, overrides) -> None:
     path = str(tiny_model_factory(kind, **overrides))
     heavy = kind == "llama"
-    prompts = _prompts(12 if heavy else 4)
+    prompts = _prompts(12 if heavy else 3)
     with LLM(path, dtype="float32", progress=False, num_blocks=512) as one:
         want = _tokens(one, prompts)
         whole_weights, whole_kv = one.engine.rank_memory[0]
@@ -111,6 +118,38 @@ def test_bad_sizes_are_refused(tiny_model_factory) -> None:
     with pytest.raises(ValueError, match="LoRA adapters are not supported with tensor parallelism"):
         LLM(str(tiny_model_factory("llama")), dtype="float32", progress=False, tensor_parallel_size=2,
             enable_lora=True)
+
+
+def _worker(model: str, port: int, *flags: str) -> subprocess.Popen:
+    """`weft worker` as rank 1 of 2, as a second host would start it (torchrun's variables)."""
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--model", model,
+                             "--tensor-parallel-size", "2", *flags], env=env, stderr=subprocess.PIPE, text=True)
+
+
+def test_rendezvous_from_the_environment(tiny_model_factory, monkeypatch) -> None:
+    """Rank 0 in this process, rank 1 a `weft worker` joining through MASTER_ADDR/PORT: the
+    layout of two hosts, on loopback."""
+    path = str(tiny_model_factory("llama"))
+    prompts = _prompts(3)
+    with LLM(path, dtype="float32", progress=False, num_blocks=64) as one:
+        want = _tokens(one, prompts)
+    port = free_port()
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    worker = _worker(path, port)
+    with LLM(path, dtype="float32", progress=False, num_blocks=64, tensor_parallel_size=2) as two:
+        assert two.engine.tp is not None and two.engine.tp.workers == []   # nothing started locally
+        assert _tokens(two, prompts) == want
+    assert worker.wait(60) == 0          # stopped by rank 0's close
+    # A rank given another model is refused at start, naming the mismatch.
+    other = str(tiny_model_factory("llama", num_hidden_layers=3))
+    port = free_port()
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    worker = _worker(other, port)
+    with pytest.raises(ValueError, match=r"rank\(s\) \[1\] loaded another model"):
+        LLM(path, dtype="float32", progress=False, num_blocks=64, tensor_parallel_size=2)
+    assert worker.wait(60) == 1
 
 
 # ---- a rank lost under a real server --------------------------------------------------------

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common.errors import InvalidArgumentError, UnavailableError
+from common.errors import InvalidArgumentError, ModelLoadError, UnavailableError
 from decoding.guided import CompiledGrammar, GuideCompiler
 from decoding.sampling import NoValidTokenError, Sampler, SampleRequest, SamplingParams, TokenLogprobs
 from decoding.stopping import StopChecker
@@ -28,7 +28,7 @@ from service.engine.runner import ModelRunner
 from service.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from service.engine.speculation import Speculator
 from service.engine.stats import EngineStats
-from service.engine.tensor_parallel import TPGroup, start_group, tensor_bytes
+from service.engine.tensor_parallel import TPGroup, model_fingerprint, start_group, tensor_bytes
 from service.engine.step import StepOutput
 from service.loader import LoadedModel, load_model
 from service.models.build import build_model
@@ -80,8 +80,14 @@ class EngineCore:
                                                     tensor_bytes([self.runner.kv_tensor]))]
         if self.tp is not None:
             try:
-                self.tp.send_ints([num_blocks, config.block_size])
-                self.rank_memory = [(w, k) for w, k in self.tp.gather_ints(list(self.rank_memory[0]))]
+                self.tp.send_ints([num_blocks, config.block_size, *model_fingerprint(model, dtype)])
+                reports = self.tp.gather_ints([*self.rank_memory[0], 1])
+                if not all(same for _, _, same in reports):
+                    bad = [r for r, (_, _, same) in enumerate(reports) if not same]
+                    raise ModelLoadError(f"tensor parallel: rank(s) {bad} loaded another model or dtype than rank 0 "
+                                         f"({config.model}, {dtype}); start every rank with the same --model and "
+                                         "--dtype")
+                self.rank_memory = [(w, k) for w, k, _ in reports]
             except Exception:
                 self.close()
                 raise

@@ -198,6 +198,15 @@ class TPGroup:
         raise UnavailableError(self.broken) from exc
 
 
+def model_fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> list[int]:
+    """What every rank's model must agree on: vocabulary, layers, hidden size, dtype."""
+    c = model.config
+    return [int(c.vocab_size), int(c.num_hidden_layers), int(c.hidden_size), list(DTYPE_CODES).index(dtype)]
+
+
+DTYPE_CODES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 

@@ -17,7 +17,7 @@ import torch
 from common.errors import UnavailableError
 from service.config import EngineConfig
 from service.engine.runner import ModelRunner
-from service.engine.tensor_parallel import OP_HEARTBEAT, OP_STEP, OP_STOP, Rendezvous, TPGroup, tensor_bytes
+from service.engine.tensor_parallel import OP_HEARTBEAT, OP_STEP, OP_STOP, Rendezvous, TPGroup, model_fingerprint, tensor_bytes
 from service.loader import load_model
 from service.models.build import build_model
 
@@ -37,9 +37,16 @@ def serve_rank(config: EngineConfig) -> int:
     group = TPGroup(rdv, "nccl" if device.type == "cuda" else "gloo")
     dtype = config.torch_dtype()
     model, _ = build_model(load_model(config.model, dtype=dtype, progress=False), device, dtype, group)
-    num_blocks, block_size = group.recv_ints(2)
+    num_blocks, block_size, *theirs = group.recv_ints(2 + len(model_fingerprint(model, dtype)))
     runner = ModelRunner(model, None, num_blocks, block_size, dtype, device, tp=group)
-    group.gather_ints([tensor_bytes(model.parameters()), tensor_bytes([runner.kv_tensor])])
+    # Ranks started by hand on other hosts may have been given another model or dtype: say so
+    # (rank 0 refuses to start) rather than compute garbage.
+    same = int(theirs == model_fingerprint(model, dtype))
+    group.gather_ints([tensor_bytes(model.parameters()), tensor_bytes([runner.kv_tensor]), same])
+    if not same:
+        log.error("rank %d: this model (%s) is not rank 0's", rdv.rank, config.model)
+        group.close()
+        return 1
     log.info("rank %d of %d (pid %d): shard loaded, %d KV blocks", rdv.rank, rdv.world, os.getpid(), num_blocks)
     with torch.inference_mode():
         while True:
