@@ -204,4 +204,3 @@ def shard_model(model: nn.Module, par: Parallel) -> None:
     # The native one-C-call loop has no all-reduce between layers.
     if hasattr(model, "native"):
         model.native = None
-    model.tensor_parallel = par
