@@ -131,8 +131,14 @@ def cmd_serve(a: argparse.Namespace, engine_config: EngineConfigFn) -> int:
                             embedding_model_name=a.embedding_model_name, pooling=a.pooling)
     options = dataclasses.replace(options, embedding_model=resolve_embedding_model(a.embedding_model, config.model))
     store = None
+    if path is not None and (a.max_loaded_models is not None or a.memory_gb is not None):
+        raise InvalidArgumentError("--model", f"{path} is a path: served alone and never unloaded; "
+                                   "--max-loaded-models and --memory-gb are for the store (name store models)")
     if path is None:
         from service.store import DEFAULT_NAME
+
+        if a.served_model_name:
+            raise InvalidArgumentError("--served-model-name", "the store names its models (`weft cp` to add a name)")
 
         try:
             keep_alive = parse_keep_alive(a.keep_alive)

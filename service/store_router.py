@@ -88,6 +88,7 @@ class Engine:
     servicer: InferenceServicer
     engine: AsyncEngine
     views: StoreViews
+    name: str            # the store model it was loaded for (logs)
 
 
 class StoreRouter(pb_grpc.InferenceServiceServicer):
@@ -154,17 +155,17 @@ class StoreRouter(pb_grpc.InferenceServiceServicer):
         size = loaded_bytes(core)
         log.info("loaded %s (%s, %.1f MB) in %.1fs", short_name(m.name), m.weights, size / 1e6,
                  time.perf_counter() - t0)
-        return Engine(servicer, engine, views), size
+        return Engine(servicer, engine, views, short_name(m.name)), size
 
     async def _unload(self, loaded: Engine) -> None:
         loaded.servicer.draining = True
         await loaded.engine.shutdown()
-        log.info("unloaded %s", loaded.servicer.model_name)
+        log.info("unloaded %s", loaded.name)
 
     async def preload(self, names: list[str]) -> None:
         """Load these store models now (`weft serve --model NAME ...`), with the default keep_alive."""
         for name in names:
-            m = self._manifest(name)
+            m = self.store.get(name)   # NotFoundError: `weft serve` says so and exits
             entry = await self.pool.acquire(model_key(m), m.name, m.size, self.pool.keep_alive)
             self.pool.release(entry)
 

@@ -30,8 +30,8 @@ def _short(name: str) -> str:
 class StoreViews:
     def __init__(self, store: ModelStore, weights: Path, served_name: str,
                  accept: Callable[[Manifest], bool] | None = None) -> None:
-        """`accept`: which store models of these weights this engine serves (a multi-model
-        server runs one engine per weights, adapter and context length); default all."""
+        """`accept`: which store models this engine serves, instead of every one of these weights
+        (a multi-model server runs one engine per weights digest, adapter and context length)."""
         self.store = store
         self._accept = accept
         self.weights = weights.resolve()
@@ -51,7 +51,9 @@ class StoreViews:
         return content_digest(path) == self._digest
 
     def _serves(self, m: Manifest) -> bool:
-        return self._same_weights(m.weights) and (self._accept is None or self._accept(m))
+        if self._accept is not None:   # it decides alone: manifests' digests are their weights' content
+            return self._accept(m)     # hash, so no file is hashed again on the event loop
+        return self._same_weights(m.weights)
 
     def get(self, name: str) -> View | None:
         """The view `name` (name or name:tag) names; None when the store has no such model;
