@@ -215,17 +215,19 @@ class InferenceServiceServicer:
 
     def CreateModel(self, request, context):
         """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
-        Modelfile. A store model with the weights this server has loaded is served at once, its
-        Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+        Modelfile; its Modelfile is the defaults of its requests. A server of the whole store
+        serves it at once (loading it on first use); a server started with one store model serves
+        it when its weights are the loaded ones. INVALID_ARGUMENT naming the Modelfile's line.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteModel(self, request, context):
-        """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
-        with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
-        the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+        """Admin: remove a model from the store. INVALID_ARGUMENT while it is in use (the model a
+        one-model server was started with; on a server of the whole store, while requests run on
+        its engine); NOT_FOUND for an unknown name. Store admin needs a server started from the
+        store (`weft serve` without a path): FAILED_PRECONDITION otherwise.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

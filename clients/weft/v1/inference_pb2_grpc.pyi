@@ -90,13 +90,15 @@ class InferenceServiceStub:
     """
     CreateModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CreateModelRequest, _inference_pb2.CreateModelResponse]
     """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
-    Modelfile. A store model with the weights this server has loaded is served at once, its
-    Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+    Modelfile; its Modelfile is the defaults of its requests. A server of the whole store
+    serves it at once (loading it on first use); a server started with one store model serves
+    it when its weights are the loaded ones. INVALID_ARGUMENT naming the Modelfile's line.
     """
     DeleteModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DeleteModelRequest, _inference_pb2.DeleteModelResponse]
-    """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
-    with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
-    the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+    """Admin: remove a model from the store. INVALID_ARGUMENT while it is in use (the model a
+    one-model server was started with; on a server of the whole store, while requests run on
+    its engine); NOT_FOUND for an unknown name. Store admin needs a server started from the
+    store (`weft serve` without a path): FAILED_PRECONDITION otherwise.
     """
     CopyModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CopyModelRequest, _inference_pb2.CopyModelResponse]
     """Admin: copy a store model under another name."""
@@ -165,13 +167,15 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """
     CreateModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.CreateModelRequest, _inference_pb2.CreateModelResponse]  # type: ignore[assignment]
     """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
-    Modelfile. A store model with the weights this server has loaded is served at once, its
-    Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+    Modelfile; its Modelfile is the defaults of its requests. A server of the whole store
+    serves it at once (loading it on first use); a server started with one store model serves
+    it when its weights are the loaded ones. INVALID_ARGUMENT naming the Modelfile's line.
     """
     DeleteModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.DeleteModelRequest, _inference_pb2.DeleteModelResponse]  # type: ignore[assignment]
-    """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
-    with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
-    the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+    """Admin: remove a model from the store. INVALID_ARGUMENT while it is in use (the model a
+    one-model server was started with; on a server of the whole store, while requests run on
+    its engine); NOT_FOUND for an unknown name. Store admin needs a server started from the
+    store (`weft serve` without a path): FAILED_PRECONDITION otherwise.
     """
     CopyModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.CopyModelRequest, _inference_pb2.CopyModelResponse]  # type: ignore[assignment]
     """Admin: copy a store model under another name."""
@@ -303,8 +307,9 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.CreateModelResponse, _abc.Awaitable[_inference_pb2.CreateModelResponse]]:
         """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
-        Modelfile. A store model with the weights this server has loaded is served at once, its
-        Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+        Modelfile; its Modelfile is the defaults of its requests. A server of the whole store
+        serves it at once (loading it on first use); a server started with one store model serves
+        it when its weights are the loaded ones. INVALID_ARGUMENT naming the Modelfile's line.
         """
 
     @_abc_1.abstractmethod
@@ -313,9 +318,10 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.DeleteModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.DeleteModelResponse, _abc.Awaitable[_inference_pb2.DeleteModelResponse]]:
-        """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
-        with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
-        the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+        """Admin: remove a model from the store. INVALID_ARGUMENT while it is in use (the model a
+        one-model server was started with; on a server of the whole store, while requests run on
+        its engine); NOT_FOUND for an unknown name. Store admin needs a server started from the
+        store (`weft serve` without a path): FAILED_PRECONDITION otherwise.
         """
 
     @_abc_1.abstractmethod
