@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import grpc
 import httpx
 import ollama
+import openai
 import pytest
 
 from clients.client import NO_RETRY, WeftClient
@@ -307,6 +308,16 @@ def test_lru_eviction_with_one_model_at_a_time(one_at_a_time) -> None:
     with WeftClient(s.target, retry=NO_RETRY, timeout=60) as c:
         (engine,) = c.loaded_models()
         assert {"llama", "terse"} <= set(engine.names) and "qwen" not in engine.names
+    # An OpenAI request runs on the engine of the model it names: nothing else is loaded for it
+    # (not the default model for its limits), so the loaded engine is the same one.
+    async def engines() -> list:
+        return s.router.pool.loaded()   # on the server's loop, where the pool lives
+    (before,) = s.call(engines())
+    chat = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none").chat.completions.create(
+        model="llama", messages=[{"role": "user", "content": ASK}], max_tokens=4, temperature=0)
+    assert chat.usage.completion_tokens == 4 and chat.model == "llama"
+    (after,) = s.call(engines())
+    assert after is before
 
 
 def test_never_evicts_a_model_with_a_request_in_flight(one_at_a_time) -> None:
