@@ -76,6 +76,15 @@ def engine_config(config: EngineConfig, m: Manifest, served: str) -> tuple[Engin
     return dataclasses.replace(config, **changes), adapter
 
 
+def estimated_bytes(m: Manifest, config: EngineConfig) -> int:
+    """Memory a store model will hold, before it is loaded (to make room first): its weights'
+    size on disk and the KV pool's budget. Under the truth for quantised files (dequantised on
+    load) and over it with --num-blocks: the pool measures each model once loaded and evicts
+    or refuses then."""
+    kv = int(config.kv_cache_gb * 2**30) if config.num_blocks is None else 0
+    return m.size + kv
+
+
 def loaded_bytes(core: EngineCore) -> int:
     """Memory a loaded engine holds: its weights and its KV cache."""
     weights = sum(t.nbytes for t in core.model.parameters()) + sum(t.nbytes for t in core.model.buffers())
@@ -166,7 +175,8 @@ class StoreRouter(pb_grpc.InferenceServiceServicer):
         """Load these store models now (`weft serve --model NAME ...`), with the default keep_alive."""
         for name in names:
             m = self.store.get(name)   # NotFoundError: `weft serve` says so and exits
-            entry = await self.pool.acquire(model_key(m), m.name, m.size, self.pool.keep_alive)
+            entry = await self.pool.acquire(model_key(m), m.name, estimated_bytes(m, self.config),
+                                            self.pool.keep_alive)
             self.pool.release(entry)
 
     # ---- routing ----------------------------------------------------------------------------
@@ -204,7 +214,7 @@ class StoreRouter(pb_grpc.InferenceServiceServicer):
             try:
                 # Waiting for room ends at the call's deadline, like the request itself would.
                 async with asyncio.timeout(context.time_remaining()):
-                    entry = await self.pool.acquire(model_key(m), m.name, m.size, keep_alive)
+                    entry = await self.pool.acquire(model_key(m), m.name, estimated_bytes(m, self.config), keep_alive)
             except ModelTooLargeError as exc:
                 raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, str(exc), field="model") from None
             except (ModelLoadError, OSError) as exc:   # the store names weights that do not load (any more)
