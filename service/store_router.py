@@ -174,6 +174,9 @@ class StoreRouter(pb_grpc.InferenceServiceServicer):
     async def preload(self, names: list[str]) -> None:
         """Load these store models now (`weft serve --model NAME ...`), with the default keep_alive."""
         for name in names:
+            if full_name(name) == DEFAULT_NAME and DEFAULT_NAME not in self.store.builtins():
+                from service.loader import default_model_path
+                default_model_path()   # raises ModelLoadError saying which package to install
             m = self.store.get(name)   # NotFoundError: `weft serve` says so and exits
             entry = await self.pool.acquire(model_key(m), m.name, estimated_bytes(m, self.config),
                                             self.pool.keep_alive)

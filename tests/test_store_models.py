@@ -405,3 +405,30 @@ def test_weft_ps_shows_what_is_loaded(stack, capsys) -> None:
     assert set(rows) == {"qwen", "llama"}
     assert rows["qwen"].endswith("60 minutes from now") and rows["llama"].endswith("Forever")
     assert "100% CPU" in rows["qwen"]
+
+
+def test_grpc_load_unload_and_pull(stack, tmp_path) -> None:
+    with WeftClient(stack.target, retry=NO_RETRY, timeout=120) as c:
+        loaded = c.load_model("qwen", keep_alive=30).model
+        assert loaded.model.name == "qwen" and loaded.model.loaded and loaded.size_bytes > 0
+        assert 25 < loaded.expires_at - time.time() <= 30 and "qwen" in loaded.names
+        assert c.load_model("llama", keep_alive=-1).model.HasField("expires_at") is False   # kept
+        assert c.unload_model("qwen") is True
+        assert c.unload_model("qwen") is False                   # not loaded: nothing to do
+        assert "qwen" not in [m.model.name for m in c.loaded_models()]
+        with pytest.raises(grpc.RpcError) as rpc:
+            c.load_model("no-such-model")
+        assert rpc.value.code() is grpc.StatusCode.NOT_FOUND
+        # Generate with keep_alive_seconds 0: unloaded as it ends.
+        c.generate("hi", model="qwen", max_tokens=2, keep_alive=0)
+        assert "qwen" not in [m.model.name for m in c.loaded_models()]
+        listed = {m.name: m for m in c.models()}
+        assert not listed["qwen"].loaded and listed["qwen"].size_bytes > 0 and listed["llama"].loaded
+        path = tmp_path / "tiny.gguf"
+        path.write_bytes(b"GGUF" + bytes(1000))
+        steps = list(c.pull_model(str(path), name="tiny-pulled:v1"))
+        assert steps[-1].status == "success" and steps[-1].model.name == "tiny-pulled:v1"
+        assert steps[-1].model.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+        with pytest.raises(grpc.RpcError) as rpc:
+            list(c.pull_model("library/llama3.1"))
+        assert rpc.value.code() is grpc.StatusCode.NOT_FOUND and "registry" in rpc.value.details()
