@@ -1,4 +1,4 @@
-"""`weft` command line: serve | generate | client | models | create | list | show | rm | cp | run."""
+"""`weft` command line: serve | generate | client | models | create | list | show | rm | cp | pull | ps | stop | run."""
 from __future__ import annotations
 
 import argparse

@@ -120,6 +120,17 @@ def cmd_ps(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stop(a: argparse.Namespace) -> int:
+    """`ollama stop NAME`: a running server unloads the model (once its running requests end)."""
+    from clients.client import NO_RETRY, WeftClient
+
+    host = a.host or env.weft_host() or "localhost:50051"
+    with WeftClient(host, retry=NO_RETRY, timeout=30) as client:
+        unloading = client.unload_model(a.name)
+    print(f"stopping {a.name}" if unloading else f"{a.name} is not loaded (or the server serves it by path)")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     pl = sub.add_parser("pull", help="add a model to the store from this machine: a .gguf, an HF directory, or an "
                                      "installed package that ships a .gguf")
@@ -129,6 +140,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ps = sub.add_parser("ps", help="the models a running server has loaded now ($WEFT_HOST or --host)")
     ps.add_argument("--host", default=None)
     ps.set_defaults(func=cmd_ps)
+    st = sub.add_parser("stop", help="unload a model from a running server ($WEFT_HOST or --host)")
+    st.add_argument("name")
+    st.add_argument("--host", default=None)
+    st.set_defaults(func=cmd_stop)
     c = sub.add_parser("create", help="create a model in the store from a Modelfile")
     c.add_argument("name")
     c.add_argument("-f", "--file", default="Modelfile", help="the Modelfile (default ./Modelfile)")

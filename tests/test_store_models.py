@@ -392,10 +392,10 @@ def test_weft_serve_command_serves_the_store(home) -> None:
     assert proc.returncode == 0
 
 
-def test_weft_ps_shows_what_is_loaded(stack, capsys) -> None:
+def test_weft_ps_and_stop(stack, capsys) -> None:
     import argparse
 
-    from service.store_cli import cmd_ps
+    from service.store_cli import cmd_ps, cmd_stop
 
     client = ollama.Client(host=stack.url)
     client.generate(model="qwen", prompt="", keep_alive="1h")
@@ -405,6 +405,10 @@ def test_weft_ps_shows_what_is_loaded(stack, capsys) -> None:
     assert set(rows) == {"qwen", "llama"}
     assert rows["qwen"].endswith("60 minutes from now") and rows["llama"].endswith("Forever")
     assert "100% CPU" in rows["qwen"]
+    assert cmd_stop(argparse.Namespace(host=stack.target, name="qwen")) == 0
+    assert capsys.readouterr().out.strip() == "stopping qwen" and stack.loaded() == ["llama"]
+    assert cmd_stop(argparse.Namespace(host=stack.target, name="qwen")) == 0
+    assert "not loaded" in capsys.readouterr().out
 
 
 def test_grpc_load_unload_and_pull(stack, tmp_path) -> None:
