@@ -13,12 +13,9 @@ import asyncio
 import hashlib
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,7 +34,8 @@ from service.server_cli import StoreSettings, load_store, store_router
 from service.shim.app import HttpServer
 from service.store import ModelStore
 from service.store_router import StoreRouter
-from tests.test_http_shim import ShimStack
+from tests.test_http_serve import Proc, free_port
+from tests.test_http_shim import ShimStack, wait_until
 
 ASK = "Name a fruit."
 GREEDY = {"temperature": 0, "num_predict": 8}
@@ -287,13 +285,6 @@ def one_at_a_time(home) -> Iterator[StoreStack]:
     s.stop()
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.005)
-
-
 def test_lru_eviction_with_one_model_at_a_time(one_at_a_time) -> None:
     s = one_at_a_time
     client = ollama.Client(host=s.url)
@@ -355,41 +346,22 @@ def test_model_too_large_for_the_memory_budget(home) -> None:
         s.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_weft_serve_command_serves_the_store(home) -> None:
     """The real command: two --model names preloaded under --max-loaded-models 1 (the second
     evicts the first), then the first loaded again on use; SIGTERM stops it."""
-    port = _free_port()
-    env = {**os.environ, "WEFT_HOME": str(home)}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", "llama", "--model", "qwen",
-                             "--max-loaded-models", "1", "--num-blocks", "64", "--port", "0", "--host", "127.0.0.1",
-                             "--http-port", str(port), "--embedding-model", "none"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    port = free_port()
+    proc = Proc(["serve", "--model", "llama", "--model", "qwen", "--max-loaded-models", "1", "--num-blocks", "64",
+                 "--port", "0", "--host", "127.0.0.1", "--http-port", str(port), "--embedding-model", "none"],
+                ready=r"serving the model store")   # logged once the preloads are done (WEFT_HOME: this store)
     try:
-        deadline = time.monotonic() + 180
-        while True:   # poll /health until the preloads are done (the process starts in seconds)
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        client = ollama.Client(host=url)
+        client = ollama.Client(host=f"http://127.0.0.1:{port}")
         assert [m.model for m in client.ps().models] == ["qwen"]
         assert client.generate(model="llama", prompt=ASK, options=GREEDY).done
         assert [m.model for m in client.ps().models] == ["llama"]
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(60) == 0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-    assert proc.returncode == 0
+        proc.stop()
 
 
 def test_weft_ps_and_stop(stack, capsys) -> None:
