@@ -61,11 +61,13 @@ class ModelPool(Generic[T]):
     def __init__(self, load: Callable[[Hashable, str], Awaitable[tuple[T, int]]],
                  unload: Callable[[T], Awaitable[None]], *, max_loaded: int | None = None,
                  memory_bytes: int | None = None, keep_alive: float = DEFAULT_KEEP_ALIVE_S,
-                 clock: Clock = time.monotonic) -> None:
-        """`load(key, name)` returns the loaded model and its measured size in bytes."""
+                 clock: Clock = time.monotonic, released: Callable[[], None] | None = None) -> None:
+        """`load(key, name)` returns the loaded model and its measured size in bytes;
+        `released()` runs after an unload, once the pool holds no reference to the model (to
+        free its memory at once: a garbage collection, a device cache)."""
         if max_loaded is not None and max_loaded < 1:
             raise ValueError("max_loaded must be at least 1")
-        self._load, self._unload = load, unload
+        self._load, self._unload, self._released = load, unload, released
         self.max_loaded, self.memory_bytes = max_loaded, memory_bytes
         self.keep_alive, self.clock = keep_alive, clock
         self._entries: dict[Hashable, Loaded[T]] = {}
@@ -212,14 +214,19 @@ class ModelPool(Generic[T]):
             del self._entries[entry.key]
         if entry.value is None:
             return
+        value: T | None
         value, entry.value = entry.value, None
         pending = _Unloading(entry.size)
         self._unloading.append(pending)
 
         async def run() -> None:
+            nonlocal value
             try:
                 await self._unload(value)
             finally:
+                value = None   # the pool's last reference
+                if self._released is not None:
+                    self._released()
                 self._unloading.remove(pending)
                 self._notify()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+import torch
 
 from clients.weft.v1 import inference_pb2 as pb
 from clients.weft.v1 import inference_pb2_grpc as pb_grpc
@@ -110,7 +112,8 @@ class StoreRouter(pb_grpc.InferenceServiceServicer):
         self.store = store or ModelStore()
         self.default_model = full_name(default_model)
         self.pool: ModelPool[Engine] = ModelPool(self._load, self._unload, max_loaded=max_loaded,
-                                                 memory_bytes=memory_bytes, keep_alive=keep_alive, clock=clock)
+                                                 memory_bytes=memory_bytes, keep_alive=keep_alive, clock=clock,
+                                                 released=self._released)
         self._on_request_end, self._observer = on_request_end, observer
         self.embeddings: InferenceServicer | None = None   # an embedding model served beside the store
         self._encoder: AsyncEncoder | None = None
@@ -170,6 +173,14 @@ class StoreRouter(pb_grpc.InferenceServiceServicer):
         loaded.servicer.draining = True
         await loaded.engine.shutdown()
         log.info("unloaded %s", loaded.name)
+
+    def _released(self) -> None:
+        """An unloaded engine is no longer referenced: reference cycles (modules, closures)
+        would keep its tensors until some later collection, so collect now, and hand a GPU's
+        freed blocks back to the device rather than keep them in torch's cache."""
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
     async def preload(self, names: list[str]) -> None:
         """Load these store models now (`weft serve --model NAME ...`), with the default keep_alive."""

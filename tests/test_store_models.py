@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -100,6 +101,13 @@ class StoreStack:
         """/api/ps's names (expired models are swept as it is asked)."""
         return [m.model for m in ollama.Client(host=self.url).ps().models]
 
+    def engine_of(self, name: str):
+        """The engine a loaded model runs on."""
+        async def find():
+            (entry,) = [e for e in self.router.pool.loaded() if e.name.removesuffix(":latest") == name]
+            return entry.value.engine
+        return self.call(find())
+
     def unloads_done(self) -> None:
         """Wait for the engines told to go to have stopped (their memory is free)."""
         self.call(self.router.pool.wait_unloaded())
@@ -183,9 +191,14 @@ def test_keep_alive_unloads_on_the_clock(stack) -> None:
     assert stack.loaded() == ["llama"]
     stack.clock.advance(10 ** 7)
     assert stack.loaded() == ["llama"]
-    # Loaded again on use; keep_alive 0 unloads it right after its request (Ollama's).
+    # Loaded again on use; keep_alive 0 unloads it right after its request (Ollama's), and its
+    # memory is free once the unload is done (nothing keeps the engine alive).
+    client.generate(model="qwen", prompt=ASK, options=GREEDY, keep_alive="1h")
+    core = weakref.ref(stack.engine_of("qwen").core)
     client.generate(model="qwen", prompt=ASK, options=GREEDY, keep_alive=0)
     assert stack.loaded() == ["llama"]
+    stack.unloads_done()
+    assert core() is None
     # An empty prompt loads (done_reason load) and, with keep_alive 0, unloads.
     assert client.generate(model="qwen", prompt="", keep_alive="1h").done_reason == "load"
     assert sorted(stack.loaded()) == ["llama", "qwen"]
