@@ -21,13 +21,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from common.errors import WeftError
+
 T = TypeVar("T")
 Clock = Callable[[], float]
 FOREVER = math.inf
 DEFAULT_KEEP_ALIVE_S = 300.0      # Ollama's default: five minutes
 
 
-class ModelTooLargeError(Exception):
+class ModelTooLargeError(WeftError):
     """The model alone needs more memory than the whole budget: it can never be loaded here."""
 
     def __init__(self, name: str, need: int, budget: int) -> None:

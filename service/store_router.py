@@ -160,10 +160,15 @@ class StoreRouter(pb_grpc.InferenceServiceServicer):
         core = await in_daemon_thread(EngineCore, config)   # off the event loop: the others keep serving
         engine = AsyncEngine(core)
         engine.start()
-        servicer = InferenceServicer(internal, self._on_request_end, self._observer, self.options.tool_call_format,
-                                     None, adapter, store=True)
-        views = StoreViews(self.store, core.loaded.source, internal, accept=lambda other: model_key(other) == key)
-        servicer.attach(engine, DecoderEmbedder(engine, self.options.pooling), views=views)
+        try:
+            servicer = InferenceServicer(internal, self._on_request_end, self._observer,
+                                         self.options.tool_call_format, None, adapter, store=True)
+            views = StoreViews(self.store, core.loaded.source, internal,
+                               accept=lambda other: model_key(other) == key)
+            servicer.attach(engine, DecoderEmbedder(engine, self.options.pooling), views=views)
+        except BaseException:
+            await engine.shutdown()   # not left running with no one to stop it
+            raise
         size = loaded_bytes(core)
         log.info("loaded %s (%s, %.1f MB) in %.1fs", short_name(m.name), m.weights, size / 1e6,
                  time.perf_counter() - t0)
