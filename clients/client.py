@@ -58,6 +58,13 @@ class RetryPolicy:
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 
+def _load_request(model: str, keep_alive: float | None) -> pb.LoadModelRequest:
+    req = pb.LoadModelRequest(model=model)
+    if keep_alive is not None:
+        req.keep_alive_seconds = keep_alive
+    return req
+
+
 def build_generate_request(
     prompt: Prompt | None = None, *, messages: Sequence[Message] | None = None, model: str = "",
     max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
@@ -69,17 +76,21 @@ def build_generate_request(
     num_speculative_tokens: int | None = None, cache_salt: str = "", add_generation_prompt: bool | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: str | None = None,
     parallel_tool_calls: bool | None = None, logit_bias: Mapping[int, float] | None = None,
+    keep_alive: float | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from Python values. `prompt` is text, token ids, chat messages
     ({"role", "content"} mappings; an assistant turn may carry "tool_calls", a tool turn
     "tool_call_id") or a ready GenerateRequest (returned as is). `tools` are
     {"name", "description", "parameters"} mappings (or OpenAI's {"type": "function", "function":
     {...}}); `tool_choice` is "none", "auto", "required" or a tool's name; `logit_bias` maps token
-    ids to a bias in [-100, 100]. None leaves a field unset, so the server's documented default
-    applies."""
+    ids to a bias in [-100, 100]; `keep_alive` is how many seconds a store server keeps the model
+    loaded once idle (0: unload after this request, negative: keep). None leaves a field unset, so
+    the server's documented default applies."""
     if isinstance(prompt, pb.GenerateRequest):
         return prompt
     req = pb.GenerateRequest(model=model, cache_salt=cache_salt)
+    if keep_alive is not None:
+        req.keep_alive_seconds = keep_alive
     if messages is not None:
         prompt = messages
     if isinstance(prompt, str):
@@ -316,6 +327,29 @@ class WeftClient(_Base):
     def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
         self._unary(self.stub.UnloadAdapter, pb.UnloadAdapterRequest(name=name), timeout)
 
+    def load_model(self, model: str = "", keep_alive: float | None = None, *,
+                   timeout: float | None = None) -> pb.LoadModelResponse:
+        """Load a store model now (store mode) and set its keep_alive in seconds."""
+        return self._unary(self.stub.LoadModel, _load_request(model, keep_alive), timeout)
+
+    def unload_model(self, model: str, *, timeout: float | None = None) -> bool:
+        """Unload a store model (once its running requests end); False if it was not loaded."""
+        return self._unary(self.stub.UnloadModel, pb.UnloadModelRequest(model=model), timeout).unloading
+
+    def loaded_models(self, *, timeout: float | None = None) -> list[pb.LoadedModel]:
+        """What is loaded now (Ollama's ps), most recently used first."""
+        return list(self._unary(self.stub.ListLoadedModels, pb.ListLoadedModelsRequest(), timeout).models)
+
+    def pull_model(self, source: str, name: str = "", *, timeout: float | None = None
+                   ) -> Iterator[pb.PullModelProgress]:
+        """Add a model to the server's store from its machine; progress as it goes."""
+        call = self.stub.PullModel(pb.PullModelRequest(source=source, name=name), timeout=timeout,
+                                   metadata=self._metadata(None))
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING", ... (grpc.health.v1; needs no API key)."""
         resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -429,6 +463,26 @@ class AsyncWeftClient(_Base):
 
     async def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
         await self._unary(self.stub.UnloadAdapter, pb.UnloadAdapterRequest(name=name), timeout)
+
+    async def load_model(self, model: str = "", keep_alive: float | None = None, *,
+                         timeout: float | None = None) -> pb.LoadModelResponse:
+        return await self._unary(self.stub.LoadModel, _load_request(model, keep_alive), timeout)
+
+    async def unload_model(self, model: str, *, timeout: float | None = None) -> bool:
+        return (await self._unary(self.stub.UnloadModel, pb.UnloadModelRequest(model=model), timeout)).unloading
+
+    async def loaded_models(self, *, timeout: float | None = None) -> list[pb.LoadedModel]:
+        return list((await self._unary(self.stub.ListLoadedModels, pb.ListLoadedModelsRequest(), timeout)).models)
+
+    async def pull_model(self, source: str, name: str = "", *, timeout: float | None = None
+                         ) -> AsyncIterator[pb.PullModelProgress]:
+        call = self.stub.PullModel(pb.PullModelRequest(source=source, name=name), timeout=timeout,
+                                   metadata=self._metadata(None))
+        try:
+            async for msg in call:
+                yield msg
+        finally:
+            call.cancel()
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         resp = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

@@ -1,4 +1,5 @@
-"""`weft` command line: serve | worker | generate | client | models | create | list | show | rm | cp | run."""
+"""`weft` command line: serve | worker | generate | client | models | create | list | show | rm | cp | pull | ps | stop |
+run."""
 from __future__ import annotations
 
 import argparse

@@ -27,8 +27,9 @@ def _base_type(hint: Any) -> type:
     return hint
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per EngineConfig field, grouped by section."""
+def add_engine_args(parser: argparse.ArgumentParser, repeatable: frozenset[str] = frozenset()) -> None:
+    """One flag per EngineConfig field, grouped by section; the fields in `repeatable` take the
+    flag several times (a list, or None when never given: `weft serve --model A --model B`)."""
     groups = {s: parser.add_argument_group(f"engine: {_TITLES[s]}") for s in SECTIONS}
     hints = typing.get_type_hints(EngineConfig)
     for f in fields(EngineConfig):
@@ -42,6 +43,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             kw["help"] = meta["help"] + f" (default: {'on' if default else 'off'})"
         elif typing.get_origin(kind) is tuple:   # repeatable: --lora a=x --lora b=y
             kw.update(action="append", type=typing.get_args(kind)[0], default=None, help=meta["help"])
+        if f.name in repeatable:
+            kw.update(action="append", default=None)
         if meta["metavar"]:
             kw["metavar"] = meta["metavar"]
         else:

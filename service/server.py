@@ -19,7 +19,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -44,7 +44,7 @@ from service.engine.encoder import EncoderCore
 from service.engine.lora_manager import AdapterInfo
 from service.model_defaults import apply_defaults, template_renderer
 from service.modelfile import Modelfile
-from service.store import ModelStore
+from service.store import Manifest, ModelStore
 from service.store_views import StoreViews, View
 from service.engine.request import RequestOutput
 from service.tool_calls import (
@@ -229,11 +229,11 @@ def check_unsupported(req: pb.GenerateRequest) -> None:
 # ---- the servicer ---------------------------------------------------------------------------
 
 
-def _handler(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def grpc_handler(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Turn Weft errors into statuses; anything unexpected is INTERNAL (and logged)."""
 
     @functools.wraps(fn)
-    async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await fn(self, request, context)
         except grpc.aio.AbortError:
@@ -294,8 +294,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     # ---- state --------------------------------------------------------------------------
 
-    def attach(self, engine: AsyncEngine, embedder: Embedder | None = None) -> None:
-        """Serve generation with `engine`; `embedder` (if any) answers Embed for the same model."""
+    def attach(self, engine: AsyncEngine, embedder: Embedder | None = None, views: StoreViews | None = None) -> None:
+        """Serve generation with `engine`; `embedder` (if any) answers Embed for the same model;
+        `views` (store mode) the store models it serves, by default those of its weights."""
         self.engine = engine
         self._chat_template = getattr(engine.core.tokenizer.hf, "chat_template", None)
         if self._template is not None:
@@ -305,7 +306,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._model_info = _model_info(engine.core, self.model_name, self._tool_format.name, embedder)
         if self._defaults is not None:
             self._model_info.modelfile = self._defaults.render()
-        if self._store:
+        if views is not None:
+            self._views = views
+        elif self._store:
             self._views = StoreViews(ModelStore(), engine.core.loaded.source, self.model_name)
         if engine.core.lora is not None:   # --lora adapters, registered as the core was built
             for a in engine.core.lora.infos():
@@ -335,6 +338,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def wait_idle(self) -> None:
         """Return once no generation call is running."""
         await self._idle.wait()
+
+    async def close(self) -> None:
+        """Nothing to release here: WeftServer shuts down the engines it owns."""
 
     @property
     def model_name(self) -> str:
@@ -410,7 +416,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         embedding = self._embedding_model(model)
         if embedding is not None:
             return embedding, self.embedders[embedding]
-        if self.engine is None or (model and model not in (self.model_name, self.engine.core.model_name)):
+        if self.engine is None or (model and model not in (self.model_name, self.engine.core.model_name)
+                                   and self._view_of(model) is None):
             raise self._not_found(model)
         if self._decoder_embedder is None:
             raise StatusError(grpc.StatusCode.UNIMPLEMENTED, f"model {self.model_name!r} cannot embed on this server")
@@ -511,7 +518,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             if self._on_request_end is not None:
                 self._on_request_end(rid, outcome)
 
-    @_handler
+    @grpc_handler
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         rid = _request_id(context)
         choices: dict[int, pb.Choice] = {}
@@ -543,7 +550,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             choices=[choices[i] for i in sorted(choices)], usage=usage.proto()
         )
 
-    @_handler
+    @grpc_handler
     async def GenerateStream(  # type: ignore[override]  # writes with context.write, returns nothing
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> None:
@@ -595,7 +602,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     # ---- tokens and models ----------------------------------------------------------------
 
-    @_handler
+    @grpc_handler
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         engine = self._ready(request.model)
         tok = engine.core.tokenizer
@@ -615,7 +622,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             resp.tokens.extend(tok.convert_ids_to_tokens(ids))
         return resp
 
-    @_handler
+    @grpc_handler
     async def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
         engine = self._ready(request.model)
         tok = engine.core.tokenizer
@@ -626,7 +633,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         text = tok.decode(list(request.token_ids), skip_special_tokens=_opt(request, "skip_special_tokens", True))
         return pb.DetokenizeResponse(text=text)
 
-    @_handler
+    @grpc_handler
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         self._up()
         models = ([self._model_info, *self._adapters.values()] if self._model_info is not None else []) + list(
@@ -637,19 +644,25 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                        if n not in taken and (v := self._views.get(n)) is not None]
         return pb.ListModelsResponse(models=models)
 
-    @_handler
+    @grpc_handler
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
+        return pb.GetModelInfoResponse(model=self.describe(request.model))
+
+    def describe(self, model: str) -> pb.ModelInfo:
+        """The ModelInfo of the served model `model` names (GetModelInfo's answer)."""
         self._up()
-        embedding = self._embedding_model(request.model)
+        embedding = self._embedding_model(model)
         if embedding is not None:
-            return pb.GetModelInfoResponse(model=self._embedder_infos[embedding])
-        self._ready(request.model)
-        view = self._view_of(request.model)
+            return self._embedder_infos[embedding]
+        self._ready(model)
+        view = self._view_of(model)
         if view is not None:
-            return pb.GetModelInfoResponse(model=self._view_info(view))
-        return pb.GetModelInfoResponse(model=self._adapters.get(request.model, self._model_info))
+            return self._view_info(view)
+        info = self._adapters.get(model, self._model_info)
+        assert info is not None
+        return info
 
     def _store_views(self) -> StoreViews:
         self._up()
@@ -658,7 +671,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                               "model store: start it with a store model (`weft serve --model NAME`) to manage models")
         return self._views
 
-    @_handler
+    @grpc_handler
     async def CreateModel(self, request: pb.CreateModelRequest,
                           context: grpc.aio.ServicerContext) -> pb.CreateModelResponse:
         views = self._store_views()
@@ -668,18 +681,47 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         info = self._view_info(view) if view is not None else pb.ModelInfo(name=name)
         return pb.CreateModelResponse(model=info, served=served)
 
-    @_handler
+    @grpc_handler
     async def DeleteModel(self, request: pb.DeleteModelRequest,
                           context: grpc.aio.ServicerContext) -> pb.DeleteModelResponse:
         self._store_views().delete(request.name)
         return pb.DeleteModelResponse()
 
-    @_handler
+    @grpc_handler
     async def CopyModel(self, request: pb.CopyModelRequest, context: grpc.aio.ServicerContext) -> pb.CopyModelResponse:
         self._store_views().copy(request.source, request.destination)
         return pb.CopyModelResponse()
 
-    @_handler
+    @grpc_handler
+    async def PullModel(self, request: pb.PullModelRequest,  # type: ignore[override]
+                        context: grpc.aio.ServicerContext) -> None:
+        views = self._store_views()
+        async for msg in pull_progress(views.store, request):
+            await context.write(msg)
+
+    @grpc_handler
+    async def ListLoadedModels(self, request: pb.ListLoadedModelsRequest,
+                               context: grpc.aio.ServicerContext) -> pb.ListLoadedModelsResponse:
+        """The one model this server was started with: loaded, never expiring."""
+        self._up()
+        info = self.model_info
+        assert info is not None
+        return pb.ListLoadedModelsResponse(models=[pb.LoadedModel(model=info, names=self.served_names)])
+
+    @grpc_handler
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
+        """A served model is loaded already (and stays: keep_alive does not apply here)."""
+        return pb.LoadModelResponse(model=pb.LoadedModel(model=self.describe(request.model)))
+
+    @grpc_handler
+    async def UnloadModel(self, request: pb.UnloadModelRequest,
+                          context: grpc.aio.ServicerContext) -> pb.UnloadModelResponse:
+        """The model this server was started with is never unloaded (Ollama clients unloading
+        it get an answer, not an error)."""
+        self.describe(request.model)   # NOT_FOUND for a name not served here
+        return pb.UnloadModelResponse(unloading=False)
+
+    @grpc_handler
     async def LoadAdapter(self, request: pb.LoadAdapterRequest,
                           context: grpc.aio.ServicerContext) -> pb.LoadAdapterResponse:
         engine = self._ready()
@@ -696,7 +738,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._adapters[name] = info = self._adapter_info(a)
         return pb.LoadAdapterResponse(model=info, load_seconds=a.load_s)
 
-    @_handler
+    @grpc_handler
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest,
                             context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
         engine = self._ready()
@@ -713,7 +755,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     # ---- embeddings -----------------------------------------------------------------------
 
-    @_handler
+    @grpc_handler
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         t0 = time.perf_counter()
         outcome, tokens = "internal", 0
@@ -751,13 +793,47 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             if self._observer is not None:
                 self._observer.embedding_ended(outcome, len(request.inputs), tokens, time.perf_counter() - t0)
 
-    @_handler
+    @grpc_handler
     async def ResetPrefixCache(
         self, request: pb.ResetPrefixCacheRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResetPrefixCacheResponse:
         engine = self._ready(request.model)
         stats = await engine.reset_prefix_cache()
         return pb.ResetPrefixCacheResponse(queried_tokens=stats.prefix_queried_tokens, hit_tokens=stats.prefix_hit_tokens)
+
+
+async def pull_progress(store: ModelStore, req: pb.PullModelRequest) -> AsyncIterator[pb.PullModelProgress]:
+    """PullModel: store.pull on a thread (it copies and hashes files), its steps as messages
+    while it runs; the last one ("success") carries the model."""
+    loop = asyncio.get_running_loop()
+    steps: asyncio.Queue[pb.PullModelProgress | None] = asyncio.Queue()
+    last = [0.0]
+
+    def progress(status: str, digest: str, total: int, completed: int) -> None:
+        # Copy steps come every chunk: a few a second are enough for a progress bar.
+        now = time.monotonic()
+        if status.startswith("pulling ") and 0 < completed < total and now - last[0] < 0.1:
+            return
+        last[0] = now
+        loop.call_soon_threadsafe(steps.put_nowait, pb.PullModelProgress(status=status, digest=digest, total=total,
+                                                                         completed=completed))
+
+    def run() -> Manifest:
+        try:
+            return store.pull(req.source, req.name or None, progress)
+        finally:
+            loop.call_soon_threadsafe(steps.put_nowait, None)
+
+    if not req.source:
+        raise InvalidArgumentError("source", "required: a .gguf file, an HF directory or an installed package")
+    work = asyncio.ensure_future(asyncio.to_thread(run))
+    while (msg := await steps.get()) is not None:
+        if msg.status == "success":
+            m = await work
+            msg.model.CopyFrom(pb.ModelInfo(name=m.name.removesuffix(":latest"), modelfile=m.modelfile().render(),
+                                            size_bytes=m.size, digest=m.digest))
+        yield msg
+    await work   # raises what the pull raised (before "success")
 
 
 def embed_inputs(req: pb.EmbedRequest, embedder: Embedder) -> list[list[int]]:
@@ -953,7 +1029,7 @@ def _deny_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 # ---- the server -----------------------------------------------------------------------------
 
 
-async def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
+async def in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args) on a daemon thread. Unlike asyncio.to_thread, a process told to stop while a
     big model is still loading exits at once instead of waiting for the load to finish."""
     loop = asyncio.get_running_loop()
@@ -975,7 +1051,7 @@ async def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await future
 
 
-def _load_encoder(path: str, config: EngineConfig, beside_engine: bool) -> AsyncEncoder:
+def load_encoder_engine(path: str, config: EngineConfig, beside_engine: bool) -> AsyncEncoder:
     """An embedding model on its own thread; `beside_engine`: a generation engine shares the CPU."""
     core = EncoderCore(load_encoder(path, dtype=config.torch_dtype()), device=config.device, dtype=config.torch_dtype())
     return AsyncEncoder(core, release_pool=beside_engine)
@@ -987,17 +1063,34 @@ def _bind_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+class Servicer(Protocol):
+    """What WeftServer needs of the servicer it serves: InferenceServicer (one model), or the
+    store's router (service/store_router.py: several models, each an InferenceServicer)."""
+
+    draining: bool
+
+    @property
+    def engine(self) -> AsyncEngine | None: ...
+    @property
+    def in_flight(self) -> int: ...
+    async def wait_idle(self) -> None: ...
+    async def close(self) -> None: ...
+
+
 class WeftServer:
     """grpc.aio server with InferenceService, health and reflection. Run on one event loop."""
 
     def __init__(
         self, options: ServerOptions | None = None, engine: AsyncEngine | None = None,
         on_request_end: RequestEndHook | None = None, observer: RequestObserver | None = None,
+        servicer: Servicer | None = None,
     ) -> None:
+        """`servicer`: serve that one instead of an InferenceServicer of `options` (attach() and
+        load() are then not for this server: the servicer loads its models itself)."""
         self.options = options or ServerOptions()
-        self.servicer = InferenceServicer(self.options.served_model_name, on_request_end, observer,
-                                          self.options.tool_call_format, self.options.defaults,
-                                          self.options.model_adapter, self.options.store)
+        self.servicer: Any = servicer or InferenceServicer(
+            self.options.served_model_name, on_request_end, observer, self.options.tool_call_format,
+            self.options.defaults, self.options.model_adapter, self.options.store)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -1049,6 +1142,10 @@ class WeftServer:
             self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
         engine.start()
         self.servicer.attach(engine, DecoderEmbedder(engine, self.options.pooling))
+        await self.set_serving()
+
+    async def set_serving(self) -> None:
+        """Health SERVING (unless draining): the models to serve at start are ready."""
         if not self.servicer.draining:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
@@ -1059,15 +1156,14 @@ class WeftServer:
         o = self.options
         if is_encoder_dir(config.model):
             assert config.model is not None
-            encoder = await _in_daemon_thread(_load_encoder, config.model, config, False)
+            encoder = await in_daemon_thread(load_encoder_engine, config.model, config, False)
             self.add_embedder(o.served_model_name or encoder.name, encoder, main=True)
-            if not self.servicer.draining:
-                await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            await self.set_serving()
             return None
         if o.embedding_model:
-            encoder = await _in_daemon_thread(_load_encoder, o.embedding_model, config, True)
+            encoder = await in_daemon_thread(load_encoder_engine, o.embedding_model, config, True)
             self.add_embedder(o.embedding_model_name, encoder)
-        core = await _in_daemon_thread(EngineCore, config)
+        core = await in_daemon_thread(EngineCore, config)
         engine = AsyncEngine(core)
         await self.attach(engine, owned=True)
         return engine
@@ -1100,6 +1196,7 @@ class WeftServer:
             await self.engine.shutdown()
         for encoder in self._encoders:
             await encoder.shutdown()
+        await self.servicer.close()
         self._stopped.set()
 
     async def force_stop(self) -> None:

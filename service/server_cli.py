@@ -22,11 +22,13 @@ from service.protocol import DEFAULT_MAX_REQUEST_BYTES
 
 if TYPE_CHECKING:  # the server pulls in grpc and torch: load it only for the commands that use it
     from clients.client import WeftClient
+    from service.model_pool import Clock
     from service.server import ServerOptions, WeftServer
+    from service.store_router import StoreRouter
 
 log = logging.getLogger("weft.serve")
 
-EngineArgs = Callable[[argparse.ArgumentParser], None]
+EngineArgs = Callable[..., None]   # (parser, repeatable=frozenset of field names)
 EngineConfigFn = Callable[..., EngineConfig]
 
 
@@ -44,8 +46,11 @@ def _add_serve(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_
     from service.encoder_loader import DEFAULT_EMBEDDING_NAME
     from service.server import DEFAULT_PORT
 
-    s = sub.add_parser("serve", help="serve the model over gRPC (weft.v1.InferenceService, health, reflection)")
-    engine_args(s)
+    s = sub.add_parser("serve", help="serve the model store (or one model by path) over gRPC and HTTP",
+                       description="Without --model, or with store names: serve every model of the store "
+                                   "(`weft list`), each loaded on first use and unloaded after --keep-alive idle. "
+                                   "--model PATH: serve exactly that model (production).")
+    engine_args(s, repeatable=frozenset({"model"}))
     s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT}; 0 = any free port)")
     s.add_argument("--api-key", default=env.api_key(),
@@ -72,7 +77,41 @@ def _add_serve(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_
     s.add_argument("--pooling", default="last", choices=("last", "mean"),
                    help="how the generation model's last hidden states become an embedding (default last: the "
                         "last token's; mean: the average over the input); vectors are L2-normalised")
+    s.add_argument("--keep-alive", default="5m", metavar="DURATION",
+                   help="store mode: how long a model stays loaded once idle (Ollama's OLLAMA_KEEP_ALIVE: \"5m\", "
+                        "\"1h\", seconds; 0 = unload after each request; negative = until its room is needed)")
+    s.add_argument("--max-loaded-models", type=int, default=None, metavar="N",
+                   help="store mode: at most N models loaded at once; loading another unloads the least recently "
+                        "used idle one (default: no limit but --memory-gb)")
+    s.add_argument("--memory-gb", type=float, default=None, metavar="GB",
+                   help="store mode: memory the loaded models may hold in all (weights and KV caches); a model "
+                        "alone larger than this is refused (default: no limit)")
     s.set_defaults(func=lambda a: cmd_serve(a, engine_config))
+
+
+@dataclasses.dataclass(slots=True)
+class StoreSettings:
+    """`weft serve` over the model store: which models to load at start, and the pool's limits."""
+    preload: list[str]
+    keep_alive: float = 300.0
+    max_loaded: int | None = None
+    memory_bytes: int | None = None
+
+
+def serve_mode(models: list[str]) -> str | None:
+    """The one path `weft serve --model PATH` serves (production), or None for store mode
+    (no --model, or store names only). InvalidArgumentError for a path among several models."""
+    from pathlib import Path
+
+    from service.store import NAME
+
+    paths = [m for m in models if Path(m).expanduser().exists() or not NAME.fullmatch(m)]
+    if not paths:
+        return None
+    if len(models) > 1:
+        raise InvalidArgumentError("model", f"{paths[0]} is a path: a path is served alone (production); name store "
+                                   "models (`weft list`) to serve several")
+    return paths[0]
 
 
 def cmd_serve(a: argparse.Namespace, engine_config: EngineConfigFn) -> int:
@@ -81,20 +120,45 @@ def cmd_serve(a: argparse.Namespace, engine_config: EngineConfigFn) -> int:
     if bool(a.tls_cert) != bool(a.tls_key):
         print("weft: error: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
-    config = engine_config(a)
+    from service.model_pool import parse_keep_alive
+
+    models = a.model or []
+    path = serve_mode(models)
+    config = engine_config(a, model=path)
     options = ServerOptions(host=a.host, port=a.port, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
                             served_model_name=a.served_model_name, grace_s=a.grace,
                             tool_call_format=a.tool_call_format, max_request_bytes=a.max_request_bytes,
                             embedding_model_name=a.embedding_model_name, pooling=a.pooling)
-    config, options = from_store(config, options)   # --model NAME of the store: its weights and defaults
     if int((env.rendezvous() or {}).get("RANK", "0")) > 0:
         # torchrun (or a hand-made rendezvous) started this process as a tensor-parallel rank
         # other than 0: it serves no API, it runs its shard of every step rank 0 sends.
+        if path is None:
+            raise InvalidArgumentError("--model", "a tensor-parallel rank other than 0 needs the model's path")
         from service.engine.tp_worker import serve_rank
         return serve_rank(config)
     options = dataclasses.replace(options, embedding_model=resolve_embedding_model(a.embedding_model, config.model))
+    store = None
+    if path is not None and (a.max_loaded_models is not None or a.memory_gb is not None):
+        raise InvalidArgumentError("--model", f"{path} is a path: served alone and never unloaded; "
+                                   "--max-loaded-models and --memory-gb are for the store (name store models)")
+    if path is None:
+        from service.store import DEFAULT_NAME
+
+        if a.served_model_name:
+            raise InvalidArgumentError("--served-model-name", "the store names its models (`weft cp` to add a name)")
+
+        try:
+            keep_alive = parse_keep_alive(a.keep_alive)
+        except ValueError as exc:
+            raise InvalidArgumentError("--keep-alive", str(exc)) from None
+        if a.max_loaded_models is not None and a.max_loaded_models < 1:
+            raise InvalidArgumentError("--max-loaded-models", f"must be at least 1, got {a.max_loaded_models}")
+        if a.memory_gb is not None and not a.memory_gb > 0:
+            raise InvalidArgumentError("--memory-gb", f"must be > 0, got {a.memory_gb}")
+        store = StoreSettings(models or [DEFAULT_NAME], keep_alive if keep_alive is not None else 300.0,
+                              a.max_loaded_models, int(a.memory_gb * 1e9) if a.memory_gb is not None else None)
     http_host = a.http_host if a.http_host is not None else a.host
-    return asyncio.run(serve(options, config, http_host=http_host, http_port=a.http_port))
+    return asyncio.run(serve(options, config, http_host=http_host, http_port=a.http_port, store=store))
 
 
 def from_store(config: EngineConfig, options: ServerOptions) -> tuple[EngineConfig, ServerOptions]:
@@ -104,6 +168,7 @@ def from_store(config: EngineConfig, options: ServerOptions) -> tuple[EngineConf
     from pathlib import Path
 
     from service.store import NAME, ModelStore
+    from service.store_router import engine_config as store_engine_config
 
     name = config.model
     if name is None:   # the default model: the store's models of its weights are served too (smollm2:135m ...)
@@ -111,18 +176,11 @@ def from_store(config: EngineConfig, options: ServerOptions) -> tuple[EngineConf
     if Path(name).expanduser().exists() or not NAME.fullmatch(name):
         return config, options   # production: exactly the model at that path
     m = ModelStore().get(name)
-    mf = m.modelfile()
-    if len(mf.adapters) > 1:
-        raise InvalidArgumentError("model", f"{m.name}: one ADAPTER per model is served")
     served = options.served_model_name or m.name.removesuffix(":latest")
-    changes: dict = {"model": m.weights}
-    if "num_ctx" in mf.parameters:
-        changes["max_model_len"] = mf.parameters["num_ctx"]
-    if mf.adapters:
-        changes["lora"] = (*config.lora, f"{served}+adapter={mf.adapters[0]}")
-    options = dataclasses.replace(options, served_model_name=served, defaults=mf, store=True,
-                                  model_adapter=f"{served}+adapter" if mf.adapters else None)
-    return dataclasses.replace(config, **changes), options
+    config, adapter = store_engine_config(config, m, served)
+    options = dataclasses.replace(options, served_model_name=served, defaults=m.modelfile(), store=True,
+                                  model_adapter=adapter)
+    return config, options
 
 
 def resolve_embedding_model(flag: str | None, model: str | None) -> str | None:
@@ -139,17 +197,19 @@ def resolve_embedding_model(flag: str | None, model: str | None) -> str | None:
 
 
 async def serve(options: ServerOptions, config: EngineConfig, http_host: str = "0.0.0.0",
-                http_port: int | None = 0) -> int:
+                http_port: int | None = 0, store: StoreSettings | None = None, clock: Clock | None = None) -> int:
     """Listen at once (health NOT_SERVING, calls UNAVAILABLE; HTTP /health 503), load the model,
     serve until SIGTERM/SIGINT, then drain: a second signal cancels what is still running.
     `http_port` 0 leaves the REST shim off; None means the default port, skipped (with a warning)
-    when another process holds it, whereas a port asked for explicitly must be free."""
+    when another process holds it, whereas a port asked for explicitly must be free. With
+    `store`, serve the model store (service/store_router.py), `clock` its pool's clock."""
     from service.metrics import WeftMetrics
     from service.shim.app import DEFAULT_HTTP_PORT
     from service.server import WeftServer
 
     metrics = WeftMetrics()
-    server = WeftServer(options, observer=metrics)
+    router = store_router(options, config, store, metrics, clock) if store is not None else None
+    server = WeftServer(options, observer=metrics, servicer=router)
     metrics.bind(lambda: server.engine)
     port = await server.start()
     where = f"{options.host}:{port}"
@@ -170,7 +230,8 @@ async def serve(options: ServerOptions, config: EngineConfig, http_host: str = "
 
     stop = asyncio.Event()
     _install_signal_handlers(stop, server)
-    loading = asyncio.create_task(server.load(config))
+    loading = asyncio.create_task(server.load(config) if router is None
+                                  else load_store(server, router, store.preload))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not loading.done():
@@ -184,7 +245,11 @@ async def serve(options: ServerOptions, config: EngineConfig, http_host: str = "
         await server.stop(0)
         await _stop_http(http)
         raise error
-    _log_serving(server, where)
+    if router is None:
+        _log_serving(server, where)
+    else:
+        log.info("serving the model store (%s) on %s; loaded: %s", router.store.home, where,
+                 ", ".join(e.name for e in router.pool.loaded()) or "none")
 
     # The REST shim (OpenAI / Ollama JSON) started with the listener above (see _start_http).
 
@@ -197,6 +262,29 @@ async def serve(options: ServerOptions, config: EngineConfig, http_host: str = "
     await _stop_http(http)
     log.info("stopped")
     return 0
+
+
+def store_router(options: ServerOptions, config: EngineConfig, store: StoreSettings, observer: object = None,
+                 clock: Clock | None = None) -> StoreRouter:
+    """The servicer of `weft serve` over the model store, its first --model the default model
+    (else the built-in one); `clock` the pool's (tests drive keep_alive with their own)."""
+    import time
+
+    from service.store import DEFAULT_NAME
+    from service.store_router import StoreRouter
+
+    return StoreRouter(config, options, default_model=store.preload[0] if store.preload else DEFAULT_NAME,
+                       max_loaded=store.max_loaded, memory_bytes=store.memory_bytes, keep_alive=store.keep_alive,
+                       clock=clock or time.monotonic, observer=observer)  # type: ignore[arg-type]
+
+
+async def load_store(server: WeftServer, router: StoreRouter, preload: list[str]) -> None:
+    """The embedding model beside the store, then the --model store models; health SERVING."""
+    o = server.options
+    if o.embedding_model:
+        await router.load_embedding_model(o.embedding_model, o.embedding_model_name)
+    await router.preload(preload)
+    await server.set_serving()
 
 
 async def _start_http(options: ServerOptions, grpc_port: int, host: str, port: int, metrics: object):

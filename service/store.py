@@ -16,9 +16,9 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ from common import env
 from common.errors import InvalidArgumentError, ModelLoadError, NotFoundError
 from service.modelfile import Modelfile
 
+Progress = Callable[[str, str, int, int], None]   # (status, digest, total bytes, completed bytes)
+COPY_CHUNK = 8 << 20
 NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}(/[a-zA-Z0-9][a-zA-Z0-9._-]{0,63})?(:[a-zA-Z0-9._-]{1,64})?")
 DEFAULT_NAME = "smollm2:135m"
 
@@ -145,13 +147,14 @@ class ModelStore:
 
     # ---- writing ------------------------------------------------------------------------------
 
-    def create(self, name: str, mf: Modelfile, base_dir: Path | None = None) -> Manifest:
+    def create(self, name: str, mf: Modelfile, base_dir: Path | None = None,
+               progress: Progress | None = None) -> Manifest:
         """A model from a Modelfile: FROM a store name (its defaults inherited, the Modelfile's
         win), a .gguf file (imported into the blobs) or an HF directory (kept where it is)."""
         full = full_name(name)
         if full in self.builtins():
             raise InvalidArgumentError("model", f"{full!r} is a built-in model: pick another name")
-        base = self._from(mf.source, base_dir)
+        base = self._from(mf.source, base_dir, progress)
         params = {**base.parameters, **mf.parameters}
         adapters = [str(_resolve(a, base_dir)) for a in mf.adapters]
         for a in adapters:
@@ -162,30 +165,61 @@ class ModelStore:
                      mf.template if mf.template is not None else base.template,
                      params, mf.messages or base.messages, base.adapters + adapters, mf.license or base.license,
                      time.time())
+        if progress is not None:
+            progress("writing manifest", "", 0, 0)
         _write_atomic(self._path(full), json.dumps(asdict(m), indent=2))
         return m
 
-    def _from(self, source: str, base_dir: Path | None) -> Manifest:
+    def _import_blob(self, path: Path, progress: Progress | None) -> Manifest:
+        """Copy a GGUF into the blobs, hashing it on the way (one pass), under its digest; a
+        blob already there is kept. Nothing half-copied is ever named: the copy is renamed in."""
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        total, done, h = path.stat().st_size, 0, hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".tmp-")
+        try:
+            with path.open("rb") as src, os.fdopen(fd, "wb") as dst:
+                for chunk in iter(lambda: src.read(COPY_CHUNK), b""):
+                    h.update(chunk)
+                    dst.write(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(f"pulling {path.name}", "", total, done)
+            digest = h.hexdigest()
+            if progress is not None:
+                progress("verifying sha256 digest", f"sha256:{digest}", total, done)
+            blob = self.blobs / f"sha256-{digest}"
+            if blob.is_file():
+                Path(tmp).unlink()
+            else:
+                os.replace(tmp, blob)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return Manifest("", str(blob), digest, blob.stat().st_size)
+
+    def pull(self, source: str, name: str | None = None, progress: Progress | None = None) -> Manifest:
+        """`weft pull SOURCE` (and /api/pull): a model from this machine (see pull_source), named
+        `name` or after its file; `progress(status, digest, total, completed)` hears each step."""
+        path = pull_source(source)
+        if progress is not None:
+            progress("pulling manifest", "", 0, 0)
+        name = name or re.sub(r"[^a-z0-9._-]", "-", path.stem.lower().replace("_", "-"))[:64].strip(".-") or "model"
+        m = self.create(name, Modelfile(str(path)), progress=progress)
+        if progress is not None:
+            progress("success", "", 0, 0)
+        return m
+
+    def _from(self, source: str, base_dir: Path | None, progress: Progress | None = None) -> Manifest:
         path = _resolve(source, base_dir)
         if path.is_file():
             if path.suffix != ".gguf":
                 raise InvalidArgumentError("modelfile", f"FROM {source}: a file must be a .gguf")
-            digest = _sha256_file(path)
-            blob = self.blobs / f"sha256-{digest}"
-            if not blob.is_file():
-                self.blobs.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".tmp-")
-                os.close(fd)
-                try:
-                    shutil.copyfile(path, tmp)
-                    os.replace(tmp, blob)
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
-            return Manifest("", str(blob), digest, blob.stat().st_size)
+            return self._import_blob(path, progress)
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise InvalidArgumentError("modelfile", f"FROM {source}: not a model directory (no config.json)")
+            if progress is not None:
+                progress("verifying sha256 digest", "", 0, 0)
             digest, size = _sha256_dir(path)
             return Manifest("", str(path), digest, size)
         if "/" in source and not NAME.fullmatch(source) or source.startswith((".", "/", "~")):

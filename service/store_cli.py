@@ -9,8 +9,8 @@ from pathlib import Path
 
 from common.errors import InvalidArgumentError
 from common import env
-from service.modelfile import Modelfile, parse
-from service.store import Manifest, ModelStore, pull_source
+from service.modelfile import parse
+from service.store import Manifest, ModelStore
 
 
 def _size(n: int) -> str:
@@ -86,22 +86,48 @@ def cmd_cp(a: argparse.Namespace) -> int:
 
 
 def cmd_pull(a: argparse.Namespace) -> int:
-    source = pull_source(a.source)
-    name = a.name or source.stem.lower().replace("_", "-")[:64]
-    m = ModelStore().create(name, Modelfile(str(source)))
+    m = ModelStore().pull(a.source, a.name)
     print(f"pulled {a.source} as {m.name} ({_size(m.size)})")
     return 0
 
 
+def _until(expires_at: float | None, running: int) -> str:
+    """Ollama's UNTIL column: when an idle model goes."""
+    if running:
+        return f"running ({running})"
+    if expires_at is None:
+        return "Forever"
+    left = expires_at - time.time()
+    if left < 60:
+        return "Less than a minute from now"
+    return f"{left / 60:.0f} minutes from now" if left < 7200 else f"{left / 3600:.0f} hours from now"
+
+
 def cmd_ps(a: argparse.Namespace) -> int:
+    """What a running server has loaded now ($WEFT_HOST or --host), as `ollama ps` shows it."""
     from clients.client import NO_RETRY, WeftClient
 
     host = a.host or env.weft_host() or "localhost:50051"
     with WeftClient(host, retry=NO_RETRY, timeout=10) as client:
-        models = client.models()
-    print(f"{'NAME':<32} {'CONTEXT':<9} {'DEVICE':<8} PARENT")
+        models = client.loaded_models()
+    print(f"{'NAME':<32} {'ID':<14} {'SIZE':<10} {'PROCESSOR':<10} {'CONTEXT':<9} UNTIL")
     for m in models:
-        print(f"{m.name:<32} {m.max_model_len:<9} {m.device:<8} {m.parent}")
+        info = m.model
+        until = _until(m.expires_at if m.HasField("expires_at") else None, m.in_flight)
+        processor = "100% GPU" if info.device.startswith("cuda") else "100% CPU"
+        print(f"{info.name:<32} {info.digest[:12]:<14} {_size(m.size_bytes):<10} {processor:<10} "
+              f"{info.max_model_len:<9} {until}")
+    return 0
+
+
+def cmd_stop(a: argparse.Namespace) -> int:
+    """`ollama stop NAME`: a running server unloads the model (once its running requests end)."""
+    from clients.client import NO_RETRY, WeftClient
+
+    host = a.host or env.weft_host() or "localhost:50051"
+    with WeftClient(host, retry=NO_RETRY, timeout=30) as client:
+        unloading = client.unload_model(a.name)
+    print(f"stopping {a.name}" if unloading else f"{a.name} is not loaded (or the server serves it by path)")
     return 0
 
 
@@ -111,9 +137,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("source")
     pl.add_argument("--name", default=None, help="the store name (default: from the file name)")
     pl.set_defaults(func=cmd_pull)
-    ps = sub.add_parser("ps", help="the models a running server serves ($WEFT_HOST or --host)")
+    ps = sub.add_parser("ps", help="the models a running server has loaded now ($WEFT_HOST or --host)")
     ps.add_argument("--host", default=None)
     ps.set_defaults(func=cmd_ps)
+    st = sub.add_parser("stop", help="unload a model from a running server ($WEFT_HOST or --host)")
+    st.add_argument("name")
+    st.add_argument("--host", default=None)
+    st.set_defaults(func=cmd_stop)
     c = sub.add_parser("create", help="create a model in the store from a Modelfile")
     c.add_argument("name")
     c.add_argument("-f", "--file", default="Modelfile", help="the Modelfile (default ./Modelfile)")

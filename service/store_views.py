@@ -12,7 +12,7 @@ from pathlib import Path
 from common.errors import InvalidArgumentError, NotFoundError
 from service.model_defaults import template_renderer
 from service.modelfile import Modelfile, parse
-from service.store import ModelStore, content_digest, full_name
+from service.store import Manifest, ModelStore, content_digest, full_name
 
 
 @dataclass(slots=True)
@@ -28,8 +28,12 @@ def _short(name: str) -> str:
 
 
 class StoreViews:
-    def __init__(self, store: ModelStore, weights: Path, served_name: str) -> None:
+    def __init__(self, store: ModelStore, weights: Path, served_name: str,
+                 accept: Callable[[Manifest], bool] | None = None) -> None:
+        """`accept`: which store models this engine serves, instead of every one of these weights
+        (a multi-model server runs one engine per weights digest, adapter and context length)."""
         self.store = store
+        self._accept = accept
         self.weights = weights.resolve()
         self.served = full_name(served_name) if ":" in served_name else f"{served_name}:latest"
         self._cache: dict[str, View] = {}
@@ -46,6 +50,11 @@ class StoreViews:
             self._digest = content_digest(self.weights)
         return content_digest(path) == self._digest
 
+    def _serves(self, m: Manifest) -> bool:
+        if self._accept is not None:   # it decides alone: manifests' digests are their weights' content
+            return self._accept(m)     # hash, so no file is hashed again on the event loop
+        return self._same_weights(m.weights)
+
     def get(self, name: str) -> View | None:
         """The view `name` (name or name:tag) names; None when the store has no such model;
         InvalidArgumentError for a store model of other weights."""
@@ -53,7 +62,7 @@ class StoreViews:
             m = self.store.get(name)
         except (NotFoundError, InvalidArgumentError):
             return None
-        if not self._same_weights(m.weights):
+        if not self._serves(m):
             raise InvalidArgumentError("model", f"{m.name!r} is in the store, but runs on other weights than this "
                                        f"server has loaded ({m.weights}); serve it with `weft serve --model {m.name}`")
         view = self._cache.get(m.name)
@@ -65,7 +74,7 @@ class StoreViews:
 
     def names(self) -> list[str]:
         """Every store model this engine serves."""
-        return [_short(m.name) for m in self.store.list() if self._same_weights(m.weights)]
+        return [_short(m.name) for m in self.store.list() if self._serves(m)]
 
     def create(self, name: str, modelfile: str) -> tuple[str, bool]:
         """Add a model from Modelfile text (paths are the server's); (its name, served here)."""

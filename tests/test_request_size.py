@@ -33,7 +33,7 @@ def servers(tiny_model_factory) -> Iterator[tuple[BackgroundServer, str]]:
 
 
 def _chat(size: int) -> bytes:
-    return json.dumps({"model": "m", "max_tokens": 2,
+    return json.dumps({"model": "", "max_tokens": 2,   # the served model: a name it lacks would be 404 first
                        "messages": [{"role": "user", "content": "x" * size}]}).encode()
 
 

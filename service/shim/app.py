@@ -8,7 +8,7 @@ protocol (service/shim/openai.py, ollama.py); this module is the app: routing, e
     OpenAI   POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/tokenize,
              /v1/detokenize; GET /v1/models, /v1/models/{model}; GET, DELETE /v1/responses/{id}
     vLLM     POST /v1/load_lora_adapter, /v1/unload_lora_adapter
-    Ollama   POST /api/generate, /api/chat, /api/embed, /api/embeddings, /api/show, /api/create, /api/copy;
+    Ollama   POST /api/generate, /api/chat, /api/embed, /api/embeddings, /api/show, /api/create, /api/copy, /api/pull;
              DELETE /api/delete; GET /api/tags, /api/ps, /api/version
     Ops      GET /health (503 while loading or draining), /metrics (Prometheus), /version,
              /openapi.json, /docs
@@ -89,6 +89,7 @@ class Shim(OpenAIRoutes, ResponsesRoutes, OllamaRoutes, EmbeddingRoutes):
         app.post("/api/create", tags=["ollama"])(self.ollama_create)
         app.delete("/api/delete", tags=["ollama"])(self.ollama_delete)
         app.post("/api/copy", tags=["ollama"])(self.ollama_copy)
+        app.post("/api/pull", tags=["ollama"])(self.ollama_pull)
         app.get("/api/ps", tags=["ollama"])(self.ollama_ps)
         app.get("/api/version", tags=["ollama"])(self.ollama_version)
         app.get("/health", tags=["ops"])(self.health)
@@ -256,7 +257,7 @@ _ROUTES = frozenset((
     "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/load_lora_adapter",
     "/v1/unload_lora_adapter", "/v1/models", "/v1/tokenize", "/v1/detokenize", "/tokenize", "/detokenize",
     "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/tags", "/api/show", "/api/ps", "/api/version",
-    "/api/create", "/api/delete", "/api/copy",
+    "/api/create", "/api/delete", "/api/copy", "/api/pull",
     "/health",
     "/metrics", "/version", "/openapi.json", "/docs"))
 

@@ -46,19 +46,23 @@ class GrpcBackend:
             self.channel = grpc.aio.insecure_channel(target, options=options)
         self.stub = pb_grpc.InferenceServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
-        self._info: pb.ModelInfo | None = None
-        self._info_at = 0.0
+        self._info: dict[str, tuple[float, pb.ModelInfo]] = {}   # model name -> (when fetched, its info)
 
-    async def model_info(self, metadata: Sequence[tuple[str, str]]) -> pb.ModelInfo:
-        """The served model's description (cached for a few seconds; errors are HttpErrors)."""
+    async def model_info(self, metadata: Sequence[tuple[str, str]], model: str = "") -> pb.ModelInfo:
+        """The description of the model a request names (empty: the default one), cached for a
+        few seconds; errors are HttpErrors. Per name: a server of the model store serves models
+        of different limits (and describing one loads it, as the request naming it will)."""
         now = time.monotonic()
-        if self._info is None or now - self._info_at > MODEL_INFO_TTL_S:
+        cached = self._info.get(model)
+        if cached is None or now - cached[0] > MODEL_INFO_TTL_S:
             try:
-                resp = await self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata, timeout=30)
+                resp = await self.stub.GetModelInfo(pb.GetModelInfoRequest(model=model), metadata=metadata, timeout=30)
             except grpc.aio.AioRpcError as exc:
                 raise rpc_error(exc) from None
-            self._info, self._info_at = resp.model, now
-        return self._info
+            if len(self._info) > 1024:   # names are the server's models; bound it all the same
+                self._info.clear()
+            cached = self._info[model] = (now, resp.model)
+        return cached[1]
 
     async def serving(self) -> str:
         try:

@@ -11,6 +11,7 @@ import grpc
 from fastapi import Request
 
 from clients.weft.v1 import inference_pb2 as pb
+from service.model_pool import FOREVER, parse_keep_alive
 from service.protocol import MAX_REQUEST_ID_CHARS, REQUEST_ID_KEY
 from service.shim.backend import EOF_MSG, Ctx, GrpcBackend, guarded
 from service.shim.translate import HttpError, RequestBuilder, rpc_error
@@ -23,6 +24,25 @@ class ShimBase:
         self.backend = backend
         self.api_key = api_key
         self.metrics = metrics      # service.metrics.WeftMetrics or None
+
+    async def load_or_unload(self, request: Request, ctx: Ctx, model: str | None, keep_alive: float | None
+                              ) -> str:
+        """Ollama's request with nothing to generate: load the model (and set its keep_alive), or
+        with keep_alive 0 unload it (not loading it first). Returns the done_reason."""
+        name = (model or "").removesuffix(":latest")
+        if keep_alive == 0:
+            await self._unary(request, self.backend.stub.UnloadModel(pb.UnloadModelRequest(model=name),
+                                                                      metadata=ctx.metadata), RequestBuilder())
+            return "unload"
+        await self.set_keep_alive(request, ctx, name, keep_alive)
+        return "load"
+
+    async def set_keep_alive(self, request: Request, ctx: Ctx, model: str, keep_alive: float | None) -> None:
+        """Load `model` if need be and set how long it stays (LoadModel)."""
+        req = pb.LoadModelRequest(model=model)
+        if keep_alive is not None:
+            req.keep_alive_seconds = keep_alive
+        await self._unary(request, self.backend.stub.LoadModel(req, metadata=ctx.metadata), RequestBuilder())
 
     def _ctx(self, request: Request) -> Ctx:
         rid = request.headers.get(REQUEST_ID_KEY) or uuid.uuid4().hex
@@ -70,3 +90,13 @@ class ShimBase:
 
 def printable(s: str) -> bool:
     return s.isascii() and s.isprintable()
+
+
+def keep_alive_seconds(value: str | float | None) -> float | None:
+    """Ollama's keep_alive ("5m", "1h", seconds; negative: forever) as GenerateRequest's
+    keep_alive_seconds (-1 for forever); None when unset; 400 naming the field otherwise."""
+    try:
+        seconds = parse_keep_alive(value)
+    except ValueError as exc:
+        raise HttpError(400, f"keep_alive: {exc}", "keep_alive") from None
+    return -1.0 if seconds == FOREVER else seconds

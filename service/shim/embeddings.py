@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from clients.weft.v1 import inference_pb2 as pb
-from service.shim.base import ShimBase
+from service.shim.base import ShimBase, keep_alive_seconds
 from service.shim.models import EmbeddingRequest, OllamaEmbeddingsRequest, OllamaEmbedRequest
 from service.shim.translate import HttpError, RequestBuilder
 
@@ -72,8 +72,10 @@ class EmbeddingRoutes(ShimBase):
     async def ollama_embed(self, body: OllamaEmbedRequest, request: Request) -> Response:
         ctx = self._ctx(request)
         model = (body.model or "").removesuffix(":latest")
+        keep_alive = keep_alive_seconds(body.keep_alive)
         inputs = [body.input] if isinstance(body.input, str) else list(body.input or [])
-        if not inputs:   # Ollama: no input only loads the model
+        if not inputs:   # Ollama: no input only loads the model (keep_alive 0: unloads it)
+            await self.load_or_unload(request, ctx, model, keep_alive)
             return JSONResponse({"model": body.model or model, "embeddings": [], "total_duration": 0,
                                  "load_duration": 0, "prompt_eval_count": 0})
         req, names = _embed_request(model, inputs, "input", isinstance(body.input, str))
@@ -82,6 +84,8 @@ class EmbeddingRoutes(ShimBase):
             req.dimensions = _int32(body.dimensions, "dimensions")
             names.name("dimensions", "dimensions")
         resp = await self._embed(request, req, names, ctx.metadata)
+        if keep_alive is not None:   # EmbedRequest has no keep_alive: set after the call (LoadModel)
+            await self.load_or_unload(request, ctx, model or resp.model, keep_alive)
         return JSONResponse({"model": body.model or resp.model, "embeddings": [list(e.values) for e in resp.embeddings],
                              "total_duration": int((time.perf_counter() - ctx.t0) * 1e9), "load_duration": 0,
                              "prompt_eval_count": resp.usage.prompt_tokens}, headers={"x-request-id": ctx.rid})
@@ -89,12 +93,16 @@ class EmbeddingRoutes(ShimBase):
     async def ollama_embeddings(self, body: OllamaEmbeddingsRequest, request: Request) -> Response:
         """The older endpoint: vectors as the model pools them, not normalised (as Ollama's)."""
         ctx = self._ctx(request)
+        keep_alive = keep_alive_seconds(body.keep_alive)
         if not body.prompt:
+            await self.load_or_unload(request, ctx, body.model, keep_alive)
             return JSONResponse({"embedding": []})
         req, names = _embed_request((body.model or "").removesuffix(":latest"), [body.prompt], "prompt", True)
         req.truncate = True
         req.normalize = False
         resp = await self._embed(request, req, names, ctx.metadata)
+        if keep_alive is not None:
+            await self.load_or_unload(request, ctx, body.model or resp.model, keep_alive)
         return JSONResponse({"embedding": list(resp.embeddings[0].values)}, headers={"x-request-id": ctx.rid})
 
 

@@ -268,6 +268,14 @@ class OllamaCopyRequest(_Body):
     destination: str
 
 
+class OllamaPullRequest(_Body):
+    """Ollama's /api/pull: `model` is where to pull from (here: a path or package on the server)."""
+    model: str | None = None
+    name: str | None = None     # older clients
+    insecure: bool | None = None
+    stream: bool | None = True
+
+
 # ---- embeddings -------------------------------------------------------------------------------
 
 

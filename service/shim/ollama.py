@@ -2,9 +2,9 @@
 and /api/version, each a weft.v1 call; NDJSON streaming by default, as Ollama does."""
 from __future__ import annotations
 
-import json
-
+import datetime
 import hashlib
+import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse, Response
 
 from clients.client import add_tool_call_piece
 from clients.weft.v1 import inference_pb2 as pb
-from service.shim.backend import EOF_MSG, Ctx, Stream, dumps, now_iso
-from service.shim.base import ShimBase
+from service.shim.backend import EOF_MSG, Ctx, Stream, dumps, guarded, now_iso
+from service.shim.base import ShimBase, keep_alive_seconds
 from service.shim.models import (
     OllamaChatRequest,
     OllamaCopyRequest,
@@ -24,6 +24,7 @@ from service.shim.models import (
     OllamaDeleteRequest,
     OllamaGenerateRequest,
     OllamaOptions,
+    OllamaPullRequest,
     OllamaShowRequest,
 )
 from service.shim.tools import add_tool, ollama_calls, ollama_history
@@ -35,25 +36,24 @@ OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}   # Ollama's d
 
 
 class OllamaRoutes(ShimBase):
-    async def _ollama_info(self, ctx: Ctx, name: str | None, main: pb.ModelInfo) -> pb.ModelInfo:
-        """The ModelInfo of the model a request names: the main one, or another the server lists (a
-        LoRA adapter, an embedding model served beside it); an unknown name is 404. Ollama names
-        carry a tag (`name:latest`); a model answers to both."""
+    async def _ollama_info(self, ctx: Ctx, name: str | None) -> pb.ModelInfo:
+        """The ModelInfo of the model a request names (the default one when it names none); an
+        unknown name is 404. Ollama names carry a tag (`name:latest`); a model answers to both.
+        On a server of the model store, describing a model loads it."""
         wanted = (name or "").removesuffix(":latest")
-        if not wanted or wanted == main.name:
-            return main
+        if not wanted:
+            return await self.backend.model_info(ctx.metadata)
         try:
-            resp = await self.backend.stub.GetModelInfo(pb.GetModelInfoRequest(model=wanted), metadata=ctx.metadata,
-                                                        timeout=30)
+            resp = await self.backend.stub.GetModelInfo(pb.GetModelInfoRequest(model=wanted), metadata=ctx.metadata)
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.NOT_FOUND:
-                raise HttpError(404, f"model {wanted!r} not found; this server serves {main.name!r}", "model") from None
-            raise rpc_error(exc) from None
+                raise HttpError(404, exc.details() or f"model {wanted!r} not found", "model") from None
+            raise rpc_error(exc, RequestBuilder()) from None
         return resp.model
 
     async def _generation_info(self, ctx: Ctx, name: str | None) -> pb.ModelInfo:
         """The named model's info for /api/generate and /api/chat; 400 for an embedding model."""
-        info = await self._ollama_info(ctx, name, await self.backend.model_info(ctx.metadata))
+        info = await self._ollama_info(ctx, name)
         if info.features.embedding_only:
             raise HttpError(400, f"model: {info.name!r} is an embedding model: it does not generate (use /api/embed)",
                             "model")
@@ -90,6 +90,11 @@ class OllamaRoutes(ShimBase):
 
     async def ollama_generate(self, body: OllamaGenerateRequest, request: Request) -> Response:
         ctx = self._ctx(request)
+        keep_alive = keep_alive_seconds(body.keep_alive)
+        if not body.prompt and not body.context:
+            reason = await self.load_or_unload(request, ctx, body.model, keep_alive)
+            return JSONResponse({"model": body.model, "created_at": now_iso(), "response": "", "done": True,
+                                 "done_reason": reason})
         info = await self._generation_info(ctx, body.model)
         model = info.name
         if body.images:
@@ -99,10 +104,6 @@ class OllamaRoutes(ShimBase):
                             "template is used (or send raw=true)", "template")
         if body.suffix:
             raise HttpError(400, "suffix: not supported", "suffix")
-        if not body.prompt and not body.context:
-            done_reason = "unload" if body.keep_alive in (0, "0", "0s") else "load"
-            return JSONResponse({"model": model, "created_at": now_iso(), "response": "", "done": True,
-                                 "done_reason": done_reason})
         # The prompt as token ids (so that `context` can be returned and continued): the text as
         # is with raw, else a user turn (after an optional system turn) in the chat template.
         tok = pb.TokenizeRequest()
@@ -122,6 +123,7 @@ class OllamaRoutes(ShimBase):
             resp = await self._unary(request, self.backend.stub.Tokenize(tok, metadata=ctx.metadata), tb)
             ids.extend(resp.token_ids)
         b = RequestBuilder(model)
+        b.set("keep_alive_seconds", keep_alive, "keep_alive")
         b.req.token_ids.SetInParent()
         b.extend("token_ids.ids", ids, "context")
         b.name("token_ids", "prompt")
@@ -130,12 +132,15 @@ class OllamaRoutes(ShimBase):
 
     async def ollama_chat(self, body: OllamaChatRequest, request: Request) -> Response:
         ctx = self._ctx(request)
+        keep_alive = keep_alive_seconds(body.keep_alive)
+        if not body.messages:   # Ollama: an empty chat loads the model (or with keep_alive 0 unloads it)
+            reason = await self.load_or_unload(request, ctx, body.model, keep_alive)
+            return JSONResponse({"model": body.model, "created_at": now_iso(),
+                                 "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": reason})
         info = await self._generation_info(ctx, body.model)
         model = info.name
-        if not body.messages:   # Ollama: an empty chat loads the model
-            return JSONResponse({"model": model, "created_at": now_iso(),
-                                 "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
         b = RequestBuilder(model)
+        b.set("keep_alive_seconds", keep_alive, "keep_alive")
         b.req.chat.SetInParent()
         b.name("chat", "messages")
         b.name("chat.messages", "messages")
@@ -225,8 +230,10 @@ class OllamaRoutes(ShimBase):
                 "parameter_size": "", "quantization_level": info.dtype.upper()}
 
     def _ollama_entry(self, info: pb.ModelInfo) -> dict[str, Any]:
-        return {"name": info.name, "model": info.name, "modified_at": now_iso(), "size": 0,
-                "digest": hashlib.sha256(info.name.encode()).hexdigest(), "details": self._ollama_details(info)}
+        # A model served by path has no store digest: one made of its name keeps the field unique.
+        digest = info.digest or hashlib.sha256(info.name.encode()).hexdigest()
+        return {"name": info.name, "model": info.name, "modified_at": now_iso(), "size": info.size_bytes,
+                "digest": digest, "details": self._ollama_details(info)}
 
     async def ollama_tags(self, request: Request) -> Response:
         ctx = self._ctx(request)
@@ -234,14 +241,65 @@ class OllamaRoutes(ShimBase):
         return JSONResponse({"models": [self._ollama_entry(m) for m in resp.models]})
 
     async def ollama_ps(self, request: Request) -> Response:
+        """What is loaded now: size is the memory it holds (weights and KV cache; all of it in
+        RAM on CPU, so size_vram is 0 there), expires_at when it goes if no request comes."""
         ctx = self._ctx(request)
-        resp = await self._unary(request, self.backend.stub.ListModels(pb.ListModelsRequest(), metadata=ctx.metadata))
-        return JSONResponse({"models": [{**self._ollama_entry(m), "expires_at": "9999-12-31T23:59:59Z",
-                                         "size_vram": 0, "context_length": m.max_model_len} for m in resp.models]})
+        resp = await self._unary(request, self.backend.stub.ListLoadedModels(pb.ListLoadedModelsRequest(),
+                                                                             metadata=ctx.metadata))
+        models = []
+        for m in resp.models:
+            on_gpu = m.model.device.startswith("cuda")
+            models.append({**self._ollama_entry(m.model), "size": m.size_bytes, "size_vram": m.size_bytes if on_gpu else 0,
+                           "expires_at": iso_time(m.expires_at if m.HasField("expires_at") else None),
+                           "context_length": m.model.max_model_len})
+        return JSONResponse({"models": models})
+
+    async def ollama_pull(self, body: OllamaPullRequest, request: Request) -> Response:
+        """A model from the server's machine (a .gguf, an HF directory, an installed package that
+        ships a .gguf): Ollama's progress lines, or with stream false the last one. There is no
+        registry: any other name is 404 saying so."""
+        ctx = self._ctx(request)
+        source = body.model or body.name
+        if not source:
+            raise HttpError(400, "model: required (a .gguf file, an HF directory or a package on the server)", "model")
+        b = RequestBuilder()
+        b.names.update(source="model", name="model")
+        call = self.backend.stub.PullModel(pb.PullModelRequest(source=source), metadata=ctx.metadata)
+        try:
+            first = await guarded(request, call.read())
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, b) from None
+
+        def line(msg: pb.PullModelProgress) -> dict[str, Any]:
+            doc: dict[str, Any] = {"status": msg.status}
+            if msg.total:
+                doc.update(digest=msg.digest or None, total=msg.total, completed=msg.completed)
+            return {k: v for k, v in doc.items() if v is not None}
+
+        if body.stream is False:
+            msg, last = first, first
+            try:
+                while msg is not EOF_MSG:
+                    last, msg = msg, await guarded(request, call.read())
+            except grpc.aio.AioRpcError as exc:
+                raise rpc_error(exc, b) from None
+            return JSONResponse(line(last))
+
+        async def lines() -> AsyncIterator[str]:
+            msg = first
+            try:
+                while msg is not EOF_MSG:
+                    yield dumps(line(msg)) + "\n"
+                    msg = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                yield dumps(rpc_error(exc, b).ollama()) + "\n"
+            finally:
+                call.cancel()
+        return Stream(lines(), media_type="application/x-ndjson")
 
     async def ollama_show(self, body: OllamaShowRequest, request: Request) -> Response:
         ctx = self._ctx(request)
-        info = await self._ollama_info(ctx, body.model or body.name, await self.backend.model_info(ctx.metadata))
+        info = await self._ollama_info(ctx, body.model or body.name)
         name = info.name
         caps = [] if info.features.embedding_only else ["completion"]
         if info.features.embeddings:
@@ -303,6 +361,13 @@ class OllamaRoutes(ShimBase):
 
     async def ollama_version(self) -> Response:
         return JSONResponse({"version": OLLAMA_API_VERSION})
+
+
+def iso_time(unix: float | None) -> str:
+    """Unix seconds as Ollama's RFC 3339 time; None (never) as the far future Ollama shows."""
+    if unix is None:
+        return "2318-11-20T00:00:00Z"
+    return datetime.datetime.fromtimestamp(unix, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _default(value: Any, name: str, own: dict[str, Any]) -> Any:

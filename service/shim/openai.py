@@ -72,7 +72,7 @@ class OpenAIRoutes(ShimBase):
             b.set("logprobs", top, "top_logprobs")
         elif body.top_logprobs:
             raise HttpError(400, "top_logprobs: needs logprobs set to true", "top_logprobs")
-        info = await self.backend.model_info(ctx.metadata)
+        info = await self.backend.model_info(ctx.metadata, body.model or "")
         b.set("stopping.max_tokens", max_tokens if max_tokens is not None else info.max_model_len, max_param)
         cid = f"chatcmpl-{ctx.rid}"
         model = body.model or info.name   # a LoRA adapter's name, echoed
@@ -157,7 +157,7 @@ class OpenAIRoutes(ShimBase):
         n = builders[0].req.n if builders[0].req.HasField("n") else 1
         if body.best_of is not None and body.best_of != n:
             raise HttpError(400, "best_of: only best_of == n is supported", "best_of")
-        info = await self.backend.model_info(ctx.metadata)
+        info = await self.backend.model_info(ctx.metadata, body.model or "")
         echoes = [await self._echo_text(request, ctx, p) if body.echo else "" for p in prompts]
         cid = f"cmpl-{ctx.rid}"
         token_ids = bool(body.return_token_ids)

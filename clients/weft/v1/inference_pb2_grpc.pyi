@@ -45,9 +45,12 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class InferenceServiceStub:
-    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
-    optionally an embedding model beside it (ListModels names them all). Requests name one in
-    `model` (empty means the first one ListModels lists).
+    """A process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all); or, started from the
+    model store (`weft serve` without a path), every model of the store: each is loaded on first
+    use into an engine of its own and unloaded after `keep_alive` idle or when another needs room
+    (LoadModel, UnloadModel, ListLoadedModels). Requests name one in `model` (empty means the
+    first one ListModels lists; in store mode, the server's default model).
     """
 
     @_typing.overload
@@ -87,22 +90,47 @@ class InferenceServiceStub:
     """
     CreateModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CreateModelRequest, _inference_pb2.CreateModelResponse]
     """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
-    Modelfile. A store model with the weights this server has loaded is served at once, its
-    Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+    Modelfile; its Modelfile is the defaults of its requests. A server of the whole store
+    serves it at once (loading it on first use); a server started with one store model serves
+    it when its weights are the loaded ones. INVALID_ARGUMENT naming the Modelfile's line.
     """
     DeleteModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DeleteModelRequest, _inference_pb2.DeleteModelResponse]
-    """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
-    with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
-    the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+    """Admin: remove a model from the store. INVALID_ARGUMENT while it is in use (the model a
+    one-model server was started with; on a server of the whole store, while requests run on
+    its engine); NOT_FOUND for an unknown name. Store admin needs a server started from the
+    store (`weft serve` without a path): FAILED_PRECONDITION otherwise.
     """
     CopyModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CopyModelRequest, _inference_pb2.CopyModelResponse]
     """Admin: copy a store model under another name."""
+    LoadModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.LoadModelRequest, _inference_pb2.LoadModelResponse]
+    """Store mode: load a store model now (if it is not loaded) and set how long it stays loaded
+    once idle. Loading waits while the loaded models are all busy and another must make room.
+    NOT_FOUND for a name the store does not have; FAILED_PRECONDITION when the model alone is
+    larger than the server's memory budget (--memory-gb). A server started with a path answers
+    with its model (always loaded).
+    """
+    UnloadModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.UnloadModelRequest, _inference_pb2.UnloadModelResponse]
+    """Store mode: unload a model now, or as soon as the requests running on it end (its
+    keep_alive becomes 0). A model that is not loaded is left as it is (nothing is loaded).
+    """
+    ListLoadedModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListLoadedModelsRequest, _inference_pb2.ListLoadedModelsResponse]
+    """The models loaded now (Ollama's /api/ps), most recently used first. A server started with
+    a path lists its one model, never expiring.
+    """
+    PullModel: _grpc.UnaryStreamMultiCallable[_inference_pb2.PullModelRequest, _inference_pb2.PullModelProgress]
+    """Admin: add a model to the store from this server's machine (`weft pull`, Ollama's
+    /api/pull), streaming progress; the last message says "success". FAILED_PRECONDITION on a
+    server that serves a path without the store.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
-    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
-    optionally an embedding model beside it (ListModels names them all). Requests name one in
-    `model` (empty means the first one ListModels lists).
+    """A process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all); or, started from the
+    model store (`weft serve` without a path), every model of the store: each is loaded on first
+    use into an engine of its own and unloaded after `keep_alive` idle or when another needs room
+    (LoadModel, UnloadModel, ListLoadedModels). Requests name one in `model` (empty means the
+    first one ListModels lists; in store mode, the server's default model).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -139,21 +167,46 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """
     CreateModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.CreateModelRequest, _inference_pb2.CreateModelResponse]  # type: ignore[assignment]
     """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
-    Modelfile. A store model with the weights this server has loaded is served at once, its
-    Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+    Modelfile; its Modelfile is the defaults of its requests. A server of the whole store
+    serves it at once (loading it on first use); a server started with one store model serves
+    it when its weights are the loaded ones. INVALID_ARGUMENT naming the Modelfile's line.
     """
     DeleteModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.DeleteModelRequest, _inference_pb2.DeleteModelResponse]  # type: ignore[assignment]
-    """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
-    with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
-    the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+    """Admin: remove a model from the store. INVALID_ARGUMENT while it is in use (the model a
+    one-model server was started with; on a server of the whole store, while requests run on
+    its engine); NOT_FOUND for an unknown name. Store admin needs a server started from the
+    store (`weft serve` without a path): FAILED_PRECONDITION otherwise.
     """
     CopyModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.CopyModelRequest, _inference_pb2.CopyModelResponse]  # type: ignore[assignment]
     """Admin: copy a store model under another name."""
+    LoadModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.LoadModelRequest, _inference_pb2.LoadModelResponse]  # type: ignore[assignment]
+    """Store mode: load a store model now (if it is not loaded) and set how long it stays loaded
+    once idle. Loading waits while the loaded models are all busy and another must make room.
+    NOT_FOUND for a name the store does not have; FAILED_PRECONDITION when the model alone is
+    larger than the server's memory budget (--memory-gb). A server started with a path answers
+    with its model (always loaded).
+    """
+    UnloadModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.UnloadModelRequest, _inference_pb2.UnloadModelResponse]  # type: ignore[assignment]
+    """Store mode: unload a model now, or as soon as the requests running on it end (its
+    keep_alive becomes 0). A model that is not loaded is left as it is (nothing is loaded).
+    """
+    ListLoadedModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListLoadedModelsRequest, _inference_pb2.ListLoadedModelsResponse]  # type: ignore[assignment]
+    """The models loaded now (Ollama's /api/ps), most recently used first. A server started with
+    a path lists its one model, never expiring.
+    """
+    PullModel: _aio.UnaryStreamMultiCallable[_inference_pb2.PullModelRequest, _inference_pb2.PullModelProgress]  # type: ignore[assignment]
+    """Admin: add a model to the store from this server's machine (`weft pull`, Ollama's
+    /api/pull), streaming progress; the last message says "success". FAILED_PRECONDITION on a
+    server that serves a path without the store.
+    """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
-    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
-    optionally an embedding model beside it (ListModels names them all). Requests name one in
-    `model` (empty means the first one ListModels lists).
+    """A process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all); or, started from the
+    model store (`weft serve` without a path), every model of the store: each is loaded on first
+    use into an engine of its own and unloaded after `keep_alive` idle or when another needs room
+    (LoadModel, UnloadModel, ListLoadedModels). Requests name one in `model` (empty means the
+    first one ListModels lists; in store mode, the server's default model).
     """
 
     @_abc_1.abstractmethod
@@ -254,8 +307,9 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.CreateModelResponse, _abc.Awaitable[_inference_pb2.CreateModelResponse]]:
         """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
-        Modelfile. A store model with the weights this server has loaded is served at once, its
-        Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+        Modelfile; its Modelfile is the defaults of its requests. A server of the whole store
+        serves it at once (loading it on first use); a server started with one store model serves
+        it when its weights are the loaded ones. INVALID_ARGUMENT naming the Modelfile's line.
         """
 
     @_abc_1.abstractmethod
@@ -264,9 +318,10 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.DeleteModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.DeleteModelResponse, _abc.Awaitable[_inference_pb2.DeleteModelResponse]]:
-        """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
-        with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
-        the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+        """Admin: remove a model from the store. INVALID_ARGUMENT while it is in use (the model a
+        one-model server was started with; on a server of the whole store, while requests run on
+        its engine); NOT_FOUND for an unknown name. Store admin needs a server started from the
+        store (`weft serve` without a path): FAILED_PRECONDITION otherwise.
         """
 
     @_abc_1.abstractmethod
@@ -276,5 +331,49 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.CopyModelResponse, _abc.Awaitable[_inference_pb2.CopyModelResponse]]:
         """Admin: copy a store model under another name."""
+
+    @_abc_1.abstractmethod
+    def LoadModel(
+        self,
+        request: _inference_pb2.LoadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.LoadModelResponse, _abc.Awaitable[_inference_pb2.LoadModelResponse]]:
+        """Store mode: load a store model now (if it is not loaded) and set how long it stays loaded
+        once idle. Loading waits while the loaded models are all busy and another must make room.
+        NOT_FOUND for a name the store does not have; FAILED_PRECONDITION when the model alone is
+        larger than the server's memory budget (--memory-gb). A server started with a path answers
+        with its model (always loaded).
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadModel(
+        self,
+        request: _inference_pb2.UnloadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.UnloadModelResponse, _abc.Awaitable[_inference_pb2.UnloadModelResponse]]:
+        """Store mode: unload a model now, or as soon as the requests running on it end (its
+        keep_alive becomes 0). A model that is not loaded is left as it is (nothing is loaded).
+        """
+
+    @_abc_1.abstractmethod
+    def ListLoadedModels(
+        self,
+        request: _inference_pb2.ListLoadedModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ListLoadedModelsResponse, _abc.Awaitable[_inference_pb2.ListLoadedModelsResponse]]:
+        """The models loaded now (Ollama's /api/ps), most recently used first. A server started with
+        a path lists its one model, never expiring.
+        """
+
+    @_abc_1.abstractmethod
+    def PullModel(
+        self,
+        request: _inference_pb2.PullModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.PullModelProgress], _abc.AsyncIterator[_inference_pb2.PullModelProgress]]:
+        """Admin: add a model to the store from this server's machine (`weft pull`, Ollama's
+        /api/pull), streaming progress; the last message says "success". FAILED_PRECONDITION on a
+        server that serves a path without the store.
+        """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
