@@ -612,9 +612,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if kind == "text":
             ids = tok.encode(request.text, add_special_tokens=_opt(request, "add_special_tokens", True))
         else:
+            view = self._view_of(request.model)
+            # A chat is tokenized as generation renders it: with the model's Modelfile system
+            # prompt and few-shot messages first (Ollama's /api/generate tokenizes this way).
+            rendered = pb.GenerateRequest(chat=request.chat)
+            defaults = view.modelfile if view is not None else self._defaults
+            if defaults is not None and not (request.model and request.model in self._adapters):
+                apply_defaults(rendered, defaults)
             try:
-                ids = self._render_chat(request.chat, engine, _opt(request, "add_special_tokens", False),
-                                        view=self._view_of(request.model))
+                ids = self._render_chat(rendered.chat, engine, _opt(request, "add_special_tokens", False), view=view)
             except InvalidArgumentError as exc:
                 raise _renamed(exc, kind) from None
         resp = pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=engine.core.max_model_len)

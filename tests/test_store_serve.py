@@ -157,6 +157,9 @@ def test_ollama_create_copy_show_delete_over_http(stack, home) -> None:
                               stop=["zzzz"])   # terse's stop, inherited
         by_name = c.generate(ask, model="pirate")
         assert list(by_name.choices[0].token_ids) == list(explicit.choices[0].token_ids)
+        # /api/generate (a prompt, not a chat) gets the model's SYSTEM prompt too.
+        generated = client.generate(model="pirate", prompt="Name a fruit.")
+        assert generated.response == explicit.choices[0].text and generated.eval_count == 5
         assert by_name.model == "pirate"
         assert {"terse", "pirate"} <= {m.name for m in c.models()}
     shown = parse(client.show("pirate").modelfile)

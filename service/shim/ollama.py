@@ -106,7 +106,7 @@ class OllamaRoutes(ShimBase):
             raise HttpError(400, "suffix: not supported", "suffix")
         # The prompt as token ids (so that `context` can be returned and continued): the text as
         # is with raw, else a user turn (after an optional system turn) in the chat template.
-        tok = pb.TokenizeRequest()
+        tok = pb.TokenizeRequest(model=model)   # the named model's tokenizer, template and Modelfile
         if body.raw:
             tok.text = body.prompt or ""
             if body.context:
