@@ -103,3 +103,21 @@ def _scales_mins(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sc = torch.cat([d & 63, (md & 15) | ((d >> 2) & 48)], dim=-1)
     mins = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], dim=-1)
     return sc.float(), mins.float()
+
+
+# Where each block type keeps its fp16 scales (and offsets / super-mins), by byte offset.
+_FP16_AT = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2),
+            "Q6_K": (208,)}
+
+
+def random_rows(gguf_type: str, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Valid GGUF rows (uint8 [n, bytes per row]) of random quants and sub-block scales with
+    small, sign-mixed fp16 scales (offsets, super-mins): kernel tests and benches, whose results
+    and cost do not depend on the weights being a trained model's."""
+    size, per = BLOCK_BYTES[gguf_type]
+    nb = k // per
+    data = torch.randint(0, 256, (n, nb, size), dtype=torch.uint8, generator=gen)
+    for at in _FP16_AT[gguf_type]:
+        scales = (torch.rand(n, nb, 1, generator=gen) * 0.02 - 0.01).half()
+        data[..., at:at + 2] = scales.view(torch.uint8)
+    return data.reshape(n, nb * size).contiguous()

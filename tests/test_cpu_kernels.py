@@ -7,6 +7,7 @@ import torch
 
 from kernels import cpu_native
 from kernels.attention import AttentionMetadata, paged_attention_native, paged_attention_ref
+from kernels.gguf_blocks import LAYOUT, random_rows
 from tests.test_kernels import make_attention_batch, rel_err
 
 pytestmark = pytest.mark.skipif(cpu_native.lib() is None, reason="no C compiler for the native kernels")
@@ -183,24 +184,7 @@ def test_native_layers_equal_the_python_loop(bias: bool, monkeypatch: pytest.Mon
 
 # ---- GGUF-block matmuls (kernels/quant.py, kernels/csrc/cpu_qmatmul.c) -----------------------
 
-# Where each GGUF block type keeps its fp16 scales (and offsets / super-mins), by byte offset.
-_FP16_AT = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2),
-            "Q6_K": (208,)}
-GGUF_TYPES = list(_FP16_AT)
-
-
-def _random_gguf_rows(gguf_type: str, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Random GGUF rows (uint8 [n, bytes per row]): random quants and sub-block scales, small
-    sign-mixed fp16 scales (and offsets, super-mins)."""
-    from kernels import gguf_blocks
-
-    size, per = gguf_blocks.BLOCK_BYTES[gguf_type]
-    nb = k // per
-    data = torch.randint(0, 256, (n, nb, size), dtype=torch.uint8, generator=gen)
-    for at in _FP16_AT[gguf_type]:
-        scales = (torch.rand(n, nb, 1, generator=gen) * 0.02 - 0.01).half()
-        data[..., at:at + 2] = scales.view(torch.uint8)
-    return data.reshape(n, nb * size).contiguous()
+GGUF_TYPES = list(LAYOUT)
 
 
 def _shapes(gguf_type: str) -> list[tuple[int, int]]:
@@ -215,7 +199,7 @@ def test_qmatmul_matches_linear_on_dequantized(gguf_type: str, m: int) -> None:
 
     gen = torch.Generator().manual_seed(GGUF_TYPES.index(gguf_type) * 10 + m)
     for n, k in _shapes(gguf_type):
-        p = quant.from_gguf_blocks(_random_gguf_rows(gguf_type, n, k, gen), gguf_type, k)
+        p = quant.from_gguf_blocks(random_rows(gguf_type, n, k, gen), gguf_type, k)
         x = torch.randn(m, k, generator=gen)
         w = quant.dequantize(p)
         assert torch.isfinite(w).all()
@@ -236,7 +220,7 @@ def test_qmatmul_rows_do_not_depend_on_the_batch(gguf_type: str) -> None:
     from kernels import quant
 
     gen = torch.Generator().manual_seed(20 + GGUF_TYPES.index(gguf_type))
-    p = quant.from_gguf_blocks(_random_gguf_rows(gguf_type, 45, 256, gen), gguf_type, 256)
+    p = quant.from_gguf_blocks(random_rows(gguf_type, 45, 256, gen), gguf_type, 256)
     x = torch.randn(11, 256, generator=gen)
     alone = torch.cat([quant.qmatmul(x[i:i + 1], p) for i in range(11)])
     for m in (2, 5, 8, 11):
@@ -254,7 +238,7 @@ def test_dequantize_matches_gguf_py() -> None:
 
     gen = torch.Generator().manual_seed(3)
     for gguf_type in GGUF_TYPES:
-        blocks = _random_gguf_rows(gguf_type, 7, 512, gen)
+        blocks = random_rows(gguf_type, 7, 512, gen)
         ref = gguf_dequantize(blocks.numpy(), GGMLQuantizationType[gguf_type])
         ref = torch.from_numpy(np.asarray(ref, dtype=np.float32)).reshape(7, 512)
         p = quant.from_gguf_blocks(blocks, gguf_type, 512)
@@ -274,7 +258,7 @@ def test_mixed_types_pack_as_segments() -> None:
 
     gen = torch.Generator().manual_seed(4)
     types, rows = ["Q4_K", "Q4_0", "Q6_K"], [48, 16, 33]
-    parts = [_random_gguf_rows(t, n, 512, gen) for t, n in zip(types, rows)]
+    parts = [random_rows(t, n, 512, gen) for t, n in zip(types, rows)]
     p = quant.from_gguf_blocks(parts, types, 512)
     assert p.fmt == quant.FMT_SEGMENTS and p.n == sum(rows)
     assert [(s.fmt, s.n) for s in p.segments] == [(quant.FMT_Q4_1, 64), (quant.FMT_Q6_K, 33)]
@@ -335,7 +319,7 @@ def test_native_layers_with_packed_weights_match_the_python_loop(monkeypatch: py
             for i, mod in enumerate(layer.projections()):
                 n, k = mod.weight.shape
                 t = "Q4_1" if i % 2 == 0 else "Q8_0"
-                mod.packed = quant.from_gguf_blocks(_random_gguf_rows(t, n, k, gen), t, k)
+                mod.packed = quant.from_gguf_blocks(random_rows(t, n, k, gen), t, k)
                 mod.weight.copy_(quant.dequantize(mod.packed))
     q_lens, seq_lens, block_size = [1, 5, 1], [1, 40, 300], 16
     nb = [-(-s // block_size) for s in seq_lens]
@@ -373,7 +357,7 @@ def test_load_check_finds_any_differing_weight(gguf_type: str, monkeypatch: pyte
     from kernels import quant
 
     gen = torch.Generator().manual_seed(11 + GGUF_TYPES.index(gguf_type))
-    p = quant.from_gguf_blocks(_random_gguf_rows(gguf_type, 33, 256, gen), gguf_type, 256)
+    p = quant.from_gguf_blocks(random_rows(gguf_type, 33, 256, gen), gguf_type, 256)
     w = quant.dequantize(p)
     for native in ("1", "0"):
         monkeypatch.setenv("WEFT_NATIVE", native)
