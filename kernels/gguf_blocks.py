@@ -27,50 +27,61 @@ BLOCK_BYTES = {"Q8_0": (34, 32), "Q4_0": (18, 32), "Q4_1": (20, 32), "Q5_0": (22
 
 @dataclass(frozen=True)
 class Decoded:
-    """d: float32 [n, k / 32] ([n, k / 16] for Q6_K); m: float32 [n, k / 32] or None; q: [n, k]
-    (int8 for Q8_0 / Q6_K, else uint8)."""
+    """A tensor's blocks with the quants already in its layout's bytes, per 32 weights:
+    d: float32 [n, k / 32] ([n, k / 16] for Q6_K); m: float32 [n, k / 32] or None;
+    qh: uint8 [n, k / 32, 4] (Q5_1: the fifth bits, little-endian) or None;
+    qs: uint8 [n, k / 32, 16] (Q4_1, Q5_1: weights i and 16 + i in the low / high nibble of
+    byte i) or [n, k / 32, 32] (Q8_0, Q6_K: int8 bytes).
+    The legacy types' quant bytes are already so (copied); the K-quants' are reshuffled."""
 
     layout: str
     d: torch.Tensor
     m: torch.Tensor | None
-    q: torch.Tensor
+    qh: torch.Tensor | None
+    qs: torch.Tensor
 
 
 def decode(rows: torch.Tensor, gguf_type: str, k: int) -> Decoded:
-    """uint8 [n, k / weights per block * block bytes] -> the block's scales, offsets and quants."""
+    """uint8 [n, k / weights per block * block bytes] -> the blocks' scales, offsets and quants."""
     size, per = BLOCK_BYTES[gguf_type]
     if k % per or rows.dim() != 2 or rows.shape[1] != k // per * size:
         raise ValueError(f"{gguf_type}: rows of shape {tuple(rows.shape)} are not whole blocks of {k} weights")
     b = rows.reshape(rows.shape[0], k // per, size)
-    n = rows.shape[0]
+    n, nb = rows.shape[0], k // 32
     if gguf_type == "Q8_0":
-        return Decoded("Q8_0", _fp16(b, 0), None, b[..., 2:].reshape(n, k).view(torch.int8))
+        return Decoded("Q8_0", _fp16(b, 0), None, None, b[..., 2:])
     if gguf_type in ("Q4_0", "Q4_1"):
         d = _fp16(b, 0)
         m, at = (-8 * d, 2) if gguf_type == "Q4_0" else (_fp16(b, 2), 4)
-        return Decoded("Q4_1", d, m, _nibbles_32(b[..., at:]).reshape(n, k))
+        return Decoded("Q4_1", d, m, None, b[..., at:])
     if gguf_type in ("Q5_0", "Q5_1"):
         d = _fp16(b, 0)
         m, at = (-16 * d, 2) if gguf_type == "Q5_0" else (_fp16(b, 2), 4)
-        q = _nibbles_32(b[..., at + 4:]) | (_bits(b[..., at:at + 4]) << 4)
-        return Decoded("Q5_1", d, m, q.reshape(n, k))
+        return Decoded("Q5_1", d, m, b[..., at:at + 4], b[..., at + 4:])
     if gguf_type in ("Q4_K", "Q5_K"):
         sc, mins = _scales_mins(b[..., 4:16])
-        d = _fp16(b, 0)[..., None] * sc
-        m = -(_fp16(b, 2)[..., None] * mins)
+        d = (_fp16(b, 0)[..., None] * sc).reshape(n, nb)
+        m = (-(_fp16(b, 2)[..., None] * mins)).reshape(n, nb)
         if gguf_type == "Q4_K":
-            q = _nibbles_k(b[..., 16:])
-        else:   # qh byte i: bit j is the fifth bit of weight i of sub-block j
-            q = _nibbles_k(b[..., 48:]) | (_bits(b[..., 16:48]).reshape(n, -1, 32, 8).transpose(2, 3) << 4)
-        return Decoded("Q5_1" if gguf_type == "Q5_K" else "Q4_1", d.reshape(n, -1), m.reshape(n, -1), q.reshape(n, k))
+            return Decoded("Q4_1", d, m, None, _nibble_pairs(_nibbles_k(b[..., 16:])).reshape(n, nb, 16))
+        # qh byte i: bit j is the fifth bit of weight i of sub-block j; as bytes of a little-endian
+        # uint32 per sub-block: byte c, bit t = weight 8 c + t = bit j of qh byte 8 c + t.
+        fifth = (b[..., 16:48].reshape(n, -1, 1, 4, 8) >> torch.arange(8, dtype=torch.uint8).reshape(8, 1, 1)) & 1
+        qh = (fifth << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+        return Decoded("Q5_1", d, m, qh.reshape(n, nb, 4), _nibble_pairs(_nibbles_k(b[..., 48:])).reshape(n, nb, 16))
     if gguf_type == "Q6_K":
         ql, qh = b[..., :128].reshape(n, -1, 2, 64), b[..., 128:192].reshape(n, -1, 2, 1, 32)
         low = torch.cat([ql & 15, ql >> 4], dim=-1)   # [.., half, 128]: weights i and 64 + i share byte i
         high = (qh >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(4, 1)) & 3   # weight 32 s + i: bits 2s
-        q = (low | (high.reshape(n, -1, 2, 128) << 4)).view(torch.int8) - 32
+        q = (low | (high.reshape(n, -1, 2, 128) << 4)) - 32   # wraps to the int8 bytes of q - 32
         d = _fp16(b, 208)[..., None] * b[..., 192:208].view(torch.int8).float()
-        return Decoded("Q6_K", d.reshape(n, -1), None, q.reshape(n, k))
+        return Decoded("Q6_K", d.reshape(n, -1), None, None, q.reshape(n, nb, 32))
     raise ValueError(f"no block decoder for GGUF type {gguf_type}")
+
+
+def _nibble_pairs(v: torch.Tensor) -> torch.Tensor:
+    """[.., 32] values 0..15 -> [.., 16] bytes: weights i and 16 + i in the low / high nibble of byte i."""
+    return v[..., :16] | (v[..., 16:] << 4)
 
 
 def _fp16(b: torch.Tensor, at: int) -> torch.Tensor:
@@ -78,21 +89,10 @@ def _fp16(b: torch.Tensor, at: int) -> torch.Tensor:
     return b[..., at:at + 2].contiguous().view(torch.float16)[..., 0].float()
 
 
-def _nibbles_32(qs: torch.Tensor) -> torch.Tensor:
-    """[.., 16] bytes -> [.., 32]: weights i (low nibble) and 16 + i (high) share byte i."""
-    return torch.cat([qs & 15, qs >> 4], dim=-1)
-
-
 def _nibbles_k(qs: torch.Tensor) -> torch.Tensor:
     """[.., 128] bytes -> [.., 8, 32]: sub-blocks 2c and 2c + 1 share bytes 32c..32c+31."""
     qs = qs.reshape(*qs.shape[:-1], 4, 1, 32)
     return torch.cat([qs & 15, qs >> 4], dim=-2).reshape(*qs.shape[:-3], 8, 32)
-
-
-def _bits(qh: torch.Tensor) -> torch.Tensor:
-    """[.., j] bytes -> [.., 8 j] bits, little-endian (bit i of the word is element i)."""
-    shifts = torch.arange(8, dtype=torch.uint8)
-    return ((qh[..., None] >> shifts) & 1).reshape(*qh.shape[:-1], 8 * qh.shape[-1])
 
 
 def _scales_mins(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -98,16 +98,10 @@ def _fill(out: torch.Tensor, fmt: int, parts: list[tuple[torch.Tensor, str]], k:
         if dec.m is not None:
             dst[:, at:at + 4 * nb].view(torch.float32).copy_(dec.m)
             at += 4 * nb
-        q = dec.q.reshape(-1, nb, BLOCK)
-        if fmt == FMT_Q5_1:   # the fifth bits as a little-endian uint32 per block
-            bits = ((q >> 4) & 1).reshape(-1, nb, 4, 8) << torch.arange(8, dtype=torch.uint8)
-            dst[:, at:at + 4 * nb].copy_(bits.sum(-1, dtype=torch.uint8).reshape(-1, 4 * nb))
+        if dec.qh is not None:
+            dst[:, at:at + 4 * nb].view(-1, nb, 4).copy_(dec.qh)
             at += 4 * nb
-        if fmt in (FMT_Q4_1, FMT_Q5_1):   # weights i and 16 + i share byte i
-            low = q & 15
-            dst[:, at:].view(-1, nb, BLOCK // 2).copy_(low[..., :16] | (low[..., 16:] << 4))
-        else:
-            dst[:, at:].view(-1, nb, BLOCK).copy_(q.view(torch.uint8))
+        dst[:, at:].view(dec.qs.shape).copy_(dec.qs)
         row += part.shape[0]
     return PackedWeight(out, fmt, out.shape[0], k)
 
