@@ -1,8 +1,9 @@
 """Matmuls that read GGUF-quantised weight rows directly (float32 CPU, kernels/csrc/cpu_qmatmul.c).
 
 A model loaded from a GGUF runs in float32, but its weights are exactly the de-quantised blocks;
-at M = 1 a step is bound by the bytes of weight it streams, so reading the Q4_1 / Q8_0 blocks
-instead of their float32 copies is ~4-5x fewer bytes. The float32 weights stay: above
+at M = 1 a step is bound by the bytes of weight it streams, so reading the blocks (Q8_0, the
+legacy 4/5-bit types and the K-quants, repacked at load: kernels/gguf_blocks.py) instead of their
+float32 copies is ~3-5x fewer bytes. The float32 weights stay: above
 PACKED_MAX_ROWS rows per step BLAS sgemm on them is faster (its cost hardly grows with the rows,
 ours does). `WEFT_PACKED=0` turns this off (A/B).
 """
@@ -12,12 +13,16 @@ import dataclasses
 
 import torch
 
-from kernels import cpu_native
+from kernels import cpu_native, gguf_blocks
 from common import env
 
-FMT_Q8_0, FMT_Q4_1 = 1, 2
+# The packed layouts (kernels/csrc/cpu_qmatmul.c); kernels/gguf_blocks.py maps each GGUF type to one.
+FMT_Q8_0, FMT_Q4_1, FMT_Q5_1, FMT_Q6_K, FMT_SEGMENTS = 1, 2, 3, 4, 5
+FORMATS = {"Q8_0": FMT_Q8_0, "Q4_1": FMT_Q4_1, "Q5_1": FMT_Q5_1, "Q6_K": FMT_Q6_K}
 BLOCK = 32
-GGUF_BLOCK_BYTES = {FMT_Q8_0: 34, FMT_Q4_1: 20}   # fp16 d (, fp16 m), quants
+# Bytes of one 32-weight block in each packed layout: float32 scales (, offsets, fifth bits), quants.
+_PACKED_BLOCK_BYTES = {FMT_Q8_0: 4 + 32, FMT_Q4_1: 8 + 16, FMT_Q5_1: 8 + 4 + 16, FMT_Q6_K: 8 + 32}
+_HEADER_ALIGN = 64
 
 # Steps with at most this many rows use the packed weights; more go to sgemm on float32. From
 # the measured crossover against MKL sgemm on the default model, 2 cores (`make bench
@@ -36,57 +41,103 @@ def enabled() -> bool:
 @dataclasses.dataclass(frozen=True)
 class PackedWeight:
     """A [n, k] weight in the layout kernels/csrc/cpu_qmatmul.c reads: `data` is uint8
-    [n, row bytes], each row its float32 scales (Q4_1: then offsets) then its quants."""
+    [n, row bytes], each row its float32 scales (then offsets, fifth bits) then its quants. A
+    fused tensor whose parts have different layouts is FMT_SEGMENTS: `data` is an int64 header
+    (count, then fmt, rows, byte offset per segment) and the segments, which `segments` views."""
 
     data: torch.Tensor
     fmt: int
     n: int
     k: int
+    segments: tuple[PackedWeight, ...] = ()
 
 
-def from_gguf_blocks(blocks: torch.Tensor | list[torch.Tensor], fmt: int, k: int) -> PackedWeight:
-    """Repack GGUF rows (uint8 [n, k / 32 * block bytes]; a list is stacked along n): scales to
-    float32 (exact), quants as they are. Written straight into the result: no stacked copy."""
+def from_gguf_blocks(blocks: torch.Tensor | list[torch.Tensor], gguf_type: str | list[str], k: int) -> PackedWeight:
+    """Repack GGUF rows (uint8 [n, bytes per row]; a list is stacked along n, `gguf_type` then one
+    type or one per part) into the packed layouts, each part written straight into the result.
+    Consecutive parts of one layout share a segment; one segment is a plain PackedWeight."""
     parts = blocks if isinstance(blocks, list) else [blocks]
+    types = gguf_type if isinstance(gguf_type, list) else [gguf_type] * len(parts)
+    groups: list[tuple[int, list[tuple[torch.Tensor, str]]]] = []
+    for part, t in zip(parts, types):
+        fmt = FORMATS[gguf_blocks.LAYOUT[t]]
+        if groups and groups[-1][0] == fmt:
+            groups[-1][1].append((part, t))
+        else:
+            groups.append((fmt, [(part, t)]))
+    sizes = [(fmt, sum(p.shape[0] for p, _ in g)) for fmt, g in groups]
+    if len(groups) == 1:
+        out = torch.empty(sizes[0][1], _row_bytes(groups[0][0], k), dtype=torch.uint8)
+        return _fill(out, groups[0][0], groups[0][1], k)
+    header = -(-8 * (1 + 3 * len(groups)) // _HEADER_ALIGN) * _HEADER_ALIGN
+    offsets = [header]
+    for fmt, rows in sizes:
+        offsets.append(offsets[-1] + rows * _row_bytes(fmt, k))
+    data = torch.zeros(offsets[-1], dtype=torch.uint8)
+    data[:header].view(torch.int64)[:1 + 3 * len(groups)] = torch.tensor(
+        [len(groups)] + [v for (fmt, rows), at in zip(sizes, offsets) for v in (fmt, rows, at)])
+    segments = tuple(_fill(data[at:end].view(rows, -1), fmt, g, k)
+                     for (fmt, g), (_, rows), at, end in zip(groups, sizes, offsets, offsets[1:]))
+    return PackedWeight(data, FMT_SEGMENTS, sum(rows for _, rows in sizes), k, segments)
+
+
+def _row_bytes(fmt: int, k: int) -> int:
+    return k // BLOCK * _PACKED_BLOCK_BYTES[fmt]
+
+
+def _fill(out: torch.Tensor, fmt: int, parts: list[tuple[torch.Tensor, str]], k: int) -> PackedWeight:
+    """Write `parts` (GGUF rows, their type) into `out` (uint8 [n, row bytes]) in layout `fmt`."""
     nb = k // BLOCK
-    n = sum(p.shape[0] for p in parts)
-    # Per block: GGUF has the quants after 2 (Q8_0: fp16 d) or 4 bytes (Q4_1: fp16 d, m).
-    quants_at, quant_bytes = (2, 32) if fmt == FMT_Q8_0 else (4, 16)
-    scale_bytes = 2 * quants_at * nb
-    out = torch.empty(n, scale_bytes + quant_bytes * nb, dtype=torch.uint8)
     row = 0
-    for part in parts:
-        rows = part.shape[0]
-        # Blocks are an even number of bytes: as int16 words the fp16 scales are whole
-        # elements, gathered and converted to float32 in one copy.
-        words = part.view(torch.int16).reshape(rows, nb, GGUF_BLOCK_BYTES[fmt] // 2)
-        dst = out[row:row + rows]
-        dst[:, :4 * nb].view(torch.float32).copy_(words[..., 0].view(torch.float16))
-        if fmt == FMT_Q4_1:
-            dst[:, 4 * nb:8 * nb].view(torch.float32).copy_(words[..., 1].view(torch.float16))
-        dst[:, scale_bytes:].view(rows, nb, quant_bytes).copy_(part.reshape(rows, nb, -1)[..., quants_at:])
-        row += rows
-    return PackedWeight(out, fmt, n, k)
+    for part, gguf_type in parts:
+        dec = gguf_blocks.decode(part, gguf_type, k)
+        dst = out[row:row + part.shape[0]]
+        scales = dec.d.shape[1]   # nb, or 2 nb (Q6_K: a scale per 16 weights)
+        dst[:, :4 * scales].view(torch.float32).copy_(dec.d)
+        at = 4 * scales
+        if dec.m is not None:
+            dst[:, at:at + 4 * nb].view(torch.float32).copy_(dec.m)
+            at += 4 * nb
+        if dec.qh is not None:
+            dst[:, at:at + 4 * nb].view(-1, nb, 4).copy_(dec.qh)
+            at += 4 * nb
+        dst[:, at:].view(dec.qs.shape).copy_(dec.qs)
+        row += part.shape[0]
+    return PackedWeight(out, fmt, out.shape[0], k)
+
+
+def _unpack(p: PackedWeight) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(d [n, groups, 1], m [n, nb, 1] or None, q [n, groups, 32 or 16] as float32) of one layout."""
+    nb = p.k // BLOCK
+    scales = 2 * nb if p.fmt == FMT_Q6_K else nb
+    d = p.data[:, :4 * scales].view(torch.float32).reshape(p.n, scales, 1)
+    at = 4 * scales
+    m = None
+    if p.fmt in (FMT_Q4_1, FMT_Q5_1):
+        m = p.data[:, at:at + 4 * nb].view(torch.float32).reshape(p.n, nb, 1)
+        at += 4 * nb
+        fifth = None
+        if p.fmt == FMT_Q5_1:
+            qh = p.data[:, at:at + 4 * nb].reshape(p.n, nb, 4, 1)
+            fifth = ((qh >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(p.n, nb, BLOCK)
+            at += 4 * nb
+        qs = p.data[:, at:].reshape(p.n, nb, BLOCK // 2)
+        q = torch.cat([qs & 15, qs >> 4], dim=-1)
+        if fifth is not None:
+            q |= fifth << 4
+        return d, m, q.float()
+    return d, m, p.data[:, at:].view(torch.int8).reshape(p.n, scales, -1).float()
 
 
 def dequantize(p: PackedWeight) -> torch.Tensor:
     """float32 [n, k], computed as gguf-py (and so transformers' loader) does: d * q (+ m),
-    rounding the product and the sum separately. In place where it can: it runs over every
-    weight at load."""
-    nb = p.k // BLOCK
-    d = p.data[:, :4 * nb].view(torch.float32).reshape(p.n, nb, 1)
-    w = torch.empty(p.n, nb, BLOCK, dtype=torch.float32)
-    if p.fmt == FMT_Q8_0:
-        w.copy_(p.data[:, 4 * nb:].view(torch.int8).reshape(p.n, nb, BLOCK))
-        w.mul_(d)
-    else:
-        m = p.data[:, 4 * nb:8 * nb].view(torch.float32).reshape(p.n, nb, 1)
-        qs = p.data[:, 8 * nb:].reshape(p.n, nb, BLOCK // 2)
-        q = torch.empty(p.n, nb, BLOCK, dtype=torch.uint8)
-        torch.bitwise_and(qs, 15, out=q[..., :BLOCK // 2])
-        torch.bitwise_right_shift(qs, 4, out=q[..., BLOCK // 2:])
-        w.copy_(q)
-        w.mul_(d).add_(m)
+    rounding the product and the sum separately (the product is exact for every layout)."""
+    if p.fmt == FMT_SEGMENTS:
+        return torch.cat([dequantize(s) for s in p.segments])
+    d, m, q = _unpack(p)
+    w = q.mul_(d)
+    if m is not None:
+        w.view(p.n, p.k // BLOCK, BLOCK).add_(m)
     return w.reshape(p.n, p.k)
 
 

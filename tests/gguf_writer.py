@@ -5,7 +5,8 @@ Tensor names come from gguf-py's own HF -> GGUF name map; the tokenizer is the f
 another GGUF's byte-level BPE (`small_tokenizer`: a few hundred tokens keep transformers' GGUF
 tokenizer conversion, which walks every token and merge in Python, fast). Each 2-D weight is
 stored in the quantisation type `qtypes` assigns it (gguf-py quantises Q8_0, Q4_0/1, Q5_0/1, F16,
-BF16; it has no K-quant quantiser), norms and 1-D tensors in F32.
+BF16; the K-quants Q4_K, Q5_K, Q6_K are tests/kquants.py's, with llama.cpp's fallback type for rows
+that are not whole 256-weight super-blocks), norms and 1-D tensors in F32.
 """
 from __future__ import annotations
 
@@ -111,9 +112,16 @@ def _add(writer, name: str, data: np.ndarray, qtype_of: Callable[[str], str]) ->
     import gguf
     from gguf import GGMLQuantizationType as Q
 
+    from tests import kquants
+
     qtype = Q[qtype_of(name)] if data.ndim >= 2 else Q.F32
+    if qtype.name in kquants.FALLBACK and data.shape[-1] % kquants.QK_K:
+        qtype = Q[kquants.FALLBACK[qtype.name]]
     if qtype == Q.F32:
         writer.add_tensor(name, data.astype(np.float32))
         return
-    packed = gguf.quants.quantize(data.astype(np.float32), qtype)
+    if qtype.name in kquants.BLOCK_BYTES:
+        packed = kquants.quantize(data, qtype.name)
+    else:
+        packed = gguf.quants.quantize(data.astype(np.float32), qtype)
     writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=qtype)

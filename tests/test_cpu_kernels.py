@@ -7,6 +7,7 @@ import torch
 
 from kernels import cpu_native
 from kernels.attention import AttentionMetadata, paged_attention_native, paged_attention_ref
+from kernels.gguf_blocks import LAYOUT, random_rows
 from tests.test_kernels import make_attention_batch, rel_err
 
 pytestmark = pytest.mark.skipif(cpu_native.lib() is None, reason="no C compiler for the native kernels")
@@ -183,26 +184,22 @@ def test_native_layers_equal_the_python_loop(bias: bool, monkeypatch: pytest.Mon
 
 # ---- GGUF-block matmuls (kernels/quant.py, kernels/csrc/cpu_qmatmul.c) -----------------------
 
-def _random_gguf_rows(fmt: int, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Random GGUF rows (uint8 [n, k / 32 * block bytes]) with small, sign-mixed fp16 scales (and offsets for Q4_1)."""
-    from kernels import quant
-
-    nb, bb = k // quant.BLOCK, quant.GGUF_BLOCK_BYTES[fmt]
-    data = torch.randint(0, 256, (n, nb, bb), dtype=torch.uint8, generator=gen)
-    scale_bytes = 4 if fmt == quant.FMT_Q4_1 else 2
-    scales = (torch.rand(n, nb, scale_bytes // 2, generator=gen) * 0.02 - 0.01).half()
-    data[..., :scale_bytes] = scales.view(torch.uint8).reshape(n, nb, scale_bytes)
-    return data.reshape(n, nb * bb).contiguous()
+GGUF_TYPES = list(LAYOUT)
 
 
-@pytest.mark.parametrize("fmt", [1, 2])
+def _shapes(gguf_type: str) -> list[tuple[int, int]]:
+    """[n, k] to test: K-quants come in rows of whole 256-weight super-blocks."""
+    return [(37, 256), (301, 768), (5, 1536)] if gguf_type.endswith("_K") else [(37, 64), (301, 576), (5, 1536)]
+
+
+@pytest.mark.parametrize("gguf_type", GGUF_TYPES)
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 9])
-def test_qmatmul_matches_linear_on_dequantized(fmt: int, m: int) -> None:
+def test_qmatmul_matches_linear_on_dequantized(gguf_type: str, m: int) -> None:
     from kernels import quant
 
-    gen = torch.Generator().manual_seed(fmt * 10 + m)
-    for n, k in [(37, 64), (301, 576), (5, 1536)]:
-        p = quant.from_gguf_blocks(_random_gguf_rows(fmt, n, k, gen), fmt, k)
+    gen = torch.Generator().manual_seed(GGUF_TYPES.index(gguf_type) * 10 + m)
+    for n, k in _shapes(gguf_type):
+        p = quant.from_gguf_blocks(random_rows(gguf_type, n, k, gen), gguf_type, k)
         x = torch.randn(m, k, generator=gen)
         w = quant.dequantize(p)
         assert torch.isfinite(w).all()
@@ -216,15 +213,15 @@ def test_qmatmul_matches_linear_on_dequantized(fmt: int, m: int) -> None:
         torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-4 * mag.max().item())
 
 
-@pytest.mark.parametrize("fmt", [1, 2])
-def test_qmatmul_rows_do_not_depend_on_the_batch(fmt: int) -> None:
+@pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_1", "Q5_K", "Q6_K"])
+def test_qmatmul_rows_do_not_depend_on_the_batch(gguf_type: str) -> None:
     """A row's result is bit-identical whether it is alone or one of many rows (at any place):
     a speculative verify row computes what the plain decode of its token would."""
     from kernels import quant
 
-    gen = torch.Generator().manual_seed(20 + fmt)
-    p = quant.from_gguf_blocks(_random_gguf_rows(fmt, 45, 192, gen), fmt, 192)
-    x = torch.randn(11, 192, generator=gen)
+    gen = torch.Generator().manual_seed(20 + GGUF_TYPES.index(gguf_type))
+    p = quant.from_gguf_blocks(random_rows(gguf_type, 45, 256, gen), gguf_type, 256)
+    x = torch.randn(11, 256, generator=gen)
     alone = torch.cat([quant.qmatmul(x[i:i + 1], p) for i in range(11)])
     for m in (2, 5, 8, 11):
         assert torch.equal(quant.qmatmul(x[:m], p), alone[:m])
@@ -237,13 +234,47 @@ def test_dequantize_matches_gguf_py() -> None:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as gguf_dequantize
 
-    from kernels import quant
+    from kernels import gguf_blocks, quant
 
     gen = torch.Generator().manual_seed(3)
-    for fmt, qtype in [(quant.FMT_Q8_0, GGMLQuantizationType.Q8_0), (quant.FMT_Q4_1, GGMLQuantizationType.Q4_1)]:
-        blocks = _random_gguf_rows(fmt, 7, 96, gen)
-        ref = torch.from_numpy(np.asarray(gguf_dequantize(blocks.numpy(), qtype), dtype=np.float32))
-        assert torch.equal(quant.dequantize(quant.from_gguf_blocks(blocks, fmt, 96)), ref.reshape(7, 96))
+    for gguf_type in GGUF_TYPES:
+        blocks = random_rows(gguf_type, 7, 512, gen)
+        ref = gguf_dequantize(blocks.numpy(), GGMLQuantizationType[gguf_type])
+        ref = torch.from_numpy(np.asarray(ref, dtype=np.float32)).reshape(7, 512)
+        p = quant.from_gguf_blocks(blocks, gguf_type, 512)
+        assert p.fmt == quant.FORMATS[gguf_blocks.LAYOUT[gguf_type]]
+        assert torch.equal(quant.dequantize(p), ref), gguf_type
+
+
+def test_mixed_types_pack_as_segments() -> None:
+    """A fused tensor of Q4_K, Q4_0 and Q6_K parts (as Q4_K_M's q, k, v can be): the first two
+    share the Q4_1 layout, the third is its own segment; de-quantised, the rows of each part as
+    gguf-py gives them; the product equals F.linear on those weights within rounding."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from kernels import quant
+
+    gen = torch.Generator().manual_seed(4)
+    types, rows = ["Q4_K", "Q4_0", "Q6_K"], [48, 16, 33]
+    parts = [random_rows(t, n, 512, gen) for t, n in zip(types, rows)]
+    p = quant.from_gguf_blocks(parts, types, 512)
+    assert p.fmt == quant.FMT_SEGMENTS and p.n == sum(rows)
+    assert [(s.fmt, s.n) for s in p.segments] == [(quant.FMT_Q4_1, 64), (quant.FMT_Q6_K, 33)]
+    ref = torch.cat([torch.from_numpy(np.asarray(gguf_dequantize(b.numpy(), GGMLQuantizationType[t]),
+                                                 dtype=np.float32)).reshape(-1, 512) for b, t in zip(parts, types)])
+    w = quant.dequantize(p)
+    assert torch.equal(w, ref)
+    for native in ("1", "0"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("WEFT_NATIVE", native)
+            assert quant.equals_weight(p, w)
+            bumped = w.clone()
+            bumped[80, 300] = torch.nextafter(bumped[80, 300], torch.tensor(float("inf")))
+            assert not quant.equals_weight(p, bumped)
+    x = torch.randn(3, 512, generator=gen)
+    torch.testing.assert_close(quant.qmatmul(x, p), torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-4)
 
 
 def test_default_model_packs_every_projection(smollm2_gguf) -> None:
@@ -287,8 +318,8 @@ def test_native_layers_with_packed_weights_match_the_python_loop(monkeypatch: py
         for layer in model.layers:
             for i, mod in enumerate(layer.projections()):
                 n, k = mod.weight.shape
-                fmt = quant.FMT_Q4_1 if i % 2 == 0 else quant.FMT_Q8_0
-                mod.packed = quant.from_gguf_blocks(_random_gguf_rows(fmt, n, k, gen), fmt, k)
+                t = "Q4_1" if i % 2 == 0 else "Q8_0"
+                mod.packed = quant.from_gguf_blocks(random_rows(t, n, k, gen), t, k)
                 mod.weight.copy_(quant.dequantize(mod.packed))
     q_lens, seq_lens, block_size = [1, 5, 1], [1, 40, 300], 16
     nb = [-(-s // block_size) for s in seq_lens]
@@ -320,19 +351,19 @@ def test_native_layers_with_packed_weights_match_the_python_loop(monkeypatch: py
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", [1, 2])
-def test_load_check_finds_any_differing_weight(fmt: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_load_check_finds_any_differing_weight(gguf_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The native load-time check agrees with torch.equal(dequantize(p), w), to the last bit."""
     from kernels import quant
 
-    gen = torch.Generator().manual_seed(11 + fmt)
-    p = quant.from_gguf_blocks(_random_gguf_rows(fmt, 33, 96, gen), fmt, 96)
+    gen = torch.Generator().manual_seed(11 + GGUF_TYPES.index(gguf_type))
+    p = quant.from_gguf_blocks(random_rows(gguf_type, 33, 256, gen), gguf_type, 256)
     w = quant.dequantize(p)
     for native in ("1", "0"):
         monkeypatch.setenv("WEFT_NATIVE", native)
         assert quant.equals_weight(p, w)
-        for i, j in [(0, 0), (32, 95), (17, 40)]:
+        for i, j in [(0, 0), (32, 255), (17, 40)]:
             bumped = w.clone()
             bumped[i, j] = torch.nextafter(bumped[i, j], torch.tensor(float("inf")))
             assert not quant.equals_weight(p, bumped)
-        assert not quant.equals_weight(p, w[:, :64])
+        assert not quant.equals_weight(p, w[:, :128])

@@ -10,6 +10,14 @@ callers use this only for a few rows (sgemm on the float32 weights wins above).
 Layout (kernels/quant.py repacks the GGUF blocks at load): each weight row of K / 32 blocks is
   Q8_0: float d[nb], int8 q[nb][32]                     w = d * q
   Q4_1: float d[nb], float m[nb], uint8 qs[nb][16]      w[i] = d * (qs[i] & 15) + m, w[16 + i] = d * (qs[i] >> 4) + m
+  Q5_1: float d[nb], float m[nb], uint32 qh[nb], uint8 qs[nb][16]
+                                                        as Q4_1 with bit i of qh as the fifth bit of weight i
+  Q6_K: float d[2 nb], int8 q[nb][32]                   w[i] = d[2 b + i / 16] * q[i] (a scale per 16 weights)
+GGUF's K-quants and the legacy types repack into these without changing a weight (Q4_K, Q4_0 ->
+Q4_1; Q5_K, Q5_0, Q5_1 -> Q5_1; Q6_K -> Q6_K: the sub-block scale and min are folded into d and m).
+SEGMENTS: the rows of a fused tensor whose parts have different layouts (Q4_K_M's Q4_K q/k and
+Q6_K v): int64 header {count, then per segment: fmt, rows, byte offset from w}, each segment one
+of the layouts above.
 Scales as float32 (GGUF has fp16): broadcast straight from memory, no conversion per block; the
 arithmetic per block, not the bytes, is what bounds this kernel on 2 cores.
 Accumulation is float32 in a different order than sgemm's: equal to F.linear within rounding,
@@ -23,7 +31,7 @@ not bit-identical. */
 #include <immintrin.h>
 #endif
 
-enum { FMT_Q8_0 = 1, FMT_Q4_1 = 2 };
+enum { FMT_Q8_0 = 1, FMT_Q4_1 = 2, FMT_Q5_1 = 3, FMT_Q6_K = 4, FMT_SEGMENTS = 5 };
 #define QK 32
 /* Rows of x sharing one pass over W; more rows take further passes (over W chunks still in
    cache). 4, not 8: every tile then uses the same two accumulator sets, so a row's result does
@@ -32,7 +40,49 @@ enum { FMT_Q8_0 = 1, FMT_Q4_1 = 2 };
 #define MAX_TILE 4
 
 /* Bytes of one weight row of nb blocks. */
-static inline int64_t row_bytes(int fmt, int64_t nb) { return fmt == FMT_Q8_0 ? nb * (4 + 32) : nb * (8 + 16); }
+static inline int64_t row_bytes(int fmt, int64_t nb) {
+    switch (fmt) {
+        case FMT_Q8_0: return nb * (4 + 32);
+        case FMT_Q4_1: return nb * (8 + 16);
+        case FMT_Q5_1: return nb * (8 + 4 + 16);
+        default: return nb * (8 + 32);   /* FMT_Q6_K */
+    }
+}
+
+static inline int known_layout(int fmt) { return fmt >= FMT_Q8_0 && fmt <= FMT_Q6_K; }
+
+/* Block b of a packed row as 32 floats, computed as gguf-py de-quantises: d * q, then + m, each
+   product and sum rounded on its own (no FMA: the attribute keeps GCC from contracting across
+   statements, separate statements keep clang from it). The load-time check's definition of a
+   packed tensor's weights, and the kernel when AVX-512 is missing. */
+__attribute__((optimize("fp-contract=off")))
+static void dequant_block_ref(int fmt, const uint8_t *row, int64_t nb, int64_t b, float *v) {
+    float d, d1, m;
+    if (fmt == FMT_Q4_1 || fmt == FMT_Q5_1) {
+        uint32_t qh = 0;
+        const uint8_t *qs = row + 8 * nb + 16 * b;
+        memcpy(&d, row + 4 * b, 4);
+        memcpy(&m, row + 4 * (nb + b), 4);
+        if (fmt == FMT_Q5_1) {
+            memcpy(&qh, row + 8 * nb + 4 * b, 4);
+            qs = row + 12 * nb + 16 * b;
+        }
+        for (int i = 0; i < 16; i++) {
+            v[i] = d * (float)((qs[i] & 15) | ((qh >> i) & 1) << 4);
+            v[16 + i] = d * (float)((qs[i] >> 4) | ((qh >> (16 + i)) & 1) << 4);
+        }
+        for (int i = 0; i < QK; i++) v[i] += m;
+    } else if (fmt == FMT_Q6_K) {
+        const int8_t *q = (const int8_t *)(row + 8 * nb + 32 * b);
+        memcpy(&d, row + 8 * b, 4);
+        memcpy(&d1, row + 8 * b + 4, 4);
+        for (int i = 0; i < QK; i++) v[i] = (i < 16 ? d : d1) * (float)q[i];
+    } else {
+        const int8_t *q = (const int8_t *)(row + 4 * nb + 32 * b);
+        memcpy(&d, row + 4 * b, 4);
+        for (int i = 0; i < QK; i++) v[i] = d * (float)q[i];
+    }
+}
 
 #ifdef __AVX512F__
 /* Rows x[0..mt) times weight rows [n0, n1): always inlined with a constant mt so the 2 * mt
@@ -48,11 +98,28 @@ static inline __attribute__((always_inline)) void dequant_block(int fmt, const u
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr + 8 * nb + 16 * b)));
         *lo = _mm512_permutexvar_ps(v, table);
         *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+    } else if (fmt == FMT_Q5_1) {
+        /* Two 16-entry tables (d * i + m for i = 0..15 and 16..31); vpermt2ps picks the table
+           by bit 4 of each index, which the qh mask sets. d * i is exact (a 24-bit product), so
+           the FMA rounds once, as d * q + m does in two steps. */
+        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 db = _mm512_set1_ps(d[b]), mb = _mm512_set1_ps(d[nb + b]);
+        const __m512 t0 = _mm512_fmadd_ps(db, iota, mb);
+        const __m512 t1 = _mm512_fmadd_ps(db, _mm512_add_ps(iota, _mm512_set1_ps(16.0f)), mb);
+        uint32_t qh;
+        memcpy(&qh, wr + 8 * nb + 4 * b, 4);
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr + 12 * nb + 16 * b)));
+        const __m512i bit4 = _mm512_set1_epi32(16);
+        const __m512i vl = _mm512_and_si512(v, _mm512_set1_epi32(15)), vh = _mm512_srli_epi32(v, 4);
+        *lo = _mm512_permutex2var_ps(t0, _mm512_mask_or_epi32(vl, (__mmask16)qh, vl, bit4), t1);
+        *hi = _mm512_permutex2var_ps(t0, _mm512_mask_or_epi32(vh, (__mmask16)(qh >> 16), vh, bit4), t1);
     } else {
-        const __m512 db = _mm512_set1_ps(d[b]);
-        const int8_t *q = (const int8_t *)(wr + 4 * nb + 32 * b);
-        *lo = _mm512_mul_ps(db, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))));
-        *hi = _mm512_mul_ps(db, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))));
+        /* Q8_0: one scale per block of 32; Q6_K: one per 16. */
+        const int q6 = fmt == FMT_Q6_K;
+        const __m512 d0 = _mm512_set1_ps(q6 ? d[2 * b] : d[b]), d1 = _mm512_set1_ps(q6 ? d[2 * b + 1] : d[b]);
+        const int8_t *q = (const int8_t *)(wr + (q6 ? 8 : 4) * nb + 32 * b);
+        *lo = _mm512_mul_ps(d0, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))));
+        *hi = _mm512_mul_ps(d1, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))));
     }
 }
 
@@ -106,19 +173,7 @@ static inline void tile(int fmt, int mt, const float *x, int64_t ldx, const uint
         const uint8_t *wr = w + n * rb;
         float acc[MAX_TILE] = {0};
         for (int64_t b = 0; b < nb; b++) {
-            float d, m;
-            memcpy(&d, wr + 4 * b, 4);
-            if (fmt == FMT_Q4_1) {
-                const uint8_t *qs = wr + 8 * nb + 16 * b;
-                memcpy(&m, wr + 4 * (nb + b), 4);
-                for (int i = 0; i < 16; i++) {
-                    wf[i] = d * (float)(qs[i] & 15) + m;
-                    wf[16 + i] = d * (float)(qs[i] >> 4) + m;
-                }
-            } else {
-                const int8_t *q = (const int8_t *)(wr + 4 * nb + 32 * b);
-                for (int i = 0; i < QK; i++) wf[i] = d * (float)q[i];
-            }
+            dequant_block_ref(fmt, wr, nb, b, wf);
             for (int r = 0; r < mt; r++) {
                 const float *xr = x + r * ldx + b * QK;
                 float s = 0.0f;
@@ -135,10 +190,14 @@ static inline void tile(int fmt, int mt, const float *x, int64_t ldx, const uint
 static void tile_dispatch(int fmt, int mt, const float *x, int64_t ldx, const uint8_t *w, int64_t n0, int64_t n1,
                           int64_t k, float *y, int64_t ldy) {
     switch (mt) {
-#define CASE(M)                                                          \
-    case M:                                                              \
-        if (fmt == FMT_Q4_1) tile(FMT_Q4_1, M, x, ldx, w, n0, n1, k, y, ldy); \
-        else tile(FMT_Q8_0, M, x, ldx, w, n0, n1, k, y, ldy);            \
+#define CASE(M)                                                                      \
+    case M:                                                                          \
+        switch (fmt) {                                                               \
+            case FMT_Q4_1: tile(FMT_Q4_1, M, x, ldx, w, n0, n1, k, y, ldy); break;   \
+            case FMT_Q5_1: tile(FMT_Q5_1, M, x, ldx, w, n0, n1, k, y, ldy); break;   \
+            case FMT_Q6_K: tile(FMT_Q6_K, M, x, ldx, w, n0, n1, k, y, ldy); break;   \
+            default: tile(FMT_Q8_0, M, x, ldx, w, n0, n1, k, y, ldy); break;         \
+        }                                                                            \
         break;
         CASE(1) CASE(2) CASE(3) CASE(4)
 #undef CASE
@@ -150,7 +209,19 @@ static void tile_dispatch(int fmt, int mt, const float *x, int64_t ldx, const ui
    an unknown format / k. Threads split N (weight rows) so each thread reads its own weights. */
 int weft_qmatmul_f32(const float *x, int64_t m, int64_t k, const uint8_t *w, int fmt, int64_t n, float *y,
                      int64_t ldy, int num_threads) {
-    if ((fmt != FMT_Q8_0 && fmt != FMT_Q4_1) || k % QK != 0) return -1;
+    if (fmt == FMT_SEGMENTS) {   /* each segment its own product into its columns of y */
+        const int64_t *h = (const int64_t *)w;
+        int64_t row0 = 0;
+        for (int64_t s = 0; s < h[0]; s++) {
+            const int64_t sfmt = h[1 + 3 * s], rows = h[2 + 3 * s];
+            if (!known_layout((int)sfmt) || row0 + rows > n ||
+                weft_qmatmul_f32(x, m, k, w + h[3 + 3 * s], (int)sfmt, rows, y + row0, ldy, num_threads))
+                return -1;
+            row0 += rows;
+        }
+        return row0 == n ? 0 : -1;
+    }
+    if (!known_layout(fmt) || k % QK != 0) return -1;
     /* Chunks of 16 weight rows: enough work per chunk, and y stores of neighbouring threads
        rarely share a cache line. */
     const int64_t chunk = 16, chunks = (n + chunk - 1) / chunk;
@@ -167,33 +238,32 @@ int weft_qmatmul_f32(const float *x, int64_t m, int64_t k, const uint8_t *w, int
 }
 
 /* How many weights of w (float32 [n, k]) differ from the packed tensor de-quantised as gguf-py
-   does: d * q, then + m, each product and sum rounded on its own (no FMA: the attribute keeps
-   GCC from contracting across statements, separate statements keep clang from it). Used at load
-   to check every packed tensor against the model's weight in one pass over both. */
-__attribute__((optimize("fp-contract=off")))
+   does (dequant_block_ref); -1 for an unknown format / k. Used at load to check every packed
+   tensor against the model's weight in one pass over both. */
 int64_t weft_qcheck_f32(const uint8_t *packed, int fmt, int64_t n, int64_t k, const float *w, int num_threads) {
-    if ((fmt != FMT_Q8_0 && fmt != FMT_Q4_1) || k % QK != 0) return -1;
+    if (fmt == FMT_SEGMENTS) {
+        const int64_t *h = (const int64_t *)packed;
+        int64_t row0 = 0, bad = 0;
+        for (int64_t s = 0; s < h[0]; s++) {
+            const int64_t sfmt = h[1 + 3 * s], rows = h[2 + 3 * s];
+            if (!known_layout((int)sfmt) || row0 + rows > n) return -1;
+            const int64_t b = weft_qcheck_f32(packed + h[3 + 3 * s], (int)sfmt, rows, k, w + row0 * k, num_threads);
+            if (b < 0) return -1;
+            bad += b;
+            row0 += rows;
+        }
+        return row0 == n ? bad : -1;
+    }
+    if (!known_layout(fmt) || k % QK != 0) return -1;
     const int64_t nb = k / QK, rb = row_bytes(fmt, nb);
     int64_t bad = 0;
 #pragma omp parallel for num_threads(num_threads) schedule(static) reduction(+ : bad)
     for (int64_t r = 0; r < n; r++) {
         const uint8_t *row = packed + r * rb;
         const float *wr = w + r * k;
+        float v[QK];
         for (int64_t b = 0; b < nb; b++) {
-            float d, m = 0.0f, v[QK];
-            memcpy(&d, row + 4 * b, 4);
-            if (fmt == FMT_Q4_1) {
-                const uint8_t *qs = row + 8 * nb + 16 * b;
-                memcpy(&m, row + 4 * (nb + b), 4);
-                for (int i = 0; i < 16; i++) {
-                    v[i] = d * (float)(qs[i] & 15);
-                    v[16 + i] = d * (float)(qs[i] >> 4);
-                }
-                for (int i = 0; i < QK; i++) v[i] += m;
-            } else {
-                const int8_t *q = (const int8_t *)(row + 4 * nb + 32 * b);
-                for (int i = 0; i < QK; i++) v[i] = d * (float)q[i];
-            }
+            dequant_block_ref(fmt, row, nb, b, v);
             for (int i = 0; i < QK; i++) bad += v[i] != wr[b * QK + i];
         }
     }

@@ -1,7 +1,9 @@
 """Attach a GGUF's quantised blocks to a float32 CPU model built from that GGUF (kernels/quant.py).
 
 The model's float32 weights are transformers' de-quantisation of the GGUF tensors; the blocks,
-read raw (memory-mapped, no de-quantisation), let few-row steps stream ~4-5x fewer bytes.
+read raw (memory-mapped, no de-quantisation) and repacked (Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K,
+Q6_K: kernels/gguf_blocks.py), let few-row steps stream ~3-5x fewer bytes. A fused tensor whose
+parts have different types (Q4_K_M's Q4_K attn_q/attn_k beside a Q6_K attn_v) packs as segments.
 Every packed tensor is checked at load: de-quantising it must give the float32 weight exactly
 (`quant.equals_weight`), else that tensor keeps only its float32 path. Fused tensors (qkv, gate_up) are
 the GGUF rows concatenated in the order `LlamaForCausalLM.load_weights` fuses them.
@@ -15,14 +17,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kernels.quant import BLOCK, FMT_Q4_1, FMT_Q8_0, PackedWeight, equals_weight, from_gguf_blocks
+from kernels.gguf_blocks import LAYOUT
+from kernels.quant import PackedWeight, equals_weight, from_gguf_blocks
 
 if TYPE_CHECKING:
     from service.models.llama import LlamaForCausalLM
 
 log = logging.getLogger("weft.models")
-
-_FORMATS = {"Q8_0": FMT_Q8_0, "Q4_1": FMT_Q4_1}
 
 
 def _rope_row_order(rows: int, n_head: int) -> torch.Tensor:
@@ -42,28 +43,28 @@ class _Reader:
 
         self.tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
 
-    def rows(self, name: str, order: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int] | None:
-        """(uint8 [n, bytes per row], format, k), rows in HF order; None if absent / not packable."""
+    def rows(self, name: str, order: torch.Tensor | None = None) -> tuple[torch.Tensor, str, int] | None:
+        """(uint8 [n, bytes per row], GGUF type, k), rows in HF order; None if absent / not packable."""
         t = self.tensors.get(name)
-        if t is None or t.tensor_type.name not in _FORMATS:
+        if t is None or t.tensor_type.name not in LAYOUT:
             return None
         k = int(t.shape[0])   # GGUF shapes are [k, n]: the contiguous dimension first
         with warnings.catch_warnings():
             # Read-only memory map: never written, only copied from (repacking copies it).
             warnings.simplefilter("ignore", UserWarning)
             data = torch.from_numpy(t.data)
-        if k % BLOCK or data.dim() != 2:
+        if data.dim() != 2:
             return None
         if order is not None:
             data = data[order]
-        return data, _FORMATS[t.tensor_type.name], k
+        return data, t.tensor_type.name, k
 
 
-def _pack(parts: list[tuple[torch.Tensor, int, int] | None]) -> PackedWeight | None:
-    """Concatenated rows of `parts` if they all exist and share one format."""
-    if any(p is None for p in parts) or len({(p[1], p[2]) for p in parts}) != 1:
+def _pack(parts: list[tuple[torch.Tensor, str, int] | None]) -> PackedWeight | None:
+    """Concatenated rows of `parts` if they all exist and share one k (their types may differ)."""
+    if any(p is None for p in parts) or len({p[2] for p in parts}) != 1:
         return None
-    return from_gguf_blocks([p[0] for p in parts], parts[0][1], parts[0][2])
+    return from_gguf_blocks([p[0] for p in parts], [p[1] for p in parts], parts[0][2])
 
 
 def _packed_tensors(model: LlamaForCausalLM, gguf: Path) -> list[PackedWeight | None]:
