@@ -77,6 +77,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     a = ap.parse_args(argv)
     path = bench_model()
+    load_before = os.getloadavg()[0]
     rng = random.Random(0)
     threads = torch.get_num_threads()
     rows: list[dict] = []
@@ -106,7 +107,9 @@ def main(argv: list[str]) -> int:
     workload = {"model": "random Llama, SmolLM2-135M's size, 8 heads / 2 KV heads, 30 layers, float32",
                 "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "concurrency": a.concurrency,
                 "threads_total": threads, "ranks": "local processes over gloo, threads split evenly",
-                "comm": "rank 0's collectives (all-reduces, step broadcast, logits gather), per engine step"}
+                "comm": "rank 0's collectives (all-reduces, step broadcast, logits gather), per engine step; their "
+                        "time includes waiting for the slower rank",
+                "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     cmd = "make bench BENCH=tp" + (f" ARGS='{' '.join(argv)}'" if argv else "")
     print(f"wrote {write_results('tp', workload, rows, ratios, cmd)}")
     return 0
