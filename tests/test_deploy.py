@@ -135,7 +135,11 @@ def make_dry_run(target: str) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("Makefile", "pyproject.toml", "requirements.lock"):
             shutil.copy(ROOT / name, tmp)
-        proc = subprocess.run(["make", "-n", target], cwd=tmp, capture_output=True, text=True, timeout=60)
+        # Under `make test` this runs inside make: without its variables, the nested make does not
+        # print "Entering/Leaving directory" lines among the commands.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+        proc = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=tmp, capture_output=True,
+                              text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     return [line for line in proc.stdout.splitlines() if line.strip()]
 

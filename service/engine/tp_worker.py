@@ -45,6 +45,7 @@ def serve_rank(config: EngineConfig) -> int:
     group.gather_ints([tensor_bytes(model.parameters()), tensor_bytes([runner.kv_tensor]), same])
     if not same:
         log.error("rank %d: this model (%s) is not rank 0's", rdv.rank, config.model)
+        group.recv_header()   # rank 0 refuses to start and stops us: leave the group as usual
         group.close()
         return 1
     log.info("rank %d of %d (pid %d): shard loaded, %d KV blocks", rdv.rank, rdv.world, os.getpid(), num_blocks)
