@@ -296,3 +296,17 @@ def test_compiler_normalises_only_what_a_backend_refuses(compiler: GuideCompiler
                        compiler.bitmask_words)[0] == ok, value
     with pytest.raises(InvalidArgumentError, match="not"):
         compiler.compile_uncached(GuidedSpec("json_schema", schema), normalize=False)
+
+
+def test_what_the_validator_cannot_evaluate_is_left_alone() -> None:
+    # Python's re has no \p{..}: the enum cannot be filtered by the pattern, so it stays.
+    schema = {"enum": ["a", "b"], "pattern": "\\p{L}", "not": {"multipleOf": 2}}
+    assert normalize_schema(schema) is schema
+
+
+def test_oversized_rewrites_are_given_up() -> None:
+    # A wide oneOf of overlapping objects: each branch with the complements of the seven others
+    # is larger than MAX_NORMALIZED_BYTES, so the schema goes to the backend as sent.
+    branch = {"type": "object", "properties": {f"p{i}": {"type": "string", "minLength": i} for i in range(60)}}
+    schema = {"oneOf": [dict(branch, required=[f"p{j}"]) for j in range(8)]}
+    assert normalize_schema(schema) is schema
