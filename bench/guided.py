@@ -1,6 +1,6 @@
 """make bench BENCH=guided: guided decoding on jsonschemabench-dev with the default model.
 
-Five measurements, one results file (bench/results/guided.json):
+Six measurements, one results file (bench/results/guided.json):
 
 1. Compile every dev-set schema three ways, in one run: Weft ("auto": the normaliser's exact
    rewrites in front of llguidance, then outlines-core), llguidance alone and outlines-core
@@ -19,10 +19,14 @@ Five measurements, one results file (bench/results/guided.json):
    - json: `{"type":"array","items":{"type":"string"},"minItems":1000}` (jump-forward active),
    - regex: `[a-zA-Z ,.]+` (no forced tokens: the pure cost of masks; EOS is allowed, so a
      request may end early: tokens per second, not per request, are compared).
-4. End to end: for every schema that "auto" compiles, generate (greedy, then sampled at
+4. Closing without a model (--closing-seeds): a random-token "model" (uniform, preferring
+   `{ [ ,`, or repeating itself) on every compiled schema must end complete within max_tokens
+   (bench/guided_closing.py).
+5. End to end: for every schema that "auto" compiles, generate (greedy, then sampled at
    temperature 1.0 with each of --seeds; chat template, the schema in the prompt, at most
-   --max-tokens) at concurrency 32 and validate every output with `jsonschema` (formats checked). Outputs cut by max_tokens (finish_reason "length" and not
-   valid) are counted apart as truncated; they are failures. The guides close outputs before
+   --max-tokens) at concurrency 32 and validate every output with `jsonschema` (formats
+   checked). Outputs cut by max_tokens (finish_reason "length" and not valid) are counted apart
+   as truncated; they are failures. The guides close outputs before
    max_tokens (GuidedSpec.close_before_max_tokens, on by default; --no-close turns it off);
    a schema whose shortest output does not fit max_tokens is refused by Weft with the length it
    needs, and retried with that much room plus 64 (counted as retried_max_tokens);
@@ -30,9 +34,9 @@ Five measurements, one results file (bench/results/guided.json):
    CPU cores the whole set takes longer than the default --budget-s; what has not finished by
    then is counted as not run.
 
-Usage: python -m bench guided [--limit N] [--max-tokens 256] [--budget-s 900] [--seeds 1,2,3] [--no-close]
-       [--skip-e2e] [--skip-throughput] [--skip-conformance] [--skip-suite] [--merge] [--outlines-limit N]
-       [--requests 64] [--tokens 64]
+Usage: python -m bench guided [--limit N] [--max-tokens 256] [--budget-s 900] [--seeds 1,2,3]
+       [--closing-seeds 0,1] [--no-close] [--skip-e2e] [--skip-throughput] [--skip-conformance]
+       [--skip-suite] [--merge] [--outlines-limit N] [--requests 64] [--tokens 64]
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ import torch
 
 from bench.common import percentile, print_table, write_results
 from bench.conformance import accepts
+from bench.guided_closing import closing_stress
 from bench.guided_suite import SUITE, suite_conformance
 from bench.workload import make_workload
 from decoding.guided import GuidedSpec
@@ -364,6 +369,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-conformance", action="store_true")
     ap.add_argument("--skip-suite", action="store_true", help="skip the JSON-Schema-Test-Suite section")
+    ap.add_argument("--closing-seeds", default="",
+                    help="closing: a random-token 'model' per seed and policy on every compiled schema "
+                         "(bench/guided_closing.py); '' (the default) skips it")
     ap.add_argument("--seeds", default="1,2,3",
                     help="end-to-end: after the greedy run, one sampled run (temperature 1.0) per seed; '' for none")
     ap.add_argument("--merge", action="store_true",
@@ -417,6 +425,15 @@ def main(argv: list[str]) -> int:
         ratios["suite_compiled_fraction"] = total["compiled"] / max(1, total["groups"])
         ratios["suite_invalid_instances_accepted"] = total["invalid_accepted"]
         workload["suite"] = str(SUITE)
+
+    closing_seeds = [int(x) for x in a.closing_seeds.split(",") if x.strip()]
+    if closing_seeds:
+        r = closing_stress(core, docs, a.max_tokens, closing_seeds)
+        print({k: v for k, v in r.items() if k != "cut_examples"})
+        for ex in r["cut_examples"]:
+            print("  CUT:", ex)
+        rows.append({"section": "closing", **r})
+        ratios["closing_runs_cut"] = r.get("cut", 0)
 
     if not a.skip_throughput:
         trows = throughput(core, a.requests, a.tokens)
