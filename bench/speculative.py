@@ -1,12 +1,16 @@
 """make bench BENCH=speculative: single-stream speed with and without speculative decoding.
 
-Two workloads on the default model (chat template, greedy, 128 new tokens):
+Four workloads on the default model (chat template, greedy):
 - copy: the answer copies the input (JSON re-formatting, code edits, extraction, quoting);
-- chat: free-form questions.
-For each prompt the same engine decodes without speculation, with n-gram prompt lookup, and —
-unless --no-draft — with a draft model (by default the target itself: the most a draft can
-accept, at the cost of a second model's forwards, which is what a draft costs on a CPU without
-a smaller model of the same tokenizer). Runs interleave per prompt; each ratio is total time
+- chat: free-form questions;
+- json: JSON generation under dev-set schemas (guided decoding; the schema is in the prompt);
+- agent: the same tool-call shape over and over (an agent calling one tool for many inputs,
+  under the call's JSON schema): what suffix decoding's store of earlier outputs is for.
+For each prompt the same engine decodes without speculation, then each method: n-gram prompt
+lookup and suffix decoding (both with adaptive k: the draft length each step is chosen from the
+request's acceptance and the measured cost of a step per row count), n-gram with a fixed k, and
+— unless --no-draft — a draft model (by default the target itself: the most a draft can accept,
+at the cost of a second model's forwards). Runs interleave per prompt; each ratio is total time
 without / total time with, over the prompts of a workload. Outputs must be identical (greedy):
 the suite reports how many were.
 
@@ -15,9 +19,12 @@ Usage: python -m bench speculative [--model PATH] [--draft-model PATH] [--k 4] [
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from bench.common import median, print_table, write_results
+from bench.guided import load_dev
+from decoding.guided import GuidedSpec
 from decoding.sampling import SamplingParams
 from service.llm import LLM
 from service.loader import load_model
@@ -52,8 +59,38 @@ CHAT_TASKS = [
 ]
 
 
+# Dev-set schemas for the json workload (small enough that 160 tokens finish a document).
+JSON_SCHEMAS = ("Glaiveai2K---calculate", "Github_easy", "Kubernetes---kb", "Snowplow---sp", "WashingtonPost---wp",
+                "JME")
+CITIES = ["Paris", "Berlin", "Rome", "Madrid", "Lisbon", "Vienna", "Prague", "Dublin"]
+WEATHER_CALL = {"type": "object", "properties": {
+    "name": {"const": "get_weather"},
+    "arguments": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                   "unit": {"enum": ["celsius", "fahrenheit"]},
+                                                   "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                  "required": ["city", "unit", "days"], "additionalProperties": False}},
+    "required": ["name", "arguments"], "additionalProperties": False}
+
+
 def _prompt(tok, task: str) -> list[int]:
     return tok.encode(tok.apply_chat_template([{"role": "user", "content": task}]), add_special_tokens=False)
+
+
+def workloads(tok) -> dict[str, list[tuple[list[int], GuidedSpec | None]]]:
+    dev = load_dev()
+    json_docs = []
+    for prefix in JSON_SCHEMAS:
+        name, doc = next((n, d) for n, d in dev if n.startswith(prefix))
+        text = json.dumps(doc["schema"], separators=(",", ":"))[:1200]
+        json_docs.append((_prompt(tok, f"Reply with a JSON value that is valid under this JSON Schema:\n{text}"),
+                          GuidedSpec("json_schema", json.dumps(doc["schema"]))))
+    tool = json.dumps({"name": "get_weather", "description": "Weather forecast for a city",
+                       "parameters": WEATHER_CALL["properties"]["arguments"]})
+    agent = [(_prompt(tok, f"You can call this tool: {tool}\nCall it as {{\"name\": ..., \"arguments\": ...}} "
+                           f"for a {1 + i % 5}-day forecast in {city}."),
+              GuidedSpec("json_schema", json.dumps(WEATHER_CALL))) for i, city in enumerate(CITIES)]
+    return {"copy": [(_prompt(tok, t), None) for t in COPY_TASKS], "chat": [(_prompt(tok, t), None) for t in CHAT_TASKS],
+            "json": json_docs, "agent": agent}
 
 
 def _run(llm: LLM, prompt: list[int], params: SamplingParams) -> tuple[float, list[int], dict | None]:
@@ -68,73 +105,73 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--draft-model", default=None, help="default: the target itself")
     ap.add_argument("--no-draft", action="store_true", help="skip the draft-model runs")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--k", type=int, default=4, help="k of the headline ratios (the server's default)")
-    ap.add_argument("--extra-k", default="2", help="comma list of other n-gram k to run alongside (rows only)")
+    ap.add_argument("--k", type=int, default=8, help="the most draft tokens per step (adaptive k picks fewer)")
+    ap.add_argument("--fixed-k", type=int, default=4, help="k of the fixed-k n-gram row (the old default)")
     ap.add_argument("--max-tokens", type=int, default=128)
     a = ap.parse_args(argv)
 
-    common = dict(dtype=a.dtype, kv_cache_gb=0.5, progress=False, spec_disable_window=0)
-    engines = {"ngram": LLM(a.model, speculative_method="ngram", num_speculative_tokens=a.k, **common)}
+    # Prefix caching off: the plain run and the n-gram run share an engine, and a cached prompt
+    # would make the second run of each prompt look faster for a reason that is not speculation.
+    common = dict(dtype=a.dtype, kv_cache_gb=0.5, progress=False, spec_disable_window=0, enable_prefix_caching=False)
+    engines = {"ngram": LLM(a.model, speculative_method="ngram", num_speculative_tokens=a.k, **common),
+               "suffix": LLM(a.model, speculative_method="suffix", num_speculative_tokens=a.k, **common),
+               "ngram_fixed": LLM(a.model, speculative_method="ngram", num_speculative_tokens=a.fixed_k,
+                                  spec_adaptive_k=False, **common)}
     tok = engines["ngram"].engine.tokenizer
-    extra = [int(k) for k in a.extra_k.split(",") if k.strip() and int(k) != a.k]
     if not a.no_draft:
         draft = a.draft_model or str(load_model(a.model, progress=False).source)
         engines["draft"] = LLM(a.model, speculative_method="draft", draft_model=draft,
-                               num_speculative_tokens=a.k, **common)
-    off = SamplingParams(temperature=0, max_tokens=a.max_tokens, num_speculative_tokens=0)
-    on = SamplingParams(temperature=0, max_tokens=a.max_tokens)
-    # Other k: the same n-gram engine, k set per request.
-    variants = {"ngram": (engines["ngram"], on)} | {
-        f"ngram_k{k}": (engines["ngram"], SamplingParams(temperature=0, max_tokens=a.max_tokens, num_speculative_tokens=k))
-        for k in extra}
-    if "draft" in engines:
-        variants["draft"] = (engines["draft"], on)
-    _run(engines["ngram"], _prompt(tok, "Hello"), off)   # warm-up: first-call allocations
+                               num_speculative_tokens=a.fixed_k, **common)
+    labels = {"ngram": f"ngram adaptive k<={a.k}", "suffix": f"suffix adaptive k<={a.k}",
+              "ngram_fixed": f"ngram fixed k={a.fixed_k}", "draft": f"draft (target) adaptive k<={a.fixed_k}"}
 
+    def params(guided: GuidedSpec | None, spec: bool) -> SamplingParams:
+        return SamplingParams(temperature=0, max_tokens=a.max_tokens, guided=guided,
+                              num_speculative_tokens=None if spec else 0)
+
+    _run(engines["ngram"], _prompt(tok, "Hello"), params(None, False))   # warm-up: first-call allocations
     rows: list[dict] = []
     ratios: dict[str, float] = {}
-    for workload, tasks in (("copy", COPY_TASKS), ("chat", CHAT_TASKS)):
-        times: dict[str, list[float]] = {"off": []} | {m: [] for m in variants}
+    for workload, tasks in workloads(tok).items():
+        times: dict[str, list[float]] = {"off": []} | {m: [] for m in engines}
         tokens = 0
-        identical = {m: 0 for m in variants}
-        stats: dict[str, list[dict]] = {m: [] for m in variants}
-        for task in tasks:
-            prompt = _prompt(tok, task)
+        identical = {m: 0 for m in engines}
+        stats: dict[str, list[dict]] = {m: [] for m in engines}
+        for prompt, guided in tasks:
             # The plain run uses the n-gram engine with speculation off for the request: same
             # engine, same weights, so the difference is speculation alone.
-            t_off, ids_off, _ = _run(engines["ngram"], prompt, off)
+            t_off, ids_off, _ = _run(engines["ngram"], prompt, params(guided, False))
             times["off"].append(t_off)
             tokens += len(ids_off)
-            for method, (llm, params) in variants.items():
-                t, ids, spec = _run(llm, prompt, params)
+            for method, llm in engines.items():
+                t, ids, spec = _run(llm, prompt, params(guided, True))
                 times[method].append(t)
                 identical[method] += ids == ids_off
                 stats[method].append(spec or {})
         total_off = sum(times["off"])
         rows.append({"workload": workload, "method": "none", "tok_per_s": tokens / total_off,
                      "ms_per_token": 1000 * total_off / tokens})
-        for method in variants:
+        for method in engines:
             drafted = sum(s.get("num_draft_tokens", 0) for s in stats[method])
             accepted = sum(s.get("num_accepted_tokens", 0) for s in stats[method])
             drafts = sum(s.get("num_drafts", 0) for s in stats[method])
             total = sum(times[method])
             rows.append({
-                "workload": workload,
-                "method": f"ngram k={method.removeprefix('ngram_k')}" if method.startswith("ngram_k") else f"{method} k={a.k}", "tok_per_s": tokens / total,
+                "workload": workload, "method": labels[method], "tok_per_s": tokens / total,
                 "ms_per_token": 1000 * total / tokens, "speedup": total_off / total,
                 "speedup_median_prompt": median([o / t for o, t in zip(times["off"], times[method])]),
                 "acceptance_rate": accepted / drafted if drafted else 0.0,
                 "mean_acceptance_length": 1 + accepted / drafts if drafts else 1.0,
                 "identical_outputs": f"{identical[method]}/{len(tasks)}",
             })
-        ratios[f"spec_speedup_c1_{workload}"] = total_off / sum(times["ngram"])
-        if "draft" in engines:
-            ratios[f"draft_speedup_c1_{workload}"] = total_off / sum(times["draft"])
+            ratios[f"{method}_speedup_c1_{workload}"] = total_off / total
+        print_table(rows[-len(engines) - 1:])
     print_table(rows)
     print(ratios)
-    workload_desc = {"copy_prompts": len(COPY_TASKS), "chat_prompts": len(CHAT_TASKS), "max_tokens": a.max_tokens,
-                     "k": a.k, "greedy": True, "dtype": a.dtype, "concurrency": 1,
-                     "draft_model": "target itself" if not a.draft_model else a.draft_model,
-                     "spec_speedup": "n-gram proposer; draft_speedup: draft model"}
-    print("wrote", write_results("speculative", workload_desc, rows, ratios, "make bench BENCH=speculative"))
+    workload_desc = {"copy_prompts": len(COPY_TASKS), "chat_prompts": len(CHAT_TASKS), "json_schemas": JSON_SCHEMAS,
+                     "agent_prompts": len(CITIES), "max_tokens": a.max_tokens, "k": a.k, "fixed_k": a.fixed_k,
+                     "greedy": True, "dtype": a.dtype, "concurrency": 1,
+                     "draft_model": "target itself" if not a.draft_model else a.draft_model}
+    cmd = "make bench BENCH=speculative" + (f" ARGS='{' '.join(argv)}'" if argv else "")
+    print("wrote", write_results("speculative", workload_desc, rows, ratios, cmd))
     return 0

@@ -26,12 +26,15 @@ from clients.weft.v1 import guided_pb2
 from clients.weft.v1 import inference_pb2 as pb
 from clients.weft.v1 import inference_pb2_grpc as pb_grpc
 
-__all__ = ["AsyncWeftClient", "RetryPolicy", "WeftClient", "build_generate_request", "chat_message", "guided_pb2", "pb"]
+__all__ = ["AsyncWeftClient", "RetryPolicy", "WeftClient", "build_embed_request", "build_generate_request", "chat_message",
+           "guided_pb2", "pb"]
 
 T = TypeVar("T")
 Message = Mapping[str, Any]      # {"role", "content"}, and for tools "tool_calls" / "tool_call_id" / "name"
 Prompt = str | Sequence[int] | Sequence[Message] | pb.GenerateRequest
 Metadata = tuple[tuple[str, str], ...]
+# What to embed: a text, texts, token ids, or lists of token ids.
+EmbedInputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -126,6 +129,26 @@ def build_generate_request(
             req.tool_choice.function_name = tool_choice
     if parallel_tool_calls is not None:
         req.parallel_tool_calls = parallel_tool_calls
+    return req
+
+
+def build_embed_request(inputs: EmbedInputs, *, model: str = "", truncate: bool = False,
+                        dimensions: int | None = None, normalize: bool | None = None) -> pb.EmbedRequest:
+    """An EmbedRequest: `inputs` is a text, a list of texts, a list of token ids (one input) or a
+    list of token-id lists. None leaves dimensions / normalize unset (the model's defaults)."""
+    req = pb.EmbedRequest(model=model, truncate=truncate)
+    items: list[Any] = [inputs] if isinstance(inputs, str) else list(inputs)
+    if items and all(isinstance(t, int) for t in items):
+        items = [items]   # one token-id list
+    for item in items:
+        if isinstance(item, str):
+            req.inputs.append(pb.EmbedInput(text=item))
+        else:
+            req.inputs.append(pb.EmbedInput(token_ids=pb.TokenIds(ids=list(item))))
+    if dimensions is not None:
+        req.dimensions = dimensions
+    if normalize is not None:
+        req.normalize = normalize
     return req
 
 
@@ -263,6 +286,13 @@ class WeftClient(_Base):
         req = _tokenize_request(text, messages, model, add_special_tokens, return_tokens)
         return self._unary(self.stub.Tokenize, req, timeout)
 
+    def embed(self, inputs: EmbedInputs, *, model: str = "", truncate: bool = False, dimensions: int | None = None,
+              normalize: bool | None = None, timeout: float | None = None,
+              request_id: str | None = None) -> pb.EmbedResponse:
+        """One vector per input (`resp.embeddings[i].values`); see build_embed_request."""
+        req = build_embed_request(inputs, model=model, truncate=truncate, dimensions=dimensions, normalize=normalize)
+        return self._unary(self.stub.Embed, req, timeout, request_id)
+
     def detokenize(self, token_ids: Sequence[int], *, model: str = "", skip_special_tokens: bool | None = None,
                    timeout: float | None = None) -> str:
         req = pb.DetokenizeRequest(model=model, token_ids=token_ids)
@@ -278,6 +308,13 @@ class WeftClient(_Base):
 
     def reset_prefix_cache(self, model: str = "", *, timeout: float | None = None) -> pb.ResetPrefixCacheResponse:
         return self._unary(self.stub.ResetPrefixCache, pb.ResetPrefixCacheRequest(model=model), timeout)
+
+    def load_adapter(self, name: str, path: str, *, timeout: float | None = None) -> pb.LoadAdapterResponse:
+        """Serve the PEFT LoRA adapter at `path` (on the server) as model `name`."""
+        return self._unary(self.stub.LoadAdapter, pb.LoadAdapterRequest(name=name, path=path), timeout)
+
+    def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        self._unary(self.stub.UnloadAdapter, pb.UnloadAdapterRequest(name=name), timeout)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING", ... (grpc.health.v1; needs no API key)."""
@@ -368,6 +405,12 @@ class AsyncWeftClient(_Base):
         req = _tokenize_request(text, messages, model, add_special_tokens, return_tokens)
         return await self._unary(self.stub.Tokenize, req, timeout)
 
+    async def embed(self, inputs: EmbedInputs, *, model: str = "", truncate: bool = False,
+                    dimensions: int | None = None, normalize: bool | None = None, timeout: float | None = None,
+                    request_id: str | None = None) -> pb.EmbedResponse:
+        req = build_embed_request(inputs, model=model, truncate=truncate, dimensions=dimensions, normalize=normalize)
+        return await self._unary(self.stub.Embed, req, timeout, request_id)
+
     async def detokenize(self, token_ids: Sequence[int], *, model: str = "", skip_special_tokens: bool | None = None,
                          timeout: float | None = None) -> str:
         req = pb.DetokenizeRequest(model=model, token_ids=token_ids)
@@ -380,6 +423,12 @@ class AsyncWeftClient(_Base):
 
     async def model_info(self, model: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
         return (await self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest(model=model), timeout)).model
+
+    async def load_adapter(self, name: str, path: str, *, timeout: float | None = None) -> pb.LoadAdapterResponse:
+        return await self._unary(self.stub.LoadAdapter, pb.LoadAdapterRequest(name=name, path=path), timeout)
+
+    async def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        await self._unary(self.stub.UnloadAdapter, pb.UnloadAdapterRequest(name=name), timeout)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         resp = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

@@ -18,6 +18,8 @@ class EnvVar:
 ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("WEFT_API_KEY", "", "the API key `weft serve`, `weft shim` and `weft client` use when --api-key is not given"),
     EnvVar("WEFT_CACHE_DIR", "~/.cache/weft", "converted models (models/) and compiled CPU kernels (kernels/)"),
+    EnvVar("WEFT_HOME", "~/.weft", "the model store: manifests/ (named models) and blobs/ (imported GGUF files)"),
+    EnvVar("WEFT_HOST", "", "host:port of the server `weft run` talks to (unset: it runs the model in-process)"),
     EnvVar("WEFT_NATIVE", "1", "0: no native CPU path (the decoder layers in C); torch ops only"),
     EnvVar("WEFT_PACKED", "1", "0: no GGUF-block matmuls for few-row steps; float32 weights only"),
     EnvVar("WEFT_FORCE_TRITON", "0", "1: the Triton kernels on CPU tensors too (with TRITON_INTERPRET=1, for tests)"),
@@ -44,6 +46,15 @@ def api_key() -> str | None:
 def cache_dir() -> Path:
     """`$WEFT_CACHE_DIR`, default ~/.cache/weft, with ~ expanded."""
     return Path(_get("WEFT_CACHE_DIR") or Path.home() / ".cache" / "weft").expanduser()
+
+
+def weft_home() -> Path:
+    """`$WEFT_HOME`, default ~/.weft, with ~ expanded: the model store."""
+    return Path(_get("WEFT_HOME") or Path.home() / ".weft").expanduser()
+
+
+def weft_host() -> str | None:
+    return _get("WEFT_HOST") or None
 
 
 def native_enabled() -> bool:

@@ -21,3 +21,13 @@ class ModelLoadError(WeftError, ValueError):
 
 class ResourceExhaustedError(WeftError):
     """The waiting queue is full (gRPC RESOURCE_EXHAUSTED, HTTP 429)."""
+
+
+class NotFoundError(WeftError):
+    """A named thing (a model in the store) does not exist (gRPC NOT_FOUND, HTTP 404). `field`
+    names the request field that named it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message

@@ -4,6 +4,12 @@
 The dispatcher: Triton on CUDA (`kernels.triton_attention`, imported only then, so CPU-only
 installs need no triton), the native C kernel for float32 on CPU, else the torch reference.
 The batch description, `AttentionMetadata`, lives in `kernels.attention_metadata`.
+
+Two per-layer options, both as `transformers` computes them:
+- `window` (sliding-window attention): a query at position p sees keys at positions
+  p - window < n <= p. Cache blocks wholly before the window are never read.
+- `softcap` (attention-logit soft-capping): scores s = scale * q.k become softcap * tanh(s / softcap)
+  before the causal mask and the softmax.
 """
 from __future__ import annotations
 
@@ -20,14 +26,18 @@ def paged_attention(
     v_cache: torch.Tensor,     # [num_blocks, block_size, Hkv, D]
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:             # [T, H, D]
+    if window is not None and max(meta.seq_lens) <= window:
+        window = None          # every row lies inside its window: plain causal attention
     if q.is_cuda or env.force_triton():
         from kernels.triton_attention import paged_attention_triton
 
-        return paged_attention_triton(q, k_cache, v_cache, meta, scale)
-    if cpu_native.usable(q, k_cache, v_cache):
+        return paged_attention_triton(q, k_cache, v_cache, meta, scale, window=window, softcap=softcap)
+    if window is None and softcap is None and cpu_native.usable(q, k_cache, v_cache):
         return paged_attention_native(q, k_cache, v_cache, meta, scale)
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale, window, softcap)
 
 
 # Rows with at most this many queries go to the C kernel (decodes, speculative verification,
@@ -80,14 +90,16 @@ def paged_attention_ref(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        out[:nd] = _decode_rows(q[:nd], k_cache, v_cache, meta, scale)
+        out[:nd] = _decode_rows(q[:nd], k_cache, v_cache, meta, scale, window, softcap)
     for row in range(nd, len(meta.seq_lens)):
         start, end = meta.query_start_loc[row], meta.query_start_loc[row + 1]
-        out[start:end] = _prefill_row(q[start:end], k_cache, v_cache, meta, row, scale)
+        out[start:end] = _prefill_row(q[start:end], k_cache, v_cache, meta, row, scale, window, softcap)
     return out
 
 
@@ -97,20 +109,44 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     return g.reshape(*block_ids.shape[:-1], -1, *cache.shape[2:])
 
 
+def _soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """softcap * tanh(scores / softcap), in transformers' order of operations."""
+    if softcap is None:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
+
+
 def _decode_rows(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    window: int | None = None, softcap: float | None = None,
 ) -> torch.Tensor:
     nd, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    max_len = max(meta.seq_lens[:nd])
-    nb = -(-max_len // meta.block_size)
-    k = _gather(k_cache, meta.block_tables[:nd, :nb]).to(q.dtype)   # [nd, L, Hkv, D]
-    v = _gather(v_cache, meta.block_tables[:nd, :nb]).to(q.dtype)
+    bs = meta.block_size
+    lens = meta.seq_lens[:nd]
+    seq_lens_t = meta.seq_lens_t[:nd]
+    if window is None:
+        nb = -(-max(lens) // bs)
+        tables = meta.block_tables[:nd, :nb]
+        first_block = None
+    else:
+        # Each row reads from the block holding its first visible key (position seq_len - window).
+        nb = max(-(-n // bs) - max(0, n - window) // bs for n in lens)
+        first_block = (seq_lens_t - window).clamp_min(0) // bs                      # [nd]
+        cols = (first_block[:, None] + torch.arange(nb, device=q.device)[None, :])
+        tables = meta.block_tables[:nd].gather(1, cols.clamp_max(meta.block_tables.shape[1] - 1))
+    k = _gather(k_cache, tables).to(q.dtype)   # [nd, L, Hkv, D]
+    v = _gather(v_cache, tables).to(q.dtype)
     # Grouped queries share their KV head: [nd, Hkv, G, D] x [nd, Hkv, D, L] without repeating K.
     qg = q.view(nd, num_kv_heads, group, head_dim)
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale          # [nd, Hkv, G, L]
-    valid = torch.arange(k.shape[1], device=q.device)[None, :] < meta.seq_lens_t[:nd, None]
+    scores = _soft_cap(torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale, softcap)   # [nd, Hkv, G, L]
+    key_pos = torch.arange(k.shape[1], device=q.device)[None, :]
+    if first_block is not None:
+        key_pos = key_pos + (first_block * bs)[:, None]
+    valid = key_pos < seq_lens_t[:, None]
+    if window is not None:
+        valid &= key_pos >= (seq_lens_t - window)[:, None]
     scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     o = torch.matmul(probs, v.permute(0, 2, 1, 3))                              # [nd, Hkv, G, D]
@@ -118,21 +154,33 @@ def _decode_rows(
 
 
 def _prefill_row(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, row: int, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, row: int, scale: float,
+    window: int | None = None, softcap: float | None = None,
 ) -> torch.Tensor:
     num_q, num_heads, head_dim = q.shape
     seq_len = meta.seq_lens[row]
+    context = seq_len - num_q
+    # Keys from the block holding the first query's first visible key (all of them without a window).
+    first_block = 0 if window is None else max(0, context - window + 1) // meta.block_size
+    start = first_block * meta.block_size
     nb = -(-seq_len // meta.block_size)
-    k = _gather(k_cache, meta.block_tables[row, :nb])[:seq_len].to(q.dtype)   # [L, Hkv, D]
-    v = _gather(v_cache, meta.block_tables[row, :nb])[:seq_len].to(q.dtype)
+    k = _gather(k_cache, meta.block_tables[row, first_block:nb])[:seq_len - start].to(q.dtype)   # [L, Hkv, D]
+    v = _gather(v_cache, meta.block_tables[row, first_block:nb])[:seq_len - start].to(q.dtype)
     group = num_heads // k.shape[1]
     k = k.transpose(0, 1).repeat_interleave(group, dim=0)                      # [H, L, D]
     v = v.transpose(0, 1).repeat_interleave(group, dim=0)
-    context = seq_len - num_q
     # Query i sits at position context + i and sees keys at positions <= context + i.
     q_pos = torch.arange(context, seq_len, device=q.device)[:, None]
-    k_pos = torch.arange(seq_len, device=q.device)[None, :]
+    k_pos = torch.arange(start, seq_len, device=q.device)[None, :]
     mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    if softcap is not None:
+        # SDPA has no soft-capping: the eager formulation, softmax in float32 as transformers does.
+        scores = _soft_cap(torch.matmul(q.transpose(0, 1), k.transpose(1, 2)) * scale, softcap)   # [H, Q, L]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v).transpose(0, 1)
     o = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1), k, v, attn_mask=mask, scale=scale
     )                                                                           # [H, Q, D]

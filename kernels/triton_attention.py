@@ -12,6 +12,10 @@ One kernel, two launches per call:
 Both walk the paged cache through the block table: key n of a row lives in block
 block_tables[row, n // block_size] at offset n % block_size, for any block size.
 Accumulation is float32; scores go through exp2 with the scale folded into log2(e).
+
+Sliding-window layers (WINDOW) start each program's key loop at the first key its earliest
+query can see, so blocks before the window are never loaded; soft-capped layers (SOFTCAP)
+apply softcap * tanh(s / softcap) to the scaled scores before the mask.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ def _attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     bt_ptr, seq_lens_ptr, tiles_ptr,
     part_o_ptr, part_ml_ptr,
-    scale_log2, num_splits,
+    scale_log2, num_splits, window, cap_scale, cap_log2,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -41,6 +45,7 @@ def _attn_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     DECODE: tl.constexpr, SPLIT: tl.constexpr, F32_DOT: tl.constexpr,
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -75,11 +80,17 @@ def _attn_kernel(
     kv_end = seq_len - (q_end - last_q)
     lo = 0
     hi = kv_end
+    if WINDOW:
+        # From the first key the tile's earliest query sees (position first_q - window + 1):
+        # nothing before it is loaded (keys are gathered one by one, so no alignment is lost).
+        first_q = seq_len - (q_end - tile_q)
+        lo = tl.maximum(first_q - window + 1, 0)
     if SPLIT:
-        n_tiles = tl.cdiv(kv_end, BLOCK_N)
+        n_tiles = tl.cdiv(kv_end - lo, BLOCK_N)
         per = tl.cdiv(n_tiles, num_splits)
-        lo = tl.minimum(split * per, n_tiles) * BLOCK_N
-        hi = tl.minimum((split + 1) * per * BLOCK_N, kv_end)
+        base_n = lo
+        lo = base_n + tl.minimum(split * per, n_tiles) * BLOCK_N
+        hi = tl.minimum(base_n + (split + 1) * per * BLOCK_N, kv_end)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -99,8 +110,19 @@ def _attn_kernel(
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = s * scale_log2
-        s = tl.where(n_ok[None, :] & (offs_n[None, :] <= pos[:, None]), s, float("-inf"))
+        if SOFTCAP:
+            # softcap * tanh(scale * s / softcap), then to log2 units; tanh from exp2 (the
+            # interpreter has no libdevice): its absolute error is below the scores' float32 rounding.
+            x = s * cap_scale
+            e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))   # exp(-2|x|)
+            t = (1.0 - e) / (1.0 + e)
+            s = tl.where(x >= 0, t, -t) * cap_log2
+        else:
+            s = s * scale_log2
+        visible = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
+        if WINDOW:
+            visible = visible & (offs_n[None, :] > pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
@@ -199,6 +221,8 @@ def paged_attention_triton(
     decode_block_n: int | None = None,
     decode_warps: int | None = None,
     decode_stages: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Same contract as `paged_attention_ref`. `out` (optional, [T, H, D]) receives the result;
     `num_splits` forces the decode split count (None: chosen from the grid size)."""
@@ -220,8 +244,12 @@ def paged_attention_triton(
     nd = meta.num_decodes
     num_rows = len(meta.seq_lens)
     scale_log2 = float(scale) * _LOG2E
+    cap_scale = float(scale) / softcap if softcap else 0.0
+    cap_log2 = float(softcap) * _LOG2E if softcap else 0.0
+    layer_args = (int(window or 0), cap_scale, cap_log2)
     common = dict(
         HEAD_DIM=head_dim, D_PAD=d_pad, G=group, PAGE=meta.block_size, F32_DOT=f32_dot,
+        WINDOW=window is not None, SOFTCAP=softcap is not None,
     )
     strides = (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
                out.stride(0), out.stride(1), bt.stride(0))
@@ -231,7 +259,7 @@ def paged_attention_triton(
         block_m = max(16, _next_pow2(group))
         if num_splits is None:
             # Enough programs to fill the chip twice over, but at least 4 KV tiles per split.
-            max_len = max(meta.seq_lens[:nd])
+            max_len = max(meta.seq_lens[:nd]) if window is None else min(max(meta.seq_lens[:nd]), window)
             want = -(-2 * _sm_count(q.device) // (nd * num_kv_heads))
             num_splits = max(1, min(want, -(-max_len // (4 * block_n)), 64))
         split = num_splits > 1
@@ -242,7 +270,7 @@ def paged_attention_triton(
             part_o = part_ml = out  # unused
         _attn_kernel[(nd, num_kv_heads, num_splits)](
             q, k_cache, v_cache, out, bt, meta.seq_lens_t, bt, part_o, part_ml,
-            scale_log2, num_splits, *strides,
+            scale_log2, num_splits, *layer_args, *strides,
             BLOCK_M=block_m, BLOCK_Q=1, BLOCK_N=block_n, DECODE=True, SPLIT=split,
             num_warps=decode_warps or DECODE_WARPS, num_stages=decode_stages or DECODE_STAGES, **common,
         )
@@ -259,7 +287,7 @@ def paged_attention_triton(
         n_tiles = tiles.numel() // 4
         _attn_kernel[(n_tiles, num_kv_heads, 1)](
             q, k_cache, v_cache, out, bt, meta.seq_lens_t, tiles, out, out,
-            scale_log2, 1, *strides,
+            scale_log2, 1, *layer_args, *strides,
             BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=PREFILL_BLOCK_N, DECODE=False, SPLIT=False,
             num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES, **common,
         )

@@ -1,4 +1,4 @@
-"""`weft` command line: serve | generate | client | models."""
+"""`weft` command line: serve | generate | client | models | create | list | show | rm | cp | run."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
     m = sub.add_parser("models", help="show the default model path")
     m.set_defaults(func=cmd_models)
+
+    from service import run_cli, store_cli
+    store_cli.add_commands(sub)
+    run_cli.add_commands(sub)
 
     try:
         from service import server_cli

@@ -14,15 +14,15 @@ import torch
 from common.errors import InvalidArgumentError
 from decoding.sampling import MAX_SPECULATIVE_TOKENS
 
-SPECULATIVE_METHODS = (None, "ngram", "draft")
+SPECULATIVE_METHODS = (None, "ngram", "suffix", "draft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SECTIONS = ("model", "cache", "scheduler", "speculative", "output")
+SECTIONS = ("model", "cache", "scheduler", "speculative", "lora", "output")
 
 
-def _opt(section: str, help: str, default: Any, *, choices: tuple | None = None) -> Any:
-    """A field with its section, help and (for the flag) choices."""
+def _opt(section: str, help: str, default: Any, *, choices: tuple | None = None, metavar: str | None = None) -> Any:
+    """A field with its section, help and (for the flag) choices and metavar."""
     assert section in SECTIONS, section
-    meta = {"section": section, "help": help, "choices": choices}
+    meta = {"section": section, "help": help, "choices": choices, "metavar": metavar}
     return field(default=default, metadata=meta)
 
 
@@ -48,17 +48,30 @@ class EngineConfig:
                               1024)
     # ---- speculative decoding (decoding/speculative/)
     speculative_method: str | None = _opt(
-        "speculative", "speculative decoding for every request: ngram (prompt lookup) or draft (--draft-model); "
-        "off by default, though a request may still ask for n-gram", None, choices=("ngram", "draft"))
+        "speculative", "speculative decoding for every request: ngram (prompt lookup), suffix (suffix decoding over "
+        "the request's text and earlier outputs) or draft (--draft-model); off by default, though a request may "
+        "still ask for n-gram", None, choices=("ngram", "suffix", "draft"))
     num_speculative_tokens: int = _opt("speculative", "k: draft tokens verified per step (requests may lower it)", 4)
     draft_model: str | None = _opt("speculative", "HF directory or GGUF of a draft model with the same tokenizer "
                                    "(implies --speculative-method draft)", None)
     ngram_min_n: int = _opt("speculative", "shortest n-gram the prompt-lookup proposer matches", 2)
     ngram_max_n: int = _opt("speculative", "longest n-gram the prompt-lookup proposer matches", 4)
+    suffix_max_tokens: int = _opt("speculative", "suffix decoding: tokens of finished outputs kept to draft from "
+                                  "(all salts together; oldest out first)", 16384)
     spec_disable_window: int = _opt("speculative", "drafts looked at before a request's speculation may be "
                                     "switched off", 8)
     spec_min_acceptance: float = _opt("speculative", "... switched off when fewer than this fraction of its draft "
                                       "tokens were accepted", 0.2)
+    spec_adaptive_k: bool = _opt("speculative", "pick each request's draft length per step from its acceptance and "
+                                 "the measured cost of a step per row count (k is then the most it may take)", True)
+    # ---- LoRA adapters (service/engine/lora_manager.py)
+    lora: tuple[str, ...] = _opt("lora", "serve the PEFT LoRA adapter at PATH as model NAME (repeatable)", (),
+                                 metavar="NAME=PATH")
+    enable_lora: bool = _opt("lora", "accept adapters at run time (LoadAdapter, /v1/load_lora_adapter); implied by "
+                             "--lora", False)
+    max_loras: int = _opt("lora", "adapters resident in a batch at once (more may be loaded: the least recently "
+                          "used idle one makes room)", 4)
+    max_lora_rank: int = _opt("lora", "the largest adapter rank accepted", 16)
     # ---- output
     progress: bool = _opt("output", "show loading progress", True)
 
@@ -66,10 +79,28 @@ class EngineConfig:
         # A draft model means draft speculation (vLLM's --speculative-model did the same).
         if self.draft_model and self.speculative_method is None:
             self.speculative_method = "draft"
+        self.lora = tuple(self.lora or ())
+        if self.lora:
+            self.enable_lora = True
+
+    def lora_modules(self) -> list[tuple[str, str]]:
+        """--lora NAME=PATH values as (name, path)."""
+        out = []
+        for item in self.lora:
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise InvalidArgumentError("lora", f"expected NAME=PATH, got {item!r}")
+            out.append((name.strip(), path.strip()))
+        if not 1 <= self.max_loras <= 256:
+            raise InvalidArgumentError("max_loras", f"must be in [1, 256], got {self.max_loras}")
+        if not 1 <= self.max_lora_rank <= 512:
+            raise InvalidArgumentError("max_lora_rank", f"must be in [1, 512], got {self.max_lora_rank}")
+        return out
 
     def validate_speculative(self) -> None:
         if self.speculative_method not in SPECULATIVE_METHODS:
-            raise InvalidArgumentError("speculative_method", f"must be one of ngram, draft; got {self.speculative_method!r}")
+            raise InvalidArgumentError("speculative_method",
+                                       f"must be one of ngram, suffix, draft; got {self.speculative_method!r}")
         if self.speculative_method == "draft" and not self.draft_model:
             raise InvalidArgumentError("draft_model", "speculative_method 'draft' needs a draft model (directory or GGUF)")
         if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:

@@ -12,7 +12,7 @@ from typing import Any
 from service.config import SECTIONS, EngineConfig
 
 _TITLES = {"model": "model", "cache": "KV cache", "scheduler": "scheduler",
-           "speculative": "speculative decoding", "output": "output"}
+           "speculative": "speculative decoding", "lora": "LoRA adapters", "output": "output"}
 
 
 def flag(name: str) -> str:
@@ -39,6 +39,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
             kw["help"] = meta["help"] + f" (default: {'on' if default else 'off'})"
+        elif typing.get_origin(kind) is tuple:   # repeatable: --lora a=x --lora b=y
+            kw.update(action="append", type=typing.get_args(kind)[0], default=None, help=meta["help"])
+        if meta["metavar"]:
+            kw["metavar"] = meta["metavar"]
         else:
             kw["type"] = kind
             if meta["choices"]:
@@ -48,6 +52,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(a: argparse.Namespace, **overrides: Any) -> EngineConfig:
     """The EngineConfig the parsed flags describe; `overrides` win (e.g. progress=False)."""
-    values = {f.name: getattr(a, f.name) for f in fields(EngineConfig) if hasattr(a, f.name)}
+    values: dict[str, Any] = {}
+    for f in fields(EngineConfig):
+        if hasattr(a, f.name):
+            v = getattr(a, f.name)
+            # A repeatable flag never given is None (argparse's append): the field's empty tuple.
+            values[f.name] = f.default if v is None and isinstance(f.default, tuple) else v
     values.update(overrides)
     return EngineConfig(**values)

@@ -51,21 +51,25 @@ class LLM:
         self,
         prompts: str | Sequence[str] | Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora: str | None | Sequence[str | None] = None,
     ) -> list[GenerateResult]:
+        """Run the prompts together to completion. `lora` names a loaded adapter for every
+        prompt, or one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt, as text or as ids
         params = params or SamplingParams()
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError("params: need one SamplingParams per prompt")
+        loras = [lora] * len(prompts) if lora is None or isinstance(lora, str) else list(lora)
+        if len(plist) != len(prompts) or len(loras) != len(prompts):
+            raise ValueError("params, lora: need one per prompt")
         results: dict[str, GenerateResult] = {}
         order = []
-        for prompt, p in zip(prompts, plist):
+        for prompt, p, adapter in zip(prompts, plist, loras):
             rid = f"offline-{next(self._ids)}"
             # Guided specs compile here, synchronously (cached: a repeated spec compiles once).
             grammar = self.engine.guide_compiler.compile_sync(p.guided) if p.guided is not None else None
             n_prompt = self.engine.add_request(
-                rid, list(prompt) if not isinstance(prompt, str) else prompt, p, guide=grammar)
+                rid, list(prompt) if not isinstance(prompt, str) else prompt, p, guide=grammar, lora=adapter)
             results[rid] = GenerateResult(rid, n_prompt, 0, [Completion(i) for i in range(p.n)])
             order.append(rid)
         while self.engine.has_unfinished():
@@ -74,6 +78,10 @@ class LLM:
                 accumulate(res.outputs, out)
                 res.num_cached_tokens = out.num_cached_tokens
         return [results[rid] for rid in order]
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Serve the PEFT adapter at `path` as `name` (needs enable_lora=True or lora=[...])."""
+        self.engine.add_adapter(*self.engine.read_adapter(name, path))
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> GenerateResult:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

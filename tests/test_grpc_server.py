@@ -441,7 +441,8 @@ def test_reflection_lists_and_describes_the_service(client) -> None:
              for b in described.file_descriptor_response.file_descriptor_proto]
     main = next(f for f in files if f.name == "weft/v1/inference.proto")
     assert [m.name for m in main.service[0].method] == [
-        "Generate", "GenerateStream", "Tokenize", "Detokenize", "ListModels", "GetModelInfo", "ResetPrefixCache"]
+        "Generate", "GenerateStream", "Tokenize", "Detokenize", "ListModels", "GetModelInfo", "Embed", "ResetPrefixCache",
+        "LoadAdapter", "UnloadAdapter", "CreateModel", "DeleteModel", "CopyModel"]
     assert "weft/v1/guided.proto" in main.dependency
     assert dependency.file_descriptor_response.file_descriptor_proto
 

@@ -25,7 +25,10 @@ from service.shim.models import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     OllamaChatRequest,
+    OllamaEmbeddingsRequest,
+    OllamaEmbedRequest,
     OllamaGenerateRequest,
     OllamaShowRequest,
     TokenizeRequest,
@@ -152,6 +155,9 @@ ENDPOINTS = [
     ("/v1/tokenize", TokenizeRequest),
     ("/v1/detokenize", DetokenizeRequest),
     ("/api/show", OllamaShowRequest),
+    ("/v1/embeddings", EmbeddingRequest),
+    ("/api/embed", OllamaEmbedRequest),
+    ("/api/embeddings", OllamaEmbeddingsRequest),
 ]
 
 

@@ -65,9 +65,10 @@ class ShimStack:
     metrics: WeftMetrics
 
     @classmethod
-    def start(cls, config: EngineConfig, api_key: str | None = None, on_request_end=None) -> ShimStack:
+    def start(cls, config: EngineConfig, api_key: str | None = None, on_request_end=None,
+              options: ServerOptions | None = None) -> ShimStack:
         metrics = WeftMetrics()
-        options = ServerOptions(host="127.0.0.1", port=0, api_key=api_key)
+        options = options or ServerOptions(host="127.0.0.1", port=0, api_key=api_key)
         bg = BackgroundServer(options, config=config, on_request_end=on_request_end, observer=metrics).start()
         metrics.bind(lambda: bg.server.engine if bg.server else None)
         http = HttpServer(bg.target, "127.0.0.1", 0, api_key=api_key, metrics=metrics)
@@ -672,6 +673,7 @@ def test_metrics(stack, oa, name) -> None:
     assert accepted <= value("weft_spec_decode_num_draft_tokens_total") <= 3 * drafts
     assert value("weft_spec_decode_mean_acceptance_length") == pytest.approx(1 + accepted / max(drafts, 1), rel=1e-6)
     assert value("weft_spec_decode_num_disabled_requests_total") >= 0
+    assert value("weft_lora_adapters_loaded") == value("weft_lora_adapters_resident") == 0   # LoRA is off here
     assert value("weft_guided_compile_seconds_count") >= 0
     assert value('weft_http_requests_total{route="/v1/chat/completions",status="200"}') >= 1
 

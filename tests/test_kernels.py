@@ -77,6 +77,24 @@ def make_attention_batch(
     return q, k_cache, v_cache, meta
 
 
+def _poison_outside_window(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                           window: int) -> None:
+    """NaN into every cache block that lies wholly before the window of each row's first query
+    (and that no other row reads), so an implementation that loads one shows NaN."""
+    bs = meta.block_size
+    needed: set[int] = {0}   # block 0 pads the tables: it may be loaded under a mask
+    before: set[int] = set()
+    for r, seq_len in enumerate(meta.seq_lens):
+        num_q = meta.query_start_loc[r + 1] - meta.query_start_loc[r]
+        first = max(0, seq_len - num_q - window + 1) // bs
+        blocks = meta.block_tables[r, :-(-seq_len // bs)].tolist()
+        before.update(blocks[:first])
+        needed.update(blocks[first:])
+    for b in before - needed:
+        k_cache[b] = float("nan")
+        v_cache[b] = float("nan")
+
+
 def _rand_lens(n: int, lo: int, hi: int) -> list[int]:
     return torch.randint(lo, hi, (n,)).tolist()
 
@@ -111,7 +129,7 @@ def check_store_kv(device: str, full: bool, block_size: int, num_kv_heads: int, 
 
 def check_attention(device: str, full: bool, group: int, block_size: int, dtype: torch.dtype,
                     layout: str = "mixed", num_splits: int | None = None, head_dim: int | None = None,
-                    via_dispatch: bool = False) -> None:
+                    via_dispatch: bool = False, window: int | None = None, softcap: float | None = None) -> None:
     from kernels.triton_attention import paged_attention_triton
 
     num_kv_heads = 8 if full else (1 if group == 8 else 2)
@@ -130,14 +148,20 @@ def check_attention(device: str, full: bool, group: int, block_size: int, dtype:
     q, k_cache, v_cache, meta = make_attention_batch(dec, pre, num_heads, num_kv_heads, head_dim,
                                                      block_size, dtype, device)
     scale = head_dim ** -0.5
-    ref = paged_attention_ref(q.double(), k_cache.double(), v_cache.double(), meta, scale)
-    ref_low = paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    if window is not None:
+        # Blocks wholly before every query's window must not be read: poison them.
+        _poison_outside_window(k_cache, v_cache, meta, window)
+    if softcap is not None:
+        q = q * 4   # scores large enough for the cap to bend them
+    ref = paged_attention_ref(q.double(), k_cache.double(), v_cache.double(), meta, scale, window, softcap)
+    ref_low = paged_attention_ref(q, k_cache, v_cache, meta, scale, window, softcap)
     if via_dispatch:
         from kernels.attention import paged_attention
-        out = paged_attention(q, k_cache, v_cache, meta, scale)
+        out = paged_attention(q, k_cache, v_cache, meta, scale, window=window, softcap=softcap)
     else:
         out = torch.full_like(q, float("nan"))
-        paged_attention_triton(q, k_cache, v_cache, meta, scale, out=out, num_splits=num_splits)
+        paged_attention_triton(q, k_cache, v_cache, meta, scale, out=out, num_splits=num_splits,
+                               window=window, softcap=softcap)
     assert not torch.isnan(out).any(), "unwritten (NaN) output elements"
     err, err_low = rel_err(out, ref), rel_err(ref_low, ref)
     # float32: float32 rounding; bf16: within bf16 tolerance and no worse than the torch reference x3.
@@ -241,6 +265,14 @@ def _cases() -> dict[str, Callable[[str, bool], None]]:
         d, f, 3, 16, torch.float32, layout="prefill", head_dim=40)
     cases["attention-dispatch"] = lambda d, f: check_attention(d, f, 3, 16, torch.bfloat16, via_dispatch=True)
     for dt in (torch.float32, torch.bfloat16):
+        cases[f"attention-window-{str(dt)[6:]}"] = lambda d, f, dt=dt: check_attention(
+            d, f, 3, 16, dt, window=37 if not f else 700)
+        cases[f"attention-softcap-{str(dt)[6:]}"] = lambda d, f, dt=dt: check_attention(d, f, 1, 32, dt, softcap=5.0)
+    cases["attention-window-softcap-decode-splits3"] = lambda d, f: check_attention(
+        d, f, 8, 16, torch.float32, layout="decode", num_splits=3, window=21 if not f else 500, softcap=8.0)
+    cases["attention-window-dispatch"] = lambda d, f: check_attention(
+        d, f, 3, 32, torch.bfloat16, via_dispatch=True, window=40 if not f else 900)
+    for dt in (torch.float32, torch.bfloat16):
         for with_rows in (False, True):
             cases[f"mask-{str(dt)[6:]}-{'rows' if with_rows else 'all'}"] = (
                 lambda d, f, dt=dt, w=with_rows: check_mask(d, f, dt, w))
@@ -321,7 +353,8 @@ def test_kernels_compile_for_hopper() -> None:
     from kernels import mask, triton_attention as ta, triton_kv_store as tk, triton_sampling as ts
 
     attn = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", o_ptr="*bf16", bt_ptr="*i64", seq_lens_ptr="*i64",
-                tiles_ptr="*i32", part_o_ptr="*fp32", part_ml_ptr="*fp32", scale_log2="fp32")
+                tiles_ptr="*i32", part_o_ptr="*fp32", part_ml_ptr="*fp32", scale_log2="fp32",
+                cap_scale="fp32", cap_log2="fp32")
     for split in (False, True):
         ptx = _compile_sm90(ta._attn_kernel, attn, dict(
             HEAD_DIM=128, D_PAD=128, G=4, BLOCK_M=16, BLOCK_Q=1, BLOCK_N=ta.DECODE_BLOCK_N, PAGE=16,
@@ -334,6 +367,12 @@ def test_kernels_compile_for_hopper() -> None:
     _compile_sm90(ta._attn_kernel, attn, dict(
         HEAD_DIM=128, D_PAD=128, G=8, BLOCK_M=64, BLOCK_Q=8, BLOCK_N=ta.PREFILL_BLOCK_N, PAGE=16,
         DECODE=False, SPLIT=False, F32_DOT=False), ta.PREFILL_WARPS, ta.PREFILL_STAGES)
+    _compile_sm90(ta._attn_kernel, {**attn, "q_ptr": "*fp32", "o_ptr": "*fp32"}, dict(
+        HEAD_DIM=64, D_PAD=64, G=2, BLOCK_M=64, BLOCK_Q=32, BLOCK_N=ta.PREFILL_BLOCK_N, PAGE=16,
+        DECODE=False, SPLIT=False, F32_DOT=False, WINDOW=True, SOFTCAP=True), ta.PREFILL_WARPS, ta.PREFILL_STAGES)
+    _compile_sm90(ta._attn_kernel, attn, dict(
+        HEAD_DIM=128, D_PAD=128, G=4, BLOCK_M=16, BLOCK_Q=1, BLOCK_N=ta.DECODE_BLOCK_N, PAGE=16,
+        DECODE=True, SPLIT=True, F32_DOT=False, WINDOW=True, SOFTCAP=True), ta.DECODE_WARPS, ta.DECODE_STAGES)
     _compile_sm90(ta._merge_kernel, dict(part_o_ptr="*fp32", part_ml_ptr="*fp32", o_ptr="*bf16"),
                   dict(HEAD_DIM=128, D_PAD=128, S_PAD=4))
     _compile_sm90(tk._store_kv_kernel, dict(key_ptr="*bf16", value_ptr="*bf16", kc_ptr="*bf16", vc_ptr="*bf16",

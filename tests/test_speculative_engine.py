@@ -125,8 +125,9 @@ def test_request_can_turn_speculation_off_and_on(smol_prompts, smol_reference) -
 def test_poor_acceptance_switches_speculation_off(tiny_llama, tiny_qwen2) -> None:
     # Another random model drafts for the target: it rarely agrees, and after a window of 2
     # drafts below the (demanding) acceptance bar the request decodes on its own.
+    # (Adaptive k would stop drafting on its own at this acceptance: this tests the policy.)
     llm = _engine(tiny_llama, num_blocks=128, speculative_method="draft", draft_model=str(tiny_qwen2),
-                  num_speculative_tokens=K, spec_disable_window=2, spec_min_acceptance=0.9)
+                  num_speculative_tokens=K, spec_disable_window=2, spec_min_acceptance=0.9, spec_adaptive_k=False)
     prompt = [random.Random(3).randrange(1000, 40000) for _ in range(20)]
     engine = llm.engine
     engine.add_request("r", prompt, _greedy(max_tokens=60))

@@ -170,7 +170,8 @@ def test_openai_legacy_functions(oa, model) -> None:
     (dict(tools=[TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]),
      "tools[1].function.parameters"),
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "not": {"required": ["a"]}}}}]), "tools[0].function.parameters"),
+        "type": "object", "properties": {"x": {"type": "array", "uniqueItems": True}}}}}]),
+     "tools[0].function.parameters"),
     (dict(tools=[{"type": "retrieval"}]), "tools[0].type"),
     (dict(tools=TOOLS, messages=[*ASK, {"role": "tool", "tool_call_id": "call_nope", "content": "18"}]),
      "messages[1].tool_call_id"),

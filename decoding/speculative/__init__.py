@@ -1,4 +1,4 @@
-"""Speculative decoding: proposers (n-gram; a draft model in the engine) and the lossless
+"""Speculative decoding: proposers (n-gram, suffix decoding; a draft model in the engine) and the lossless
 rejection sampler. See DESIGN.md here for how the engine drives them."""
 from decoding.speculative.ngram import NgramProposer, ngram_propose
 from decoding.speculative.proposer import Draft, ProposeContext, Proposer, constrain_to_guide
@@ -10,6 +10,7 @@ from decoding.speculative.rejection import (
     rejection_sample,
 )
 from decoding.speculative.stats import AutoDisablePolicy, SpecStats, SpecTracker
+from decoding.speculative.suffix import SuffixProposer, SuffixTree
 
 __all__ = [
     "AutoDisablePolicy",
@@ -20,6 +21,8 @@ __all__ = [
     "SpecStats",
     "SpecTracker",
     "SpeculativeVerifier",
+    "SuffixProposer",
+    "SuffixTree",
     "VerifyResult",
     "VerifyRow",
     "constrain_to_guide",

@@ -56,13 +56,17 @@ class Draft:
     # ([len + 1, words] int32, CPU), filled while drafting (`constrain_to_guide`), so that the
     # verification applies them without asking the guide again.
     bitmask: torch.Tensor | None = None
+    # The proposer's own estimate, per token, of its chance to be accepted given the ones before
+    # it were (suffix decoding's frequencies); None when it has none. Adaptive k reads it.
+    confidence: list[float] | None = None
 
     def truncate(self, n: int) -> Draft:
-        """The first n tokens (the scheduler's budget or a guide may cut a draft short)."""
+        """The first n tokens (the scheduler's budget, a guide or adaptive k may cut a draft short)."""
         if n >= len(self.tokens):
             return self
         return Draft(self.tokens[:n], None if self.probs is None else self.probs[:n],
-                     None if self.bitmask is None else self.bitmask[: n + 1])
+                     None if self.bitmask is None else self.bitmask[: n + 1],
+                     None if self.confidence is None else self.confidence[:n])
 
 
 class Proposer(ABC):
@@ -74,6 +78,9 @@ class Proposer(ABC):
     """
 
     deterministic: bool = True
+    # Proposing costs next to nothing (a lookup): draft the most, let adaptive k trim. A draft
+    # model is not cheap: it is asked for the k adaptive k chose.
+    cheap: bool = True
 
     @abstractmethod
     def propose(self, contexts: Sequence[ProposeContext]) -> list[list[int]]:
@@ -82,11 +89,19 @@ class Proposer(ABC):
     def draft(self, contexts: Sequence[ProposeContext]) -> list[Draft]:
         return [Draft(tokens) for tokens in self.propose(contexts)]
 
+    def complete(self, request_id: str, token_ids: Sequence[int], num_prompt_tokens: int, cache_salt: str) -> None:
+        """A request finished with these tokens: a proposer that learns from earlier outputs
+        (suffix decoding) keeps what it needs, under the request's salt. `free` follows."""
+
     def free(self, request_id: str) -> None:
         """Forget a request (finished, aborted or preempted): drop its state / draft KV."""
 
     def reset(self) -> None:
         """Forget every request."""
+
+    def memory(self) -> dict[str, int]:
+        """What the proposer holds, by kind, for metrics (nothing worth counting by default)."""
+        return {}
 
 
 def _allowed(row: torch.Tensor, token: int) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from decoding.guided.normalize import normalize_schema
 from decoding.guided.spec import GuidedSpec
 from decoding.tools.formats import ToolFormat
 from decoding.tools.spec import ToolRequest, ToolSpec
@@ -63,7 +64,9 @@ def _pointer_token(key: str) -> str:
 
 def call_schema(tool: ToolSpec, fmt: ToolFormat) -> dict[str, Any]:
     """The JSON Schema of one call object of `tool` in `fmt`."""
-    args = tool.arguments_schema()
+    # The same exact rewrite the tool's schema passed its check with (`not`, unknown formats ...):
+    # the grammar must enforce what was checked, not the schema as sent.
+    args = normalize_schema(tool.arguments_schema())
     args.pop("x-guidance", None)   # only the top-level block counts, and it is ours
     args = _rebase_refs(args, "/properties/" + _pointer_token(fmt.args_key))
     return {

@@ -15,10 +15,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from common.errors import InvalidArgumentError, ResourceExhaustedError, WeftError
 from decoding.guided import CompiledGrammar
 from decoding.sampling import SamplingParams
 from service.engine.core import EngineCore
+from service.engine.lora_manager import AdapterInfo
 from service.engine.openmp import release_thread_pool
 from service.engine.request import RequestOutput
 from service.engine.stats import EngineStats
@@ -33,6 +36,14 @@ class _Add:
     params: SamplingParams
     cache_salt: str | None = None
     grammar: CompiledGrammar | None = None   # params.guided, compiled before the add is queued
+    lora: str | None = None                  # the adapter it runs with
+
+
+@dataclass(slots=True)
+class _AddEmbedding:
+    request_id: str
+    prompts: list[list[int]]
+    pooling: str
 
 
 @dataclass(slots=True)
@@ -61,7 +72,7 @@ class _Call:
 class AsyncEngine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Ping | _Call | _Stop] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _AddEmbedding | _Abort | _Ping | _Call | _Stop] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[list[RequestOutput] | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -91,7 +102,7 @@ class AsyncEngine:
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-        cache_salt: str | None = None,
+        cache_salt: str | None = None, lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream deltas for a request. Raises InvalidArgumentError / ResourceExhaustedError before
         the first delta. Leaving the iteration early (cancel, disconnect) aborts the request."""
@@ -111,7 +122,7 @@ class AsyncEngine:
         stream: asyncio.Queue[list[RequestOutput] | BaseException] = asyncio.Queue()
         self._streams[rid] = stream
         self._pending_adds += 1
-        self._commands.put(_Add(rid, ids, params, cache_salt, grammar))
+        self._commands.put(_Add(rid, ids, params, cache_salt, grammar, lora))
         remaining = params.n
         try:
             while remaining:
@@ -126,6 +137,38 @@ class AsyncEngine:
             self._streams.pop(rid, None)
             if remaining:
                 self._commands.put(_Abort(rid))
+
+    async def embed(self, prompts: list[list[int]], pooling: str, request_id: str | None = None) -> torch.Tensor:
+        """Pooled final hidden states [len(prompts), hidden] (float32, CPU) of token lists, computed
+        as prefill-only requests scheduled beside generation; their KV blocks are freed as each
+        finishes. Raises InvalidArgumentError / ResourceExhaustedError; cancelling aborts them."""
+        self.start()
+        rid = request_id or f"emb-{next(self._ids)}"
+        if rid in self._streams:
+            raise InvalidArgumentError("request_id", f"{rid!r} is already in flight")
+        self._check_queue()
+        stream: asyncio.Queue[list[RequestOutput] | BaseException] = asyncio.Queue()
+        self._streams[rid] = stream
+        self._pending_adds += 1
+        self._commands.put(_AddEmbedding(rid, prompts, pooling))
+        vectors: list[torch.Tensor | None] = [None] * len(prompts)
+        remaining = len(prompts)
+        try:
+            while remaining:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                for out in item:
+                    if out.finished:
+                        if out.embedding is None:
+                            raise RuntimeError(out.error or f"embedding request ended: {out.finish_reason}")
+                        vectors[out.index] = out.embedding
+                        remaining -= 1
+        finally:
+            self._streams.pop(rid, None)
+            if remaining:
+                self._commands.put(_Abort(rid))
+        return torch.stack(vectors)  # type: ignore[arg-type]
 
     def _check_queue(self) -> None:
         # The snapshot and the pending count move together (`_publish`): every add is in one of them.
@@ -150,6 +193,17 @@ class AsyncEngine:
             core.reset_prefix_cache()
             return core.stats()
         return await self.call(reset)
+
+    async def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Read an adapter on a worker thread (the engine keeps stepping), then serve it."""
+        weights, seconds = await asyncio.to_thread(self.core.read_adapter, name, path)
+        return await self.call(lambda core: core.add_adapter(weights, seconds))
+
+    async def unload_adapter(self, name: str) -> bool:
+        return await self.call(lambda core: core.remove_adapter(name))
+
+    async def adapters(self) -> list[AdapterInfo]:
+        return await self.call(lambda core: core.lora.infos() if core.lora is not None else [])
 
     def stats(self) -> EngineStats:
         """The engine's counters as of its last loop pass (a snapshot the engine thread took:
@@ -187,7 +241,7 @@ class AsyncEngine:
                 if isinstance(cmd, _Ping):
                     pings.append(cmd)
                     continue
-                added += isinstance(cmd, _Add)
+                added += isinstance(cmd, (_Add, _AddEmbedding))
                 self._apply(cmd, outputs, errors)
             try:
                 outputs.extend(core.step())
@@ -201,7 +255,7 @@ class AsyncEngine:
                     self._loop.call_soon_threadsafe(_resolve, ping.future)
                 pings = []
 
-    def _apply(self, cmd: _Add | _Abort | _Call, outputs: list[RequestOutput],
+    def _apply(self, cmd: _Add | _AddEmbedding | _Abort | _Call, outputs: list[RequestOutput],
                errors: list[tuple[str, BaseException]]) -> None:
         """One command on the engine thread; whatever it raises goes to its caller alone."""
         core = self.core
@@ -213,9 +267,13 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(_fail_future, cmd.future, exc)
             else:
                 self._loop.call_soon_threadsafe(_resolve, cmd.future, result)
-        elif isinstance(cmd, _Add):
+        elif isinstance(cmd, (_Add, _AddEmbedding)):
             try:
-                core.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.cache_salt, cmd.grammar)
+                if isinstance(cmd, _AddEmbedding):
+                    core.add_embedding(cmd.request_id, cmd.prompts, cmd.pooling)
+                else:
+                    core.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.cache_salt, cmd.grammar,
+                                     cmd.lora)
             except WeftError as exc:
                 errors.append((cmd.request_id, exc))
             except Exception as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import torch
 
@@ -21,6 +22,7 @@ from kernels.mask import apply_logit_bias_, apply_token_bitmask_
 from service.config import EngineConfig
 from service.engine.draft import DraftModelProposer
 from service.engine.kv_cache import KVCacheManager
+from service.engine.lora_manager import AdapterInfo, LoRAManager
 from service.engine.request import Request, RequestOutput
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -29,6 +31,7 @@ from service.engine.stats import EngineStats
 from service.engine.step import StepOutput
 from service.loader import LoadedModel, load_model
 from service.models.build import build_model
+from service.models.lora import LoRAStacks, LoRAWeights, load_lora
 
 log = logging.getLogger("weft.engine")
 
@@ -51,10 +54,18 @@ class EngineCore:
         self.num_blocks = num_blocks
         self.max_model_len = min(config.max_model_len or context, context, num_blocks * config.block_size)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.lora: LoRAManager | None = None
+        if config.enable_lora:
+            adapters = config.lora_modules()
+            self.lora = LoRAManager(LoRAStacks(model.lora_shapes(), config.max_loras, config.max_lora_rank, dtype,
+                                               self.device))
+            for name, path in adapters:
+                self.add_adapter(*self.read_adapter(name, path))
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len), self.kv
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len), self.kv, self.lora
         )
-        self.runner = ModelRunner(model, self.kv, num_blocks, config.block_size, dtype, self.device)
+        self.runner = ModelRunner(model, self.kv, num_blocks, config.block_size, dtype, self.device,
+                                  self.lora.stacks if self.lora is not None else None)
         self.sampler = Sampler()
         self.requests: dict[str, list[Request]] = {}   # parent id -> its n sequences
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids)
@@ -95,16 +106,19 @@ class EngineCore:
 
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, cache_salt: str | None = None,
-        guide: CompiledGrammar | None = None,
+        guide: CompiledGrammar | None = None, lora: str | None = None,
     ) -> int:
         """Queue a request (n sequences). Returns the prompt length. Raises InvalidArgumentError.
 
         `guide` is `params.guided` compiled (callers compile off this thread: AsyncEngine awaits
         the compiler); when it is missing for a guided request it is compiled here, blocking.
-        Each of the n sequences gets its own guide from it."""
+        Each of the n sequences gets its own guide from it. `lora` names a loaded adapter."""
         if request_id in self.requests:
             raise InvalidArgumentError("request_id", f"{request_id!r} is already running")
         ids = self.validate(prompt, params)
+        if lora is not None and self.lora is None:
+            raise InvalidArgumentError("model", f"{lora!r}: LoRA adapters are not enabled on this server "
+                                       "(start it with --enable-lora or --lora NAME=PATH)")
         if guide is None and params.guided is not None:
             guide = self.guide_compiler.compile_sync(params.guided)
         # Generation never runs past the context: cap max_tokens so the stop checker says "length".
@@ -112,9 +126,13 @@ class EngineCore:
         if params.max_tokens > room:
             params = dataclasses.replace(params, max_tokens=room)
         children = []
+        refs = [self.lora.hold(lora) for _ in range(params.n)] if lora is not None and self.lora is not None else []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             child_params = dataclasses.replace(params, n=1, seed=seed)
+            ref = refs[i] if refs else None
+            # No KV is shared across adapters: the adapter's load joins the prefix-cache key.
+            salt = (cache_salt or "") + (f"\x00lora:{ref.uid}" if ref is not None else "")
             req = Request(
                 request_id=request_id if params.n == 1 else f"{request_id}#{i}",
                 parent_id=request_id,
@@ -123,16 +141,44 @@ class EngineCore:
                 params=child_params,
                 stop_checker=StopChecker(child_params, self.tokenizer, ids, self.eos_token_ids),
                 generator=None if seed is None else Sampler.make_generator(seed),
-                cache_salt=cache_salt or "",
+                cache_salt=salt,
                 guide=None if guide is None else guide.new_guide(child_params),
+                lora=ref,
             )
             req.num_speculative_tokens = self.spec.k_for(params.num_speculative_tokens)
             children.append(req)
-        _check_guided_fits(children[0], params)
+        try:
+            _check_guided_fits(children[0], params)
+        except InvalidArgumentError:
+            for ref in refs:
+                self.lora.release(ref)   # type: ignore[union-attr]
+            raise
         for req in children:
             self.scheduler.add(req)
         self.requests[request_id] = children
         return len(ids)
+
+    def add_embedding(self, request_id: str, prompts: list[list[int]], pooling: str) -> None:
+        """Queue an embedding request: one prefill-only sequence per prompt, each finishing with its
+        pooled final hidden states ("last" token or "mean" over the prompt) in RequestOutput.embedding."""
+        if request_id in self.requests:
+            raise InvalidArgumentError("request_id", f"{request_id!r} is already running")
+        if pooling not in ("last", "mean"):
+            raise InvalidArgumentError("pooling", f"must be last or mean, got {pooling!r}")
+        if not prompts:
+            raise InvalidArgumentError("inputs", "must hold at least one input")
+        for i, ids in enumerate(prompts):
+            if not ids or len(ids) > self.max_model_len:
+                raise InvalidArgumentError(f"inputs[{i}]", f"must hold 1 to {self.max_model_len} tokens, got {len(ids)}")
+            if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in ids):
+                raise InvalidArgumentError(f"inputs[{i}]", f"every id must be an int in [0, {self.vocab_size})")
+        children = [Request(request_id=request_id if len(prompts) == 1 else f"{request_id}#{i}", parent_id=request_id,
+                            index=i, prompt_ids=list(ids), params=SamplingParams(max_tokens=1), stop_checker=None,
+                            pooling=pooling)
+                    for i, ids in enumerate(prompts)]
+        for req in children:
+            self.scheduler.add(req)
+        self.requests[request_id] = children
 
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Stop a request now and free its blocks. Unknown or finished ids are ignored."""
@@ -140,7 +186,8 @@ class EngineCore:
         for req in self.requests.pop(request_id, []):
             if not req.finished:
                 self.scheduler.finish(req, "cancelled")
-                outs.append(self._output(req))
+                if req.pooling is None:
+                    outs.append(self._output(req))
         return outs
 
     @property
@@ -155,9 +202,35 @@ class EngineCore:
         return self.scheduler.has_work
 
     def pool_is_whole(self) -> bool:
-        """Every KV block is free again (the draft model's too, when one runs)."""
+        """Every KV block is free again (the draft model's too, when one runs), and no request
+        holds a LoRA adapter."""
         draft_whole = getattr(self.spec.proposer, "pool_is_whole", None)
-        return self.kv.num_free_blocks == self.num_blocks and (draft_whole is None or draft_whole())
+        return (self.kv.num_free_blocks == self.num_blocks and (draft_whole is None or draft_whole())
+                and (self.lora is None or self.lora.is_idle()))
+
+    # ---- LoRA adapters -------------------------------------------------------------------------
+
+    def read_adapter(self, name: str, path: str) -> tuple[LoRAWeights, float]:
+        """Read and check an adapter's files (any thread: it touches no engine state); returns
+        the weights and the seconds it took. Raises AdapterLoadError."""
+        if self.lora is None:
+            raise InvalidArgumentError("name", "LoRA adapters are not enabled on this server (start it with "
+                                       "--enable-lora or --lora NAME=PATH)")
+        if not name or name == self.model_name:
+            raise InvalidArgumentError("name", f"an adapter needs a name of its own, got {name!r}")
+        t0 = time.perf_counter()
+        weights = load_lora(name, path, self.lora.stacks.shapes, self.lora.stacks.max_rank,
+                            self.lora.stacks.stacks[0]["o"][0].dtype)
+        return weights, time.perf_counter() - t0
+
+    def add_adapter(self, weights: LoRAWeights, load_s: float = 0.0) -> AdapterInfo:
+        """Serve read weights (engine thread)."""
+        assert self.lora is not None
+        return self.lora.register(weights, load_s)
+
+    def remove_adapter(self, name: str) -> bool:
+        """Stop serving an adapter; requests already holding it finish with it (engine thread)."""
+        return self.lora is not None and self.lora.unregister(name)
 
     def reset_prefix_cache(self) -> None:
         self.kv.reset_prefix_cache()
@@ -177,6 +250,9 @@ class EngineCore:
             spec=dataclasses.replace(agg, drafted_per_position=list(agg.drafted_per_position),
                                      accepted_per_position=list(agg.accepted_per_position)),
             spec_num_disabled=tracker.num_disabled,
+            spec_memory=self.spec.proposer.memory(),
+            lora_resident=self.lora.num_resident if self.lora is not None else 0,
+            lora_loaded=len(self.lora.infos()) if self.lora is not None else 0,
         )
 
     # ---- one step: schedule -> execute -> sample / verify -> commit ----------------------------
@@ -185,10 +261,13 @@ class EngineCore:
         batch = self.scheduler.schedule()
         for req in batch.preempted:
             self.spec.preempted(req)
+            req.pool_sum = None   # recomputed from the start, like its KV
         if not batch.requests:
             return []
         try:
+            t0 = time.perf_counter()
             out = self._execute(batch)
+            self.spec.observe_step(batch.total_tokens, time.perf_counter() - t0)
         except Exception as exc:  # a failing batch must not take the engine down with it
             log.exception("model step failed")
             return self._fail(batch.requests, f"model step failed: {exc}")
@@ -198,7 +277,7 @@ class EngineCore:
         verifying = [(i, r) for i, r in enumerate(batch.requests) if out.layout.count[i] and r.spec_draft is not None]
         self._apply_logit_bias(out, plain + verifying)
         self._apply_guides(out, plain + verifying)
-        outputs = self._verify(out, verifying) + self._sample(out, plain)
+        outputs = self._pool(out, batch) + self._verify(out, verifying) + self._sample(out, plain)
         # Drafts for the next step, for every request that just got its tokens and goes on.
         self.spec.propose([r for _, r in plain + verifying if not r.finished])
         return outputs
@@ -209,9 +288,36 @@ class EngineCore:
         out = self.runner.run(batch.seq_inputs())
         for req, n, spec in zip(batch.requests, batch.num_tokens, batch.spec_tokens):
             req.num_computed_tokens += n - len(spec)
-            if not spec:
+            if not spec and req.pooling is None:
                 self._register_blocks(req)
         return out
+
+    def _pool(self, out: StepOutput, batch: ScheduledBatch) -> list[RequestOutput]:
+        """Embedding requests: fold this step's hidden rows into the pooled vector; a request whose
+        prompt is now all computed finishes with its vector, and its KV blocks go back to the pool."""
+        outputs = []
+        for i, req in enumerate(batch.requests):
+            rows = out.hidden.get(i)
+            if req.pooling is None or rows is None:
+                continue
+            done = req.num_computed_tokens == req.num_tokens
+            if req.pooling == "mean":
+                part = rows.float().sum(0)
+                req.pool_sum = part if req.pool_sum is None else req.pool_sum + part
+            if not done:
+                continue
+            if req.pooling == "mean":
+                vector = req.pool_sum / req.num_tokens
+            else:
+                vector = rows[-1].float()
+            self.scheduler.finish(req, "stop")
+            outputs.append(RequestOutput(
+                request_id=req.parent_id, index=req.index, text="", token_ids=[], logprobs=None, finished=True,
+                finish_reason="stop", num_prompt_tokens=req.num_prompt_tokens, embedding=vector.cpu()))
+            req.pool_sum = None
+            self.spec.finished(req)
+            self._forget(req)
+        return outputs
 
     def _sample(self, out: StepOutput, rows: list[tuple[int, Request]]) -> list[RequestOutput]:
         """One token per plain request, from its logits row."""
@@ -403,7 +509,7 @@ class EngineCore:
             logprobs=req.pending_logprobs if req.params.logprobs is not None else None,
             finished=req.finished,
             finish_reason=req.finish_reason,
-            stop_reason=req.stop_checker.stop_reason,
+            stop_reason=req.stop_checker.stop_reason if req.stop_checker is not None else None,
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=req.num_output_tokens,
             num_cached_tokens=req.num_cached_tokens,

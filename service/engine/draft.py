@@ -49,6 +49,7 @@ class _Seq:
 
 class DraftModelProposer(Proposer):
     deterministic = False
+    cheap = False
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device, vocab_size: int, bitmask_words: int, eos_token_ids: Sequence[int],

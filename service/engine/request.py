@@ -11,6 +11,7 @@ from decoding.guided.base import Guide
 from decoding.sampling import SamplingParams, TokenLogprobs
 from decoding.speculative.proposer import Draft
 from decoding.stopping import StopChecker
+from service.engine.lora_manager import AdapterRef
 
 
 class RequestStatus(enum.Enum):
@@ -36,10 +37,12 @@ class Request:
     index: int
     prompt_ids: list[int]
     params: SamplingParams
-    stop_checker: StopChecker
+    stop_checker: StopChecker | None   # None for an embedding request (it generates nothing)
     generator: torch.Generator | None = None
     cache_salt: str = ""
     guide: Guide | None = None                                # guided decoding state (None: unconstrained)
+    lora: AdapterRef | None = None                            # the LoRA adapter it runs with (None: base model)
+    lora_slot: int = -1                                       # its slot in the LoRA stacks while running
     block_hashes: list[bytes] = field(default_factory=list)   # chained hashes of its full blocks
     num_registered_blocks: int = 0                            # how many of them are in the prefix cache
     token_ids: list[int] = field(default_factory=list)
@@ -56,6 +59,11 @@ class Request:
     pending_text: str = ""
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # An embedding request (prefill only, no prefix-cache reuse, finished once its prompt is
+    # computed): how its hidden states are pooled ("last" | "mean"; None: a generation request),
+    # and for mean pooling the sum of the rows computed so far (reset by a preemption).
+    pooling: str | None = None
+    pool_sum: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -98,3 +106,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     spec: dict | None = None        # final output of a speculating sequence: its SpecStats.as_dict()
+    embedding: torch.Tensor | None = None   # an embedding request's pooled vector [hidden] (float32, CPU)

@@ -6,28 +6,33 @@ import torch
 
 from kernels import cpu_native
 from kernels.attention import AttentionMetadata
+from kernels.lora import make_plan
 from service.engine.kv_cache import KVCacheManager
 from service.engine.step import RowLayout, SeqInput, StepOutput
+from service.models.lora import LoRAStacks, LoRAStep
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv: KVCacheManager, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, lora_stacks: LoRAStacks | None = None) -> None:
         self.model = model
         self.kv = kv
+        self.lora_stacks = lora_stacks
         self.block_size = block_size
         self.device = device
         n_layers = model.config.num_hidden_layers
-        shape = (n_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+        # kv_planes 2: a K and a V tensor per layer; 1: one tensor passed as both (MLA's latent rows).
+        planes = model.kv_planes
+        shape = (n_layers, planes, num_blocks, block_size, model.num_kv_heads, model.head_dim)
         self.kv_tensor = torch.zeros(shape, dtype=dtype, device=device)
-        self.kv_caches = [(self.kv_tensor[i, 0], self.kv_tensor[i, 1]) for i in range(n_layers)]
+        self.kv_caches = [(self.kv_tensor[i, 0], self.kv_tensor[i, planes - 1]) for i in range(n_layers)]
         if self.kv_tensor.device.type == "cpu" and dtype == torch.float32:
             cpu_native.lib()   # build the native kernels now (~1 s, once per machine), not on the first request
 
     @staticmethod
     def kv_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return model.config.num_hidden_layers * 2 * block_size * model.num_kv_heads * model.head_dim * elem
+        return model.config.num_hidden_layers * model.kv_planes * block_size * model.num_kv_heads * model.head_dim * elem
 
     def run(self, seqs: list[SeqInput]) -> StepOutput:
         """Run one step over `seqs`. Returns float32 logits for the sequences that asked for
@@ -42,19 +47,24 @@ class ModelRunner:
         seq_lens: list[int] = []
         tables: list[list[int]] = []
         sample_rows: list[int] = []
+        token_slots: list[int] = []   # each token's LoRA slot (-1: none)
         first = [0] * len(seqs)
         count = [0] * len(seqs)
+        spans: dict[int, tuple[int, int]] = {}   # want_hidden sequences: their rows in the flat batch
         bs = self.block_size
         for i in order:
             seq = seqs[i]
             start, end = seq.start, seq.start + len(seq.token_ids)
             blocks = self.kv.block_ids(seq.request_id)
             ids.extend(seq.token_ids)
+            token_slots.extend([seq.lora_slot] * len(seq.token_ids))
             positions.extend(range(start, end))
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             starts.append(starts[-1] + len(seq.token_ids))
             seq_lens.append(end)
             tables.append(blocks)
+            if seq.want_hidden:
+                spans[i] = (starts[-2], starts[-1])
             if seq.num_logits:
                 first[i], count[i] = len(sample_rows), seq.num_logits
                 sample_rows.extend(range(starts[-1] - seq.num_logits, starts[-1]))
@@ -77,10 +87,15 @@ class ModelRunner:
             num_decodes=num_decodes,
             block_size=bs,
         )
-        hidden = self.model(ids_t, positions_t, self.kv_caches, slots_t, meta)
+        lora = None
+        if self.lora_stacks is not None:
+            plan = make_plan(token_slots, self.lora_stacks.num_slots, self.device)
+            lora = None if plan is None else LoRAStep(self.lora_stacks, plan)
+        hidden = self.model(ids_t, positions_t, self.kv_caches, slots_t, meta, lora)
         layout = RowLayout(first, count)
+        rows = {i: hidden[a:b] for i, (a, b) in spans.items()}
         if not sample_rows:
-            return StepOutput(hidden.new_empty((0, 0), dtype=torch.float32), layout)
+            return StepOutput(hidden.new_empty((0, 0), dtype=torch.float32), layout, rows)
         # A single decode samples its only row: no gather.
         logits = self.model.compute_logits(hidden if len(sample_rows) == num_t else hidden[sample_t])
-        return StepOutput(logits, layout)
+        return StepOutput(logits, layout, rows)

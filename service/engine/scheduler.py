@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from service.engine.kv_cache import KVCacheManager
+from service.engine.lora_manager import LoRAManager
 from service.engine.request import Request, RequestStatus
 from service.engine.step import SeqInput
 
@@ -48,15 +49,19 @@ class ScheduledBatch:
             start = req.num_computed_tokens
             real = n - len(spec)
             done = start + real == req.num_tokens
+            if req.pooling is not None:   # an embedding request: hidden states, no logits
+                out.append(SeqInput(req.request_id, req.token_ids[start:start + real], start, 0, want_hidden=True))
+                continue
             out.append(SeqInput(req.request_id, req.token_ids[start:start + real] + spec, start,
-                                len(spec) + 1 if done else 0))
+                                len(spec) + 1 if done else 0, req.lora_slot))
         return out
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, lora: LoRAManager | None = None) -> None:
         self.config = config
         self.kv = kv
+        self.lora = lora   # pins a running request's adapter in a slot of the LoRA stacks
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -112,6 +117,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         # Recompute, not swap: drop the KV; prompt + output so far is recomputed when it returns.
         self.kv.free(req.request_id)
+        self._unpin(req)
         req.num_computed_tokens = 0
         req.spec_draft = None
         req.status = RequestStatus.PREEMPTED
@@ -123,13 +129,21 @@ class Scheduler:
             req = self.waiting[0]
             if self._sibling_prefilling(req):
                 break  # n > 1: let one sample compute the prompt, the others then hit the cache
-            cached = self.kv.cached_prefix(req.token_ids, req.block_hashes, req.cache_salt)
+            # Embedding requests compute every token: mean pooling needs each row's hidden state.
+            cached = [] if req.pooling is not None else self.kv.cached_prefix(req.token_ids, req.block_hashes,
+                                                                               req.cache_salt)
             num_cached = len(cached) * self.kv.block_size
             n = min(req.num_tokens - num_cached, budget)
+            if req.lora is not None and self.lora is not None:
+                slot = self.lora.pin(req.lora)
+                if slot is None:
+                    break   # every slot runs other adapters: wait for one (FCFS, as for blocks)
+                req.lora_slot = slot
             if not self.kv.allocate(req.request_id, num_cached + n, cached):
+                self._unpin(req)
                 break
             req.num_computed_tokens = num_cached
-            if req.status is RequestStatus.WAITING:
+            if req.status is RequestStatus.WAITING and req.pooling is None:
                 # Reported in usage and metrics; a preempted request's re-run doesn't count again.
                 req.num_cached_tokens = num_cached
                 self.kv.record_lookup(req.num_prompt_tokens, num_cached)
@@ -152,9 +166,17 @@ class Scheduler:
         """Take a request out (done, aborted or failed) and return its blocks."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
+            self._unpin(req)
         elif req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(req)
+        if req.lora is not None and self.lora is not None and req.status is not RequestStatus.FINISHED:
+            self.lora.release(req.lora)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.spec_draft = None
         self.kv.free(req.request_id)
+
+    def _unpin(self, req: Request) -> None:
+        if req.lora_slot >= 0 and self.lora is not None and req.lora is not None:
+            self.lora.unpin(req.lora)
+        req.lora_slot = -1

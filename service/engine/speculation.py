@@ -9,6 +9,7 @@ step and never reaches the prefix cache. See decoding/speculative/DESIGN.md.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -22,13 +23,20 @@ from decoding.speculative import (
     Proposer,
     SpecTracker,
     SpeculativeVerifier,
+    SuffixProposer,
     VerifyResult,
     VerifyRow,
     constrain_to_guide,
 )
 from decoding.sampling import MAX_SPECULATIVE_TOKENS
+from decoding.speculative.adaptive import StepCost, acceptance, best_k, position_probs
 from service.config import EngineConfig
 from service.engine.request import Request
+
+
+# The acceptance assumed before any draft was verified (a guess that makes the first drafts
+# happen, so that real counts replace it).
+DEFAULT_ACCEPTANCE = 0.7
 
 
 class Speculator:
@@ -38,27 +46,47 @@ class Speculator:
         # Without a configured method speculation is off by default, but a request may still
         # ask for it: n-gram lookup costs no model, so it is always there to be asked for.
         self.default_k = config.num_speculative_tokens if config.speculative_method else 0
+        if proposer is None and config.speculative_method == "suffix":
+            proposer = SuffixProposer(MAX_SPECULATIVE_TOKENS, max_global_tokens=config.suffix_max_tokens)
         self.proposer = proposer or NgramProposer(MAX_SPECULATIVE_TOKENS, config.ngram_min_n, config.ngram_max_n)
         self.method = config.speculative_method or "ngram"
         self.verifier = SpeculativeVerifier(sampler)   # shares the sampler's scratch buffers
         self.tracker = SpecTracker(AutoDisablePolicy(config.spec_disable_window, config.spec_min_acceptance))
         self.eos_token_ids = frozenset(eos_token_ids)
         self.words = bitmask_words
+        self.adaptive = config.spec_adaptive_k
+        self.cost = StepCost()      # the engine's step timings, by row count
+        # Per request: [accepted draft tokens, trials] where a trial is an accepted token or the
+        # rejection that ends a draft: accepted / trials estimates the per-token acceptance.
+        self._trials: dict[str, list[int]] = {}
+        self._prior = [0, 0]        # the same over every request, the prior of a new one
+        self._draft_s_per_token = 0.0   # what proposing costs per draft token (a draft model's forwards)
 
     def k_for(self, params_k: int | None) -> int:
         return self.default_k if params_k is None else params_k
 
     # ---- proposing -------------------------------------------------------------------------
 
+    def observe_step(self, rows: int, seconds: float) -> None:
+        """A step's query rows and wall time (the cost model of adaptive k)."""
+        self.cost.observe(rows, seconds)
+
     def propose(self, reqs: Sequence[Request]) -> None:
-        """Give each request that may speculate its draft for the next step (`req.spec_draft`)."""
+        """Give each request that may speculate its draft for the next step (`req.spec_draft`).
+
+        With adaptive k, a cheap proposer (a lookup) drafts the most the request may take and
+        the draft is trimmed to the length that pays; a draft model is asked for that length
+        up front, as each of its tokens costs a forward."""
         ctxs: list[ProposeContext] = []
         owners: list[Request] = []
+        others = max(0, len(reqs) - 1)
         for req in reqs:
             if req.finished or not req.num_speculative_tokens or not self.tracker.enabled(req.request_id):
                 continue
             # Every emitted token must fit under max_tokens: k drafts + 1 bonus.
             k = min(req.num_speculative_tokens, req.params.max_tokens - req.num_output_tokens - 1)
+            if k > 0 and self._adapts(req) and not self.proposer.cheap:
+                k = self._best_k(req, k, None, others, self._draft_s_per_token)
             if k <= 0:
                 continue
             ctxs.append(ProposeContext(req.request_id, req.token_ids, req.num_prompt_tokens, k,
@@ -66,10 +94,32 @@ class Speculator:
             owners.append(req)
         if not ctxs:
             return
-        for req, draft in zip(owners, self.proposer.draft(ctxs)):
+        t0 = time.perf_counter()
+        drafts = self.proposer.draft(ctxs)
+        drafted = sum(len(d.tokens) for d in drafts)
+        if drafted:   # a moving average: the cost of proposing moves with the batch
+            per_token = (time.perf_counter() - t0) / drafted
+            self._draft_s_per_token += 0.2 * (per_token - self._draft_s_per_token)
+        for req, draft in zip(owners, drafts):
+            if draft.tokens and self._adapts(req) and self.proposer.cheap:
+                draft = draft.truncate(self._best_k(req, len(draft.tokens), draft.confidence, others, 0.0))
             if draft.tokens and req.guide is not None and draft.bitmask is None:
                 draft = self._constrain(req, draft)
             req.spec_draft = draft if draft.tokens else None
+
+    def _adapts(self, req: Request) -> bool:
+        """A seeded sampled request keeps a fixed k: each verification draws k + 1 uniforms from
+        its generator, so a k that followed timings would make its output depend on the
+        machine's load. Greedy output does not depend on k at all."""
+        return self.adaptive and (req.params.greedy or req.generator is None)
+
+    def _best_k(self, req: Request, max_k: int, confidence: list[float] | None, others: int,
+                draft_s_per_token: float) -> int:
+        accepted, trials = self._prior
+        prior = accepted / trials if trials else DEFAULT_ACCEPTANCE
+        mine = self._trials.get(req.request_id, (0, 0))
+        probs = position_probs(acceptance(mine[0], mine[1], prior), max_k, confidence, mine[1])
+        return best_k(probs, max_k, self.cost, others, float(others), draft_s_per_token)
 
     def _constrain(self, req: Request, draft: Draft) -> Draft:
         """Cut a draft at the first token the grammar forbids; keep the mask of every verified position."""
@@ -89,6 +139,11 @@ class Speculator:
         return self.verifier(logits, rows)
 
     def record(self, req: Request, num_drafts: int, num_accepted: int) -> None:
+        if num_drafts:
+            trials = num_accepted + (num_accepted < num_drafts)
+            for book in (self._trials.setdefault(req.request_id, [0, 0]), self._prior):
+                book[0] += num_accepted
+                book[1] += trials
         self.tracker.record(req.request_id, num_drafts, num_accepted)
         if not self.tracker.enabled(req.request_id):
             self.proposer.free(req.request_id)   # decodes normally from now on
@@ -100,6 +155,9 @@ class Speculator:
 
     def finished(self, req: Request) -> dict | None:
         """Forget a finished request; its counters for the final response (None if it never could speculate)."""
+        if req.finish_reason in ("stop", "eos", "length"):
+            self.proposer.complete(req.request_id, req.token_ids, req.num_prompt_tokens, req.cache_salt)
         self.proposer.free(req.request_id)
+        self._trials.pop(req.request_id, None)
         stats = self.tracker.finish(req.request_id)
         return stats.as_dict() if req.num_speculative_tokens else None

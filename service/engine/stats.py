@@ -21,6 +21,11 @@ class EngineStats:
     num_preemptions: int = 0
     spec: SpecStats = field(default_factory=SpecStats)   # speculative decoding since start-up
     spec_num_disabled: int = 0        # requests whose speculation switched itself off
+    # What the proposer holds (suffix decoding: tokens and tree nodes of the shared store and of
+    # the running requests' trees); empty for proposers that hold nothing worth counting.
+    spec_memory: dict[str, int] = field(default_factory=dict)
+    lora_resident: int = 0            # LoRA adapters in the batch's stacks
+    lora_loaded: int = 0              # LoRA adapters served
 
     @property
     def kv_usage(self) -> float:

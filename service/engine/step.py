@@ -9,7 +9,7 @@ layout instead of recomputing offsets from draft lengths (vLLM's SpecDecodeMetad
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,8 @@ class SeqInput:
     token_ids: list[int]     # fed this step: real tokens, then any draft tokens
     start: int               # position of token_ids[0] (the KV below it is already computed)
     num_logits: int = 0      # logits rows wanted, the last ones: 0 (a mid-prompt chunk), 1, or 1 + k drafts
+    lora_slot: int = -1      # the LoRA stacks' slot its tokens use (-1: the base model alone)
+    want_hidden: bool = False   # return this sequence's final hidden states (embedding requests pool them)
 
 
 @dataclass(slots=True)
@@ -32,6 +34,9 @@ class StepOutput:
     """The logits of one step (float32), with the row layout of the `SeqInput`s that asked."""
     logits: torch.Tensor
     layout: RowLayout
+    # Sequence index -> its rows of the last hidden states (after the final norm), for the
+    # sequences with want_hidden.
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def gather(self, seqs: Sequence[int]) -> torch.Tensor:
         """The rows of the given sequences, back to back in that order (a copy unless it is all of them)."""

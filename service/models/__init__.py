@@ -1,10 +1,2 @@
-"""Model definitions that read paged KV, by HF architecture name."""
-from __future__ import annotations
-
-from service.models.llama import LlamaForCausalLM
-
-MODEL_CLASSES = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-}
+"""Model definitions that read paged KV: shared blocks in layers/, one file per family,
+architecture names in architectures.py, their classes in registry.py."""

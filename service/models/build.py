@@ -7,8 +7,8 @@ import torch
 
 from common.errors import ModelLoadError
 from service.loader import LoadedModel, gguf_source
-from service.models import MODEL_CLASSES
 from service.models.gguf_packed import attach_packed
+from service.models.registry import MODEL_CLASSES
 
 log = logging.getLogger("weft.engine")
 
@@ -19,13 +19,16 @@ def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype) -
     arch = (getattr(hf, "architectures", None) or ["?"])[0]
     if arch not in MODEL_CLASSES:
         raise ModelLoadError(f"unsupported architecture {arch!r}; supported: {sorted(MODEL_CLASSES)}")
-    context = int(getattr(hf, "max_position_embeddings", 2048))
-    window = getattr(hf, "sliding_window", None)
-    if window and getattr(hf, "use_sliding_window", True):
-        # Sliding-window attention is not implemented: stay within the window, where it is exact.
-        context = min(context, int(window))
-    model = MODEL_CLASSES[arch](hf, max_positions=context)
-    model.load_weights(loaded.weights)
+    cls = MODEL_CLASSES[arch]
+    context = int(getattr(hf, "max_position_embeddings", 2048))   # sliding windows are run, not a cap
+    try:
+        model = cls(hf, max_positions=context)
+    except ValueError as exc:   # a config feature the family does not compute
+        raise ModelLoadError(f"{loaded.source}: {arch}: {exc}") from exc
+    try:
+        model.load_weights(loaded.weights)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{loaded.source}: {exc}") from exc
     model.to(device=device, dtype=dtype).eval()
     loaded.weights.clear()  # the model holds its own (fused) copies now
     gguf = gguf_source(loaded) if device.type == "cpu" and dtype == torch.float32 else None

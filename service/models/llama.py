@@ -2,8 +2,10 @@
 
 One flat batch of tokens from many sequences goes through each layer at once; only attention
 needs to know which token belongs to which sequence, and it learns that from AttentionMetadata.
-Q/K/V and gate/up projections are fused into one matmul each: fewer, larger GEMMs and fewer
-Python-level op launches, which is what bounds small-batch speed on a CPU.
+Q/K/V and gate/up projections are fused into one matmul each (service/models/layers/): fewer,
+larger GEMMs and fewer Python-level op launches, which is what bounds small-batch speed on a CPU.
+This family keeps its own forward loop (residual added in place by the fused add+norm) and its
+one-C-call native path (llama_native.py); the other families build on layers/causal_lm.py.
 """
 from __future__ import annotations
 
@@ -13,101 +15,40 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from kernels import quant
-from kernels.attention import AttentionMetadata, paged_attention
-from kernels.norm import add_rms_norm, rms_norm_ref
-from kernels.rope import StepRope, rope_store
+from kernels.attention import AttentionMetadata
+from kernels.rope import StepRope
+from service.models.layers.attention import Attention
+from service.models.layers.mlp import GatedMLP
+from service.models.layers.norms import RMSNorm
+from service.models.layers.rotary import rope_cos_sin
+from service.models.layers.windows import window_everywhere, windows_by_layer_type
 from service.models.llama_native import NativeLayers
+from service.models.lora import BaseShapes, LoRAStep
 
 
-def _rope_parameters(config: PretrainedConfig) -> dict:
-    """transformers 5 keeps RoPE settings in `rope_parameters`; older configs in rope_theta/rope_scaling."""
-    params = getattr(config, "rope_parameters", None)
-    if params:
-        return dict(params)
-    params = dict(getattr(config, "rope_scaling", None) or {})
-    params.setdefault("rope_type", params.pop("type", "default"))
-    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    return params
+def _attention(config: PretrainedConfig, head_dim: int, window: int | None) -> Attention:
+    heads = config.num_attention_heads
+    attention_bias = bool(getattr(config, "attention_bias", False))
+    return Attention(config.hidden_size, heads, getattr(config, "num_key_value_heads", None) or heads, head_dim,
+                     qkv_bias=attention_bias or config.model_type == "qwen2", o_bias=attention_bias, window=window)
 
 
-def rope_cos_sin(config: PretrainedConfig, head_dim: int, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [max_positions, head_dim] in float32, computed the way transformers does."""
-    params = _rope_parameters(config)
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        base = params["rope_theta"]
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-        scaling = 1.0
-    else:
-        if rope_type == "dynamic":
-            # Dynamic NTK rescales with the sequence length at run time; a static table would be wrong.
-            raise ValueError("rope_type 'dynamic' is not supported")
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
-    pos = torch.arange(max_positions, dtype=torch.float)
-    freqs = pos[:, None] * inv_freq.float()[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos() * scaling, emb.sin() * scaling
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm_ref(x, self.weight, self.eps)
-
-    def add_forward(self, h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-        """h += delta (the residual, in place), then the norm of h: one native call on CPU."""
-        return add_rms_norm(h, delta, self.weight, self.eps)
-
-
-class Attention(nn.Module):
-    def __init__(self, config: PretrainedConfig, head_dim: int) -> None:
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = head_dim
-        self.q_size = self.num_heads * head_dim
-        self.kv_size = self.num_kv_heads * head_dim
-        bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bool(getattr(config, "attention_bias", False)))
-        self.scale = head_dim ** -0.5
-
-    def forward(
-        self, x: torch.Tensor, rope: StepRope,
-        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
-        q = rope_store(qkv, rope, k_cache, v_cache, slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return F.linear(o.reshape(t, self.q_size), self.o_proj.weight, self.o_proj.bias)
-
-
-class MLP(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
-        super().__init__()
-        self.inter = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.inter, bias=False)
-        self.down_proj = nn.Linear(self.inter, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj.weight).split(self.inter, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+def _windows(config: PretrainedConfig) -> list[int | None]:
+    """Mistral windows every layer; Qwen2 the layers its layer_types mark; Llama none."""
+    if config.model_type == "mistral":
+        return [window_everywhere(config)] * config.num_hidden_layers
+    if config.model_type == "qwen2":
+        return windows_by_layer_type(config)
+    return [None] * config.num_hidden_layers
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, head_dim: int) -> None:
+    def __init__(self, config: PretrainedConfig, head_dim: int, window: int | None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, head_dim)
+        self.self_attn = _attention(config, head_dim, window)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, "silu")
 
     def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
         """qkv, o, gate_up, down: the order the GGUF packing and the native layer table use."""
@@ -117,16 +58,23 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Forward over a flat batch: input_ids [T], positions [T] -> hidden states [T, hidden]."""
 
+    kv_planes = 2   # a K and a V cache per layer (the runner's KV layout)
+
     def __init__(self, config: PretrainedConfig, max_positions: int) -> None:
         super().__init__()
         self.config = config
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
+        if getattr(config, "mlp_bias", False):
+            raise ValueError("mlp_bias is not supported (the native loop has no MLP biases)")
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, self.head_dim) for _ in range(config.num_hidden_layers))
+        windows = _windows(config)
+        self.layers = nn.ModuleList(DecoderLayer(config, self.head_dim, w) for w in windows)
+        # The native loop attends to the whole context: only steps that fit in every window take it.
+        self.min_window = min((w for w in windows if w), default=None)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -141,22 +89,30 @@ class LlamaForCausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slot_mapping: torch.Tensor, meta: AttentionMetadata,
+        lora: LoRAStep | None = None,
     ) -> torch.Tensor:
         h = F.embedding(input_ids, self.embed_tokens.weight)
-        out = self.native(self, h, positions, kv_caches, slot_mapping, meta)
-        if out is not None:
-            return out
+        if lora is None and (self.min_window is None or max(meta.seq_lens) <= self.min_window):
+            # The native loop knows no adapters and no windows.
+            out = self.native(self, h, positions, kv_caches, slot_mapping, meta)
+            if out is not None:
+                return out
         rope = StepRope(self.rope_cos, self.rope_sin, positions)
         # The residual stream h is updated in place by each norm (h += delta). Sub-modules are
         # called through .forward: nn.Module.__call__ costs ~4 us, ~1 ms a step on 30 layers,
         # and no hooks are ever registered here.
         delta = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             x = layer.input_layernorm.add_forward(h, delta)
-            delta = layer.self_attn.forward(x, rope, k_cache, v_cache, slot_mapping, meta)
+            delta = layer.self_attn.forward(x, rope, k_cache, v_cache, slot_mapping, meta, lora, i)
             x = layer.post_attention_layernorm.add_forward(h, delta)
-            delta = layer.mlp.forward(x)
+            delta = layer.mlp.forward(x, lora, i)
         return self.norm.add_forward(h, delta)
+
+    def lora_shapes(self) -> BaseShapes:
+        """The projection shapes a LoRA adapter of this model must fit."""
+        attn = self.layers[0].self_attn
+        return BaseShapes(len(self.layers), self.config.hidden_size, attn.q_size, attn.kv_size, self.layers[0].mlp.inter)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -5,9 +5,11 @@ process for `weft serve`, to a remote server for `weft shim --target`), and ever
 status comes back as OpenAI's or Ollama's JSON. It never touches the engine. The routes live by
 protocol (service/shim/openai.py, ollama.py); this module is the app: routing, errors, auth, ops.
 
-    OpenAI   POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/tokenize,
+    OpenAI   POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/tokenize,
              /v1/detokenize; GET /v1/models, /v1/models/{model}; GET, DELETE /v1/responses/{id}
-    Ollama   POST /api/generate, /api/chat, /api/show; GET /api/tags, /api/ps, /api/version
+    vLLM     POST /v1/load_lora_adapter, /v1/unload_lora_adapter
+    Ollama   POST /api/generate, /api/chat, /api/embed, /api/embeddings, /api/show, /api/create, /api/copy;
+             DELETE /api/delete; GET /api/tags, /api/ps, /api/version
     Ops      GET /health (503 while loading or draining), /metrics (Prometheus), /version,
              /openapi.json, /docs
 
@@ -33,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.protocol import DEFAULT_MAX_REQUEST_BYTES, bearer_matches, weft_version
 from service.shim.backend import ClientGone, GrpcBackend
+from service.shim.embeddings import EmbeddingRoutes
 from service.shim.ollama import OllamaRoutes
 from service.shim.openai import OpenAIRoutes
 from service.shim.response_store import ResponseStore
@@ -44,7 +47,7 @@ log = logging.getLogger("weft.http")
 DEFAULT_HTTP_PORT = 8000
 
 
-class Shim(OpenAIRoutes, ResponsesRoutes, OllamaRoutes):
+class Shim(OpenAIRoutes, ResponsesRoutes, OllamaRoutes, EmbeddingRoutes):
     """The routes of both protocols, bound to one GrpcBackend. `app` is the ASGI application."""
 
     def __init__(self, backend: GrpcBackend, *, api_key: str | None = None, metrics: Any = None,
@@ -69,6 +72,9 @@ class Shim(OpenAIRoutes, ResponsesRoutes, OllamaRoutes):
         app.post("/v1/responses", tags=["openai"])(self.create_response)
         app.get("/v1/responses/{response_id}", tags=["openai"])(self.get_response)
         app.delete("/v1/responses/{response_id}", tags=["openai"])(self.delete_response)
+        app.post("/v1/embeddings", tags=["openai"])(self.openai_embeddings)
+        app.post("/v1/load_lora_adapter", tags=["openai"])(self.load_lora_adapter)
+        app.post("/v1/unload_lora_adapter", tags=["openai"])(self.unload_lora_adapter)
         app.get("/v1/models", tags=["openai"])(self.list_models)
         app.get("/v1/models/{model_id:path}", tags=["openai"])(self.get_model)
         for prefix in ("/v1", ""):
@@ -76,8 +82,13 @@ class Shim(OpenAIRoutes, ResponsesRoutes, OllamaRoutes):
             app.post(f"{prefix}/detokenize", tags=["openai"], include_in_schema=bool(prefix))(self.detokenize)
         app.post("/api/generate", tags=["ollama"])(self.ollama_generate)
         app.post("/api/chat", tags=["ollama"])(self.ollama_chat)
+        app.post("/api/embed", tags=["ollama"])(self.ollama_embed)
+        app.post("/api/embeddings", tags=["ollama"])(self.ollama_embeddings)
         app.get("/api/tags", tags=["ollama"])(self.ollama_tags)
         app.post("/api/show", tags=["ollama"])(self.ollama_show)
+        app.post("/api/create", tags=["ollama"])(self.ollama_create)
+        app.delete("/api/delete", tags=["ollama"])(self.ollama_delete)
+        app.post("/api/copy", tags=["ollama"])(self.ollama_copy)
         app.get("/api/ps", tags=["ollama"])(self.ollama_ps)
         app.get("/api/version", tags=["ollama"])(self.ollama_version)
         app.get("/health", tags=["ops"])(self.health)
@@ -171,7 +182,7 @@ class _Gate:
                 await JSONResponse(_error_body(path, err), status_code=401,
                                    headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_status)
                 return
-            if scope.get("method") == "POST":
+            if scope.get("method") in ("POST", "DELETE"):   # the methods with a JSON body here
                 scope = _as_json(scope)
                 body = await _read_body(receive, self.max_body_bytes)
                 if body is None:
@@ -242,8 +253,11 @@ def _as_json(scope: Scope) -> Scope:
 
 
 _ROUTES = frozenset((
-    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/v1/tokenize", "/v1/detokenize", "/tokenize",
-    "/detokenize", "/api/generate", "/api/chat", "/api/tags", "/api/show", "/api/ps", "/api/version", "/health",
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter", "/v1/models", "/v1/tokenize", "/v1/detokenize", "/tokenize", "/detokenize",
+    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/tags", "/api/show", "/api/ps", "/api/version",
+    "/api/create", "/api/delete", "/api/copy",
+    "/health",
     "/metrics", "/version", "/openapi.json", "/docs"))
 
 

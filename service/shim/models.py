@@ -154,6 +154,16 @@ class ResponsesRequest(_Body):
     prompt: dict[str, Any] | None = None
 
 
+class LoadLoraAdapterRequest(_Body):
+    """vLLM's /v1/load_lora_adapter."""
+    lora_name: str = Field(description="The model name requests will use.")
+    lora_path: str = Field(description="A PEFT adapter directory on the server.")
+
+
+class UnloadLoraAdapterRequest(_Body):
+    lora_name: str
+
+
 class TokenizeRequest(_Body):
     """vLLM's /tokenize: `prompt` text, or `messages` rendered with the chat template."""
     model: str | None = None
@@ -228,3 +238,64 @@ class OllamaShowRequest(_Body):
     model: str | None = None
     name: str | None = None     # older clients
     verbose: bool | None = None
+
+
+class OllamaCreateRequest(_Body):
+    """Ollama's /api/create, as the current `ollama` client sends it (Modelfile fields as JSON)."""
+    model: str | None = None
+    name: str | None = None     # older clients
+    from_: str | None = Field(default=None, alias="from", description="A store name or a path on the server.")
+    system: str | None = None
+    template: str | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] | None = None
+    adapters: dict[str, str] | None = Field(default=None, description="LoRA adapters: name -> directory on the "
+                                                                      "server.")
+    license: str | list[str] | None = None
+    files: dict[str, str] | None = None
+    quantize: str | None = None
+    modelfile: str | None = Field(default=None, description="Older clients: the Modelfile text.")
+    stream: bool | None = True
+
+
+class OllamaDeleteRequest(_Body):
+    model: str | None = None
+    name: str | None = None
+
+
+class OllamaCopyRequest(_Body):
+    source: str
+    destination: str
+
+
+# ---- embeddings -------------------------------------------------------------------------------
+
+
+class EmbeddingRequest(_Body):
+    """OpenAI's /v1/embeddings."""
+    model: str | None = Field(default=None, description="e.g. all-minilm; empty or unset: the first served model.")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A text, texts, token ids, or lists of token ids (at most 2048 inputs).")
+    encoding_format: Literal["float", "base64"] | None = Field(
+        default="float", description="base64: each vector as little-endian float32 bytes, base64-encoded.")
+    dimensions: int | None = Field(default=None, description="Keep the first N components (re-normalised).")
+    user: str | None = None
+
+
+class OllamaEmbedRequest(_Body):
+    """Ollama's /api/embed."""
+    model: str | None = ""
+    input: str | list[str] | None = None
+    truncate: bool | None = Field(default=True, description="Cut inputs longer than the model takes (Ollama's "
+                                                            "default); false: 400 naming the input.")
+    dimensions: int | None = None
+    keep_alive: str | float | None = None
+    options: dict[str, Any] | None = None
+
+
+class OllamaEmbeddingsRequest(_Body):
+    """Ollama's older /api/embeddings: one prompt, one vector."""
+    model: str | None = ""
+    prompt: str | None = None
+    keep_alive: str | float | None = None
+    options: dict[str, Any] | None = None

@@ -2,6 +2,8 @@
 and /api/version, each a weft.v1 call; NDJSON streaming by default, as Ollama does."""
 from __future__ import annotations
 
+import json
+
 import hashlib
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -15,8 +17,17 @@ from clients.client import add_tool_call_piece
 from clients.weft.v1 import inference_pb2 as pb
 from service.shim.backend import EOF_MSG, Ctx, Stream, dumps, now_iso
 from service.shim.base import ShimBase
-from service.shim.models import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
+from service.shim.models import (
+    OllamaChatRequest,
+    OllamaCopyRequest,
+    OllamaCreateRequest,
+    OllamaDeleteRequest,
+    OllamaGenerateRequest,
+    OllamaOptions,
+    OllamaShowRequest,
+)
 from service.shim.tools import add_tool, ollama_calls, ollama_history
+from service.modelfile import MESSAGE_ROLES, Modelfile, parse, set_parameter
 from service.shim.translate import FINISH, OLLAMA_DONE, HttpError, RequestBuilder, ollama_guided, ollama_logprobs, rpc_error
 
 OLLAMA_API_VERSION = "0.12.0"     # the Ollama API this shim follows (GET /api/version)
@@ -24,21 +35,38 @@ OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}   # Ollama's d
 
 
 class OllamaRoutes(ShimBase):
-    def _ollama_model(self, name: str | None, info: pb.ModelInfo) -> str:
-        """Ollama names carry a tag (`name:latest`); the served model answers to both."""
-        name = name or ""
-        if name.endswith(":latest"):
-            name = name[: -len(":latest")]
-        if name and name != info.name:
-            raise HttpError(404, f"model {name!r} not found; this server serves {info.name!r}", "model")
-        return info.name
+    async def _ollama_info(self, ctx: Ctx, name: str | None, main: pb.ModelInfo) -> pb.ModelInfo:
+        """The ModelInfo of the model a request names: the main one, or another the server lists (a
+        LoRA adapter, an embedding model served beside it); an unknown name is 404. Ollama names
+        carry a tag (`name:latest`); a model answers to both."""
+        wanted = (name or "").removesuffix(":latest")
+        if not wanted or wanted == main.name:
+            return main
+        try:
+            resp = await self.backend.stub.GetModelInfo(pb.GetModelInfoRequest(model=wanted), metadata=ctx.metadata,
+                                                        timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                raise HttpError(404, f"model {wanted!r} not found; this server serves {main.name!r}", "model") from None
+            raise rpc_error(exc) from None
+        return resp.model
+
+    async def _generation_info(self, ctx: Ctx, name: str | None) -> pb.ModelInfo:
+        """The named model's info for /api/generate and /api/chat; 400 for an embedding model."""
+        info = await self._ollama_info(ctx, name, await self.backend.model_info(ctx.metadata))
+        if info.features.embedding_only:
+            raise HttpError(400, f"model: {info.name!r} is an embedding model: it does not generate (use /api/embed)",
+                            "model")
+        return info
 
     def _ollama_sampling(self, b: RequestBuilder, opts: OllamaOptions | None, fmt: Any, info: pb.ModelInfo,
                          logprobs: bool | None, top_logprobs: int | None) -> None:
         o = opts or OllamaOptions()
-        b.set("sampling.temperature", _default(o.temperature, "temperature"), "options.temperature")
-        b.set("sampling.top_p", _default(o.top_p, "top_p"), "options.top_p")
-        b.set("sampling.top_k", _default(o.top_k, "top_k"), "options.top_k")
+        # Ollama's defaults, except where the model's Modelfile sets its own (the server fills those).
+        own = _modelfile(info).parameters
+        b.set("sampling.temperature", _default(o.temperature, "temperature", own), "options.temperature")
+        b.set("sampling.top_p", _default(o.top_p, "top_p", own), "options.top_p")
+        b.set("sampling.top_k", _default(o.top_k, "top_k", own), "options.top_k")
         b.set("sampling.min_p", o.min_p, "options.min_p")
         b.set("sampling.seed", o.seed, "options.seed")
         b.set("sampling.repetition_penalty", o.repeat_penalty, "options.repeat_penalty")
@@ -47,7 +75,9 @@ class OllamaRoutes(ShimBase):
         if o.stop is not None:
             b.extend("stopping.stop", [o.stop] if isinstance(o.stop, str) else o.stop, "options.stop")
         num_predict = o.num_predict
-        if num_predict is None or num_predict < 0:   # -1: unlimited, -2: fill the context
+        if num_predict is None and "num_predict" in own:
+            num_predict = None   # the model's own, filled by the server
+        elif num_predict is None or num_predict < 0:   # -1: unlimited, -2: fill the context
             num_predict = info.max_model_len
         b.set("stopping.max_tokens", num_predict, "options.num_predict")
         if logprobs or top_logprobs:
@@ -60,8 +90,8 @@ class OllamaRoutes(ShimBase):
 
     async def ollama_generate(self, body: OllamaGenerateRequest, request: Request) -> Response:
         ctx = self._ctx(request)
-        info = await self.backend.model_info(ctx.metadata)
-        model = self._ollama_model(body.model, info)
+        info = await self._generation_info(ctx, body.model)
+        model = info.name
         if body.images:
             raise HttpError(400, "images: this model takes text only", "images")
         if body.template:
@@ -100,8 +130,8 @@ class OllamaRoutes(ShimBase):
 
     async def ollama_chat(self, body: OllamaChatRequest, request: Request) -> Response:
         ctx = self._ctx(request)
-        info = await self.backend.model_info(ctx.metadata)
-        model = self._ollama_model(body.model, info)
+        info = await self._generation_info(ctx, body.model)
+        model = info.name
         if not body.messages:   # Ollama: an empty chat loads the model
             return JSONResponse({"model": model, "created_at": now_iso(),
                                  "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
@@ -190,8 +220,8 @@ class OllamaRoutes(ShimBase):
         return Stream(lines(), media_type="application/x-ndjson", headers={"x-request-id": ctx.rid})
 
     def _ollama_details(self, info: pb.ModelInfo) -> dict[str, Any]:
-        family = info.architecture.removesuffix("ForCausalLM").lower() or "unknown"
-        return {"parent_model": "", "format": "safetensors", "family": family, "families": [family],
+        family = info.architecture.removesuffix("ForCausalLM").removesuffix("Model").lower() or "unknown"
+        return {"parent_model": info.parent, "format": "safetensors", "family": family, "families": [family],
                 "parameter_size": "", "quantization_level": info.dtype.upper()}
 
     def _ollama_entry(self, info: pb.ModelInfo) -> dict[str, Any]:
@@ -211,24 +241,97 @@ class OllamaRoutes(ShimBase):
 
     async def ollama_show(self, body: OllamaShowRequest, request: Request) -> Response:
         ctx = self._ctx(request)
-        info = await self.backend.model_info(ctx.metadata)
-        name = self._ollama_model(body.model or body.name, info)
-        caps = ["completion"]
+        info = await self._ollama_info(ctx, body.model or body.name, await self.backend.model_info(ctx.metadata))
+        name = info.name
+        caps = [] if info.features.embedding_only else ["completion"]
+        if info.features.embeddings:
+            caps.append("embedding")
         if info.features.tool_calls:
             caps.append("tools")
         if info.features.guided_decoding:
             caps.append("structured_outputs")
+        mf = _modelfile(info)
+        params = "\n".join(f"{k} {json.dumps(x) if isinstance(x, str) else x}"
+                           for k, v in mf.parameters.items() for x in (v if isinstance(v, list) else [v]))
         return JSONResponse({
-            "license": "", "modelfile": f"# Served by Weft\nFROM {name}\n", "parameters": "", "template": "",
+            "license": "\n".join(mf.license), "modelfile": info.modelfile or f"# Served by Weft\nFROM {name}\n",
+            "parameters": params, "template": mf.template or "", "system": mf.system or "",
             "details": self._ollama_details(info),
             "model_info": {"general.architecture": info.architecture, "general.name": name,
                            "weft.context_length": info.max_model_len, "weft.vocab_size": info.vocab_size,
                            "weft.dtype": info.dtype, "weft.device": info.device},
             "capabilities": caps, "modified_at": now_iso()})
 
+    # ---- the model store ---------------------------------------------------------------------
+
+    async def ollama_create(self, body: OllamaCreateRequest, request: Request) -> Response:
+        ctx = self._ctx(request)
+        name = body.model or body.name
+        if not name:
+            raise HttpError(400, "model: required (the new model's name)", "model")
+        if body.files:
+            raise HttpError(400, "files: uploaded blobs are not supported; send `from` with a store name or a path on "
+                            "the server", "files")
+        if body.quantize:
+            raise HttpError(400, "quantize: re-quantising is not supported", "quantize")
+        text = body.modelfile if body.modelfile and not body.from_ else _create_modelfile(body).render()
+        b = RequestBuilder()
+        b.names.update(name="model", modelfile="modelfile")
+        call = self.backend.stub.CreateModel(pb.CreateModelRequest(name=name, modelfile=text), metadata=ctx.metadata)
+        await self._unary(request, call, b)
+        if body.stream is False:
+            return JSONResponse({"status": "success"})
+
+        async def lines() -> AsyncIterator[str]:
+            for status in ("reading model metadata", "writing manifest", "success"):
+                yield dumps({"status": status}) + "\n"
+        return Stream(lines(), media_type="application/x-ndjson")
+
+    async def ollama_delete(self, body: OllamaDeleteRequest, request: Request) -> Response:
+        ctx = self._ctx(request)
+        b = RequestBuilder()
+        b.names.update(name="model")
+        req = pb.DeleteModelRequest(name=body.model or body.name or "")
+        await self._unary(request, self.backend.stub.DeleteModel(req, metadata=ctx.metadata), b)
+        return Response(status_code=200)
+
+    async def ollama_copy(self, body: OllamaCopyRequest, request: Request) -> Response:
+        ctx = self._ctx(request)
+        req = pb.CopyModelRequest(source=body.source, destination=body.destination)
+        await self._unary(request, self.backend.stub.CopyModel(req, metadata=ctx.metadata))
+        return Response(status_code=200)
+
     async def ollama_version(self) -> Response:
         return JSONResponse({"version": OLLAMA_API_VERSION})
 
 
-def _default(value: Any, name: str) -> Any:
-    return OLLAMA_DEFAULTS[name] if value is None else value
+def _default(value: Any, name: str, own: dict[str, Any]) -> Any:
+    if value is not None or name in own:
+        return value
+    return OLLAMA_DEFAULTS[name]
+
+
+def _create_modelfile(body: OllamaCreateRequest) -> Modelfile:
+    """/api/create's JSON fields as a Modelfile, each value checked, errors naming the field."""
+    if not body.from_:
+        raise HttpError(400, "from: required (a store name, or a path on the server)", "from")
+    mf = Modelfile(body.from_, body.system, body.template)
+    for name, value in (body.parameters or {}).items():
+        for v in value if isinstance(value, list) else [value]:
+            try:
+                set_parameter(mf.parameters, name, v)
+            except ValueError as exc:
+                raise HttpError(400, f"parameters.{name}: {exc}", f"parameters.{name}") from None
+    for i, m in enumerate(body.messages or ()):
+        if m.get("role") not in MESSAGE_ROLES or not isinstance(m.get("content"), str):
+            raise HttpError(400, f"messages[{i}]: needs a role ({', '.join(MESSAGE_ROLES)}) and content",
+                            f"messages[{i}]")
+        mf.messages.append({"role": m["role"], "content": m["content"]})
+    mf.adapters = list((body.adapters or {}).values())
+    mf.license = [body.license] if isinstance(body.license, str) else list(body.license or [])
+    return mf
+
+
+def _modelfile(info: pb.ModelInfo) -> Modelfile:
+    """A store model's Modelfile (ModelInfo.modelfile); an empty one for a model served by path."""
+    return parse(info.modelfile) if info.modelfile else Modelfile(info.name)

@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from clients.weft.v1 import inference_pb2 as pb
 from service.shim.backend import EOF_MSG, SSE_HEADERS, Ctx, Stream, gather_all, guarded, merge, sse
@@ -17,7 +17,9 @@ from service.shim.models import (
     ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoraAdapterRequest,
     TokenizeRequest,
+    UnloadLoraAdapterRequest,
 )
 from service.shim.tools import openai_call_deltas, openai_calls, openai_message_calls, openai_tools
 from service.shim.translate import (
@@ -73,7 +75,7 @@ class OpenAIRoutes(ShimBase):
         info = await self.backend.model_info(ctx.metadata)
         b.set("stopping.max_tokens", max_tokens if max_tokens is not None else info.max_model_len, max_param)
         cid = f"chatcmpl-{ctx.rid}"
-        model = info.name
+        model = body.model or info.name   # a LoRA adapter's name, echoed
         token_ids = bool(body.return_token_ids)
 
         def finish(c: pb.Choice, item: dict[str, Any]) -> dict[str, Any]:
@@ -177,14 +179,15 @@ class OpenAIRoutes(ShimBase):
                 for c in resp.choices:
                     lp = completion_logprobs(c.logprobs, len(echoes[i])) if want_lp else None
                     choices.append(choice_json(c, i * n + c.index, {"text": echoes[i] + c.text}, lp, token_ids))
-            return JSONResponse({"id": cid, "object": "text_completion", "created": ctx.created, "model": info.name,
+            return JSONResponse({"id": cid, "object": "text_completion", "created": ctx.created,
+                                 "model": body.model or info.name,
                                  "choices": choices, "usage": usage_json(usage)}, headers={"x-request-id": ctx.rid})
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         opened = await self._open_streams(request, [b.req for b in builders], mds, builders[0])
 
         async def events() -> AsyncIterator[str]:
-            base = {"id": cid, "object": "text_completion", "created": ctx.created, "model": info.name}
+            base = {"id": cid, "object": "text_completion", "created": ctx.created, "model": body.model or info.name}
             offsets: dict[int, int] = {}
             usage = pb.Usage()
             try:
@@ -226,8 +229,9 @@ class OpenAIRoutes(ShimBase):
     # ---- models and tokens --------------------------------------------------------------------
 
     def _model_json(self, info: pb.ModelInfo) -> dict[str, Any]:
-        return {"id": info.name, "object": "model", "created": 0, "owned_by": "weft", "root": info.name,
-                "max_model_len": info.max_model_len}
+        """vLLM's shape: a LoRA adapter has its directory as `root` and the base model as `parent`."""
+        return {"id": info.name, "object": "model", "created": 0, "owned_by": "weft", "root": info.source or info.name,
+                "parent": info.parent or None, "max_model_len": info.max_model_len}
 
     async def list_models(self, request: Request) -> Response:
         ctx = self._ctx(request)
@@ -239,6 +243,24 @@ class OpenAIRoutes(ShimBase):
         call = self.backend.stub.GetModelInfo(pb.GetModelInfoRequest(model=model_id), metadata=ctx.metadata)
         resp = await self._unary(request, call)
         return JSONResponse(self._model_json(resp.model))
+
+    # ---- LoRA adapters (vLLM's routes) ---------------------------------------------------------
+
+    async def load_lora_adapter(self, body: LoadLoraAdapterRequest, request: Request) -> Response:
+        ctx = self._ctx(request)
+        b = RequestBuilder()
+        b.names.update(name="lora_name", path="lora_path")
+        req = pb.LoadAdapterRequest(name=body.lora_name, path=body.lora_path)
+        await self._unary(request, self.backend.stub.LoadAdapter(req, metadata=ctx.metadata), b)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    async def unload_lora_adapter(self, body: UnloadLoraAdapterRequest, request: Request) -> Response:
+        ctx = self._ctx(request)
+        b = RequestBuilder()
+        b.names.update(name="lora_name")
+        req = pb.UnloadAdapterRequest(name=body.lora_name)
+        await self._unary(request, self.backend.stub.UnloadAdapter(req, metadata=ctx.metadata), b)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     async def tokenize(self, body: TokenizeRequest, request: Request) -> Response:
         ctx = self._ctx(request)

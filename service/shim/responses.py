@@ -55,7 +55,7 @@ class ResponsesRoutes(ShimBase):
         b.set("stopping.max_tokens", body.max_output_tokens if body.max_output_tokens is not None
               else info.max_model_len, "max_output_tokens")
         store = body.store is not False
-        head = _response_head(body, new_id("resp"), ctx.created, info.name)
+        head = _response_head(body, new_id("resp"), ctx.created, body.model or info.name)
 
         def finished(output: list[dict[str, Any]], usage: pb.Usage, status: str) -> dict[str, Any]:
             resp = {**head, "status": status, "output": output, "usage": _usage(usage)}

@@ -106,8 +106,9 @@ class GenerateRequest(_message.Message):
     TOOL_CHOICE_FIELD_NUMBER: _builtins.int
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The model to run; empty means the served model. Any other name than the served model's
-    (see ListModels) is NOT_FOUND.
+    """The model to run; empty means the served model. A LoRA adapter's name (see ListModels:
+    its `parent` is the base model) runs the base model with that adapter; requests of
+    different adapters and of the base model are batched together. Any other name is NOT_FOUND.
     """
     text: _builtins.str
     """Plain text, tokenized with the model's tokenizer (adding its BOS token if it has one).
@@ -905,6 +906,170 @@ class GenerateStreamResponse(_message.Message):
 Global___GenerateStreamResponse: _TypeAlias = GenerateStreamResponse  # noqa: Y015
 
 @_typing.final
+class EmbedRequest(_message.Message):
+    """---------------------------------------------------------------------------------------------
+    Embeddings
+    ---------------------------------------------------------------------------------------------
+
+    A batch of inputs to embed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    TRUNCATE_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    NORMALIZE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model to embed with; empty means the first served model. An embedding model answers
+    with its sentence-transformers pooling; a generation model with its last hidden states
+    pooled as the server's --pooling says (last token by default). Other names: NOT_FOUND.
+    """
+    truncate: _builtins.bool
+    """An input longer than the model's limit (ModelInfo.max_model_len tokens, special tokens
+    included) is cut to it when true; when false (the default) it is INVALID_ARGUMENT naming
+    `inputs[i]`.
+    """
+    dimensions: _builtins.int
+    """Keep only the first `dimensions` components of each vector (Matryoshka), re-normalised when
+    `normalize` is on. In [1, ModelInfo.embedding_dimension]. Unset: the whole vector.
+    """
+    normalize: _builtins.bool
+    """L2-normalise each vector. Unset: the model's own setting (an embedding model's
+    sentence-transformers Normalize module; true for generation models).
+    """
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___EmbedInput]:
+        """What to embed: 1 to ModelInfo.max_embed_inputs (2048 today) inputs, each non-empty."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        inputs: _abc.Iterable[Global___EmbedInput] | None = ...,
+        truncate: _builtins.bool = ...,
+        dimensions: _builtins.int | None = ...,
+        normalize: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "dimensions", b"dimensions", "normalize", b"normalize"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "dimensions", b"dimensions", "inputs", b"inputs", "model", b"model", "normalize", b"normalize", "truncate", b"truncate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
+    _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
+    _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
+    _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dimensions) -> _WhichOneofReturnType__dimensions | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
+
+Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
+
+@_typing.final
+class EmbedInput(_message.Message):
+    """One input of an EmbedRequest. Exactly one member is required."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Text, tokenized as the model's own tokenizer does it (an embedding model's special tokens,
+    such as BERT's [CLS] ... [SEP], are added; a generation model's BOS when it has one).
+    """
+    @_builtins.property
+    def token_ids(self) -> Global___TokenIds:
+        """Token ids, used as they are (nothing is added). Each id must be in [0, vocab_size)."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        token_ids: Global___TokenIds | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["text", "token_ids"]  # noqa: Y015
+    _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+
+Global___EmbedInput: _TypeAlias = EmbedInput  # noqa: Y015
+
+@_typing.final
+class Embedding(_message.Message):
+    """One input's vector."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Position of the input in EmbedRequest.inputs."""
+    prompt_tokens: _builtins.int
+    """Tokens of this input that were embedded (after truncation)."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The vector: ModelInfo.embedding_dimension components, or `dimensions` when set."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+        prompt_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "prompt_tokens", b"prompt_tokens", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Embedding: _TypeAlias = Embedding  # noqa: Y015
+
+@_typing.final
+class EmbedResponse(_message.Message):
+    """The result of Embed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request's id (x-request-id metadata, or the one the server made up)."""
+    model: _builtins.str
+    """The model that embedded the inputs."""
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
+        """One per input, in input order (embeddings[i].index == i)."""
+
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """prompt_tokens (summed over the inputs) and total_tokens (the same: nothing is generated)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        embeddings: _abc.Iterable[Global___Embedding] | None = ...,
+        usage: Global___Usage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "model", b"model", "request_id", b"request_id", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedResponse: _TypeAlias = EmbedResponse  # noqa: Y015
+
+@_typing.final
 class TokenizeRequest(_message.Message):
     """---------------------------------------------------------------------------------------------
     Tokenization
@@ -1083,7 +1248,7 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
-        """One entry per served model (one today)."""
+        """The base model first, then each LoRA adapter loaded on it."""
 
     def __init__(
         self,
@@ -1162,6 +1327,12 @@ class ModelInfo(_message.Message):
     MAX_N_FIELD_NUMBER: _builtins.int
     KV_CACHE_TOKENS_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
+    EMBEDDING_DIMENSION_FIELD_NUMBER: _builtins.int
+    MAX_EMBED_INPUTS_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    LORA_RANK_FIELD_NUMBER: _builtins.int
+    MODELFILE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use in `model`."""
     max_model_len: _builtins.int
@@ -1182,6 +1353,21 @@ class ModelInfo(_message.Message):
     """The most completions (`n`) one request may ask for."""
     kv_cache_tokens: _builtins.int
     """Tokens the KV cache holds across all running requests."""
+    embedding_dimension: _builtins.int
+    """Components of the vectors Embed returns for this model (its hidden size); 0 when it cannot embed."""
+    max_embed_inputs: _builtins.int
+    """The most inputs one EmbedRequest may hold."""
+    parent: _builtins.str
+    """A LoRA adapter: the base model it runs on (empty for the base model itself)."""
+    source: _builtins.str
+    """A LoRA adapter: the directory it was loaded from (vLLM's `root`)."""
+    lora_rank: _builtins.int
+    """A LoRA adapter: its largest rank."""
+    modelfile: _builtins.str
+    """A model from the store (`weft create`): its Modelfile. Its system prompt and few-shot
+    messages go before a chat's own turns, its parameters fill the fields a request leaves
+    unset, its template (if any) renders chats. Empty for a model served by path.
+    """
     @_builtins.property
     def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Generation ends (EOS) on any of these, unless ignore_eos."""
@@ -1205,10 +1391,16 @@ class ModelInfo(_message.Message):
         max_n: _builtins.int = ...,
         kv_cache_tokens: _builtins.int = ...,
         features: Global___Features | None = ...,
+        embedding_dimension: _builtins.int = ...,
+        max_embed_inputs: _builtins.int = ...,
+        parent: _builtins.str = ...,
+        source: _builtins.str = ...,
+        lora_rank: _builtins.int = ...,
+        modelfile: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "bos_token_id", b"bos_token_id", "features", b"features"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "architecture", b"architecture", "bos_token_id", b"bos_token_id", "device", b"device", "dtype", b"dtype", "eos_token_ids", b"eos_token_ids", "features", b"features", "kv_cache_tokens", b"kv_cache_tokens", "max_logprobs", b"max_logprobs", "max_model_len", b"max_model_len", "max_n", b"max_n", "name", b"name", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id", "architecture", b"architecture", "bos_token_id", b"bos_token_id", "device", b"device", "dtype", b"dtype", "embedding_dimension", b"embedding_dimension", "eos_token_ids", b"eos_token_ids", "features", b"features", "kv_cache_tokens", b"kv_cache_tokens", "lora_rank", b"lora_rank", "max_embed_inputs", b"max_embed_inputs", "max_logprobs", b"max_logprobs", "max_model_len", b"max_model_len", "max_n", b"max_n", "modelfile", b"modelfile", "name", b"name", "parent", b"parent", "source", b"source", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__bos_token_id: _TypeAlias = _typing.Literal["bos_token_id"]  # noqa: Y015
     _WhichOneofArgType__bos_token_id: _TypeAlias = _typing.Literal["_bos_token_id", b"_bos_token_id"]  # noqa: Y015
@@ -1229,6 +1421,9 @@ class Features(_message.Message):
     PREFIX_CACHING_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     TOOL_CALL_FORMAT_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    EMBEDDING_ONLY_FIELD_NUMBER: _builtins.int
+    LORA_FIELD_NUMBER: _builtins.int
     chat_template: _builtins.bool
     """The model has a chat template: `chat` prompts work."""
     logprobs: _builtins.bool
@@ -1243,6 +1438,14 @@ class Features(_message.Message):
     """`tools` work (with the model's own tool template, or Weft's tool prompt when it has none)."""
     tool_call_format: _builtins.str
     """The wire format tool calls are generated in: "hermes", "llama3_json", "mistral", "qwen"."""
+    embeddings: _builtins.bool
+    """Embed works with this model."""
+    embedding_only: _builtins.bool
+    """An embedding model only: it answers Embed, and Generate / GenerateStream naming it are
+    INVALID_ARGUMENT (every generation feature above is false).
+    """
+    lora: _builtins.bool
+    """LoRA adapters can be loaded (LoadAdapter) and requested by name."""
     def __init__(
         self,
         *,
@@ -1253,10 +1456,13 @@ class Features(_message.Message):
         prefix_caching: _builtins.bool = ...,
         tool_calls: _builtins.bool = ...,
         tool_call_format: _builtins.str = ...,
+        embeddings: _builtins.bool = ...,
+        embedding_only: _builtins.bool = ...,
+        lora: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "guided_decoding", b"guided_decoding", "logprobs", b"logprobs", "prefix_caching", b"prefix_caching", "speculative_decoding", b"speculative_decoding", "tool_call_format", b"tool_call_format", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template", b"chat_template", "embedding_only", b"embedding_only", "embeddings", b"embeddings", "guided_decoding", b"guided_decoding", "logprobs", b"logprobs", "lora", b"lora", "prefix_caching", b"prefix_caching", "speculative_decoding", b"speculative_decoding", "tool_call_format", b"tool_call_format", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1314,3 +1520,238 @@ class ResetPrefixCacheResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResetPrefixCacheResponse: _TypeAlias = ResetPrefixCacheResponse  # noqa: Y015
+
+@_typing.final
+class LoadAdapterRequest(_message.Message):
+    """A LoRA adapter to serve."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The model name requests will use: [A-Za-z0-9._:/-], 1 to 128 characters, not the base
+    model's name.
+    """
+    path: _builtins.str
+    """A PEFT adapter directory on the server's file system (adapter_config.json +
+    adapter_model.safetensors).
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadAdapterRequest: _TypeAlias = LoadAdapterRequest  # noqa: Y015
+
+@_typing.final
+class LoadAdapterResponse(_message.Message):
+    """The adapter as ListModels now shows it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    load_seconds: _builtins.float
+    """Seconds spent reading and checking its files."""
+    @_builtins.property
+    def model(self) -> Global___ModelInfo:
+        """Its description (parent: the base model)."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___ModelInfo | None = ...,
+        load_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_seconds", b"load_seconds", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadAdapterResponse: _TypeAlias = LoadAdapterResponse  # noqa: Y015
+
+@_typing.final
+class UnloadAdapterRequest(_message.Message):
+    """The adapter to stop serving."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadAdapterRequest: _TypeAlias = UnloadAdapterRequest  # noqa: Y015
+
+@_typing.final
+class UnloadAdapterResponse(_message.Message):
+    """Empty: the adapter is gone for new requests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadAdapterResponse: _TypeAlias = UnloadAdapterResponse  # noqa: Y015
+
+@_typing.final
+class CreateModelRequest(_message.Message):
+    """A model for the store."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MODELFILE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name[:tag] (`latest` when omitted)."""
+    modelfile: _builtins.str
+    """Its Modelfile (Ollama's syntax): FROM a store name or a path on the server, SYSTEM,
+    PARAMETER, TEMPLATE, MESSAGE, ADAPTER, LICENSE.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        modelfile: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["modelfile", b"modelfile", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateModelRequest: _TypeAlias = CreateModelRequest  # noqa: Y015
+
+@_typing.final
+class CreateModelResponse(_message.Message):
+    """The model as ListModels shows it (served when its weights are the loaded ones)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SERVED_FIELD_NUMBER: _builtins.int
+    served: _builtins.bool
+    """The loaded engine serves it now (same weights); otherwise it is in the store only."""
+    @_builtins.property
+    def model(self) -> Global___ModelInfo:
+        """The model (only its name when it is not served here)."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___ModelInfo | None = ...,
+        served: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "served", b"served"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateModelResponse: _TypeAlias = CreateModelResponse  # noqa: Y015
+
+@_typing.final
+class DeleteModelRequest(_message.Message):
+    """The store model to remove."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name[:tag]."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelRequest: _TypeAlias = DeleteModelRequest  # noqa: Y015
+
+@_typing.final
+class DeleteModelResponse(_message.Message):
+    """Empty: removed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelResponse: _TypeAlias = DeleteModelResponse  # noqa: Y015
+
+@_typing.final
+class CopyModelRequest(_message.Message):
+    """Copy `source` to `destination` in the store."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """The store model to copy."""
+    destination: _builtins.str
+    """Its new name (name[:tag])."""
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        destination: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CopyModelRequest: _TypeAlias = CopyModelRequest  # noqa: Y015
+
+@_typing.final
+class CopyModelResponse(_message.Message):
+    """Empty: copied."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CopyModelResponse: _TypeAlias = CopyModelResponse  # noqa: Y015

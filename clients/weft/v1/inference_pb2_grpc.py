@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class InferenceServiceStub:
-    """One process serves one model. Requests may name it in `model` (empty means that model).
+    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all). Requests name one in
+    `model` (empty means the first one ListModels lists).
     """
 
     def __init__(self, channel):
@@ -65,15 +67,47 @@ class InferenceServiceStub:
                 request_serializer=weft_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=weft_dot_v1_dot_inference__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/weft.v1.InferenceService/Embed',
+                request_serializer=weft_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.ResetPrefixCache = channel.unary_unary(
                 '/weft.v1.InferenceService/ResetPrefixCache',
                 request_serializer=weft_dot_v1_dot_inference__pb2.ResetPrefixCacheRequest.SerializeToString,
                 response_deserializer=weft_dot_v1_dot_inference__pb2.ResetPrefixCacheResponse.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/weft.v1.InferenceService/LoadAdapter',
+                request_serializer=weft_dot_v1_dot_inference__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/weft.v1.InferenceService/UnloadAdapter',
+                request_serializer=weft_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
+        self.CreateModel = channel.unary_unary(
+                '/weft.v1.InferenceService/CreateModel',
+                request_serializer=weft_dot_v1_dot_inference__pb2.CreateModelRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.CreateModelResponse.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/weft.v1.InferenceService/DeleteModel',
+                request_serializer=weft_dot_v1_dot_inference__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
+        self.CopyModel = channel.unary_unary(
+                '/weft.v1.InferenceService/CopyModel',
+                request_serializer=weft_dot_v1_dot_inference__pb2.CopyModelRequest.SerializeToString,
+                response_deserializer=weft_dot_v1_dot_inference__pb2.CopyModelResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
-    """One process serves one model. Requests may name it in `model` (empty means that model).
+    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all). Requests name one in
+    `model` (empty means the first one ListModels lists).
     """
 
     def Generate(self, request, context):
@@ -106,7 +140,7 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """The models this server serves (one today).
+        """The models this server serves: the base model, its LoRA adapters, an embedding model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -119,8 +153,60 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embedding vectors of a batch of texts or token lists, one per input, in input order. Works
+        with embedding models (ModelInfo.features.embeddings, e.g. BERT-family sentence encoders)
+        and with generation models (pooled hidden states of the prompt, see `weft serve --pooling`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ResetPrefixCache(self, request, context):
         """Admin: forget every cached prefix block (blocks in use keep serving their requests).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadAdapter(self, request, context):
+        """Admin: serve a LoRA adapter (PEFT's format) as a model of its own, while the server runs.
+        INVALID_ARGUMENT when the server has no LoRA (`--enable-lora`) or the adapter cannot be
+        served (missing, corrupt, rank over --max-lora-rank, shapes of another model, unsupported
+        target modules), naming why. Loading a name again replaces it for new requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Admin: stop serving an adapter. New requests naming it are NOT_FOUND at once; requests
+        already running with it finish with it. NOT_FOUND for a name that is not loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateModel(self, request, context):
+        """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
+        Modelfile. A store model with the weights this server has loaded is served at once, its
+        Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
+        with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
+        the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CopyModel(self, request, context):
+        """Admin: copy a store model under another name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -159,10 +245,40 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=weft_dot_v1_dot_inference__pb2.GetModelInfoRequest.FromString,
                     response_serializer=weft_dot_v1_dot_inference__pb2.GetModelInfoResponse.SerializeToString,
             ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
             'ResetPrefixCache': grpc.unary_unary_rpc_method_handler(
                     servicer.ResetPrefixCache,
                     request_deserializer=weft_dot_v1_dot_inference__pb2.ResetPrefixCacheRequest.FromString,
                     response_serializer=weft_dot_v1_dot_inference__pb2.ResetPrefixCacheResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'CreateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateModel,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.CreateModelRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.CreateModelResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.DeleteModelRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'CopyModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CopyModel,
+                    request_deserializer=weft_dot_v1_dot_inference__pb2.CopyModelRequest.FromString,
+                    response_serializer=weft_dot_v1_dot_inference__pb2.CopyModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,7 +289,9 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
-    """One process serves one model. Requests may name it in `model` (empty means that model).
+    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all). Requests name one in
+    `model` (empty means the first one ListModels lists).
     """
 
     @staticmethod
@@ -339,6 +457,33 @@ class InferenceService:
             _registered_method=True)
 
     @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weft.v1.InferenceService/Embed',
+            weft_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ResetPrefixCache(request,
             target,
             options=(),
@@ -355,6 +500,141 @@ class InferenceService:
             '/weft.v1.InferenceService/ResetPrefixCache',
             weft_dot_v1_dot_inference__pb2.ResetPrefixCacheRequest.SerializeToString,
             weft_dot_v1_dot_inference__pb2.ResetPrefixCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weft.v1.InferenceService/LoadAdapter',
+            weft_dot_v1_dot_inference__pb2.LoadAdapterRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weft.v1.InferenceService/UnloadAdapter',
+            weft_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weft.v1.InferenceService/CreateModel',
+            weft_dot_v1_dot_inference__pb2.CreateModelRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.CreateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weft.v1.InferenceService/DeleteModel',
+            weft_dot_v1_dot_inference__pb2.DeleteModelRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weft.v1.InferenceService/CopyModel',
+            weft_dot_v1_dot_inference__pb2.CopyModelRequest.SerializeToString,
+            weft_dot_v1_dot_inference__pb2.CopyModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,7 +45,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class InferenceServiceStub:
-    """One process serves one model. Requests may name it in `model` (empty means that model)."""
+    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all). Requests name one in
+    `model` (empty means the first one ListModels lists).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -62,15 +65,45 @@ class InferenceServiceStub:
     Detokenize: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DetokenizeRequest, _inference_pb2.DetokenizeResponse]
     """Token ids to text."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
-    """The models this server serves (one today)."""
+    """The models this server serves: the base model, its LoRA adapters, an embedding model."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetModelInfoRequest, _inference_pb2.GetModelInfoResponse]
     """Limits and features of one model: context length, vocabulary, end-of-sequence ids, ..."""
+    Embed: _grpc.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]
+    """Embedding vectors of a batch of texts or token lists, one per input, in input order. Works
+    with embedding models (ModelInfo.features.embeddings, e.g. BERT-family sentence encoders)
+    and with generation models (pooled hidden states of the prompt, see `weft serve --pooling`).
+    """
     ResetPrefixCache: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ResetPrefixCacheRequest, _inference_pb2.ResetPrefixCacheResponse]
     """Admin: forget every cached prefix block (blocks in use keep serving their requests)."""
+    LoadAdapter: _grpc.UnaryUnaryMultiCallable[_inference_pb2.LoadAdapterRequest, _inference_pb2.LoadAdapterResponse]
+    """Admin: serve a LoRA adapter (PEFT's format) as a model of its own, while the server runs.
+    INVALID_ARGUMENT when the server has no LoRA (`--enable-lora`) or the adapter cannot be
+    served (missing, corrupt, rank over --max-lora-rank, shapes of another model, unsupported
+    target modules), naming why. Loading a name again replaces it for new requests.
+    """
+    UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_inference_pb2.UnloadAdapterRequest, _inference_pb2.UnloadAdapterResponse]
+    """Admin: stop serving an adapter. New requests naming it are NOT_FOUND at once; requests
+    already running with it finish with it. NOT_FOUND for a name that is not loaded.
+    """
+    CreateModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CreateModelRequest, _inference_pb2.CreateModelResponse]
+    """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
+    Modelfile. A store model with the weights this server has loaded is served at once, its
+    Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+    """
+    DeleteModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DeleteModelRequest, _inference_pb2.DeleteModelResponse]
+    """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
+    with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
+    the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+    """
+    CopyModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CopyModelRequest, _inference_pb2.CopyModelResponse]
+    """Admin: copy a store model under another name."""
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
-    """One process serves one model. Requests may name it in `model` (empty means that model)."""
+    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all). Requests name one in
+    `model` (empty means the first one ListModels lists).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryUnaryMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]  # type: ignore[assignment]
@@ -84,14 +117,44 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     Detokenize: _aio.UnaryUnaryMultiCallable[_inference_pb2.DetokenizeRequest, _inference_pb2.DetokenizeResponse]  # type: ignore[assignment]
     """Token ids to text."""
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """The models this server serves (one today)."""
+    """The models this server serves: the base model, its LoRA adapters, an embedding model."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetModelInfoRequest, _inference_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Limits and features of one model: context length, vocabulary, end-of-sequence ids, ..."""
+    Embed: _aio.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Embedding vectors of a batch of texts or token lists, one per input, in input order. Works
+    with embedding models (ModelInfo.features.embeddings, e.g. BERT-family sentence encoders)
+    and with generation models (pooled hidden states of the prompt, see `weft serve --pooling`).
+    """
     ResetPrefixCache: _aio.UnaryUnaryMultiCallable[_inference_pb2.ResetPrefixCacheRequest, _inference_pb2.ResetPrefixCacheResponse]  # type: ignore[assignment]
     """Admin: forget every cached prefix block (blocks in use keep serving their requests)."""
+    LoadAdapter: _aio.UnaryUnaryMultiCallable[_inference_pb2.LoadAdapterRequest, _inference_pb2.LoadAdapterResponse]  # type: ignore[assignment]
+    """Admin: serve a LoRA adapter (PEFT's format) as a model of its own, while the server runs.
+    INVALID_ARGUMENT when the server has no LoRA (`--enable-lora`) or the adapter cannot be
+    served (missing, corrupt, rank over --max-lora-rank, shapes of another model, unsupported
+    target modules), naming why. Loading a name again replaces it for new requests.
+    """
+    UnloadAdapter: _aio.UnaryUnaryMultiCallable[_inference_pb2.UnloadAdapterRequest, _inference_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
+    """Admin: stop serving an adapter. New requests naming it are NOT_FOUND at once; requests
+    already running with it finish with it. NOT_FOUND for a name that is not loaded.
+    """
+    CreateModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.CreateModelRequest, _inference_pb2.CreateModelResponse]  # type: ignore[assignment]
+    """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
+    Modelfile. A store model with the weights this server has loaded is served at once, its
+    Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+    """
+    DeleteModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.DeleteModelRequest, _inference_pb2.DeleteModelResponse]  # type: ignore[assignment]
+    """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
+    with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
+    the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+    """
+    CopyModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.CopyModelRequest, _inference_pb2.CopyModelResponse]  # type: ignore[assignment]
+    """Admin: copy a store model under another name."""
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
-    """One process serves one model. Requests may name it in `model` (empty means that model)."""
+    """One process serves one base model, the LoRA adapters loaded on it as models of their own, and
+    optionally an embedding model beside it (ListModels names them all). Requests name one in
+    `model` (empty means the first one ListModels lists).
+    """
 
     @_abc_1.abstractmethod
     def Generate(
@@ -133,7 +196,7 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ListModelsResponse, _abc.Awaitable[_inference_pb2.ListModelsResponse]]:
-        """The models this server serves (one today)."""
+        """The models this server serves: the base model, its LoRA adapters, an embedding model."""
 
     @_abc_1.abstractmethod
     def GetModelInfo(
@@ -144,11 +207,74 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         """Limits and features of one model: context length, vocabulary, end-of-sequence ids, ..."""
 
     @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _inference_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.EmbedResponse, _abc.Awaitable[_inference_pb2.EmbedResponse]]:
+        """Embedding vectors of a batch of texts or token lists, one per input, in input order. Works
+        with embedding models (ModelInfo.features.embeddings, e.g. BERT-family sentence encoders)
+        and with generation models (pooled hidden states of the prompt, see `weft serve --pooling`).
+        """
+
+    @_abc_1.abstractmethod
     def ResetPrefixCache(
         self,
         request: _inference_pb2.ResetPrefixCacheRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ResetPrefixCacheResponse, _abc.Awaitable[_inference_pb2.ResetPrefixCacheResponse]]:
         """Admin: forget every cached prefix block (blocks in use keep serving their requests)."""
+
+    @_abc_1.abstractmethod
+    def LoadAdapter(
+        self,
+        request: _inference_pb2.LoadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.LoadAdapterResponse, _abc.Awaitable[_inference_pb2.LoadAdapterResponse]]:
+        """Admin: serve a LoRA adapter (PEFT's format) as a model of its own, while the server runs.
+        INVALID_ARGUMENT when the server has no LoRA (`--enable-lora`) or the adapter cannot be
+        served (missing, corrupt, rank over --max-lora-rank, shapes of another model, unsupported
+        target modules), naming why. Loading a name again replaces it for new requests.
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadAdapter(
+        self,
+        request: _inference_pb2.UnloadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.UnloadAdapterResponse, _abc.Awaitable[_inference_pb2.UnloadAdapterResponse]]:
+        """Admin: stop serving an adapter. New requests naming it are NOT_FOUND at once; requests
+        already running with it finish with it. NOT_FOUND for a name that is not loaded.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateModel(
+        self,
+        request: _inference_pb2.CreateModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.CreateModelResponse, _abc.Awaitable[_inference_pb2.CreateModelResponse]]:
+        """Admin: add a model to the server's store (`weft create`, Ollama's /api/create) from a
+        Modelfile. A store model with the weights this server has loaded is served at once, its
+        Modelfile the defaults of its requests. INVALID_ARGUMENT naming the Modelfile's line.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteModel(
+        self,
+        request: _inference_pb2.DeleteModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.DeleteModelResponse, _abc.Awaitable[_inference_pb2.DeleteModelResponse]]:
+        """Admin: remove a model from the store. INVALID_ARGUMENT for the model the server was started
+        with (it is in use); NOT_FOUND for an unknown name. Store admin needs a server started from
+        the store (`weft serve --model NAME`): FAILED_PRECONDITION otherwise.
+        """
+
+    @_abc_1.abstractmethod
+    def CopyModel(
+        self,
+        request: _inference_pb2.CopyModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.CopyModelResponse, _abc.Awaitable[_inference_pb2.CopyModelResponse]]:
+        """Admin: copy a store model under another name."""
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,131 @@
+"""Adaptive draft length: how many draft tokens pay, given what a step costs on this machine and
+how often this request's drafts are accepted.
+
+A step's time depends on how many query rows it computes, and not linearly: on a CPU a few
+rows cost about one (the weights are streamed once either way), then each row costs more, and
+past the native loop's row limit the whole step gets dearer. `StepCost` keeps the measured time
+per row count (the median of the recent steps with that many rows, from the engine's own step
+timings: no calibration run) and interpolates between the counts it has seen.
+
+`best_k` then picks, for one request, the k that maximises tokens per second of the step it
+joins: with acceptance rate a (each draft token accepted with probability a, given the ones
+before it were), a draft of k yields E(k) = 1 + a + ... + a^k tokens, and the step costs
+time(rows_of_others + 1 + k). k = 0 (plain decoding) is always a candidate, so speculation is
+chosen only where the measured costs say it is faster. Row counts never measured are
+extrapolated optimistically (as cheap as the largest one measured), so a new k gets tried,
+measured, and kept or dropped on its measurements.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Sequence
+from statistics import median
+
+# Acceptance assumed for a request with no history of its own, blended with its own counts
+# (a Beta prior worth this many draft tokens).
+PRIOR_WEIGHT = 4.0
+
+
+class StepCost:
+    """Measured seconds per step, by the number of query rows the step computed.
+
+    A row count is *known* once it has `min_samples` measurements (their median shrugs off a
+    first step that paid for a warm-up). Known counts are interpolated between; a count not yet
+    known is assumed to cost what the largest known count below it costs, so that it gets
+    tried and measured rather than ruled out by a guess."""
+
+    def __init__(self, window: int = 16, min_samples: int = 3, max_rows: int = 4096) -> None:
+        self.window = window
+        self.min_samples = min_samples
+        self.max_rows = max_rows
+        self._times: dict[int, deque[float]] = {}
+        self._known: list[int] = []       # row counts with min_samples measurements, sorted
+        self._cache: dict[int, float] = {}
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if not 1 <= rows <= self.max_rows or seconds <= 0:
+            return
+        times = self._times.get(rows)
+        if times is None:
+            times = self._times[rows] = deque(maxlen=self.window)
+        times.append(seconds)
+        if len(times) == self.min_samples:
+            self._known.insert(bisect_left(self._known, rows), rows)
+        self._cache.pop(rows, None)
+
+    def _measured(self, rows: int) -> float:
+        value = self._cache.get(rows)
+        if value is None:
+            value = self._cache[rows] = median(self._times[rows])
+        return value
+
+    def time(self, rows: int) -> float | None:
+        """Seconds for a step of `rows` rows: measured, interpolated between known counts, or
+        (not known, or past the largest known count) the largest known count below it; the
+        smallest known count's time below that; None before any count is known."""
+        known = self._known
+        if not known:
+            return None
+        i = bisect_left(known, rows)
+        if i < len(known) and known[i] == rows:
+            return self._measured(rows)
+        if i == 0:
+            return self._measured(known[0])
+        lo = known[i - 1]
+        if i == len(known) or len(self._times.get(rows, ())) < self.min_samples and rows in self._times:
+            return self._measured(lo)   # optimistic: try it, and measure
+        hi = known[i]
+        t_lo, t_hi = self._measured(lo), self._measured(hi)
+        return t_lo + (t_hi - t_lo) * (rows - lo) / (hi - lo)
+
+    def table(self) -> dict[int, float]:
+        """The median per known row count (for the bench and metrics)."""
+        return {r: self._measured(r) for r in self._known}
+
+
+def acceptance(accepted: int, trials: int, prior: float) -> float:
+    """A request's per-token acceptance rate, its own counts blended with the prior."""
+    return (accepted + PRIOR_WEIGHT * prior) / (trials + PRIOR_WEIGHT)
+
+
+def position_probs(rate: float, k: int, confidence: Sequence[float] | None = None,
+                   history_trials: int = 0) -> list[float]:
+    """Per draft position j, the chance it is accepted given the ones before it were: the
+    request's rate, or — for a proposer that scores its tokens (suffix decoding's frequencies)
+    — that score blended with the rate by how much history the rate has behind it."""
+    if confidence is None:
+        return [rate] * k
+    w = history_trials / (history_trials + PRIOR_WEIGHT)
+    return [w * rate + (1 - w) * c for c in confidence[:k]]
+
+
+def expected_tokens(probs: Sequence[float] | float, k: int) -> float:
+    """Tokens a draft of k yields: 1 + p1 + p1*p2 + ... (p a per-position list, or one rate)."""
+    if isinstance(probs, (int, float)):
+        probs = [float(probs)] * k
+    total, survive = 1.0, 1.0
+    for p in probs[:k]:
+        survive *= p
+        total += survive
+    return total
+
+
+def best_k(probs: Sequence[float] | float, max_k: int, cost: StepCost, other_rows: int = 0,
+           other_tokens: float = 0.0, draft_s_per_token: float = 0.0) -> int:
+    """The draft length in [0, max_k] with the most tokens per second for the step: `probs` are
+    the per-position acceptance chances (or one rate), the other requests of the step contribute
+    `other_rows` rows and `other_tokens` tokens, each draft token costs `draft_s_per_token` to
+    propose (a draft model's forward; 0 for a proposer that has drafted already)."""
+    if max_k <= 0:
+        return 0
+    base = cost.time(other_rows + 1)
+    if base is None:
+        return max_k   # nothing measured yet: speculate, and measure
+    best, best_rate = 0, (other_tokens + 1.0) / base
+    for k in range(1, max_k + 1):
+        t = cost.time(other_rows + 1 + k)
+        rate = (other_tokens + expected_tokens(probs, k)) / (t + k * draft_s_per_token) if t else 0.0
+        if rate > best_rate * (1.0 + 1e-9):
+            best, best_rate = k, rate
+    return best

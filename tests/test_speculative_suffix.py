@@ -1,0 +1,120 @@
+"""Suffix decoding and adaptive k: the tree's counts equal a brute-force count of substrings,
+removal restores it exactly, drafts follow the most frequent continuation, the shared store is
+bounded and keeps salts apart; the cost model interpolates and best_k picks plain decoding when
+drafts cannot pay; in the engine, suffix speculation gives the greedy tokens of no speculation
+and learns a repeated output shape across requests."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from decoding.sampling import SamplingParams
+from decoding.speculative import ProposeContext, SuffixProposer, SuffixTree
+from decoding.speculative.adaptive import StepCost, best_k, expected_tokens
+from service.llm import LLM
+
+
+def _counts(tree: SuffixTree) -> Counter:
+    out: Counter = Counter()
+    stack = [((), tree.root)]
+    while stack:
+        path, node = stack.pop()
+        if path:
+            out[path] = node.count
+        for t, child in (node.children or {}).items():
+            stack.append((path + (t,), child))
+    return out
+
+
+def _brute(seqs: list[list[int]], depth: int) -> Counter:
+    out: Counter = Counter()
+    for s in seqs:
+        for end in range(1, len(s) + 1):
+            for n in range(1, min(depth, end) + 1):
+                out[tuple(s[end - n:end])] += 1
+    return out
+
+
+def test_tree_counts_every_substring_and_removal_restores_it() -> None:
+    rng = random.Random(0)
+    seqs = [[rng.randrange(6) for _ in range(rng.randrange(1, 40))] for _ in range(8)]
+    tree = SuffixTree(depth=5)
+    for s in seqs:
+        tree.add(s)
+    assert _counts(tree) == _brute(seqs, 5)
+    assert tree.num_nodes == len(_brute(seqs, 5))
+    for s in seqs[:5]:
+        tree.remove(s)
+    assert _counts(tree) == _brute(seqs[5:], 5)
+    assert tree.num_nodes == len(_brute(seqs[5:], 5))
+
+
+def test_draft_follows_the_most_frequent_continuation() -> None:
+    tree = SuffixTree(depth=8)
+    for _ in range(3):
+        tree.add([1, 2, 3, 4, 5, 6])
+    tree.add([1, 2, 3, 9, 9])
+    tokens, score, conf = tree.draft([7, 1, 2, 3], k=5)
+    assert tokens == [4, 5, 6] and score == pytest.approx(0.75 * 3) and conf == [0.75, 1.0, 1.0]
+    assert tree.draft([8, 8], k=3) == ([], 0.0, [])
+    # A long draft re-anchors past the depth on the text it drafted.
+    loop = SuffixTree(depth=3)
+    loop.add([5, 6, 7] * 6)
+    assert loop.draft([5, 6], k=7)[0] == [7, 5, 6, 7, 5, 6, 7]
+
+
+def test_shared_store_is_bounded_and_keeps_salts_apart() -> None:
+    p = SuffixProposer(k=4, max_global_tokens=30)
+    shape = [100, 101, 102, 103, 104, 105]
+    p.complete("a", [1, 2] + shape, 2, "tenant-a")
+    ctx = lambda salt: ProposeContext("new", [9, 100, 101], 2, 4, cache_salt=salt)  # noqa: E731
+    assert p.propose([ctx("tenant-a")]) == [[102, 103, 104, 105]]
+    assert p.propose([ctx("tenant-b")]) == [[]]     # nothing crosses salts
+    for i in range(10):
+        p.complete(f"x{i}", [1] + [200 + i] * 5, 1, "tenant-b")
+    assert p.shared.num_tokens <= 30
+    assert p.propose([ctx("tenant-a")]) == [[]]     # the oldest output was evicted
+    assert p.memory()["shared_nodes"] == sum(t.num_nodes for t in p.shared.trees.values())
+
+
+def test_cost_model_interpolates_and_best_k_declines_what_cannot_pay() -> None:
+    cost = StepCost(min_samples=3)
+    assert best_k(0.9, 4, cost) == 4        # nothing measured: try, and measure
+    cost.observe(9, 500.0)                  # a first step that paid for a warm-up ...
+    for rows, t in ((1, 10.0), (5, 14.0), (9, 40.0)) * 3:
+        cost.observe(rows, t)
+    assert cost.time(9) == 40.0             # ... is outvoted by the median
+    assert cost.time(3) == pytest.approx(12.0) and cost.time(20) == 40.0
+    assert best_k(0.9, 8, cost) == 4        # up to 5 rows is cheap, then steps get dear
+    assert best_k(0.05, 8, cost) == 0       # drafts rarely accepted: plain decoding
+    cost.observe(7, 90.0)                   # one sample is not enough to rule 7 rows out:
+    assert cost.time(7) == 14.0             # it costs what 5 rows cost until measured again
+    assert best_k(0.9, 8, cost) == 6
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75) == expected_tokens([0.5, 0.5, 0.9], 2)
+    assert best_k([1.0, 1.0, 1.0, 0.0, 0.0], 5, cost) == 3   # a proposer sure of 3 tokens only
+
+
+def _greedy(n: int = 24, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **kw)
+
+
+def test_engine_suffix_speculation_is_exact_and_learns_across_requests(tiny_llama) -> None:
+    rng = random.Random(5)
+    prompts = [[rng.randrange(1000, 40000) for _ in range(12)] * 3 for _ in range(3)]
+    plain = LLM(str(tiny_llama), dtype="float32", num_blocks=256, progress=False)
+    expect = [r.outputs[0].token_ids for r in plain.generate(prompts, _greedy())]
+    llm = LLM(str(tiny_llama), dtype="float32", num_blocks=256, progress=False, speculative_method="suffix",
+              num_speculative_tokens=4)
+    got = [r.outputs[0].token_ids for r in llm.generate(prompts, _greedy())]
+    assert got == expect
+    # The same request again: its earlier output is in the shared store, so drafts follow it.
+    before = llm.engine.spec.tracker.aggregate.num_accepted_tokens
+    [again] = llm.generate([prompts[1]], _greedy())
+    assert again.outputs[0].token_ids == expect[1]
+    assert again.outputs[0].spec["num_accepted_tokens"] >= 12
+    assert llm.engine.spec.tracker.aggregate.num_accepted_tokens > before
+    assert llm.engine.pool_is_whole()
+    memory = llm.engine.stats().spec_memory   # what /metrics reports as weft_spec_decode_proposer_memory
+    assert memory["shared_tokens"] == 4 * 24 and memory["shared_nodes"] > 0
