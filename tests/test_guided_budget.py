@@ -257,12 +257,17 @@ GUARANTEE_SCHEMAS = [
      "required": ["a", "b"]},
     # alternatives of different sizes
     {"anyOf": [{"type": "array", "items": {"type": "number"}, "minItems": 3}, _WIDE]},
+    # a wide object entered by jump-forward tokens (no choice, so nothing to verify) while the
+    # model writes its first strings at length
+    {"type": "object", "properties": {"id": {"type": "integer"}, "props": _WIDE}, "required": ["id", "props"],
+     "additionalProperties": False},
 ]
 
 
-def _random_run(guide, words: int, eos: int, policy: str, rng, opening: set[int]) -> list[int]:
+def _random_run(guide, words: int, eos: int, policy: str, rng, opening: set[int], stalling: set[int]) -> list[int]:
     """Tokens a 'model' picks from the mask until EOS is the only choice or the grammar ends:
-    uniformly, preferring tokens that open structure, or repeating itself. Never EOS by choice."""
+    uniformly, preferring tokens that open structure, repeating itself, or stalling (string
+    content whenever it may: the longest strings). Never EOS by choice."""
     out: list[int] = []
     while not guide.is_terminated() and len(out) < guide.max_tokens:
         forced = guide.forced_tokens()
@@ -278,6 +283,8 @@ def _random_run(guide, words: int, eos: int, policy: str, rng, opening: set[int]
             t = rng.choice(sorted(opening & set(ids)))
         elif policy == "repeat" and out and out[-1] in ids and rng.random() < 0.9:
             t = out[-1]
+        elif policy == "stall" and (content := [i for i in ids if i in stalling]):
+            t = rng.choice(content)
         else:
             t = rng.choice(ids)
         assert guide.advance(t)
@@ -288,7 +295,8 @@ def _random_run(guide, words: int, eos: int, policy: str, rng, opening: set[int]
 @pytest.mark.parametrize("schema", GUARANTEE_SCHEMAS)
 def test_any_token_choice_closes_before_max_tokens(compiler, tok, schema) -> None:
     """A 'model' that never picks EOS and takes any token the mask allows (preferring `{`, `[`,
-    `,`; or looping on one token) still ends with a complete, valid document within max_tokens."""
+    `,`; looping on one token; or writing string content whenever it may) still ends with a
+    complete, valid document within max_tokens."""
     import random
 
     g = compiler.compile_sync(GuidedSpec("json_schema", schema))
@@ -296,10 +304,12 @@ def test_any_token_choice_closes_before_max_tokens(compiler, tok, schema) -> Non
     eos = tok.eos_token_ids[0]
     tb = g.budget_tables.token_bytes
     opening = {i for i, b in enumerate(tb) if b and any(c in b for c in b"{[,")}
-    for policy in ("uniform", "open", "repeat"):
+    stalling = {i for i, b in enumerate(tb) if b and b.isalnum()}      # letters and digits only
+    # 30 tokens more than the shortest output the planner finds (and at least 140)
+    max_tokens = max(140, len(g.new_guide(max_tokens=1024).plan()) + 30)
+    for policy in ("uniform", "open", "repeat", "stall"):
         for seed in range(1):
-            max_tokens = 140
             guide = g.new_guide(max_tokens=max_tokens)
-            out = _random_run(guide, words, eos, policy, random.Random(seed), opening)
+            out = _random_run(guide, words, eos, policy, random.Random(seed), opening, stalling)
             assert guide.is_complete() and len(out) < max_tokens, (policy, seed, tok.decode(out)[-120:])
             jsonschema.validate(json.loads(tok.decode(out)), schema)

@@ -508,7 +508,7 @@ class BudgetGuide(Guide):
     """A backend guide plus the request's token budget: see the module docstring."""
 
     __slots__ = ("_g", "_t", "_json", "_hints", "max_tokens", "_tokens", "_modes", "_depths", "_plan", "_plan_at",
-                 "_next_check", "_checked_depth", "_gave_up_at", "_retry_at", "_backoff", "_last_len", "_pending",
+                 "_next_check", "_checked_depth", "_gave_up_at", "_retry_at", "_backoff", "_last_len", "_last_depth", "_pending",
                  "_anchors", "_verdicts", "rise", "narrowed", "refused_growth")
 
     def __init__(self, inner: Guide, max_tokens: int, tables: BudgetTables, json_mode: bool,
@@ -528,7 +528,8 @@ class BudgetGuide(Guide):
         self._gave_up_at = -1               # the count at which no plan fitted ...
         self._retry_at = 0                  # ... and when to try again (backing off)
         self._backoff = 1
-        self._last_len = -1                 # length of the last plan computed
+        self._last_len = -1                 # length of the last plan computed ...
+        self._last_depth = 0                # ... and the open brackets then
         self._pending: dict[int, list[int]] = {}   # this step's verified tokens -> the plan after each
         self._anchors = [0]                 # per count: the last count at which no string was open
         self._verdicts: dict[tuple[int, int], int] = {}   # (token, anchor) -> tokens needed after it, -1: none fits
@@ -569,6 +570,9 @@ class BudgetGuide(Guide):
             # that are not verified have cost).
             soft = SOFT_SLACK + self.rise
             if slack <= soft:
+                # In the soft zone every step is checked (the plan is cached while followed):
+                # the next token may be the model's own choice again.
+                self._next_check = count + 1
                 self._narrow(words, plan, slack)
                 return
             self._next_check = count + max(1, (slack - soft) // 4)
@@ -699,6 +703,7 @@ class BudgetGuide(Guide):
         self._pending = {}
         if verified is not None:        # the plan its verification found: the plan from here
             self._plan, self._plan_at, self._last_len = verified, len(self._tokens), len(verified)
+            self._last_depth = self._depths[-1] if self._json else 0
         if self._json:
             mode = self._modes[-1]
             known = 0 <= t < self._t.vocab_size
@@ -719,6 +724,9 @@ class BudgetGuide(Guide):
             del self._anchors[len(self._anchors) - n:]
             self._verdicts.clear()
         count = len(self._tokens)
+        # The check schedule was set for tokens that are gone (a step in the soft zone checks
+        # the next one): check again at once, so going forward narrows at the same counts.
+        self._next_check = min(self._next_check, count)
         if self._plan_at > count:
             self._plan = None
         if self._gave_up_at > count:
@@ -813,9 +821,13 @@ class BudgetGuide(Guide):
             fork, self._t, self._json, self._modes[-1] if self._json else OUT, min(remaining, PLAN_HORIZON),
             self._hints)
         if plan is not None:
-            if self._last_len >= 0:
+            # What the plan grew by since the last one, unless structure opened in between
+            # (a growth token, verified; or forced ones, which leave no choice): that is what
+            # the unverified tokens cost, and the soft zone widens by it.
+            depth = self._depths[-1] if self._json else 0
+            if self._last_len >= 0 and depth <= self._last_depth:
                 self.rise = min(MAX_RISE, max(self.rise, len(plan) - self._last_len))
-            self._last_len = len(plan)
+            self._last_len, self._last_depth = len(plan), depth
             self._gave_up_at, self._backoff = -1, 1
         if plan is None:
             if fork is not None and remaining > PLAN_HORIZON:
