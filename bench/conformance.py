@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema
 import torch
 
 # Replays of one value while repairing its key order, at most.
@@ -110,15 +111,17 @@ class _Replayer:
 
 
 def accepts(grammar: Any, value: Any, encode: Encode, decode: Decode, words: int,
-            mask_times: list[float] | None = None) -> tuple[bool, bool]:
-    """(accepted, reordered): whether the guide accepts `value`, and whether that took a key
-    order other than the value's own. `mask_times` gets the mask time of each token of the
-    value's own serialisation."""
+            mask_times: list[float] | None = None, schema: Any = None) -> tuple[bool, bool]:
+    """(accepted, reordered): whether the guide accepts `value`, and whether that took a
+    spelling other than the value's own. `mask_times` gets the mask time of each token of the
+    value's own serialisation. `schema`: the schema the grammar was compiled from; integral
+    numbers are respelt as integers only when `jsonschema` gives the respelt value the same
+    verdict under it (not so in drafts 3 and 4, where 1.0 is not an integer); None: never."""
     replayer = _Replayer(grammar, encode, decode, words)
     orders: dict[tuple, list] = {}
     text, slots = _serialise(value, orders)
     span = replayer.refused(text, mask_times)
-    if span is not None and _integral(value) is not value:
+    if span is not None and _integral(value) is not value and _same_verdict(schema, value, _integral(value)):
         value = _integral(value)
         text, slots = _serialise(value, orders)
         span = replayer.refused(text)
@@ -157,6 +160,18 @@ def _repair(replayer: _Replayer, value: Any, orders: dict, slot: _Slot) -> tuple
         if span is None or span[0] >= moved.end:
             return trial, span, slots
     return None
+
+
+def _same_verdict(schema: Any, value: Any, other: Any) -> bool:
+    """Whether `jsonschema` (the schema's own draft, formats asserted) says the same of both."""
+    if schema is None:
+        return False
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
+    try:
+        return validator.is_valid(value) == validator.is_valid(other)
+    except Exception:   # a schema the validator cannot evaluate (a remote $ref, say): no respelling
+        return False
 
 
 def _integral(value: Any) -> Any:

@@ -34,7 +34,7 @@ Six measurements, one results file (bench/results/guided.json):
    CPU cores the whole set takes longer than the default --budget-s; what has not finished by
    then is counted as not run.
 
-Usage: python -m bench guided [--limit N] [--max-tokens 256] [--budget-s 900] [--seeds 1,2,3]
+Usage: python -m bench guided [--limit N] [--max-tokens 256] [--budget-s 900] [--seeds 1,2,3] [--sampled-budget-s S]
        [--closing-seeds 0,1] [--no-close] [--skip-e2e] [--skip-throughput] [--skip-conformance]
        [--skip-suite] [--merge] [--outlines-limit N] [--requests 64] [--tokens 64]
 """
@@ -107,7 +107,8 @@ def conformance(core: EngineCore, docs, backend: str, limit_compile: int | None 
         res["compiled"] += 1
         compiled_names.append(name)
         for test in doc["tests"]:
-            ok, reordered = accepts(grammar, test["data"], encode, tok.decode, words, mask_s if test["valid"] else None)
+            ok, reordered = accepts(grammar, test["data"], encode, tok.decode, words, mask_s if test["valid"] else None,
+                                   schema=doc["schema"])
             res[("valid_" if test["valid"] else "invalid_") + ("accepted" if ok else "rejected")] += 1
             res["valid_reordered"] += ok and reordered and test["valid"]
     return {
@@ -360,6 +361,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--prompt-schema-chars", type=int, default=PROMPT_SCHEMA_CHARS)
     ap.add_argument("--budget-s", type=float, default=900.0, help="end-to-end: stop after this long (0: no limit)")
+    ap.add_argument("--sampled-budget-s", type=float, default=None,
+                    help="end-to-end: the time budget of each sampled run (default: --budget-s; 0: no limit)")
     ap.add_argument("--outlines-limit", type=int, default=None, help="conformance: first N schemas for outlines-core")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=64)
@@ -450,7 +453,8 @@ def main(argv: list[str]) -> int:
         seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
         runs = []
         for temperature, seed in [(0.0, None), *((1.0, sd) for sd in seeds)]:
-            r = end_to_end(core, e2e_docs, a.max_tokens, budget_s=a.budget_s or None,
+            budget = a.budget_s if temperature == 0 or a.sampled_budget_s is None else a.sampled_budget_s
+            r = end_to_end(core, e2e_docs, a.max_tokens, budget_s=budget or None,
                            prompt_chars=a.prompt_schema_chars, close=not a.no_close, temperature=temperature, seed=seed)
             print({k: v for k, v in r.items() if not k.endswith("_examples")})
             for ex in r["invalid_examples"]:
@@ -461,7 +465,7 @@ def main(argv: list[str]) -> int:
             runs.append(r)
         ratios.update(_e2e_ratios(runs))
         workload.update(e2e_schemas=len(e2e_docs), e2e_run=runs[0]["run"], e2e_max_tokens=a.max_tokens,
-                        e2e_budget_s=a.budget_s, e2e_greedy=True, e2e_sampled_seeds=seeds, e2e_sampled_temperature=1.0,
+                        e2e_budget_s=a.budget_s, e2e_sampled_budget_s=a.sampled_budget_s, e2e_greedy=True, e2e_sampled_seeds=seeds, e2e_sampled_temperature=1.0,
                         e2e_prompt_schema_chars=a.prompt_schema_chars, e2e_close_before_max_tokens=not a.no_close)
 
     cmd = "make bench BENCH=guided" + (f" ARGS='{' '.join(argv)}'" if argv else "")

@@ -44,7 +44,7 @@ def suite_conformance(core: Any) -> list[dict]:
                 continue
             c["compiled"] += 1
             for test in group["tests"]:
-                ok, _ = accepts(grammar, test["data"], encode, tok.decode, compiler.bitmask_words)
+                ok, _ = accepts(grammar, test["data"], encode, tok.decode, compiler.bitmask_words, schema=schema)
                 c[("valid_" if test["valid"] else "invalid_") + ("accepted" if ok else "rejected")] += 1
         rows.append({"keyword": path.stem, **{k: c[k] for k in ("groups", "compiled", "refused", "valid_accepted",
                                                                 "valid_rejected", "invalid_accepted",

@@ -106,7 +106,7 @@ def test_rewritten_suite_schemas_accept_exactly_the_valid_instances(compiler: Gu
         compiled += 1
         for test in group["tests"]:
             ok, _ = accepts(grammar, test["data"], lambda s: tok.encode(s, add_special_tokens=False), tok.decode,
-                            compiler.bitmask_words)
+                            compiler.bitmask_words, schema=schema)
             assert ok == test["valid"], (group["description"], test["description"])
     assert compiled >= 4
 
