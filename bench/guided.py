@@ -336,26 +336,35 @@ def _merge(rows: list[dict], ratios: dict, workload: dict, cmd: str):
         return rows, ratios, workload, cmd
     old = json.loads(path.read_text())
     ran = {r["section"] for r in rows}
-    kept = [r for r in old["rows"] if r.get("section") not in ran]
+    # End-to-end runs are kept per (temperature, seed): the greedy run and the sampled ones can
+    # be recorded by separate invocations.
+    runs = {(r["temperature"], r["seed"]) for r in rows if r["section"] == "end_to_end"}
+    kept = [r for r in old["rows"] if r.get("section") not in ran or
+            (r["section"] == "end_to_end" and "temperature" in r and (r["temperature"], r["seed"]) not in runs)]
     old_workload = {k: v for k, v in old["workload"].items() if k not in ("machine",)}
     prev_cmd = old_workload.pop("command", "")
     merged_ratios = {**old["ratios"], **ratios}
-    return kept + rows, merged_ratios, {**old_workload, **workload}, f"{prev_cmd}; then {cmd}"
+    merged = kept + rows
+    e2e = [r for r in merged if r["section"] == "end_to_end"]
+    if runs and e2e:
+        merged_ratios.update(_e2e_ratios(e2e))
+    return merged, merged_ratios, {**old_workload, **workload}, f"{prev_cmd}; then {cmd}"
 
 
 def _e2e_ratios(runs: list[dict]) -> dict[str, float]:
     """The end-to-end figures over the greedy run and the sampled ones."""
-    greedy = next(r for r in runs if r["temperature"] == 0)
+    greedy = next((r for r in runs if r["temperature"] == 0), None)
     sampled = [r for r in runs if r["temperature"] != 0]
-    out = {"dev_valid_output_fraction": greedy["valid"] / max(1, greedy["compiled"]),
-           "dev_valid_output_fraction_untruncated": greedy["valid"] / max(1, greedy["compiled"] - greedy["truncated"]),
-           "dev_truncated_fraction": greedy["truncated"] / max(1, greedy["compiled"]),
-           "dev_closed_by_budget_fraction": greedy["closed_by_budget"] / max(1, greedy["compiled"]),
-           "dev_outputs_cut_by_max_tokens": sum(r["truncated"] for r in runs),
+    out = {"dev_outputs_cut_by_max_tokens": sum(r["truncated"] for r in runs),
            "dev_invalid_outputs": sum(r["invalid"] for r in runs)}
     if sampled:
         out["dev_valid_output_fraction_sampled_min"] = min(r["valid"] / max(1, r["compiled"]) for r in sampled)
-    return out
+    if greedy is None:
+        return out
+    return {**out, "dev_valid_output_fraction": greedy["valid"] / max(1, greedy["compiled"]),
+           "dev_valid_output_fraction_untruncated": greedy["valid"] / max(1, greedy["compiled"] - greedy["truncated"]),
+           "dev_truncated_fraction": greedy["truncated"] / max(1, greedy["compiled"]),
+           "dev_closed_by_budget_fraction": greedy["closed_by_budget"] / max(1, greedy["compiled"])}
 
 
 def main(argv: list[str]) -> int:
@@ -381,6 +390,7 @@ def main(argv: list[str]) -> int:
                          "(bench/guided_closing.py); '' (the default) skips it")
     ap.add_argument("--seeds", default="1,2,3",
                     help="end-to-end: after the greedy run, one sampled run (temperature 1.0) per seed; '' for none")
+    ap.add_argument("--no-greedy", action="store_true", help="end-to-end: the sampled runs only")
     ap.add_argument("--merge", action="store_true",
                     help="keep the sections of the existing results file that this run skips")
     a = ap.parse_args(argv)
@@ -458,7 +468,7 @@ def main(argv: list[str]) -> int:
         e2e_docs = docs[: a.limit] if a.limit else docs
         seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
         runs = []
-        for temperature, seed in [(0.0, None), *((1.0, sd) for sd in seeds)]:
+        for temperature, seed in [*([] if a.no_greedy else [(0.0, None)]), *((1.0, sd) for sd in seeds)]:
             budget = a.budget_s if temperature == 0 or a.sampled_budget_s is None else a.sampled_budget_s
             r = end_to_end(core, e2e_docs, a.max_tokens, budget_s=budget or None,
                            prompt_chars=a.prompt_schema_chars, close=not a.no_close, temperature=temperature, seed=seed)
@@ -470,9 +480,13 @@ def main(argv: list[str]) -> int:
             rows.append({"section": "end_to_end", **r})
             runs.append(r)
         ratios.update(_e2e_ratios(runs))
-        workload.update(e2e_schemas=len(e2e_docs), e2e_run=runs[0]["run"], e2e_max_tokens=a.max_tokens,
-                        e2e_budget_s=a.budget_s, e2e_sampled_budget_s=a.sampled_budget_s, e2e_greedy=True, e2e_sampled_seeds=seeds, e2e_sampled_temperature=1.0,
+        workload.update(e2e_schemas=len(e2e_docs), e2e_max_tokens=a.max_tokens,
                         e2e_prompt_schema_chars=a.prompt_schema_chars, e2e_close_before_max_tokens=not a.no_close)
+        if not a.no_greedy:
+            workload.update(e2e_greedy=True, e2e_budget_s=a.budget_s)
+        if seeds:
+            workload.update(e2e_sampled_seeds=seeds, e2e_sampled_temperature=1.0,
+                            e2e_sampled_budget_s=a.budget_s if a.sampled_budget_s is None else a.sampled_budget_s)
 
     cmd = "make bench BENCH=guided" + (f" ARGS='{' '.join(argv)}'" if argv else "")
     if a.merge:
