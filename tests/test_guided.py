@@ -31,7 +31,10 @@ def tok(smollm2_dir: Path) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def compiler(tok: Tokenizer) -> GuideCompiler:
-    c = GuideCompiler(tok, VOCAB)
+    # The time limit has its own test (test_async_compile_has_a_time_limit...): here it only has to
+    # let outlines-core's "any JSON" index finish (~7 s of CPU time, past the default 10 s of wall
+    # clock on 2 cores shared with other work).
+    c = GuideCompiler(tok, VOCAB, timeout_s=120.0)
     yield c
     c.shutdown()
 
