@@ -3,12 +3,15 @@
 A value is serialised (compact separators, UTF-8) and tokenised as the model's tokenizer does;
 each token must be in the guide's mask and accepted, and the guide complete at the end.
 
-A JSON object is unordered, and llguidance writes an object's properties in the order the schema
-lists them (a documented departure; outlines-core does the same). So when a serialisation is
-refused at an object's key, the key order of that object is repaired: a later key moved into the
+A JSON value has more than one spelling, and a guide writes one: llguidance writes an object's
+properties in the order the schema lists them (a documented departure; outlines-core does the
+same), and a number with an integral value as an integer (`1`, not `1.0`: the same number for
+JSON Schema). So a value refused in its own spelling is tried with its integral numbers written
+as integers, and when a serialisation is refused at an object's key, the key order of that
+object is repaired: a later key moved into the
 refused place, or the refused key moved before an earlier one, the first change that the guide
 takes up to the moved key's `:`; and so on until the value is accepted or no change helps. The
-value then counts as accepted (`reordered`). The whole serialisation is replayed each time:
+value then counts as accepted (`reordered`: in another spelling). The whole serialisation is replayed each time:
 where the text is forced llguidance admits only the tokenizer's own tokens (`{"`, `}}`), so text
 is never fed piecewise. Invalid values get the same search: "invalid accepted" means that some
 key order got through.
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema
 import torch
 
 # Replays of one value while repairing its key order, at most.
@@ -107,14 +111,22 @@ class _Replayer:
 
 
 def accepts(grammar: Any, value: Any, encode: Encode, decode: Decode, words: int,
-            mask_times: list[float] | None = None) -> tuple[bool, bool]:
-    """(accepted, reordered): whether the guide accepts `value`, and whether that took a key
-    order other than the value's own. `mask_times` gets the mask time of each token of the
-    value's own serialisation."""
+            mask_times: list[float] | None = None, schema: Any = None) -> tuple[bool, bool]:
+    """(accepted, reordered): whether the guide accepts `value`, and whether that took a
+    spelling other than the value's own. `mask_times` gets the mask time of each token of the
+    value's own serialisation. `schema`: the schema the grammar was compiled from; integral
+    numbers are respelt as integers only when `jsonschema` gives the respelt value the same
+    verdict under it (not so in drafts 3 and 4, where 1.0 is not an integer); None: never."""
     replayer = _Replayer(grammar, encode, decode, words)
     orders: dict[tuple, list] = {}
     text, slots = _serialise(value, orders)
     span = replayer.refused(text, mask_times)
+    if span is not None and _integral(value) is not value and _same_verdict(schema, value, _integral(value)):
+        value = _integral(value)
+        text, slots = _serialise(value, orders)
+        span = replayer.refused(text)
+        if span is None:
+            return True, True
     while span is not None:
         # The members whose separator or key the refused token overlaps, innermost first, and
         # the one starting just after it: where the text is forced llguidance admits only the
@@ -148,6 +160,31 @@ def _repair(replayer: _Replayer, value: Any, orders: dict, slot: _Slot) -> tuple
         if span is None or span[0] >= moved.end:
             return trial, span, slots
     return None
+
+
+def _same_verdict(schema: Any, value: Any, other: Any) -> bool:
+    """Whether `jsonschema` (the schema's own draft, formats asserted) says the same of both."""
+    if schema is None:
+        return False
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
+    try:
+        return validator.is_valid(value) == validator.is_valid(other)
+    except Exception:   # a schema the validator cannot evaluate (a remote $ref, say): no respelling
+        return False
+
+
+def _integral(value: Any) -> Any:
+    """`value` with its integral floats as ints (`1.0` -> `1`); `value` itself when it has none."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 63:
+        return int(value)
+    if isinstance(value, list):
+        items = [_integral(v) for v in value]
+        return items if any(a is not b for a, b in zip(items, value)) else value
+    if isinstance(value, dict):
+        entries = {k: _integral(v) for k, v in value.items()}
+        return entries if any(entries[k] is not value[k] for k in value) else value
+    return value
 
 
 def _at(value: Any, path: tuple) -> Any:

@@ -1,22 +1,33 @@
 """make bench BENCH=guided: guided decoding on jsonschemabench-dev with the default model.
 
-Four measurements, one results file (bench/results/guided.json):
+Six measurements, one results file (bench/results/guided.json):
 
-1. Compile, per backend, every dev-set schema: compiled / refused (with the reasons), compile time
-   p50/p99 over the schemas that compile.
-2. Token-level conformance, per backend and for "auto": each compiled schema's instances are
-   serialised (compact separators, UTF-8, keys in the instance's order) and tokenised with the
-   model's tokenizer; a valid instance must be accepted token by token and be complete at the
-   end, an invalid one must not. Mask time per token (fill of one bitmask row) p50/p99.
+1. Compile every dev-set schema three ways, in one run: Weft ("auto": the normaliser's exact
+   rewrites in front of llguidance, then outlines-core), llguidance alone and outlines-core
+   alone (the schema as sent, no normaliser): compiled / refused, with every refusal's reason
+   counted by keyword; compile time p50/p99 over the schemas that compile (wall clock, and
+   the process's CPU time p50: on a shared machine the wall clock includes waiting for a core).
+2. Token-level conformance of each: each compiled schema's instances are serialised (compact
+   separators, UTF-8) and tokenised with the model's tokenizer; a valid instance must be
+   accepted token by token and be complete at the end, an invalid one must not. Objects are
+   unordered and the backends write properties in the schema's order, so other key orders are
+   searched when the instance's own is refused (bench/conformance.py; `reordered` counts the
+   valid ones that needed it). Mask time per token (fill of one bitmask row) p50/p99.
+   Then the official JSON-Schema-Test-Suite's Draft 2020-12 files, per keyword file
+   (bench/guided_suite.py): schemas compiled / refused, instances accepted / rejected.
 3. Throughput at concurrency 32, guided vs unguided, same prompts and same number of output
    tokens per request (max_tokens, EOS ignored; the constraints below never complete earlier):
    - json: `{"type":"array","items":{"type":"string"},"minItems":1000}` (jump-forward active),
    - regex: `[a-zA-Z ,.]+` (no forced tokens: the pure cost of masks; EOS is allowed, so a
      request may end early: tokens per second, not per request, are compared).
-4. End to end: for every schema that "auto" compiles, generate (greedy, chat template, the
-   schema in the prompt, at most --max-tokens) at concurrency 32 and validate every output with
-   `jsonschema` (formats checked). Outputs cut by max_tokens (finish_reason "length" and not
-   valid) are counted apart as truncated; they are failures. The guides close outputs before
+4. Closing without a model (--closing-seeds): a random-token "model" (uniform, preferring
+   `{ [ ,`, or repeating itself) on every compiled schema must end complete within max_tokens
+   (bench/guided_closing.py).
+5. End to end: for every schema that "auto" compiles, generate (greedy, then sampled at
+   temperature 1.0 with each of --seeds; chat template, the schema in the prompt, at most
+   --max-tokens) at concurrency 32 and validate every output with `jsonschema` (formats
+   checked). Outputs cut by max_tokens (finish_reason "length" and not valid) are counted apart
+   as truncated; they are failures. The guides close outputs before
    max_tokens (GuidedSpec.close_before_max_tokens, on by default; --no-close turns it off);
    a schema whose shortest output does not fit max_tokens is refused by Weft with the length it
    needs, and retried with that much room plus 64 (counted as retried_max_tokens);
@@ -24,8 +35,9 @@ Four measurements, one results file (bench/results/guided.json):
    CPU cores the whole set takes longer than the default --budget-s; what has not finished by
    then is counted as not run.
 
-Usage: python -m bench guided [--limit N] [--max-tokens 256] [--budget-s 900] [--no-close] [--skip-e2e]
-       [--skip-throughput] [--skip-conformance] [--merge] [--outlines-limit N] [--requests 64] [--tokens 64]
+Usage: python -m bench guided [--limit N] [--max-tokens 256] [--budget-s 900] [--seeds 1,2,3] [--sampled-budget-s S]
+       [--closing-seeds 0,1] [--no-close] [--skip-e2e] [--skip-throughput] [--skip-conformance]
+       [--skip-suite] [--merge] [--outlines-limit N] [--requests 64] [--tokens 64]
 """
 from __future__ import annotations
 
@@ -43,6 +55,9 @@ from pathlib import Path
 import torch
 
 from bench.common import percentile, print_table, write_results
+from bench.conformance import accepts
+from bench.guided_closing import closing_stress
+from bench.guided_suite import SUITE, suite_conformance
 from bench.workload import make_workload
 from decoding.guided import GuidedSpec
 from decoding.sampling import SamplingParams
@@ -63,69 +78,62 @@ def load_dev(limit: int | None = None) -> list[tuple[str, dict]]:
     return docs[:limit] if limit else docs
 
 
-def serialise(instance) -> str:
-    return json.dumps(instance, separators=(",", ":"), ensure_ascii=False)
-
-
-def replay(grammar, ids: list[int], words: int, mask_times: list[float] | None = None) -> bool:
-    """Feed `ids` token by token; True if every token is allowed by the mask and accepted, and
-    the guide is complete at the end."""
-    guide = grammar.new_guide()
-    row = torch.zeros(words, dtype=torch.int32)
-    for t in ids:
-        t0 = time.perf_counter()
-        guide.fill_bitmask(row)
-        if mask_times is not None:
-            mask_times.append(time.perf_counter() - t0)
-        if not (int(row[t >> 5]) >> (t & 31)) & 1:
-            return False
-        if not guide.advance(t):
-            return False
-    return guide.is_complete()
-
-
 def conformance(core: EngineCore, docs, backend: str, limit_compile: int | None = None) -> dict:
-    """Compile every schema with one backend ("auto" = the compiler's policy) and replay instances."""
+    """Compile every schema one way ("auto": Weft's policy, the normaliser included; a backend's
+    name: that backend alone, on the schema as sent) and replay the instances."""
     compiler = core.guide_compiler
     tok = core.tokenizer
     words = compiler.bitmask_words
     res = collections.Counter()
     reasons = collections.Counter()
     compile_s: list[float] = []
+    compile_cpu_s: list[float] = []     # the process's CPU time: what the compile costs on a shared machine
     mask_s: list[float] = []
     compiled_names: list[str] = []
+    encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
     for i, (name, doc) in enumerate(docs):
         if limit_compile is not None and i >= limit_compile:
             break
         spec = GuidedSpec("json_schema", doc["schema"])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
-            grammar = compiler.compile_uncached(spec, None if backend == "auto" else backend)
+            if backend == "auto":
+                grammar = compiler.compile_uncached(spec)
+            else:
+                grammar = compiler.compile_uncached(spec, backend, normalize=False)
         except InvalidArgumentError as exc:
             res["rejected"] += 1
             reasons[_reason(exc.message)] += 1
             continue
         compile_s.append(time.perf_counter() - t0)
+        compile_cpu_s.append(time.process_time() - c0)
         res["compiled"] += 1
         compiled_names.append(name)
         for test in doc["tests"]:
-            ids = tok.encode(serialise(test["data"]), add_special_tokens=False)
-            ok = replay(grammar, ids, words, mask_s if test["valid"] else None)
+            ok, reordered = accepts(grammar, test["data"], encode, tok.decode, words, mask_s if test["valid"] else None,
+                                   schema=doc["schema"])
             res[("valid_" if test["valid"] else "invalid_") + ("accepted" if ok else "rejected")] += 1
+            res["valid_reordered"] += ok and reordered and test["valid"]
     return {
-        "backend": backend, "schemas": res["compiled"] + res["rejected"], "compiled": res["compiled"],
+        "backend": backend if backend != "auto" else "weft (auto: normaliser, llguidance, outlines-core)",
+        "schemas": res["compiled"] + res["rejected"], "compiled": res["compiled"],
         "rejected": res["rejected"], "valid_accepted": res["valid_accepted"], "valid_rejected": res["valid_rejected"],
+        "valid_reordered": res["valid_reordered"],
         "invalid_accepted": res["invalid_accepted"], "invalid_rejected": res["invalid_rejected"],
         "compile_p50_ms": 1e3 * percentile(compile_s, 50), "compile_p99_ms": 1e3 * percentile(compile_s, 99),
+        "compile_cpu_p50_ms": 1e3 * percentile(compile_cpu_s, 50),
         "mask_p50_us": 1e6 * percentile(mask_s, 50), "mask_p99_us": 1e6 * percentile(mask_s, 99),
         "mask_samples": len(mask_s),
-        "top_reasons": dict(reasons.most_common(8)), "_compiled_names": compiled_names,
+        "refusals": dict(reasons.most_common()), "_compiled_names": compiled_names,
     }
 
 
 def _reason(message: str) -> str:
+    """A refusal's reason, by keyword where it names one."""
     m = message.split(" (at ")[0]
-    for prefix in ("Unknown format", "Unimplemented keys", "unsupported keyword", "oneOf", "the regex"):
+    if "oneOf constraints are not supported" in m:
+        return "oneOf (branches not provably exclusive)"
+    for prefix in ("Unknown format", "Unimplemented keys", "unsupported keyword", "the regex"):
         if prefix in m:
             return m[:80]
     return m[:60]
@@ -210,7 +218,8 @@ def _prompt(tok, schema: dict, chars: int | None = None) -> list[int]:
 
 
 def end_to_end(core: EngineCore, docs, max_tokens: int, conc: int = 32, budget_s: float | None = None,
-               prompt_chars: int | None = None, close: bool = True) -> dict:
+               prompt_chars: int | None = None, close: bool = True, temperature: float = 0.0,
+               seed: int | None = None) -> dict:
     """Schemas are started in order; with a time budget, whatever has not finished when it runs
     out is cancelled and counted as "not_run" (the counts say exactly what was measured).
     `close`: the guides close the output before max_tokens (the default); False: the old
@@ -226,9 +235,9 @@ def end_to_end(core: EngineCore, docs, max_tokens: int, conc: int = 32, budget_s
         sem = asyncio.Semaphore(conc)
 
         async def generate(name: str, doc: dict, limit: int) -> dict:
-            params = SamplingParams(temperature=0, max_tokens=limit, guided=GuidedSpec(
+            params = SamplingParams(temperature=temperature, seed=seed, max_tokens=limit, guided=GuidedSpec(
                 "json_schema", doc["schema"], close_before_max_tokens=close))
-            rid = f"e2e-{name}"
+            rid = f"e2e-{name}-{seed}"
             text, reason, guide, ntok = "", None, None, 0
             async for out in engine.generate(_prompt(tok, doc["schema"], prompt_chars), params, request_id=rid):
                 text += out.text
@@ -314,7 +323,7 @@ def end_to_end(core: EngineCore, docs, max_tokens: int, conc: int = 32, budget_s
             "closed_by_budget": counts["closed_by_budget"], "valid_closed_by_budget": counts["valid_closed_by_budget"],
             "finish_length": counts["finish_length"], "retried_max_tokens": counts["retried_max_tokens"],
             "retried_examples": retried[:10],
-            "close_before_max_tokens": close, "wall_s": wall,
+            "close_before_max_tokens": close, "wall_s": wall, "temperature": temperature, "seed": seed,
             "max_tokens": max_tokens, "budget_s": budget_s, "invalid_examples": invalid_examples[:10],
             "truncated_examples": truncated_examples[:10]}
 
@@ -327,11 +336,35 @@ def _merge(rows: list[dict], ratios: dict, workload: dict, cmd: str):
         return rows, ratios, workload, cmd
     old = json.loads(path.read_text())
     ran = {r["section"] for r in rows}
-    kept = [r for r in old["rows"] if r.get("section") not in ran]
+    # End-to-end runs are kept per (temperature, seed): the greedy run and the sampled ones can
+    # be recorded by separate invocations.
+    runs = {(r["temperature"], r["seed"]) for r in rows if r["section"] == "end_to_end"}
+    kept = [r for r in old["rows"] if r.get("section") not in ran or
+            (r["section"] == "end_to_end" and "temperature" in r and (r["temperature"], r["seed"]) not in runs)]
     old_workload = {k: v for k, v in old["workload"].items() if k not in ("machine",)}
     prev_cmd = old_workload.pop("command", "")
     merged_ratios = {**old["ratios"], **ratios}
-    return kept + rows, merged_ratios, {**old_workload, **workload}, f"{prev_cmd}; then {cmd}"
+    merged = kept + rows
+    e2e = [r for r in merged if r["section"] == "end_to_end"]
+    if runs and e2e:
+        merged_ratios.update(_e2e_ratios(e2e))
+    return merged, merged_ratios, {**old_workload, **workload}, f"{prev_cmd}; then {cmd}"
+
+
+def _e2e_ratios(runs: list[dict]) -> dict[str, float]:
+    """The end-to-end figures over the greedy run and the sampled ones."""
+    greedy = next((r for r in runs if r["temperature"] == 0), None)
+    sampled = [r for r in runs if r["temperature"] != 0]
+    out = {"dev_outputs_cut_by_max_tokens": sum(r["truncated"] for r in runs),
+           "dev_invalid_outputs": sum(r["invalid"] for r in runs)}
+    if sampled:
+        out["dev_valid_output_fraction_sampled_min"] = min(r["valid"] / max(1, r["compiled"]) for r in sampled)
+    if greedy is None:
+        return out
+    return {**out, "dev_valid_output_fraction": greedy["valid"] / max(1, greedy["compiled"]),
+           "dev_valid_output_fraction_untruncated": greedy["valid"] / max(1, greedy["compiled"] - greedy["truncated"]),
+           "dev_truncated_fraction": greedy["truncated"] / max(1, greedy["compiled"]),
+           "dev_closed_by_budget_fraction": greedy["closed_by_budget"] / max(1, greedy["compiled"])}
 
 
 def main(argv: list[str]) -> int:
@@ -341,6 +374,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--prompt-schema-chars", type=int, default=PROMPT_SCHEMA_CHARS)
     ap.add_argument("--budget-s", type=float, default=900.0, help="end-to-end: stop after this long (0: no limit)")
+    ap.add_argument("--sampled-budget-s", type=float, default=None,
+                    help="end-to-end: the time budget of each sampled run (default: --budget-s; 0: no limit)")
     ap.add_argument("--outlines-limit", type=int, default=None, help="conformance: first N schemas for outlines-core")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=64)
@@ -349,6 +384,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-conformance", action="store_true")
+    ap.add_argument("--skip-suite", action="store_true", help="skip the JSON-Schema-Test-Suite section")
+    ap.add_argument("--closing-seeds", default="",
+                    help="closing: a random-token 'model' per seed and policy on every compiled schema "
+                         "(bench/guided_closing.py); '' (the default) skips it")
+    ap.add_argument("--seeds", default="1,2,3",
+                    help="end-to-end: after the greedy run, one sampled run (temperature 1.0) per seed; '' for none")
+    ap.add_argument("--no-greedy", action="store_true", help="end-to-end: the sampled runs only")
     ap.add_argument("--merge", action="store_true",
                     help="keep the sections of the existing results file that this run skips")
     a = ap.parse_args(argv)
@@ -361,24 +403,56 @@ def main(argv: list[str]) -> int:
                       "whitespace": "compact", "auto_order": "llguidance, then outlines-core"}
 
     if not a.skip_conformance:
+        by_backend: dict[str, dict] = {}
         for backend in ("auto", *BACKENDS):
             t0 = time.perf_counter()
             r = conformance(core, docs, backend, a.outlines_limit if backend == "outlines-core" else None)
-            r.pop("_compiled_names")
+            by_backend[backend] = r
             r["wall_s"] = time.perf_counter() - t0
-            print_table([{k: v for k, v in r.items() if k != "top_reasons"}])
-            print("  refused:", r["top_reasons"])
-            rows.append({"section": "conformance", **r})
+            print_table([{k: v for k, v in r.items() if k not in ("refusals", "_compiled_names")}])
+            print("  refused:", r["refusals"])
             if backend == "auto":
                 ratios["dev_compiled_fraction"] = r["compiled"] / r["schemas"]
                 ratios["dev_invalid_instances_accepted"] = r["invalid_accepted"]
                 ratios["dev_valid_instances_rejected"] = r["valid_rejected"]
+                ratios["dev_compile_p50_ms"] = r["compile_p50_ms"]
+                ratios["dev_compile_cpu_p50_ms"] = r["compile_cpu_p50_ms"]
+                ratios["dev_mask_p50_us"] = r["mask_p50_us"]
             else:
                 key = backend.replace("-", "_")
                 ratios[f"{key}_compiled_fraction"] = r["compiled"] / r["schemas"]
                 ratios[f"{key}_mask_p50_us"] = r["mask_p50_us"]
                 ratios[f"{key}_compile_p50_ms"] = r["compile_p50_ms"]
+                ratios[f"{key}_compile_cpu_p50_ms"] = r["compile_cpu_p50_ms"]
                 ratios[f"{key}_invalid_instances_accepted"] = r["invalid_accepted"]
+                ratios[f"{key}_valid_instances_rejected"] = r["valid_rejected"]
+        # Which schemas only the normaliser's rewrites made compile.
+        alone = set().union(*(by_backend[b]["_compiled_names"] for b in BACKENDS))
+        by_backend["auto"]["compiled_by_rewrite"] = sorted(set(by_backend["auto"]["_compiled_names"]) - alone)
+        for r in by_backend.values():
+            r.pop("_compiled_names")
+            rows.append({"section": "conformance", **r})
+
+    if not a.skip_suite:
+        t0 = time.perf_counter()
+        srows = suite_conformance(core)
+        print_table([{k: v for k, v in r.items() if k != "refusals"} for r in srows])
+        total = {k: sum(r[k] for r in srows) for k in ("groups", "compiled", "refused", "valid_accepted",
+                                                       "valid_rejected", "invalid_accepted", "invalid_rejected")}
+        print("  test suite:", total, f"{time.perf_counter() - t0:.0f} s")
+        rows += [{"section": "test_suite", **r} for r in srows]
+        ratios["suite_compiled_fraction"] = total["compiled"] / max(1, total["groups"])
+        ratios["suite_invalid_instances_accepted"] = total["invalid_accepted"]
+        workload["suite"] = str(SUITE)
+
+    closing_seeds = [int(x) for x in a.closing_seeds.split(",") if x.strip()]
+    if closing_seeds:
+        r = closing_stress(core, docs, a.max_tokens, closing_seeds)
+        print({k: v for k, v in r.items() if k != "cut_examples"})
+        for ex in r["cut_examples"]:
+            print("  CUT:", ex)
+        rows.append({"section": "closing", **r})
+        ratios["closing_runs_cut"] = r.get("cut", 0)
 
     if not a.skip_throughput:
         trows = throughput(core, a.requests, a.tokens)
@@ -392,21 +466,27 @@ def main(argv: list[str]) -> int:
 
     if not a.skip_e2e:
         e2e_docs = docs[: a.limit] if a.limit else docs
-        r = end_to_end(core, e2e_docs, a.max_tokens, budget_s=a.budget_s or None, prompt_chars=a.prompt_schema_chars,
-                       close=not a.no_close)
-        print({k: v for k, v in r.items() if not k.endswith("_examples")})
-        for ex in r["invalid_examples"]:
-            print("  INVALID:", ex)
-        for ex in r["truncated_examples"]:
-            print("  TRUNCATED:", ex)
-        rows.append({"section": "end_to_end", **r})
-        ratios["dev_valid_output_fraction"] = r["valid"] / max(1, r["compiled"])
-        ratios["dev_valid_output_fraction_untruncated"] = r["valid"] / max(1, r["compiled"] - r["truncated"])
-        ratios["dev_truncated_fraction"] = r["truncated"] / max(1, r["compiled"])
-        ratios["dev_closed_by_budget_fraction"] = r["closed_by_budget"] / max(1, r["compiled"])
-        workload.update(e2e_schemas=len(e2e_docs), e2e_run=r["run"], e2e_max_tokens=a.max_tokens,
-                        e2e_budget_s=a.budget_s, e2e_greedy=True, e2e_prompt_schema_chars=a.prompt_schema_chars,
-                        e2e_close_before_max_tokens=not a.no_close)
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+        runs = []
+        for temperature, seed in [*([] if a.no_greedy else [(0.0, None)]), *((1.0, sd) for sd in seeds)]:
+            budget = a.budget_s if temperature == 0 or a.sampled_budget_s is None else a.sampled_budget_s
+            r = end_to_end(core, e2e_docs, a.max_tokens, budget_s=budget or None,
+                           prompt_chars=a.prompt_schema_chars, close=not a.no_close, temperature=temperature, seed=seed)
+            print({k: v for k, v in r.items() if not k.endswith("_examples")})
+            for ex in r["invalid_examples"]:
+                print("  INVALID:", ex)
+            for ex in r["truncated_examples"]:
+                print("  TRUNCATED:", ex)
+            rows.append({"section": "end_to_end", **r})
+            runs.append(r)
+        ratios.update(_e2e_ratios(runs))
+        workload.update(e2e_schemas=len(e2e_docs), e2e_max_tokens=a.max_tokens,
+                        e2e_prompt_schema_chars=a.prompt_schema_chars, e2e_close_before_max_tokens=not a.no_close)
+        if not a.no_greedy:
+            workload.update(e2e_greedy=True, e2e_budget_s=a.budget_s)
+        if seeds:
+            workload.update(e2e_sampled_seeds=seeds, e2e_sampled_temperature=1.0,
+                            e2e_sampled_budget_s=a.budget_s if a.sampled_budget_s is None else a.sampled_budget_s)
 
     cmd = "make bench BENCH=guided" + (f" ARGS='{' '.join(argv)}'" if argv else "")
     if a.merge:

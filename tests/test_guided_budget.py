@@ -241,3 +241,75 @@ def test_hints_are_shortest_matches_of_the_schema_patterns(compiler, tok) -> Non
     g = compiler.compile_sync(GuidedSpec("json_schema", schema))
     texts = [tok.decode(list(h)) for h in g.string_hints]
     assert sorted(texts[:2]) == ["k0", "xy"] and texts[2] == 'a\\"b'   # shortest first; the quote escaped
+
+
+# ---- the closing guarantee, whatever the model does ----------------------------------------------
+
+_WIDE = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(25)},
+         "required": [f"p{i}" for i in range(25)]}
+GUARANTEE_SCHEMAS = [
+    # `[{` into an array of wide objects: one token that needs ~100 more.
+    {"type": "object", "properties": {"rows": {"type": "array", "items": _WIDE}, "name": {"type": "string"}},
+     "required": ["rows", "name"]},
+    # strings and arrays of strings a model loops in, under an optional nested object
+    {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "array", "items": {"type": "string"}},
+                                      "c": {"type": "object", "properties": {"d": {"type": "integer"}}}},
+     "required": ["a", "b"]},
+    # alternatives of different sizes
+    {"anyOf": [{"type": "array", "items": {"type": "number"}, "minItems": 3}, _WIDE]},
+    # a wide object entered by jump-forward tokens (no choice, so nothing to verify) while the
+    # model writes its first strings at length
+    {"type": "object", "properties": {"id": {"type": "integer"}, "props": _WIDE}, "required": ["id", "props"],
+     "additionalProperties": False},
+]
+
+
+def _random_run(guide, words: int, eos: int, policy: str, rng, opening: set[int], stalling: set[int]) -> list[int]:
+    """Tokens a 'model' picks from the mask until EOS is the only choice or the grammar ends:
+    uniformly, preferring tokens that open structure, repeating itself, or stalling (string
+    content whenever it may: the longest strings). Never EOS by choice."""
+    out: list[int] = []
+    while not guide.is_terminated() and len(out) < guide.max_tokens:
+        forced = guide.forced_tokens()
+        if forced:
+            for t in forced[:guide.max_tokens - len(out)]:
+                assert guide.advance(t)
+                out.append(t)
+            continue
+        ids = sorted(allowed_ids(mask(guide, words)) - {eos})
+        if not ids:
+            break
+        if policy == "open" and rng.random() < 0.7 and opening & set(ids):
+            t = rng.choice(sorted(opening & set(ids)))
+        elif policy == "repeat" and out and out[-1] in ids and rng.random() < 0.9:
+            t = out[-1]
+        elif policy == "stall" and (content := [i for i in ids if i in stalling]):
+            t = rng.choice(content)
+        else:
+            t = rng.choice(ids)
+        assert guide.advance(t)
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("schema", GUARANTEE_SCHEMAS)
+def test_any_token_choice_closes_before_max_tokens(compiler, tok, schema) -> None:
+    """A 'model' that never picks EOS and takes any token the mask allows (preferring `{`, `[`,
+    `,`; looping on one token; or writing string content whenever it may) still ends with a
+    complete, valid document within max_tokens."""
+    import random
+
+    g = compiler.compile_sync(GuidedSpec("json_schema", schema))
+    words = compiler.bitmask_words
+    eos = tok.eos_token_ids[0]
+    tb = g.budget_tables.token_bytes
+    opening = {i for i, b in enumerate(tb) if b and any(c in b for c in b"{[,")}
+    stalling = {i for i, b in enumerate(tb) if b and b.isalnum()}      # letters and digits only
+    # 30 tokens more than the shortest output the planner finds (and at least 140)
+    max_tokens = max(140, len(g.new_guide(max_tokens=1024).plan()) + 30)
+    for policy in ("uniform", "open", "repeat", "stall"):
+        for seed in range(1):
+            guide = g.new_guide(max_tokens=max_tokens)
+            out = _random_run(guide, words, eos, policy, random.Random(seed), opening, stalling)
+            assert guide.is_complete() and len(out) < max_tokens, (policy, seed, tok.decode(out)[-120:])
+            jsonschema.validate(json.loads(tok.decode(out)), schema)

@@ -106,7 +106,7 @@ def test_rewritten_suite_schemas_accept_exactly_the_valid_instances(compiler: Gu
         compiled += 1
         for test in group["tests"]:
             ok, _ = accepts(grammar, test["data"], lambda s: tok.encode(s, add_special_tokens=False), tok.decode,
-                            compiler.bitmask_words)
+                            compiler.bitmask_words, schema=schema)
             assert ok == test["valid"], (group["description"], test["description"])
     assert compiled >= 4
 
@@ -296,3 +296,17 @@ def test_compiler_normalises_only_what_a_backend_refuses(compiler: GuideCompiler
                        compiler.bitmask_words)[0] == ok, value
     with pytest.raises(InvalidArgumentError, match="not"):
         compiler.compile_uncached(GuidedSpec("json_schema", schema), normalize=False)
+
+
+def test_what_the_validator_cannot_evaluate_is_left_alone() -> None:
+    # Python's re has no \p{..}: the enum cannot be filtered by the pattern, so it stays.
+    schema = {"enum": ["a", "b"], "pattern": "\\p{L}", "not": {"multipleOf": 2}}
+    assert normalize_schema(schema) is schema
+
+
+def test_oversized_rewrites_are_given_up() -> None:
+    # A wide oneOf of overlapping objects: each branch with the complements of the seven others
+    # is larger than MAX_NORMALIZED_BYTES, so the schema goes to the backend as sent.
+    branch = {"type": "object", "properties": {f"p{i}": {"type": "string", "minLength": i} for i in range(60)}}
+    schema = {"oneOf": [dict(branch, required=[f"p{j}"]) for j in range(8)]}
+    assert normalize_schema(schema) is schema

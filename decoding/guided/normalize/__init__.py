@@ -31,7 +31,7 @@ from typing import Any
 
 from decoding.guided.normalize.conditional import rewrite_conditional
 from decoding.guided.normalize.dependencies import rewrite_dependencies
-from decoding.guided.normalize.document import Document
+from decoding.guided.normalize.document import Document, Unprovable, WorkExceeded
 from decoding.guided.normalize.formats import drop_unknown_format
 from decoding.guided.normalize.literals import filter_literals
 from decoding.guided.normalize.negate import negate, rewrite_not
@@ -62,17 +62,25 @@ def normalize_schema(schema: Any) -> Any:
         for step in _REWRITES:
             if not isinstance(out, dict):
                 break
-            out = step(out, pointer, doc)
+            try:
+                out = step(out, pointer, doc)
+            except WorkExceeded:
+                raise
+            except Unprovable:
+                pass        # this step leaves the node as it was
         if out is False and any(p.startswith(pointer + "/") for p in doc.ref_pointers):
             return node     # something refers into it: keep its subtree where the ref finds it
         return out
 
     current: Any = schema
-    for _ in range(MAX_PASSES):
-        new = map_bottom_up(current, rewrite)
-        if new is current:
-            break
-        current = new
+    try:
+        for _ in range(MAX_PASSES):
+            new = map_bottom_up(current, rewrite)
+            if new is current:
+                break
+            current = new
+    except (WorkExceeded, RecursionError):
+        return schema
     if not isinstance(current, dict) or current is schema:
         return schema
     if len(json.dumps(current)) > MAX_NORMALIZED_BYTES:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from decoding.guided.normalize.document import Document
+from decoding.guided.normalize.document import Document, Unprovable, WorkExceeded
 from decoding.guided.normalize.keywords import constrains, is_true
 from decoding.guided.normalize.types import ALL, MAX_REF_DEPTH, literals, types_of
 from decoding.guided.normalize.walk import has_key
@@ -77,7 +77,12 @@ def _evaluable_literal_proof(x: dict, y: Any, doc: Document) -> bool:
     values = literals(x)
     if values is None or not doc.evaluable(x) or not doc.evaluable(y) or has_key(x, ("format",)) or has_key(y, ("format",)):
         return False
-    return not any(doc.is_valid(v, x) and doc.is_valid(v, y) for v in values)
+    try:
+        return not any(doc.is_valid(v, x) and doc.is_valid(v, y) for v in values)
+    except Unprovable as exc:
+        if isinstance(exc, WorkExceeded):
+            raise
+        return False
 
 
 def disjoint(a: Any, b: Any, doc: Document, depth: int = 0, within: frozenset[str] = ALL) -> bool:
@@ -87,6 +92,7 @@ def disjoint(a: Any, b: Any, doc: Document, depth: int = 0, within: frozenset[st
         return True
     if depth > MAX_REF_DEPTH:
         return False
+    doc.spend()
     a, b = _deref(a, doc, depth), _deref(b, doc, depth)
     if not isinstance(a, dict) or not isinstance(b, dict):
         return False

@@ -16,6 +16,20 @@ from typing import Any
 
 from decoding.guided.normalize.walk import all_schemas, has_key, unescape
 
+# Steps of proof work (complements, disjointness proofs) one document may take: past it the
+# normaliser gives up and the schema goes to the backend as sent.
+MAX_WORK = 50_000
+
+
+class Unprovable(Exception):
+    """A rewrite cannot be shown exact here (the validator cannot evaluate a subschema): the
+    node it was working on is left alone."""
+
+
+class WorkExceeded(Unprovable):
+    """The document took more proof work than MAX_WORK: no rewrite at all."""
+
+
 # Draft numbers, by the year-free name each `$schema` URI carries.
 _DRAFTS = (("draft-03", 3), ("draft-04", 4), ("draft-06", 6), ("draft-07", 7), ("2019-09", 2019), ("2020-12", 2020))
 DEFAULT_DRAFT = 2020
@@ -38,6 +52,7 @@ class Document:
         self.root = root
         self.draft = draft_of(root)
         self.id_key = "$id" if self.draft >= 6 else "id"
+        self.work = 0
         self._root_id = root.get(self.id_key) if isinstance(root, dict) else None
 
     # ---- $ref -------------------------------------------------------------------------------
@@ -132,5 +147,16 @@ class Document:
 
     def is_valid(self, value: Any, schema: Any) -> bool:
         """`value` is valid under `schema` (a subschema of this document), by `jsonschema`.
-        Formats are annotations here, as for every rewrite (see formats.py)."""
-        return self._validator.evolve(schema=schema).is_valid(value)
+        Formats are annotations here: callers leave subschemas with formats alone. Raises
+        Unprovable when the validator cannot evaluate it (a pattern Python's `re` rejects, say)."""
+        self.spend()
+        try:
+            return self._validator.evolve(schema=schema).is_valid(value)
+        except Exception as exc:
+            raise Unprovable(str(exc)) from None
+
+    def spend(self, steps: int = 1) -> None:
+        """Count proof work; raises WorkExceeded past MAX_WORK."""
+        self.work += steps
+        if self.work > MAX_WORK:
+            raise WorkExceeded(f"more than {MAX_WORK} steps")

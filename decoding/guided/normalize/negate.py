@@ -53,6 +53,7 @@ def negate(schema: Schema, doc: Document, depth: int = 0) -> Schema | None:
         return True
     if not isinstance(schema, dict) or depth > MAX_REF_DEPTH:
         return None
+    doc.spend()
     if is_true(schema):
         return False
     if "$ref" in schema and doc.draft <= 7:      # siblings of $ref are ignored up to draft 7
