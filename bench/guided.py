@@ -346,9 +346,11 @@ def _merge(rows: list[dict], ratios: dict, workload: dict, cmd: str):
     merged_ratios = {**old["ratios"], **ratios}
     merged = kept + rows
     e2e = [r for r in merged if r["section"] == "end_to_end"]
+    merged_workload = {**old_workload, **workload}
     if runs and e2e:
         merged_ratios.update(_e2e_ratios(e2e))
-    return merged, merged_ratios, {**old_workload, **workload}, f"{prev_cmd}; then {cmd}"
+        merged_workload["e2e_sampled_seeds"] = sorted({r["seed"] for r in e2e if r["temperature"] != 0})
+    return merged, merged_ratios, merged_workload, f"{prev_cmd}; then {cmd}"
 
 
 def _e2e_ratios(runs: list[dict]) -> dict[str, float]:
@@ -371,6 +373,8 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="bench guided")
     ap.add_argument("--model", default=None)
     ap.add_argument("--limit", type=int, default=None, help="end-to-end: first N dev-set schemas (default: all)")
+    ap.add_argument("--start", type=int, default=0,
+                    help="end-to-end: begin at this dev-set schema (a run that covers the rest of an earlier one)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--prompt-schema-chars", type=int, default=PROMPT_SCHEMA_CHARS)
     ap.add_argument("--budget-s", type=float, default=900.0, help="end-to-end: stop after this long (0: no limit)")
@@ -465,7 +469,7 @@ def main(argv: list[str]) -> int:
                         throughput_specs={k: v.cache_key()[:2] for k, v in THROUGHPUT_SPECS.items()})
 
     if not a.skip_e2e:
-        e2e_docs = docs[: a.limit] if a.limit else docs
+        e2e_docs = docs[a.start:][: a.limit] if a.limit else docs[a.start:]
         seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
         runs = []
         for temperature, seed in [*([] if a.no_greedy else [(0.0, None)]), *((1.0, sd) for sd in seeds)]:
@@ -477,10 +481,11 @@ def main(argv: list[str]) -> int:
                 print("  INVALID:", ex)
             for ex in r["truncated_examples"]:
                 print("  TRUNCATED:", ex)
+            r["first_schema"] = a.start
             rows.append({"section": "end_to_end", **r})
             runs.append(r)
         ratios.update(_e2e_ratios(runs))
-        workload.update(e2e_schemas=len(e2e_docs), e2e_max_tokens=a.max_tokens,
+        workload.update(e2e_schemas=len(docs[: a.limit] if a.limit else docs), e2e_max_tokens=a.max_tokens,
                         e2e_prompt_schema_chars=a.prompt_schema_chars, e2e_close_before_max_tokens=not a.no_close)
         if not a.no_greedy:
             workload.update(e2e_greedy=True, e2e_budget_s=a.budget_s)
