@@ -156,33 +156,75 @@ def q4km_path(src: Path) -> Path | None:
     return dst
 
 
-def bench_llamacpp(gguf_path, workloads: dict[int, list[Item]], label: str = "Q4_1") -> list[dict]:
+def _llamacpp_one(llm, item: Item) -> tuple[float, float]:
+    """One request through llama-cpp-python (one sequence at a time): (TTFT, TPOT) in seconds."""
+    llm.reset()
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    for _ in llm.generate(item.prompt_ids, temp=0.0, top_k=1, reset=True):
+        if first is None:
+            first = time.perf_counter()
+        n += 1
+        if n == item.max_tokens:
+            break
+    end = time.perf_counter()
+    return first - t0, (end - first) / max(1, n - 1)
+
+
+def _llamacpp(gguf_path):
     try:
         from llama_cpp import Llama
     except ImportError:
         print("llama-cpp-python not installed (make bench-peers): skipping llama.cpp")
+        return None
+    return Llama(model_path=str(gguf_path), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
+
+
+def bench_llamacpp(gguf_path, workloads: dict[int, list[Item]], label: str = "Q4_1") -> list[dict]:
+    llm = _llamacpp(gguf_path)
+    if llm is None:
         return []
-    llm = Llama(model_path=str(gguf_path), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
     items = workloads[1]
-    ttfts, tpots = [], []
     start = time.perf_counter()
-    for item in items:  # llama-cpp-python serves one sequence at a time
-        llm.reset()
-        t0 = time.perf_counter()
-        first = None
-        n = 0
-        for tok in llm.generate(item.prompt_ids, temp=0.0, top_k=1, reset=True):
-            if first is None:
-                first = time.perf_counter()
-            n += 1
-            if n == item.max_tokens:
-                break
-        end = time.perf_counter()
-        ttfts.append(first - t0)
-        tpots.append((end - first) / max(1, n - 1))
-    row = _row(f"llama.cpp ({label})", 1, items, time.perf_counter() - start, ttfts, tpots)
+    ttfts, tpots = zip(*(_llamacpp_one(llm, item) for item in items))
+    row = _row(f"llama.cpp ({label})", 1, items, time.perf_counter() - start, list(ttfts), list(tpots))
     print_table([row])
     return [row]
+
+
+def bench_pair_c1(core: EngineCore, gguf_path, items: list[Item], label: str) -> list[dict]:
+    """Weft and llama.cpp on the same file at concurrency 1, request by request in A-B-B-A order
+    (each warmed up first), so that both see the same load on a shared machine; tok_per_s is each
+    system's tokens over its own requests' time."""
+    llm = _llamacpp(gguf_path)
+    if llm is None:
+        return []
+
+    async def run() -> list[dict]:
+        engine = AsyncEngine(core)
+        got = {"weft": ([], [], [0.0]), "llama.cpp": ([], [], [0.0])}
+        try:
+            await _weft_level(engine, items[:1], 1)   # warm-up, both
+            _llamacpp_one(llm, items[0])
+            for k, item in enumerate(items):
+                for who in (("weft", "llama.cpp") if k % 2 == 0 else ("llama.cpp", "weft")):
+                    t0 = time.perf_counter()
+                    if who == "weft":
+                        _, (ttft,), (tpot,) = await _weft_level(engine, [item], 1)
+                    else:   # nothing of Weft's is in flight while llama.cpp runs
+                        ttft, tpot = _llamacpp_one(llm, item)
+                    ttfts, tpots, wall = got[who]
+                    ttfts.append(ttft)
+                    tpots.append(tpot)
+                    wall[0] += time.perf_counter() - t0
+        finally:
+            await engine.shutdown()
+        return [_row(f"{who} ({label})", 1, items, wall[0], ttfts, tpots) for who, (ttfts, tpots, wall) in got.items()]
+
+    rows = asyncio.run(run())
+    print_table(rows)
+    return rows
 
 
 def main(argv: list[str]) -> int:
@@ -213,10 +255,10 @@ def main(argv: list[str]) -> int:
     if q4km is not None:
         # The c1 workload of the rows above (the same prompts: the file keeps the tokenizer).
         c1 = {1: workloads.get(1) or make_workload(core.tokenizer, a.requests_per_level or 4, seed=1)}
+        workload["q4km_order"] = "Weft and llama.cpp request by request, A-B-B-A, both warmed up"
         del core
         core = EngineCore(EngineConfig(model=str(q4km), dtype=a.dtype, kv_cache_gb=2.0))
-        rows += bench_weft(core, c1, "weft (Q4_K_M)")
-        rows += bench_llamacpp(q4km, c1, "Q4_K_M")
+        rows += bench_pair_c1(core, q4km, c1[1], "Q4_K_M")
         workload["q4km_model"] = str(q4km)
         workload["q4km_made_by"] = ("llama.cpp's llama_model_quantize (llama-cpp-python, LLAMA_FTYPE_MOSTLY_Q4_K_M, "
                                     f"allow_requantize) from {source.name}: a requantised Q4_K_M, not one from float weights")
