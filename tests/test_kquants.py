@@ -1,7 +1,8 @@
 """K-quant GGUFs as Ollama users have them (Q4_K_M, Q5_K_M, Q6_K): the test encoder against gguf-py's
 decoder; tiny Llama GGUFs in llama.cpp's type mixes and the default model (SmolLM2) re-quantised
 the same way load, pack every projection for the few-row fast path (exactly the de-quantised
-weights) and give transformers' greedy tokens for the same GGUF."""
+weights) and give transformers' greedy tokens for the same GGUF; so does a real llama.cpp Q4_K_M
+when llama-cpp-python is installed."""
 from __future__ import annotations
 
 from collections import Counter
@@ -176,4 +177,36 @@ def test_smollm2_kquant_matches_transformers(ftype: str, smollm2_kquant, tmp_pat
     prompt = llm.tokenizer.encode("The capital of France is")
     res = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     assert res[0].outputs[0].token_ids == hf_greedy(hf, prompt, 12)
+    assert llm.engine.pool_is_whole()
+
+
+def test_smollm2_llama_cpp_q4km_matches_transformers(smollm2_gguf: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real llama.cpp Q4_K_M (when llama-cpp-python is installed, `make bench-peers`): the default
+    model re-quantised from its Q4_1 by llama.cpp's own `llama_model_quantize` (its error-minimising
+    search, not tests/kquants.py's min/max encoder). Same type mix as the recipe above, every
+    projection packed and bit for bit the float32 weight, greedy tokens equal transformers'."""
+    import ctypes
+
+    from transformers import AutoModelForCausalLM
+
+    from kernels import quant
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    monkeypatch.setenv("WEFT_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_K_M.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.allow_requantize = True   # the source is already Q4_1
+    assert llama_cpp.llama_model_quantize(str(smollm2_gguf).encode(), str(gguf).encode(), ctypes.byref(params)) == 0
+    file_types, down_layouts = _SMOLLM2_TYPES["Q4_K_M"]
+    assert _tensor_types(gguf) == Counter(file_types)
+    llm = LLM(str(gguf), dtype="float32", progress=False, num_blocks=64)
+    packs = _assert_packed_exactly(llm)
+    assert Counter(p.fmt for p in packs[3::4]) == Counter({quant.FORMATS[k]: v for k, v in down_layouts.items()})
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=gguf.name, dtype=torch.float32).eval()
+    for text in ["The capital of France is", "def fibonacci(n):"]:
+        prompt = llm.tokenizer.encode(text)
+        res = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        assert res[0].outputs[0].token_ids == hf_greedy(hf, prompt, 16)
     assert llm.engine.pool_is_whole()
