@@ -403,3 +403,21 @@ def test_regex_outputs_match_python_re(compiler, tok) -> None:
                     if want and not got:
                         stricter.append(text)
     assert set(stricter) <= {"10.25", "3.14"}, stricter
+
+
+def test_min_properties_over_free_keys_is_refused(compiler) -> None:
+    """A grammar may write a free key twice and count it twice towards minProperties (seen: the
+    dev set's Handwritten---dep5 sampled into {"d": ..., "b": ..., "b": ...}, which parses to two
+    properties): refused, naming the keyword. Named properties only: compiled and enforced."""
+    schema = json.loads((DEV / "Handwritten---dep5.json").read_text())["schema"]
+    for bad in (schema, {"type": "object", "minProperties": 2},
+                {"type": "object", "properties": {"x": {"type": "object", "patternProperties": {"^a": {}},
+                                                        "minProperties": 3}}}):
+        with pytest.raises(InvalidArgumentError, match=r"minProperties.*admits keys beyond its named properties"):
+            compiler.compile_sync(GuidedSpec("json_schema", bad))
+    named = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+             "required": ["a", "b"], "additionalProperties": False, "minProperties": 2}
+    assert compiler.compile_sync(GuidedSpec("json_schema", named)) is not None
+    # A failure found before any backend runs resolves the request's future too (no deadlock).
+    with pytest.raises(InvalidArgumentError):
+        compiler.compile_sync(GuidedSpec("json_schema", {"minProperties": 5}))

@@ -40,6 +40,7 @@ from typing import Any
 from decoding.guided.base import CompiledGrammar
 from decoding.guided.budget import BudgetGrammar, BudgetTables
 from decoding.guided.hints import string_hints
+from decoding.guided.duplicate_keys import refuse_counted_duplicates
 from decoding.guided.normalize import normalize_schema
 from decoding.guided.spec import GuidedSpec, schema_json
 from common.errors import InvalidArgumentError
@@ -177,11 +178,14 @@ class GuideCompiler:
                     done.set_result(hit)
                 return done
             fut = self._inflight.get(key)
-            if fut is None:
-                fut = self._pool.submit(self._build, spec)
-                self._inflight[key] = fut
-                fut.add_done_callback(lambda f, key=key: self._finished(key, f))
-            return fut
+            if fut is not None:
+                return fut
+            fut = self._pool.submit(self._build, spec)
+            self._inflight[key] = fut
+        # Outside the lock: a build that already failed runs the callback at once, and the
+        # callback takes the lock.
+        fut.add_done_callback(lambda f, key=key: self._finished(key, f))
+        return fut
 
     def _finished(self, key: tuple, fut: cf.Future) -> None:
         with self._lock:
@@ -211,6 +215,8 @@ class GuideCompiler:
             names = AUTO_ORDER[spec.kind] if spec.backend == "auto" else (spec.backend,)
         first_error: InvalidArgumentError | None = None
         t0 = time.perf_counter()
+        if spec.kind == "json_schema":
+            refuse_counted_duplicates(json.loads(schema_json(spec)), spec.field)
         # Each backend gets the schema as sent, then (when it refuses that) the normaliser's
         # equivalent rewrite: a schema a backend takes as it is costs nothing more, and a refusal
         # reports the user's keyword.
