@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from typing import NoReturn
 
 from service.config_cli import add_engine_args, engine_config_from_args
 
@@ -32,10 +33,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(a: argparse.Namespace) -> int:
-    from service.engine.tp_worker import serve_rank
+def cmd_worker(a: argparse.Namespace) -> NoReturn:
+    from service.engine.tp_worker import run_rank
 
-    return serve_rank(engine_config_from_args(a, progress=False))
+    run_rank(engine_config_from_args(a, progress=False))
 
 
 def cmd_models(a: argparse.Namespace) -> int:

@@ -134,8 +134,8 @@ def cmd_serve(a: argparse.Namespace, engine_config: EngineConfigFn) -> int:
         # other than 0: it serves no API, it runs its shard of every step rank 0 sends.
         if path is None:
             raise InvalidArgumentError("--model", "a tensor-parallel rank other than 0 needs the model's path")
-        from service.engine.tp_worker import serve_rank
-        return serve_rank(config)
+        from service.engine.tp_worker import run_rank
+        run_rank(config)
     options = dataclasses.replace(options, embedding_model=resolve_embedding_model(a.embedding_model, config.model))
     store = None
     if path is not None and (a.max_loaded_models is not None or a.memory_gb is not None):

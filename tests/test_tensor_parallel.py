@@ -143,7 +143,8 @@ def test_rendezvous_from_the_environment(tiny_model_factory, monkeypatch) -> Non
     with LLM(path, dtype="float32", progress=False, num_blocks=64, tensor_parallel_size=2) as two:
         assert two.engine.tp is not None and two.engine.tp.workers == []   # nothing started locally
         assert _tokens(two, prompts) == want
-    assert worker.wait(60) == 0          # stopped by rank 0's close
+    rc = worker.wait(60)
+    assert rc == 0, worker.stderr.read()[-4000:]          # stopped by rank 0's close
     # A rank given another model is refused at start, naming the mismatch.
     other = str(tiny_model_factory("llama", num_hidden_layers=3))
     port = free_port()
@@ -168,15 +169,20 @@ class Server:
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         assert self.proc.stderr is not None
         self.lines: list[str] = []
-        for line in self.proc.stderr:      # wait on the log, not on a timer
+        # Wait on the log, not on a timer: for rank 0's "serving" line and for rank 1's own line
+        # (a separate process writing to the same pipe, so it may come after rank 0's).
+        port = worker = None
+        for line in self.proc.stderr:
             self.lines.append(line)
-            if m := re.search(r"serving .*?(\d+)", line):
+            port = port or re.search(r"serving .* on 127\.0\.0\.1:(\d+)", line)
+            worker = worker or re.search(r"rank 1 of 2 \(pid (\d+)\)", line)
+            if port and worker:
                 break
         else:
             raise AssertionError("exited before serving:\n" + "".join(self.lines))
         threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
-        self.port = int(re.search(r"127\.0\.0\.1:(\d+)", "".join(self.lines)).group(1))
-        self.worker_pid = int(re.search(r"rank 1 of 2 \(pid (\d+)\)", "".join(self.lines)).group(1))
+        self.port = int(port.group(1))
+        self.worker_pid = int(worker.group(1))
 
     def stop(self) -> None:
         if self.proc.poll() is None:

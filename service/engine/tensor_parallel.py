@@ -43,6 +43,7 @@ HEADER_LEN = 8
 # ends waits nothing else ends (a peer that hangs without closing its connection).
 GROUP_TIMEOUT = timedelta(hours=24)
 HEARTBEAT_TIMEOUT = timedelta(seconds=10)
+STOP_TIMEOUT = timedelta(seconds=10)
 RENDEZVOUS_TIMEOUT_S = 300.0   # for ranks on other hosts to be started
 
 
@@ -81,8 +82,11 @@ class TPGroup:
     """One rank's handle on the group: the collectives the model and the runner use."""
 
     def __init__(self, rdv: Rendezvous, backend: str = "gloo") -> None:
-        dist.init_process_group(backend, init_method=f"tcp://{rdv.addr}:{rdv.port}", rank=rdv.rank,
-                                world_size=rdv.world, timeout=GROUP_TIMEOUT)
+        # Our own handle on the rendezvous store (rank 0 hosts it) outlives the group, so that
+        # teardown can be ordered: see close().
+        self.store = dist.TCPStore(rdv.addr, rdv.port, rdv.world, is_master=rdv.rank == 0,
+                                   timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S), wait_for_workers=False)
+        dist.init_process_group(backend, store=self.store, rank=rdv.rank, world_size=rdv.world, timeout=GROUP_TIMEOUT)
         self.rank = rdv.rank
         self.world = rdv.world
         self.broken: str | None = None
@@ -139,24 +143,35 @@ class TPGroup:
         return [p.tolist() for p in parts] if parts else []
 
     def close(self) -> None:
-        """Stop the ranks (the driver), tear the group down."""
-        if self.rank == 0 and not self.broken:
-            try:
-                header = torch.zeros(HEADER_LEN, dtype=torch.long)
-                header[0] = OP_STOP
-                dist.broadcast(header, 0)
-            except RuntimeError:
-                pass
-        for p in self.workers:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.workers = []
+        """Stop the ranks (the driver), tear the group down.
+
+        Order matters: the driver hosts the store, and a rank whose peer vanishes mid-teardown
+        may abort ("terminate called"). So each rank tears its group down first and then says so
+        in the store; the driver waits for that before it tears its own down."""
+        if self.rank == 0:
+            if not self.broken:
+                try:
+                    header = torch.zeros(HEADER_LEN, dtype=torch.long)
+                    header[0] = OP_STOP
+                    dist.broadcast(header, 0)
+                    self.store.wait([_stopped_key(r) for r in range(1, self.world)], STOP_TIMEOUT)
+                except RuntimeError as exc:   # a rank already gone, or one that did not answer
+                    log.warning("tensor parallel: not every rank stopped cleanly (%s)", str(exc).splitlines()[0][:200])
+            for p in self.workers:
+                try:
+                    p.wait(STOP_TIMEOUT.total_seconds())
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            self.workers = []
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
+            except RuntimeError:
+                pass
+        if self.rank and not self.broken:
+            try:
+                self.store.set(_stopped_key(self.rank), "1")
             except RuntimeError:
                 pass
 
@@ -196,6 +211,10 @@ class TPGroup:
         self.broken = f"a tensor-parallel rank was lost ({str(exc).splitlines()[0][:200]}); this server cannot serve"
         log.error("%s", self.broken)
         raise UnavailableError(self.broken) from exc
+
+
+def _stopped_key(rank: int) -> str:
+    return f"weft/stopped/{rank}"
 
 
 def model_fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> list[int]:

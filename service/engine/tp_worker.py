@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from typing import NoReturn
 
 import torch
 
@@ -62,18 +63,34 @@ def serve_rank(config: EngineConfig) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_rank(config: EngineConfig) -> NoReturn:
+    """serve_rank, then leave the process (see exit_now): what `weft worker`, `weft serve` with
+    RANK >= 1 and the driver's local ranks all run."""
+    try:
+        code = serve_rank(config)
+    except UnavailableError as exc:   # rank 0 went away: nothing left to serve
+        log.error("%s", exc)
+        code = 1
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Leave without the interpreter's teardown: a rank holds nothing to save, and the C++
+    destructors of the collectives' threads may abort ("terminate called without an active
+    exception") while the driver tears down the same connections."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m service.engine.tp_worker")
     parser.add_argument("--config-json", required=True, help="the driver's EngineConfig as JSON")
     a = parser.parse_args(argv)
-    config = EngineConfig(**json.loads(a.config_json))
-    try:
-        return serve_rank(config)
-    except UnavailableError as exc:   # rank 0 went away: nothing left to serve
-        log.error("%s", exc)
-        return 1
+    run_rank(EngineConfig(**json.loads(a.config_json)))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
