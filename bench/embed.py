@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bench.common import print_table, write_results
+from common.net import free_port
 
 BATCHES = (1, 32, 256)
 MIN_TOKENS, MAX_TOKENS = 8, 256
@@ -72,11 +73,7 @@ class Served:
     """`weft serve --model <dir>` (embeddings only) as a subprocess, for the HTTP rows."""
 
     def __init__(self, model: Path, threads: int) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WEFT_API_KEY": ""}
         self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--host",
                                       "127.0.0.1", "--port", "0", "--http-port", str(port)],

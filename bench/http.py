@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 from bench.common import print_table, write_results
+from common.net import free_port
 from bench.load import Result, ServerProcess, Stream, level_row, run_level
 from bench.workload import Item, make_workload
 
@@ -44,17 +44,11 @@ def _http(client, model: str, salt: str) -> Stream:  # client: openai.AsyncOpenA
     return stream
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class HttpServerProcess(ServerProcess):
     """`weft serve` with its REST shim on a second free port."""
 
     def __init__(self, model: str | None, dtype: str, kv_cache_gb: float) -> None:
-        self.http_port = _free_port()
+        self.http_port = free_port()
         super().__init__(model, dtype, kv_cache_gb, ["--http-port", str(self.http_port)])
 
     @property

@@ -79,7 +79,6 @@ def main(argv: list[str]) -> int:
     path = bench_model()
     load_before = os.getloadavg()[0]
     rng = random.Random(0)
-    threads = torch.get_num_threads()
     rows: list[dict] = []
     setups = [("1 rank (native loop)", 1, "1"), ("1 rank (torch loop)", 1, "0"), ("2 ranks", 2, "1")]
     for name, world, native in setups:
@@ -92,8 +91,7 @@ def main(argv: list[str]) -> int:
                 rows.append({"setup": name, "concurrency": c, **run(llm, prompts, a.new_tokens)})
                 print_table(rows[-1:])
         finally:
-            llm.close()
-            torch.set_num_threads(threads)   # the driver of two ranks took half the cores
+            llm.close()   # gives the driver of two ranks its whole thread count back
     os.environ.pop("WEFT_NATIVE", None)
     print_table(rows)
 

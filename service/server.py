@@ -33,6 +33,7 @@ from clients.weft.v1 import inference_pb2 as pb
 from clients.weft.v1 import inference_pb2_grpc as pb_grpc
 from decoding.guided.spec import GuidedSpec
 from decoding.sampling import MAX_LOGPROBS, MAX_N, SamplingParams, TokenLogprobs
+from service.calls_in_flight import CallsInFlight
 from service.config import EngineConfig
 from service.encoder_loader import DEFAULT_EMBEDDING_NAME, is_encoder_dir, load_encoder
 from service.engine.async_encoder import AsyncEncoder
@@ -288,9 +289,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._decoder_embedder: Embedder | None = None
         self._loaded = False                   # an engine or the main embedding model is attached
         self._token_text: dict[int, str] = {}  # id -> its text alone, for logprobs
-        self._in_flight = 0                    # generation and Embed calls running (the drain waits on them)
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._calls = CallsInFlight()                    # generation and Embed calls running (the drain waits on them)
 
     # ---- state --------------------------------------------------------------------------
 
@@ -333,11 +332,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self._calls.count
 
     async def wait_idle(self) -> None:
         """Return once no generation call is running."""
-        await self._idle.wait()
+        await self._calls.wait_idle()
 
     async def close(self) -> None:
         """Nothing to release here: WeftServer shuts down the engines it owns."""
@@ -478,8 +477,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         """Run one request, handing every delta to on_output; report how it ended."""
         outcome = "internal"
         trace = self._observer.request_started(rid) if self._observer is not None else None
-        self._in_flight += 1
-        self._idle.clear()
+        self._calls.enter()
         try:
             engine = self._ready(req.model)
             # Resolved now: an adapter unloaded while the prompt is prepared must not turn this
@@ -510,9 +508,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             outcome = _status_of(exc)[0].name.lower()
             raise
         finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
+            self._calls.leave()
             if trace is not None:
                 trace.ended(outcome)
             if self._on_request_end is not None:
@@ -765,8 +761,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         t0 = time.perf_counter()
         outcome, tokens = "internal", 0
-        self._in_flight += 1     # a drain lets it finish, like a generation
-        self._idle.clear()
+        self._calls.enter()     # a drain lets it finish, like a generation
         try:
             rid = _request_id(context)
             name, embedder = self._embedder(request.model)
@@ -793,9 +788,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             outcome = _status_of(exc)[0].name.lower()
             raise
         finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
+            self._calls.leave()
             if self._observer is not None:
                 self._observer.embedding_ended(outcome, len(request.inputs), tokens, time.perf_counter() - t0)
 

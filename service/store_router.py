@@ -28,6 +28,7 @@ import torch
 from clients.weft.v1 import inference_pb2 as pb
 from clients.weft.v1 import inference_pb2_grpc as pb_grpc
 from common.errors import InvalidArgumentError, ModelLoadError, NotFoundError
+from service.calls_in_flight import CallsInFlight
 from service.config import EngineConfig
 from service.engine.async_encoder import AsyncEncoder
 from service.engine.async_engine import AsyncEngine
@@ -118,9 +119,7 @@ class StoreRouter(pb_grpc.InferenceServiceServicer):
         self.embeddings: InferenceServicer | None = None   # an embedding model served beside the store
         self._encoder: AsyncEncoder | None = None
         self.draining = False
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._calls = CallsInFlight()
 
     # ---- what WeftServer needs ------------------------------------------------------------
 
@@ -130,10 +129,10 @@ class StoreRouter(pb_grpc.InferenceServiceServicer):
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self._calls.count
 
     async def wait_idle(self) -> None:
-        await self._idle.wait()
+        await self._calls.wait_idle()
 
     async def close(self) -> None:
         await self.pool.close()
@@ -227,8 +226,7 @@ class StoreRouter(pb_grpc.InferenceServiceServicer):
             return await call(embedding, model)
         m = self._manifest(model)
         name = model or short_name(m.name)
-        self._in_flight += 1
-        self._idle.clear()
+        self._calls.enter()
         try:
             try:
                 # Waiting for room ends at the call's deadline, like the request itself would.
@@ -245,9 +243,7 @@ class StoreRouter(pb_grpc.InferenceServiceServicer):
             finally:
                 self.pool.release(entry)
         finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
+            self._calls.leave()
 
     def _keep_alive(self, msg: Any) -> float:
         """A request's keep_alive_seconds: negative is forever; unset, the server's default."""

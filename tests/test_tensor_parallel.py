@@ -18,13 +18,14 @@ from collections.abc import Iterator
 import grpc
 import jsonschema
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.weft.v1 import inference_pb2 as pb
 from clients.weft.v1 import inference_pb2_grpc as pb_grpc
 from decoding.guided import GuidedSpec
 from decoding.sampling import SamplingParams
-from service.engine.tensor_parallel import free_port
+from common.net import free_port
 from service.llm import LLM
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -67,12 +68,14 @@ def test_two_ranks_equal_one(tiny_model_factory, kind, overrides) -> None:
     # The llama run also forces chunked prefill (64-token budget) and preemption (40 blocks of 16
     # tokens cannot hold the 12 sequences at once).
     kw = {"num_blocks": 40, "max_num_batched_tokens": 64} if heavy else {"num_blocks": 64 * 2}
+    threads = torch.get_num_threads()
     with LLM(path, dtype="float32", progress=False, tensor_parallel_size=2, **kw) as two:
         assert _tokens(two, prompts) == want
         assert two.engine.pool_is_whole()
         if heavy:
             assert two.engine.scheduler.num_preemptions > 0
         memory = two.engine.rank_memory
+    assert torch.get_num_threads() == threads   # the driver's share of the cores is given back
     assert len(memory) == 2
     blocks_one, blocks_two = 512, kw["num_blocks"]
     for weights, kv in memory:

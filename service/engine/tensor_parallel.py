@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from common import env
+from common.net import free_port
 from common.errors import ModelLoadError, UnavailableError
 from service.config import EngineConfig
 
@@ -92,6 +92,7 @@ class TPGroup:
         self.broken: str | None = None
         self.stats = CommStats()
         self.workers: list[subprocess.Popen] = []   # the local ranks this driver started
+        self.threads_before: int | None = None       # the driver's thread count before it took its share
 
     # ---- what every rank calls inside a forward pass --------------------------------------------
 
@@ -164,6 +165,9 @@ class TPGroup:
                     p.kill()
                     p.wait()
             self.workers = []
+            if self.threads_before is not None:   # the cores are the process's again
+                torch.set_num_threads(self.threads_before)
+                self.threads_before = None
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
@@ -230,18 +234,13 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_group(config: EngineConfig) -> TPGroup:
     """The driver's group: joins the torchrun-style rendezvous when RANK is set (as rank 0), else
     starts ranks 1..N-1 on this machine, each with its share of the cores."""
     world = config.tensor_parallel_size
     rdv = Rendezvous.from_env(world)
     workers: list[subprocess.Popen] = []
+    threads_before = torch.get_num_threads()
     if rdv is None:
         rdv = Rendezvous("127.0.0.1", free_port(), world, 0)
         threads = max(1, (os.cpu_count() or world) // world)
@@ -260,8 +259,10 @@ def start_group(config: EngineConfig) -> TPGroup:
         for p in workers:
             p.kill()
             p.wait()
+        torch.set_num_threads(threads_before)
         raise
     group.workers = workers
+    group.threads_before = threads_before if workers else None
     log.info("tensor parallel: rank 0 of %d (%s:%d)", world, rdv.addr, rdv.port)
     return group
 
