@@ -24,6 +24,7 @@ Settings = dict[str, Any]
 class GGUFArch:
     keys: dict[str, str] = field(default_factory=dict)   # "{arch}." + key -> config attribute
     fixed: Settings = field(default_factory=dict)          # what llama.cpp assumes for the architecture
+    tensors: dict[str, str] = field(default_factory=dict)  # small tensors holding settings (a list each)
     derived: Callable[[Settings], Settings] | None = None  # from the settings read so far
 
 
@@ -45,10 +46,18 @@ def _gemma3(s: Settings) -> Settings:
     return out
 
 
-def _phi3_rotary(s: Settings) -> Settings:
-    """llama.cpp writes the rotated dimensions per head; transformers wants a fraction of head_dim."""
+def _phi3_rope(s: Settings) -> Settings:
+    """llama.cpp writes the rotated dimensions per head (transformers wants a fraction of head_dim)
+    and LongRoPE's factors as the tensors rope_factors_long / rope_factors_short."""
     head_dim = s["hidden_size"] // s["num_attention_heads"]
-    return {"partial_rotary_factor": s.get("rope_dimension_count", head_dim) / head_dim}
+    rope: Settings = {"rope_type": "default", "rope_theta": s.get("rope_theta", 10000.0),
+                      "partial_rotary_factor": s.get("rope_dimension_count", head_dim) / head_dim}
+    if "long_factor" in s:
+        rope |= {"rope_type": "longrope", "long_factor": s["long_factor"], "short_factor": s["short_factor"],
+                 "original_max_position_embeddings": s["original_max_position_embeddings"]}
+        if "rope_attention_factor" in s:
+            rope["attention_factor"] = float(s["rope_attention_factor"])
+    return {"rope_parameters": rope}
 
 
 _MOE_KEYS = {"expert_count": "num_experts", "expert_used_count": "num_experts_per_tok",
@@ -74,8 +83,10 @@ ARCHITECTURES: dict[str, GGUFArch] = {
         derived=_gemma3),
     "phi3": GGUFArch(
         keys={"rope.dimension_count": "rope_dimension_count", "attention.sliding_window": "sliding_window",
-              "rope.scaling.original_context_length": "original_max_position_embeddings"},
-        derived=_phi3_rotary),
+              "rope.scaling.original_context_length": "original_max_position_embeddings",
+              "rope.scaling.attn_factor": "rope_attention_factor"},
+        tensors={"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"},
+        derived=_phi3_rope),
     "qwen2moe": GGUFArch(
         keys={**_MOE_KEYS, "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
         fixed={**_MOE_FIXED, "norm_topk_prob": False}),
@@ -88,7 +99,8 @@ ARCHITECTURES: dict[str, GGUFArch] = {
 }
 
 # Read by Weft, not a transformers config attribute.
-_SCRATCH = ("rope_dimension_count", "rope_scaling_type", "rope_scaling_factor")
+_SCRATCH = ("rope_dimension_count", "rope_scaling_type", "rope_scaling_factor", "rope_attention_factor",
+            "long_factor", "short_factor")
 
 
 def check_architecture(arch: Any, gguf: Path) -> GGUFArch:
@@ -115,6 +127,9 @@ def gguf_config(gguf: Path) -> Any:
         found = reader.get_field(f"{arch}.{key}")
         if found is not None:
             settings[attribute] = found.contents()
+    for tensor in reader.tensors:
+        if tensor.name in entry.tensors:
+            settings[entry.tensors[tensor.name]] = [float(x) for x in tensor.data.reshape(-1)]
     if entry.derived is not None:
         settings |= entry.derived(settings)
     for name in _SCRATCH:

@@ -11,6 +11,7 @@ that are not whole 256-weight super-blocks), norms and 1-D tensors in F32.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,9 +107,18 @@ def _gemma3_metadata(w: Any, cfg: dict[str, Any]) -> None:
 
 
 def _phi3_metadata(w: Any, cfg: dict[str, Any]) -> None:
+    """As llama.cpp's Phi3MiniModel: rotated dims per head; LongRoPE's factors as tensors and its
+    attention factor computed from the context extension."""
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    w.add_rope_dimension_count(int(cfg["rope_parameters"].get("partial_rotary_factor", 1.0) * head_dim))
-    w.add_rope_scaling_orig_ctx_len(cfg.get("original_max_position_embeddings") or cfg["max_position_embeddings"])
+    rope = cfg["rope_parameters"]
+    w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * head_dim))
+    original = cfg.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
+    w.add_rope_scaling_orig_ctx_len(original)
+    if rope.get("rope_type") == "longrope":
+        scale = cfg["max_position_embeddings"] / original
+        w.add_rope_scaling_attn_factors(1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original)))
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     if cfg.get("sliding_window"):
         w.add_sliding_window(cfg["sliding_window"])
 

@@ -63,6 +63,11 @@ ARCH_CASES: dict[str, dict] = {
         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0}}},
     "phi3": {"partial_rotary_factor": 0.5, "tie_word_embeddings": False},
+    # Phi-3 with LongRoPE (its factors are tensors in a GGUF); the prompts fit the original 96 positions.
+    "phi3-longrope": {"original_max_position_embeddings": 96, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 50_000.0, "partial_rotary_factor": 0.75,
+        "original_max_position_embeddings": 96, "short_factor": [1.0, 1.1, 1.3, 1.7, 2.5, 4.0],
+        "long_factor": [1.0, 1.5, 3.0, 6.0, 12.0, 30.0]}},
     "qwen2_moe": {},
     "qwen3_moe": {"norm_topk_prob": True},
     "starcoder2": {},
@@ -86,7 +91,7 @@ def test_gguf_architecture_matches_hf_checkpoint(kind: str, tiny_model_factory, 
     from tests.hf_reference import load_hf
 
     monkeypatch.setenv("WEFT_CACHE_DIR", str(tmp_path / "cache"))
-    hf_dir = tiny_model_factory(kind, vocab_size=VOCAB, **ARCH_CASES[kind])
+    hf_dir = tiny_model_factory(kind.split("-")[0], vocab_size=VOCAB, **ARCH_CASES[kind])
     gguf = write_gguf(hf_dir, tmp_path / f"tiny-{kind}.F32.gguf", tokenizer, lambda name: "F32")
     hf = load_hf(hf_dir)
     llm = LLM(str(gguf), dtype="float32", progress=False, num_blocks=32)
