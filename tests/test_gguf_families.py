@@ -57,6 +57,7 @@ def test_mixed_quant_gguf_matches_transformers(kind: str, overrides: dict, tiny_
 # scales Gemma queries by head_dim, runs Gemma 3 with every 6th layer global (6 layers: one global
 # layer, with its own RoPE base), and every Qwen-MoE layer as MoE.
 ARCH_CASES: dict[str, dict] = {
+    "qwen3": {},   # head_dim 16, read from attention.key_length (transformers alone assumes 128)
     "gemma2": {"query_pre_attn_scalar": 16, "sliding_window": 8, "attn_logit_softcapping": 20.0,
                "final_logit_softcapping": 10.0},
     "gemma3": {"query_pre_attn_scalar": 16, "sliding_window": 8, "num_hidden_layers": 6, "rope_parameters": {
