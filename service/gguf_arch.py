@@ -25,6 +25,7 @@ class GGUFArch:
     keys: dict[str, str] = field(default_factory=dict)   # "{arch}." + key -> config attribute
     fixed: Settings = field(default_factory=dict)          # what llama.cpp assumes for the architecture
     tensors: dict[str, str] = field(default_factory=dict)  # small tensors holding settings (a list each)
+    refused: dict[str, str] = field(default_factory=dict)  # "{arch}." + key present -> what the file is
     derived: Callable[[Settings], Settings] | None = None  # from the settings read so far
 
 
@@ -66,7 +67,9 @@ _MOE_KEYS = {"expert_count": "num_experts", "expert_used_count": "num_experts_pe
 _MOE_FIXED: Settings = {"decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False}
 
 ARCHITECTURES: dict[str, GGUFArch] = {
-    "llama": GGUFArch(),
+    # llama.cpp files Mixtral under "llama" with stacked expert tensors, which transformers does not
+    # read into a Llama model (its MLPs would be left random).
+    "llama": GGUFArch(refused={"expert_count": "a Mixtral-style mixture of experts"}),
     "qwen2": GGUFArch(),
     "qwen3": GGUFArch(keys={"attention.key_length": "head_dim"}),
     "gemma2": GGUFArch(
@@ -121,6 +124,9 @@ def gguf_config(gguf: Path) -> Any:
     reader = GGUFReader(str(gguf))
     arch = reader.get_field("general.architecture").contents()
     entry = check_architecture(arch, gguf)
+    for key, what in entry.refused.items():
+        if reader.get_field(f"{arch}.{key}") is not None:
+            raise ModelLoadError(f"{gguf}: {what} ({arch}.{key}) is not supported from GGUF")
     settings: Settings = dict(load_gguf_checkpoint(str(gguf), return_tensors=False)["config"])
     settings |= entry.fixed
     for key, attribute in entry.keys.items():

@@ -120,19 +120,36 @@ def test_gguf_architecture_matches_hf_checkpoint(kind: str, tiny_model_factory, 
         torch.testing.assert_close(converted[name], tensor, rtol=0.0, atol=atol, msg=name)
 
 
-def test_unknown_gguf_architecture_is_refused(tmp_path: Path) -> None:
+def _stub_gguf(path: Path, arch: str, **ints: int) -> Path:
+    """A GGUF with one tensor and the given `{arch}.` integer keys: enough to be refused."""
     import gguf as gguf_py
 
-    from common.errors import ModelLoadError
-    from service.gguf_arch import ARCHITECTURES
-
-    path = tmp_path / "tiny-bloom.gguf"
-    writer = gguf_py.GGUFWriter(str(path), "bloom")
+    writer = gguf_py.GGUFWriter(str(path), arch)
+    for key, value in ints.items():
+        writer.add_uint32(f"{arch}.{key}", value)
     writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def test_unknown_gguf_architecture_is_refused(tmp_path: Path) -> None:
+    from common.errors import ModelLoadError
+    from service.gguf_arch import ARCHITECTURES
+
+    path = _stub_gguf(tmp_path / "tiny-bloom.gguf", "bloom")
     with pytest.raises(ModelLoadError, match="unsupported GGUF architecture 'bloom'; supported: ") as err:
         LLM(str(path), dtype="float32", progress=False)
     assert all(arch in str(err.value) for arch in ARCHITECTURES)
+
+
+def test_mixtral_style_llama_gguf_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's Mixtral is a "llama" GGUF with experts; read as a Llama its MLPs would be random."""
+    from common.errors import ModelLoadError
+
+    monkeypatch.setenv("WEFT_CACHE_DIR", str(tmp_path / "cache"))
+    path = _stub_gguf(tmp_path / "tiny-mixtral.gguf", "llama", expert_count=4, expert_used_count=2)
+    with pytest.raises(ModelLoadError, match=r"Mixtral-style mixture of experts \(llama.expert_count\)"):
+        LLM(str(path), dtype="float32", progress=False)
