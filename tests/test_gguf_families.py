@@ -63,7 +63,7 @@ ARCH_CASES: dict[str, dict] = {
     "gemma3": {"query_pre_attn_scalar": 16, "sliding_window": 8, "num_hidden_layers": 6, "rope_parameters": {
         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0}}},
-    "phi3": {"partial_rotary_factor": 0.5, "tie_word_embeddings": False},
+    "phi3": {"partial_rotary_factor": 0.5, "tie_word_embeddings": False, "sliding_window": 8},
     # Phi-3 with LongRoPE (its factors are tensors in a GGUF); the prompts fit the original 96 positions.
     "phi3-longrope": {"original_max_position_embeddings": 96, "rope_parameters": {
         "rope_type": "longrope", "rope_theta": 50_000.0, "partial_rotary_factor": 0.75,
