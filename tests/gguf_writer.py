@@ -228,6 +228,8 @@ def _add(writer, name: str, data: np.ndarray, qtype_of: Callable[[str], str]) ->
     qtype = Q[qtype_of(name)] if data.ndim >= 2 else Q.F32
     if qtype.name in kquants.FALLBACK and data.shape[-1] % kquants.QK_K:
         qtype = Q[kquants.FALLBACK[qtype.name]]
+    if data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        qtype = Q.F16   # rows that are not whole blocks (Qwen2-MoE's shared expert: 48), as llama.cpp falls back
     if qtype == Q.F32:
         writer.add_tensor(name, data.astype(np.float32))
         return

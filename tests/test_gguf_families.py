@@ -96,20 +96,7 @@ def test_gguf_architecture_matches_hf_checkpoint(kind: str, tiny_model_factory, 
     gguf = write_gguf(hf_dir, tmp_path / f"tiny-{kind}.F32.gguf", tokenizer, lambda name: "F32")
     hf = load_hf(hf_dir)
     llm = LLM(str(gguf), dtype="float32", progress=False, num_blocks=32)
-    assert type(llm.engine.model).__name__ == type(hf).__name__
-    prompts = [list(range(40, 70)), list(range(200, 207))]
-    results = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2))
-    expected = [hf_greedy(hf, prompt, 12) for prompt in prompts]
-    assert [res.outputs[0].token_ids for res in results] == expected
-    # Log-probabilities too: a tiny model's argmax can survive a wrong scale or soft-cap.
-    for prompt, want, res in zip(prompts, expected, results):
-        with torch.inference_mode():
-            logits = hf(torch.tensor([prompt + want[:6]])).logits[0, len(prompt) - 1:]
-        ref = torch.log_softmax(logits.float(), dim=-1)
-        for i, step in enumerate(res.outputs[0].logprobs[:6]):
-            for token, logprob in [(want[i], step.logprob), *step.top]:
-                assert logprob == pytest.approx(float(ref[i, token]), abs=2e-4)
-    assert llm.engine.pool_is_whole()
+    _assert_same_decoding(llm, hf)
 
     converted = load_file(str(gguf_cache_dir(gguf) / "model.safetensors"))
     for name, tensor in hf.state_dict().items():
@@ -118,6 +105,40 @@ def test_gguf_architecture_matches_hf_checkpoint(kind: str, tiny_model_factory, 
         # Gemma's norms were stored as 1 + w: float32 rounding of 1 + w (half an ulp of 1) remains.
         atol = 2.0 ** -24 if kind.startswith("gemma") and name.endswith("norm.weight") else 0.0
         torch.testing.assert_close(converted[name], tensor, rtol=0.0, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe", "starcoder2"])
+def test_quantised_gguf_architecture_matches_transformers(kind: str, tiny_model_factory, tokenizer: TokenizerFields,
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same models with their 2-D and stacked-expert tensors in the mixed quantisation types:
+    Weft from the GGUF equals transformers on the de-quantised weights (the converted directory;
+    its config is what the F32 test above checks against the checkpoint)."""
+    from service.loader import gguf_cache_dir
+    from tests.hf_reference import load_hf
+
+    monkeypatch.setenv("WEFT_CACHE_DIR", str(tmp_path / "cache"))
+    hf_dir = tiny_model_factory(kind, vocab_size=VOCAB, **ARCH_CASES[kind])
+    gguf = write_gguf(hf_dir, tmp_path / f"tiny-{kind}.Q8_0.gguf", tokenizer, _mixed_types)
+    llm = LLM(str(gguf), dtype="float32", progress=False, num_blocks=32)
+    _assert_same_decoding(llm, load_hf(gguf_cache_dir(gguf)))
+
+
+def _assert_same_decoding(llm: LLM, hf: torch.nn.Module) -> None:
+    """Greedy tokens and the first steps' log-probabilities (a tiny model's argmax can survive a
+    wrong scale or soft-cap) equal `hf`'s, and the KV pool whole after."""
+    assert type(llm.engine.model).__name__ == type(hf).__name__
+    prompts = [list(range(40, 70)), list(range(200, 207))]
+    results = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2))
+    expected = [hf_greedy(hf, prompt, 12) for prompt in prompts]
+    assert [res.outputs[0].token_ids for res in results] == expected
+    for prompt, want, res in zip(prompts, expected, results):
+        with torch.inference_mode():
+            logits = hf(torch.tensor([prompt + want[:6]])).logits[0, len(prompt) - 1:]
+        ref = torch.log_softmax(logits.float(), dim=-1)
+        for i, step in enumerate(res.outputs[0].logprobs[:6]):
+            for token, logprob in [(want[i], step.logprob), *step.top]:
+                assert logprob == pytest.approx(float(ref[i, token]), abs=2e-4)
+    assert llm.engine.pool_is_whole()
 
 
 def _stub_gguf(path: Path, arch: str, **ints: int) -> Path:
