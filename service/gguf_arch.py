@@ -39,7 +39,7 @@ def _gemma_attention_scale(big_layers: int) -> Callable[[Settings], Settings]:
 
 
 def _gemma3(s: Settings) -> Settings:
-    """Gemma 2's query scale, plus the global layers' linear RoPE scaling (4B and larger: factor 8;
+    """The query scale as for Gemma 2, plus the global layers' linear RoPE scaling (4B and larger: factor 8;
     llama.cpp leaves the local layers unscaled, as transformers does)."""
     out = _gemma_attention_scale(62)(s)
     if s.get("rope_scaling_type") == "linear":
