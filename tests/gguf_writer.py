@@ -11,22 +11,149 @@ that are not whole 256-weight super-blocks), norms and 1-D tensors in F32.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
-
-# HF model_type -> gguf-py architecture name.
-_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's converter interleaves each head's rotary halves in attn_q / attn_k (transformers'
     GGUF loader undoes it)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+Tensors = dict[str, np.ndarray]
+
+
+def _permute_qk(cfg: dict[str, Any], weights: Tensors) -> Tensors:
+    """Llama only: llama.cpp's LlamaModel converter permutes q/k; the other converters do not."""
+    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+    return {name: _llama_permute(w, heads[name.split(".")[-2]]) if name.endswith(("q_proj.weight", "k_proj.weight"))
+            else w for name, w in weights.items()}
+
+
+def _gemma_norms(cfg: dict[str, Any], weights: Tensors) -> Tensors:
+    """llama.cpp stores Gemma's (1 + w) RMSNorm weights with the 1 added (q/k norms too)."""
+    return {name: w + 1 if name.endswith("norm.weight") else w for name, w in weights.items()}
+
+
+def _num_experts(cfg: dict[str, Any]) -> int:
+    """Qwen3-MoE's config.json spells it num_local_experts (num_experts is an alias)."""
+    return cfg.get("num_experts") or cfg["num_local_experts"]
+
+
+def _stack_experts(cfg: dict[str, Any], weights: Tensors) -> Tensors:
+    """llama.cpp stores each layer's experts as one [experts, rows, cols] tensor per projection
+    (ffn_gate_exps / ffn_up_exps / ffn_down_exps); gguf-py names the stack after expert 0's path
+    without the index (`mlp.experts.gate_proj`)."""
+    out: Tensors = {}
+    for name, w in weights.items():
+        match = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+\.weight)", name)
+        if match is None:
+            out[name] = w
+        elif match[2] == "0":
+            n = _num_experts(cfg)
+            out[f"{match[1]}.{match[3]}"] = np.stack([weights[f"{match[1]}.{e}.{match[3]}"] for e in range(n)])
+    return out
+
+
+def _shared_gate_row(cfg: dict[str, Any], weights: Tensors) -> Tensors:
+    """Qwen2-MoE's shared-expert gate [1, hidden] is the 1-D ffn_gate_inp_shexp in llama.cpp."""
+    return {name: w.reshape(-1) if name.endswith("shared_expert_gate.weight") else w for name, w in weights.items()}
+
+
+def _common_metadata(w: Any, cfg: dict[str, Any]) -> None:
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(_rope_theta(cfg))
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_vocab_size(cfg["vocab_size"])
+    if "rms_norm_eps" in cfg:
+        w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+
+
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    rope = cfg.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)    # Gemma 3: the global layers' base
+    return float(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0))
+
+
+def _gemma2_metadata(w: Any, cfg: dict[str, Any]) -> None:
+    w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+    w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    w.add_sliding_window(cfg["sliding_window"])
+
+
+def _gemma3_metadata(w: Any, cfg: dict[str, Any]) -> None:
+    w.add_sliding_window(cfg["sliding_window"])
+    rope = cfg["rope_parameters"]["full_attention"]
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+
+
+def _phi3_metadata(w: Any, cfg: dict[str, Any]) -> None:
+    """As llama.cpp's Phi3MiniModel: rotated dims per head; LongRoPE's factors as tensors and its
+    attention factor computed from the context extension."""
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    rope = cfg["rope_parameters"]
+    w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * head_dim))
+    original = cfg.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
+    w.add_rope_scaling_orig_ctx_len(original)
+    if rope.get("rope_type") == "longrope":
+        scale = cfg["max_position_embeddings"] / original
+        w.add_rope_scaling_attn_factors(1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original)))
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+    if cfg.get("sliding_window"):
+        w.add_sliding_window(cfg["sliding_window"])
+
+
+def _moe_metadata(w: Any, cfg: dict[str, Any]) -> None:
+    w.add_expert_count(_num_experts(cfg))
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if cfg.get("shared_expert_intermediate_size"):
+        w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+
+
+def _starcoder2_metadata(w: Any, cfg: dict[str, Any]) -> None:
+    w.add_layer_norm_eps(cfg["norm_epsilon"])
+
+
+@dataclass(frozen=True)
+class _Arch:
+    """How llama.cpp's converter writes one HF model_type."""
+    gguf: str                                                   # general.architecture
+    metadata: Callable[[Any, dict[str, Any]], None] | None = None   # keys beyond _common_metadata
+    tensors: tuple[Callable[[dict[str, Any], Tensors], Tensors], ...] = ()   # HF tensors -> llama.cpp's layout
+
+
+_ARCHS: dict[str, _Arch] = {
+    "llama": _Arch("llama", tensors=(_permute_qk,)),
+    "qwen2": _Arch("qwen2"),
+    "qwen3": _Arch("qwen3"),
+    "gemma2": _Arch("gemma2", _gemma2_metadata, (_gemma_norms,)),
+    "gemma3_text": _Arch("gemma3", _gemma3_metadata, (_gemma_norms,)),
+    "phi3": _Arch("phi3", _phi3_metadata),    # qkv_proj / gate_up_proj stay fused: attn_qkv / ffn_up
+    "qwen2_moe": _Arch("qwen2moe", _moe_metadata, (_stack_experts, _shared_gate_row)),
+    "qwen3_moe": _Arch("qwen3moe", _moe_metadata, (_stack_experts,)),
+    "starcoder2": _Arch("starcoder2", _starcoder2_metadata),
+}
 
 
 @dataclass(frozen=True)
@@ -39,7 +166,6 @@ def small_tokenizer(source_gguf: Path, vocab_size: int) -> TokenizerFields:
     """The first `vocab_size` tokens of `source_gguf`'s BPE vocabulary and the merges that build
     them (byte-level BPE numbers merge i's result after the byte tokens, so a prefix of the merges
     only makes tokens of the prefix), plus its other tokenizer settings."""
-    import gguf
 
     reader = gguf.GGUFReader(str(source_gguf))
     fields: dict[str, tuple[Any, Any, Any]] = {}
@@ -65,38 +191,24 @@ def small_tokenizer(source_gguf: Path, vocab_size: int) -> TokenizerFields:
 
 def write_gguf(hf_dir: Path, out: Path, tokenizer: TokenizerFields, qtype_of: Callable[[str], str]) -> Path:
     """`qtype_of(gguf_tensor_name)` -> a GGMLQuantizationType name for each 2-D tensor."""
-    import gguf
     from safetensors.torch import load_file
 
     cfg = json.loads((hf_dir / "config.json").read_text())
-    model_type = cfg["model_type"]
-    arch = _GGUF_ARCH[model_type]
-    n_layers, heads, kv_heads = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    writer = gguf.GGUFWriter(str(out), arch)
-    writer.add_name("tiny " + model_type)
-    writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_block_count(n_layers)
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    writer.add_rope_freq_base(theta)
-    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_vocab_size(cfg["vocab_size"])
-
+    spec = _ARCHS[cfg["model_type"]]
+    writer = gguf.GGUFWriter(str(out), spec.gguf)
+    writer.add_name("tiny " + cfg["model_type"])
+    _common_metadata(writer, cfg)
+    if spec.metadata is not None:
+        spec.metadata(writer, cfg)
     for name, (value, vtype, sub) in tokenizer.fields.items():
         writer.add_key_value(name, value, vtype, sub_type=sub)
 
-    name_map = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_layers)
-    weights = load_file(str(hf_dir / "model.safetensors"))
-    for hf_name, tensor in weights.items():
-        data = tensor.to(torch.float32).numpy()
-        if model_type == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            data = _llama_permute(data, heads if "q_proj" in hf_name else kv_heads)
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf)
+    name_map = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
+    weights = {k: v.to(torch.float32).numpy() for k, v in load_file(str(hf_dir / "model.safetensors")).items()}
+    for convert in spec.tensors:
+        weights = convert(cfg, weights)
+    for hf_name, data in weights.items():
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ValueError(f"no GGUF name for {hf_name}")
@@ -109,7 +221,6 @@ def write_gguf(hf_dir: Path, out: Path, tokenizer: TokenizerFields, qtype_of: Ca
 
 
 def _add(writer, name: str, data: np.ndarray, qtype_of: Callable[[str], str]) -> None:
-    import gguf
     from gguf import GGMLQuantizationType as Q
 
     from tests import kquants
@@ -117,6 +228,8 @@ def _add(writer, name: str, data: np.ndarray, qtype_of: Callable[[str], str]) ->
     qtype = Q[qtype_of(name)] if data.ndim >= 2 else Q.F32
     if qtype.name in kquants.FALLBACK and data.shape[-1] % kquants.QK_K:
         qtype = Q[kquants.FALLBACK[qtype.name]]
+    if data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        qtype = Q.F16   # rows that are not whole blocks (Qwen2-MoE's shared expert: 48), as llama.cpp falls back
     if qtype == Q.F32:
         writer.add_tensor(name, data.astype(np.float32))
         return

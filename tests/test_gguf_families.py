@@ -51,3 +51,126 @@ def test_mixed_quant_gguf_matches_transformers(kind: str, overrides: dict, tiny_
         assert res.outputs[0].token_ids == hf_greedy(hf, prompt, 12)
     assert llm.engine.pool_is_whole()
 
+
+
+# model_type -> tiny-model overrides within what a GGUF of that architecture can say: llama.cpp
+# scales Gemma queries by head_dim, runs Gemma 3 with every 6th layer global (6 layers: one global
+# layer, with its own RoPE base), and every Qwen-MoE layer as MoE.
+ARCH_CASES: dict[str, dict] = {
+    "qwen3": {},   # head_dim 16, read from attention.key_length (transformers alone assumes 128)
+    "gemma2": {"query_pre_attn_scalar": 16, "sliding_window": 8, "attn_logit_softcapping": 20.0,
+               "final_logit_softcapping": 10.0},
+    "gemma3": {"query_pre_attn_scalar": 16, "sliding_window": 8, "num_hidden_layers": 6, "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0}}},
+    "phi3": {"partial_rotary_factor": 0.5, "tie_word_embeddings": False, "sliding_window": 8},
+    # Phi-3 with LongRoPE (its factors are tensors in a GGUF); the prompts fit the original 96 positions.
+    "phi3-longrope": {"original_max_position_embeddings": 96, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 50_000.0, "partial_rotary_factor": 0.75,
+        "original_max_position_embeddings": 96, "short_factor": [1.0, 1.1, 1.3, 1.7, 2.5, 4.0],
+        "long_factor": [1.0, 1.5, 3.0, 6.0, 12.0, 30.0]}},
+    "qwen2_moe": {},
+    "qwen3_moe": {"norm_topk_prob": True},
+    "starcoder2": {},
+}
+
+
+@pytest.mark.parametrize("kind", list(ARCH_CASES))
+def test_gguf_architecture_matches_hf_checkpoint(kind: str, tiny_model_factory, tokenizer: TokenizerFields,
+                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An F32 GGUF (llama.cpp's names, metadata and layout) of a tiny random model: Weft's greedy
+    tokens and log-probabilities from it equal transformers' on the HF checkpoint it was written
+    from, and the converted weights are that checkpoint's.
+
+    The reference is the checkpoint, not transformers' own load of the GGUF: for these six it
+    leaves settings the file holds at their defaults (transformers 5.23: Gemma 2's query scale and
+    soft-caps, Gemma 3's query scale and RoPE scaling, Phi-3's partial rotary, StarCoder2's RoPE base) or
+    builds experts of the wrong size (both MoEs: it fails to load), which service/gguf_arch.py reads."""
+    from safetensors.torch import load_file
+
+    from service.loader import gguf_cache_dir
+    from tests.hf_reference import load_hf
+
+    monkeypatch.setenv("WEFT_CACHE_DIR", str(tmp_path / "cache"))
+    hf_dir = tiny_model_factory(kind.split("-")[0], vocab_size=VOCAB, **ARCH_CASES[kind])
+    gguf = write_gguf(hf_dir, tmp_path / f"tiny-{kind}.F32.gguf", tokenizer, lambda name: "F32")
+    hf = load_hf(hf_dir)
+    llm = LLM(str(gguf), dtype="float32", progress=False, num_blocks=32)
+    _assert_same_decoding(llm, hf)
+
+    converted = load_file(str(gguf_cache_dir(gguf) / "model.safetensors"))
+    for name, tensor in hf.state_dict().items():
+        if name not in converted:   # a tied lm_head is not stored
+            continue
+        # Gemma's norms were stored as 1 + w: float32 rounding of 1 + w (half an ulp of 1) remains.
+        atol = 2.0 ** -24 if kind.startswith("gemma") and name.endswith("norm.weight") else 0.0
+        torch.testing.assert_close(converted[name], tensor, rtol=0.0, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe", "starcoder2"])
+def test_quantised_gguf_architecture_matches_transformers(kind: str, tiny_model_factory, tokenizer: TokenizerFields,
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same models with their 2-D and stacked-expert tensors in the mixed quantisation types:
+    Weft from the GGUF equals transformers on the de-quantised weights (the converted directory;
+    its config is what the F32 test above checks against the checkpoint)."""
+    from service.loader import gguf_cache_dir
+    from tests.hf_reference import load_hf
+
+    monkeypatch.setenv("WEFT_CACHE_DIR", str(tmp_path / "cache"))
+    hf_dir = tiny_model_factory(kind, vocab_size=VOCAB, **ARCH_CASES[kind])
+    gguf = write_gguf(hf_dir, tmp_path / f"tiny-{kind}.Q8_0.gguf", tokenizer, _mixed_types)
+    llm = LLM(str(gguf), dtype="float32", progress=False, num_blocks=32)
+    _assert_same_decoding(llm, load_hf(gguf_cache_dir(gguf)))
+
+
+def _assert_same_decoding(llm: LLM, hf: torch.nn.Module) -> None:
+    """Greedy tokens and the first steps' log-probabilities (a tiny model's argmax can survive a
+    wrong scale or soft-cap) equal `hf`'s, and the KV pool whole after."""
+    assert type(llm.engine.model).__name__ == type(hf).__name__
+    prompts = [list(range(40, 70)), list(range(200, 207))]
+    results = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2))
+    expected = [hf_greedy(hf, prompt, 12) for prompt in prompts]
+    assert [res.outputs[0].token_ids for res in results] == expected
+    for prompt, want, res in zip(prompts, expected, results):
+        with torch.inference_mode():
+            logits = hf(torch.tensor([prompt + want[:6]])).logits[0, len(prompt) - 1:]
+        ref = torch.log_softmax(logits.float(), dim=-1)
+        for i, step in enumerate(res.outputs[0].logprobs[:6]):
+            for token, logprob in [(want[i], step.logprob), *step.top]:
+                assert logprob == pytest.approx(float(ref[i, token]), abs=2e-4)
+    assert llm.engine.pool_is_whole()
+
+
+def _stub_gguf(path: Path, arch: str, **ints: int) -> Path:
+    """A GGUF with one tensor and the given `{arch}.` integer keys: enough to be refused."""
+    import gguf as gguf_py
+
+    writer = gguf_py.GGUFWriter(str(path), arch)
+    for key, value in ints.items():
+        writer.add_uint32(f"{arch}.{key}", value)
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_unknown_gguf_architecture_is_refused(tmp_path: Path) -> None:
+    from common.errors import ModelLoadError
+    from service.gguf_arch import ARCHITECTURES
+
+    path = _stub_gguf(tmp_path / "tiny-bloom.gguf", "bloom")
+    with pytest.raises(ModelLoadError, match="unsupported GGUF architecture 'bloom'; supported: ") as err:
+        LLM(str(path), dtype="float32", progress=False)
+    assert all(arch in str(err.value) for arch in ARCHITECTURES)
+
+
+def test_mixtral_style_llama_gguf_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's Mixtral is a "llama" GGUF with experts; read as a Llama its MLPs would be random."""
+    from common.errors import ModelLoadError
+
+    monkeypatch.setenv("WEFT_CACHE_DIR", str(tmp_path / "cache"))
+    path = _stub_gguf(tmp_path / "tiny-mixtral.gguf", "llama", expert_count=4, expert_used_count=2)
+    with pytest.raises(ModelLoadError, match=r"Mixtral-style mixture of experts \(llama.expert_count\)"):
+        LLM(str(path), dtype="float32", progress=False)

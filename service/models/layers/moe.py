@@ -98,11 +98,18 @@ class SparseMoE(nn.Module):
         gate, up, down = expert_names
         n = self.experts_gate_up.shape[0]
         w.put_named(self.gate.weight, prefix + "gate.weight")
-        fused = [w.cat([f"{prefix}experts.{e}.{gate}.weight", f"{prefix}experts.{e}.{up}.weight"]) for e in range(n)]
-        if all(t is not None for t in fused):
-            w.put(self.experts_gate_up, torch.stack(fused), prefix + "experts.*.gate+up")
-        w.put(self.experts_down, w.stack([f"{prefix}experts.{e}.{down}.weight" for e in range(n)]),
-              prefix + "experts.*.down")
+        if prefix + "experts.gate_up_proj" in w.weights:
+            # transformers' in-memory layout (a GGUF conversion saves its state_dict): the experts
+            # already stacked, gate rows before up rows, as ours.
+            w.put_named(self.experts_gate_up, prefix + "experts.gate_up_proj")
+            w.put_named(self.experts_down, prefix + "experts.down_proj")
+        else:
+            fused = [w.cat([f"{prefix}experts.{e}.{gate}.weight", f"{prefix}experts.{e}.{up}.weight"])
+                     for e in range(n)]
+            if all(t is not None for t in fused):
+                w.put(self.experts_gate_up, torch.stack(fused), prefix + "experts.*.gate+up")
+            w.put(self.experts_down, w.stack([f"{prefix}experts.{e}.{down}.weight" for e in range(n)]),
+                  prefix + "experts.*.down")
         if self.shared_expert is not None:
             self.shared_expert.load_weights(w, prefix + shared_name + ".")
         if self.shared_expert_gate is not None:

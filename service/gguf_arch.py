@@ -1,0 +1,144 @@
+"""GGUF architecture -> transformers config: one small table per architecture.
+
+`transformers` reads a GGUF's tensors (de-quantised, renamed, Gemma's +1 norms and llama.cpp's
+q/k row interleave undone) and most of its metadata, but not every setting a family needs: it
+reads no head_dim for Qwen3, no expert FFN size for the MoEs, no soft-caps for Gemma 2. Each
+entry below names the `{arch}.` metadata keys read over transformers' own parse, the settings
+llama.cpp hard-codes for that architecture (they are not in the file), and settings computed from
+the others; the loader builds the config from that and hands it to transformers, which then
+only loads the tensors into a model of the right shape.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.errors import ModelLoadError
+
+Settings = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFArch:
+    keys: dict[str, str] = field(default_factory=dict)   # "{arch}." + key -> config attribute
+    fixed: Settings = field(default_factory=dict)          # what llama.cpp assumes for the architecture
+    tensors: dict[str, str] = field(default_factory=dict)  # small tensors holding settings (a list each)
+    refused: dict[str, str] = field(default_factory=dict)  # "{arch}." + key present -> what the file is
+    derived: Callable[[Settings], Settings] | None = None  # from the settings read so far
+
+
+def _gemma_attention_scale(big_layers: int) -> Callable[[Settings], Settings]:
+    """llama.cpp scales Gemma 2/3 queries by 1/sqrt(head_dim), except in the 27B model (known by
+    its layer count), which scales by 1/sqrt(hidden / heads) as its query_pre_attn_scalar says."""
+    def derive(s: Settings) -> Settings:
+        big = s["num_hidden_layers"] == big_layers
+        return {"query_pre_attn_scalar": s["hidden_size"] // s["num_attention_heads"] if big else s["head_dim"]}
+    return derive
+
+
+def _gemma3(s: Settings) -> Settings:
+    """The query scale as for Gemma 2, plus the global layers' linear RoPE scaling (4B and larger: factor 8;
+    llama.cpp leaves the local layers unscaled, as transformers does)."""
+    out = _gemma_attention_scale(62)(s)
+    if s.get("rope_scaling_type") == "linear":
+        out["rope_scaling"] = {"rope_type": "linear", "factor": float(s["rope_scaling_factor"])}
+    return out
+
+
+def _phi3_rope(s: Settings) -> Settings:
+    """llama.cpp writes the rotated dimensions per head (transformers wants a fraction of head_dim)
+    and LongRoPE's factors as the tensors rope_factors_long / rope_factors_short."""
+    head_dim = s["hidden_size"] // s["num_attention_heads"]
+    rope: Settings = {"rope_type": "default", "rope_theta": s.get("rope_theta", 10000.0),
+                      "partial_rotary_factor": s.get("rope_dimension_count", head_dim) / head_dim}
+    if "long_factor" in s:
+        rope |= {"rope_type": "longrope", "long_factor": s["long_factor"], "short_factor": s["short_factor"],
+                 "original_max_position_embeddings": s["original_max_position_embeddings"]}
+        if "rope_attention_factor" in s:
+            rope["attention_factor"] = float(s["rope_attention_factor"])
+    return {"rope_parameters": rope}
+
+
+_MOE_KEYS = {"expert_count": "num_experts", "expert_used_count": "num_experts_per_tok",
+             "expert_feed_forward_length": "moe_intermediate_size"}
+# llama.cpp's qwen2moe / qwen3moe graphs run every layer as MoE, with no sliding window.
+_MOE_FIXED: Settings = {"decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False}
+
+ARCHITECTURES: dict[str, GGUFArch] = {
+    # llama.cpp files Mixtral under "llama" with stacked expert tensors, which transformers does not
+    # read into a Llama model (its MLPs would be left random).
+    "llama": GGUFArch(refused={"expert_count": "a Mixtral-style mixture of experts"}),
+    "qwen2": GGUFArch(),
+    "qwen3": GGUFArch(keys={"attention.key_length": "head_dim"}),
+    "gemma2": GGUFArch(
+        keys={"attention.key_length": "head_dim", "attention.sliding_window": "sliding_window",
+              "attn_logit_softcapping": "attn_logit_softcapping",
+              "final_logit_softcapping": "final_logit_softcapping"},
+        derived=_gemma_attention_scale(46)),
+    "gemma3": GGUFArch(
+        keys={"attention.key_length": "head_dim", "attention.sliding_window": "sliding_window",
+              "rope.scaling.type": "rope_scaling_type", "rope.scaling.factor": "rope_scaling_factor"},
+        # llama.cpp: local layers' RoPE base 10000, every 6th layer global, no soft-caps.
+        fixed={"rope_local_base_freq": 10000.0, "sliding_window_pattern": 6,
+               "attn_logit_softcapping": None, "final_logit_softcapping": None},
+        derived=_gemma3),
+    "phi3": GGUFArch(
+        keys={"rope.dimension_count": "rope_dimension_count", "attention.sliding_window": "sliding_window",
+              "rope.scaling.original_context_length": "original_max_position_embeddings",
+              "rope.scaling.attn_factor": "rope_attention_factor"},
+        tensors={"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"},
+        derived=_phi3_rope),
+    "qwen2moe": GGUFArch(
+        keys={**_MOE_KEYS, "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
+        fixed={**_MOE_FIXED, "norm_topk_prob": False}),
+    "qwen3moe": GGUFArch(
+        keys={**_MOE_KEYS, "attention.key_length": "head_dim"},
+        fixed={**_MOE_FIXED, "norm_topk_prob": True}),
+    "starcoder2": GGUFArch(
+        keys={"rope.freq_base": "rope_theta", "vocab_size": "vocab_size"},
+        fixed={"sliding_window": None}),   # llama.cpp's starcoder2 attends to the whole context
+}
+
+# Read by Weft, not a transformers config attribute.
+_SCRATCH = ("rope_dimension_count", "rope_scaling_type", "rope_scaling_factor", "rope_attention_factor",
+            "long_factor", "short_factor")
+
+
+def check_architecture(arch: Any, gguf: Path) -> GGUFArch:
+    entry = ARCHITECTURES.get(arch) if isinstance(arch, str) else None
+    if entry is None:
+        raise ModelLoadError(f"{gguf}: unsupported GGUF architecture {arch!r}; "
+                             f"supported: {', '.join(sorted(ARCHITECTURES))}")
+    return entry
+
+
+def gguf_config(gguf: Path) -> Any:
+    """The transformers config of `gguf`: transformers' parse of its metadata, corrected by the
+    architecture's table."""
+    from gguf import GGUFReader
+    from transformers import CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    reader = GGUFReader(str(gguf))
+    arch = reader.get_field("general.architecture").contents()
+    entry = check_architecture(arch, gguf)
+    for key, what in entry.refused.items():
+        if reader.get_field(f"{arch}.{key}") is not None:
+            raise ModelLoadError(f"{gguf}: {what} ({arch}.{key}) is not supported from GGUF")
+    settings: Settings = dict(load_gguf_checkpoint(str(gguf), return_tensors=False)["config"])
+    settings |= entry.fixed
+    for key, attribute in entry.keys.items():
+        found = reader.get_field(f"{arch}.{key}")
+        if found is not None:
+            settings[attribute] = found.contents()
+    for tensor in reader.tensors:
+        if tensor.name in entry.tensors:
+            settings[entry.tensors[tensor.name]] = [float(x) for x in tensor.data.reshape(-1)]
+    if entry.derived is not None:
+        settings |= entry.derived(settings)
+    for name in _SCRATCH:
+        settings.pop(name, None)
+    model_type = settings.pop("model_type")
+    return CONFIG_MAPPING[model_type](**settings)
