@@ -28,9 +28,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH) $(ARGS)
 
-# llama.cpp as a benchmark peer (compiles for ~10 minutes; not needed by the tests).
+# llama.cpp as a benchmark peer (compiles for ~10 minutes; not needed by the tests), and
+# matplotlib for the engine bench's picture.
 bench-peers: $(STAMP)
-	$(BIN)/python -m pip install -q llama-cpp-python==0.3.36
+	$(BIN)/python -m pip install -q llama-cpp-python==0.3.36 matplotlib==3.11.2
 
 protos: $(STAMP)
 	$(BIN)/python -m clients.generate

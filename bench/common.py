@@ -26,6 +26,17 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def throughput_row(system: str, conc: int, items: list, wall: float, ttfts: list[float],
+                   tpots: list[float]) -> dict:
+    """One level's row: `items` (each with max_tokens) served in `wall` seconds."""
+    tokens = sum(i.max_tokens for i in items)
+    return {
+        "system": system, "concurrency": conc, "requests": len(items), "output_tokens": tokens,
+        "tok_per_s": tokens / wall, "ttft_p50_ms": 1000 * percentile(ttfts, 50),
+        "ttft_p99_ms": 1000 * percentile(ttfts, 99), "tpot_ms": 1000 * median(tpots),
+    }
+
+
 def _cpu_model() -> str:
     """The CPU's model name: ratios move with it (MKL's sgemm, say, is far slower on AMD parts)."""
     try:

@@ -1,10 +1,17 @@
-"""make bench BENCH=engine: Weft vs transformers generate (static batches, same dtype) and, when
-llama-cpp-python is installed, llama.cpp on the same GGUF — one workload, one run. With llama.cpp
-there is also a Q4_K_M row at concurrency 1: the GGUF re-quantised to Q4_K_M by llama.cpp's own
-quantiser, Weft and llama.cpp decoding that file.
+"""make bench BENCH=engine: Weft against its peers at their best, one workload, one run.
 
-Usage: python -m bench engine [--model PATH] [--dtype bfloat16|float32] [--levels 1,8,32] [--requests-per-level K]
-                              [--skip-transformers] [--skip-q4km]
+Peers: transformers `generate` (static batches) in float32 and in bfloat16, each ratio taken
+against the faster of the two; and, when llama-cpp-python is installed (make bench-peers),
+llama.cpp on the same GGUF with continuous batching at every level, as llama-server runs it
+(bench/llamacpp_batched.py). Levels 1, 8, 32 and 128 of ~100-token prompts and 16-256 new tokens;
+a long-prompt workload (2,000-token prompts, 64 new tokens, one at a time) for prefill speed and
+TTFT; and with llama.cpp a Q4_K_M pair at concurrency 1: the GGUF re-quantised by llama.cpp's own
+quantiser, Weft and llama.cpp decoding that file request by request. The picture
+(bench/results/engine.png) is drawn from the results file.
+
+Usage: python -m bench engine [--model PATH] [--dtype bfloat16|float32] [--levels 1,8,32,128]
+        [--requests-per-level K] [--long-prompt 2000] [--long-new 64] [--long-requests 4]
+        [--skip-transformers] [--skip-llamacpp] [--skip-q4km] [--skip-long]
 """
 from __future__ import annotations
 
@@ -19,7 +26,10 @@ from pathlib import Path
 
 import torch
 
-from bench.common import median, percentile, print_table, write_results
+from bench.common import print_table, throughput_row, write_results
+from bench.llamacpp_batched import bench_llamacpp_batched
+from bench.plot import throughput_plot
+from bench.transformers_peer import bench_transformers
 from bench.workload import Item, make_workload
 from decoding.sampling import SamplingParams
 from service.config import EngineConfig
@@ -27,16 +37,7 @@ from service.engine.async_engine import AsyncEngine
 from service.engine.core import EngineCore
 
 
-def _row(system: str, conc: int, items: list[Item], wall: float, ttfts: list[float], tpots: list[float]) -> dict:
-    tokens = sum(i.max_tokens for i in items)
-    return {
-        "system": system, "concurrency": conc, "requests": len(items), "output_tokens": tokens,
-        "tok_per_s": tokens / wall, "ttft_p50_ms": 1000 * percentile(ttfts, 50),
-        "ttft_p99_ms": 1000 * percentile(ttfts, 99), "tpot_ms": 1000 * median(tpots),
-    }
-
-
-async def _weft_level(engine: AsyncEngine, items: list[Item], conc: int, loras: list[str | None] | None = None,
+async def weft_level(engine: AsyncEngine, items: list[Item], conc: int, loras: list[str | None] | None = None,
                       ) -> tuple[float, list[float], list[float]]:
     """Closed loop at concurrency `conc`; item i runs with LoRA adapter loras[i] when given."""
     sem = asyncio.Semaphore(conc)
@@ -68,65 +69,16 @@ def bench_weft(core: EngineCore, workloads: dict[int, list[Item]], system: str =
         engine = AsyncEngine(core)
         rows = []
         try:
-            await _weft_level(engine, workloads[1][:1], 1)  # warm-up
+            await weft_level(engine, next(iter(workloads.values()))[:1], 1)  # warm-up
             for conc, items in workloads.items():
-                wall, ttfts, tpots = await _weft_level(engine, items, conc)
-                rows.append(_row(system, conc, items, wall, ttfts, tpots))
+                wall, ttfts, tpots = await weft_level(engine, items, conc)
+                rows.append(throughput_row(system, conc, items, wall, ttfts, tpots))
                 print_table(rows[-1:])
         finally:
             await engine.shutdown()
         return rows
 
     return asyncio.run(run())
-
-
-class _FirstToken:
-    """A logits processor that only records when the first decoding step happens."""
-
-    def __init__(self) -> None:
-        self.t: float | None = None
-
-    def __call__(self, input_ids, scores):
-        if self.t is None:
-            self.t = time.perf_counter()
-        return scores
-
-
-@torch.inference_mode()
-def bench_transformers(hf_dir, dtype: torch.dtype, workloads: dict[int, list[Item]]) -> list[dict]:
-    from transformers import AutoModelForCausalLM, LogitsProcessorList
-
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).eval()
-    model.generation_config.pad_token_id = model.generation_config.pad_token_id or 0
-
-    def run_batch(batch: list[Item]) -> tuple[float, float]:
-        ids = torch.tensor([i.prompt_ids for i in batch])  # equal lengths: no padding needed
-        first = _FirstToken()
-        t0 = time.perf_counter()
-        # Static batching: every row runs until the longest request of the batch is done.
-        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                       max_new_tokens=max(i.max_tokens for i in batch), min_new_tokens=max(i.max_tokens for i in batch),
-                       logits_processor=LogitsProcessorList([first]))
-        return t0, first.t
-
-    run_batch(workloads[1][:1])  # warm-up
-    rows = []
-    for conc, items in workloads.items():
-        ttfts, tpots = [], []
-        start = time.perf_counter()
-        for b in range(0, len(items), conc):
-            batch = items[b:b + conc]
-            t0, first = run_batch(batch)
-            end = time.perf_counter()
-            longest = max(i.max_tokens for i in batch)
-            for _ in batch:
-                # From the batch's start: its clients send when the previous batch has answered
-                # (closed loop, like Weft's clients, whose time waiting for a slot is not counted).
-                ttfts.append(first - t0)
-                tpots.append((end - first) / max(1, longest - 1))
-        rows.append(_row("transformers", conc, items, time.perf_counter() - start, ttfts, tpots))
-        print_table(rows[-1:])
-    return rows
 
 
 def q4km_path(src: Path) -> Path | None:
@@ -181,18 +133,6 @@ def _llamacpp(gguf_path):
     return Llama(model_path=str(gguf_path), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
 
 
-def bench_llamacpp(gguf_path, workloads: dict[int, list[Item]], label: str = "Q4_1") -> list[dict]:
-    llm = _llamacpp(gguf_path)
-    if llm is None:
-        return []
-    items = workloads[1]
-    start = time.perf_counter()
-    ttfts, tpots = zip(*(_llamacpp_one(llm, item) for item in items))
-    row = _row(f"llama.cpp ({label})", 1, items, time.perf_counter() - start, list(ttfts), list(tpots))
-    print_table([row])
-    return [row]
-
-
 def bench_pair_c1(core: EngineCore, gguf_path, items: list[Item], label: str) -> list[dict]:
     """Weft and llama.cpp on the same file at concurrency 1, request by request in A-B-B-A order
     (each warmed up first), so that both see the same load on a shared machine; tok_per_s is each
@@ -205,13 +145,13 @@ def bench_pair_c1(core: EngineCore, gguf_path, items: list[Item], label: str) ->
         engine = AsyncEngine(core)
         got = {"weft": ([], [], [0.0]), "llama.cpp": ([], [], [0.0])}
         try:
-            await _weft_level(engine, items[:1], 1)   # warm-up, both
+            await weft_level(engine, items[:1], 1)   # warm-up, both
             _llamacpp_one(llm, items[0])
             for k, item in enumerate(items):
                 for who in (("weft", "llama.cpp") if k % 2 == 0 else ("llama.cpp", "weft")):
                     t0 = time.perf_counter()
                     if who == "weft":
-                        _, (ttft,), (tpot,) = await _weft_level(engine, [item], 1)
+                        _, (ttft,), (tpot,) = await weft_level(engine, [item], 1)
                     else:   # nothing of Weft's is in flight while llama.cpp runs
                         ttft, tpot = _llamacpp_one(llm, item)
                     ttfts, tpots, wall = got[who]
@@ -220,7 +160,7 @@ def bench_pair_c1(core: EngineCore, gguf_path, items: list[Item], label: str) ->
                     wall[0] += time.perf_counter() - t0
         finally:
             await engine.shutdown()
-        return [_row(f"{who} ({label})", 1, items, wall[0], ttfts, tpots) for who, (ttfts, tpots, wall) in got.items()]
+        return [throughput_row(f"{who} ({label})", 1, items, wall[0], ttfts, tpots) for who, (ttfts, tpots, wall) in got.items()]
 
     rows = asyncio.run(run())
     print_table(rows)
@@ -230,53 +170,56 @@ def bench_pair_c1(core: EngineCore, gguf_path, items: list[Item], label: str) ->
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="bench engine")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
-                    help="both systems run in this dtype (float32 is Weft's CPU default)")
+    ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"], help="Weft's dtype")
     ap.add_argument("--suite-name", default="engine", help="results file name (bench/results/<name>.json)")
-    ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--levels", default="1,8,32,128")
     ap.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, 2*concurrency)")
+    ap.add_argument("--long-prompt", type=int, default=2000, help="prompt tokens of the long-prompt workload")
+    ap.add_argument("--long-new", type=int, default=64, help="new tokens of the long-prompt workload")
+    ap.add_argument("--long-requests", type=int, default=4)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--skip-long", action="store_true", help="no long-prompt workload")
     ap.add_argument("--skip-q4km", action="store_true", help="no Q4_K_M row (Weft and llama.cpp on a Q4_K_M re-quantisation)")
     a = ap.parse_args(argv)
     levels = [int(x) for x in a.levels.split(",")]
     load_start = os.getloadavg()   # other jobs on the machine: the figures are only as good as it is idle
-    core = EngineCore(EngineConfig(model=a.model, dtype=a.dtype, kv_cache_gb=2.0))
+    threads = torch.get_num_threads()
+    core = EngineCore(EngineConfig(model=a.model, dtype=a.dtype, kv_cache_gb=4.0))
     workloads = {c: make_workload(core.tokenizer, a.requests_per_level or max(4, 2 * c), seed=c) for c in levels}
-    rows = bench_weft(core, workloads)
-    if not a.skip_transformers:
-        rows += bench_transformers(core.loaded.hf_dir, core.config.torch_dtype(), workloads)
+    # The long-prompt workload runs one request at a time: its TTFT is one prefill's time.
+    long = {} if a.skip_long else {1: make_workload(core.tokenizer, a.long_requests, prompt_len=a.long_prompt,
+                                                   seed=2000, min_out=a.long_new, max_out=a.long_new)}
+    rows = bench_weft(core, workloads) + _long_rows(bench_weft(core, long), a.long_prompt)
     source = core.loaded.source
     workload = {"prompt_tokens": 100, "output_tokens": "16-256 spread", "greedy": True, "dtype": a.dtype,
-                "levels": levels, "model": str(source)}
-    if source.suffix == ".gguf":
-        rows += bench_llamacpp(source, workloads, source.stem.rsplit(".", 1)[-1])
-    q4km = (q4km_path(source) if source.suffix == ".gguf" and "Q4_K_M" not in source.name and not a.skip_q4km
-            else None)
-    if q4km is not None:
-        # The c1 workload of the rows above (the same prompts: the file keeps the tokenizer).
-        c1 = {1: workloads.get(1) or make_workload(core.tokenizer, a.requests_per_level or 4, seed=1)}
-        workload["q4km_order"] = "Weft and llama.cpp request by request, A-B-B-A, both warmed up"
-        del core
-        core = EngineCore(EngineConfig(model=str(q4km), dtype=a.dtype, kv_cache_gb=2.0))
-        rows += bench_pair_c1(core, q4km, c1[1], "Q4_K_M")
-        workload["q4km_model"] = str(q4km)
-        workload["q4km_made_by"] = ("llama.cpp's llama_model_quantize (llama-cpp-python, LLAMA_FTYPE_MOSTLY_Q4_K_M, "
-                                    f"allow_requantize) from {source.name}: a requantised Q4_K_M, not one from float weights")
-        workload["q4km_tensor_types"] = _tensor_types(q4km)
-    by = {(r["system"], r["concurrency"]): r for r in rows}
-    ratios = {}
-    for c in levels:
-        w, t = by.get(("weft", c)), by.get(("transformers", c))
-        if w and t:
-            ratios[f"c{c}_throughput_vs_transformers"] = w["tok_per_s"] / t["tok_per_s"]
-    if ("weft", 1) in by and ("transformers", 1) in by:
-        ratios["c1_decode_vs_transformers"] = by[("transformers", 1)]["tpot_ms"] / by[("weft", 1)]["tpot_ms"]
-    l = next((r for r in rows if r["system"].startswith("llama.cpp") and "Q4_K_M" not in r["system"]), None)
-    if l and ("weft", 1) in by:
-        ratios["c1_decode_vs_llamacpp"] = l["tpot_ms"] / by[("weft", 1)]["tpot_ms"]
-    wq, lq = by.get(("weft (Q4_K_M)", 1)), by.get(("llama.cpp (Q4_K_M)", 1))
-    if wq and lq:
-        ratios["c1_decode_q4km_vs_llamacpp"] = lq["tpot_ms"] / wq["tpot_ms"]
+                "levels": levels, "model": str(source),
+                "long_prompt": None if a.skip_long else {"prompt_tokens": a.long_prompt, "new_tokens": a.long_new,
+                                                         "requests": a.long_requests, "concurrency": 1}}
+    if not a.skip_transformers:
+        for dtype in (torch.float32, torch.bfloat16):
+            name = f"transformers ({str(dtype).removeprefix('torch.')})"
+            rows += bench_transformers(core.loaded.hf_dir, dtype, workloads, name)
+            rows += _long_rows(bench_transformers(core.loaded.hf_dir, dtype, long, name) if long else [], a.long_prompt)
+    label = source.stem.rsplit(".", 1)[-1]
+    if source.suffix == ".gguf" and not a.skip_llamacpp and _has_llamacpp():
+        got, workload["llamacpp"] = bench_llamacpp_batched(source, workloads, label, threads)
+        rows += got
+        if long:
+            rows += _long_rows(bench_llamacpp_batched(source, long, label, threads)[0], a.long_prompt)
+        q4km = q4km_path(source) if "Q4_K_M" not in source.name and not a.skip_q4km else None
+        if q4km is not None:
+            # The c1 workload of the rows above (the same prompts: the file keeps the tokenizer).
+            c1 = workloads.get(1) or make_workload(core.tokenizer, a.requests_per_level or 4, seed=1)
+            workload["q4km_order"] = "Weft and llama.cpp request by request, A-B-B-A, both warmed up"
+            del core
+            core = EngineCore(EngineConfig(model=str(q4km), dtype=a.dtype, kv_cache_gb=2.0))
+            rows += bench_pair_c1(core, q4km, c1, "Q4_K_M")
+            workload["q4km_model"] = str(q4km)
+            workload["q4km_made_by"] = ("llama.cpp's llama_model_quantize (llama-cpp-python, LLAMA_FTYPE_MOSTLY_Q4_K_M, "
+                                        f"allow_requantize) from {source.name}: a requantised Q4_K_M, not one from float weights")
+            workload["q4km_tensor_types"] = _tensor_types(q4km)
+    ratios = _ratios(rows, levels, label)
     print()
     print_table(rows)
     print(ratios)
@@ -284,7 +227,62 @@ def main(argv: list[str]) -> int:
                                 "what": "1, 5, 15 min load averages of the machine (its cores are shared)"}
     path = write_results(a.suite_name, workload, rows, ratios, _command(argv))
     print(f"wrote {path}")
+    try:
+        print(f"wrote {throughput_plot(path)}")
+    except ImportError:
+        print("matplotlib not installed (make bench-peers): no picture")
     return 0
+
+
+def _long_rows(rows: list[dict], prompt_tokens: int) -> list[dict]:
+    """Rows of the long-prompt workload: marked as such, with prefill speed from the median TTFT."""
+    return [{**r, "workload": "long prompts", "prefill_tok_per_s": prompt_tokens / (r["ttft_p50_ms"] / 1000)}
+            for r in rows]
+
+
+def _ratios(rows: list[dict], levels: list[int], label: str) -> dict[str, float]:
+    """Weft over each peer; transformers' figure is the faster of its two dtypes, level by level."""
+    level_rows = [r for r in rows if "workload" not in r]
+    long_rows = [r for r in rows if r.get("workload") == "long prompts"]
+    llama = f"llama.cpp ({label})"
+
+    def find(rows: list[dict], system: str, c: int = 1) -> dict | None:
+        return next((r for r in rows if r["system"] == system and r["concurrency"] == c), None)
+
+    def best_transformers(rows: list[dict], c: int, field: str, higher: bool) -> dict | None:
+        found = [r for r in rows if r["system"].startswith("transformers") and r["concurrency"] == c]
+        return (max if higher else min)(found, key=lambda r: r[field]) if found else None
+
+    ratios: dict[str, float] = {}
+    for c in levels:
+        w, t, l = find(level_rows, "weft", c), best_transformers(level_rows, c, "tok_per_s", True), find(level_rows, llama, c)
+        if w and t:
+            ratios[f"c{c}_throughput_vs_best_transformers"] = w["tok_per_s"] / t["tok_per_s"]
+        if w and l:
+            ratios[f"c{c}_throughput_vs_llamacpp_batched"] = w["tok_per_s"] / l["tok_per_s"]
+    w, t, l = find(level_rows, "weft"), best_transformers(level_rows, 1, "tpot_ms", False), find(level_rows, llama)
+    if w and t:
+        ratios["c1_decode_vs_best_transformers"] = t["tpot_ms"] / w["tpot_ms"]
+    if w and l:
+        ratios["c1_decode_vs_llamacpp"] = l["tpot_ms"] / w["tpot_ms"]
+    w, t, l = find(long_rows, "weft"), best_transformers(long_rows, 1, "prefill_tok_per_s", True), find(long_rows, llama)
+    if w and t:
+        ratios["prefill_tok_per_s_vs_best_transformers"] = w["prefill_tok_per_s"] / t["prefill_tok_per_s"]
+    if w and l:
+        ratios["prefill_tok_per_s_vs_llamacpp"] = w["prefill_tok_per_s"] / l["prefill_tok_per_s"]
+    wq, lq = find(level_rows, "weft (Q4_K_M)"), find(level_rows, "llama.cpp (Q4_K_M)")
+    if wq and lq:
+        ratios["c1_decode_q4km_vs_llamacpp"] = lq["tpot_ms"] / wq["tpot_ms"]
+    return ratios
+
+
+def _has_llamacpp() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama-cpp-python not installed (make bench-peers): no llama.cpp rows")
+        return False
+    return True
 
 
 def _tensor_types(gguf: Path) -> dict[str, int]:

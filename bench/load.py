@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from bench.common import median, percentile
+from bench.common import throughput_row
 from bench.workload import Item
 
 # One request: yields the number of new tokens in each delta.
@@ -46,15 +46,8 @@ async def run_level(stream: Stream, items: list[Item], conc: int) -> Result:
 
 
 def level_row(system: str, conc: int, items: list[Item], results: list[Result]) -> dict:
-    wall = sum(r[0] for r in results)
-    ttfts = [t for r in results for t in r[1]]
-    tpots = [t for r in results for t in r[2]]
-    tokens = sum(i.max_tokens for i in items)
-    return {
-        "system": system, "concurrency": conc, "requests": len(items), "output_tokens": tokens,
-        "tok_per_s": tokens / wall, "ttft_p50_ms": 1000 * percentile(ttfts, 50),
-        "ttft_p99_ms": 1000 * percentile(ttfts, 99), "tpot_ms": 1000 * median(tpots),
-    }
+    return throughput_row(system, conc, items, sum(r[0] for r in results), [t for r in results for t in r[1]],
+                          [t for r in results for t in r[2]])
 
 
 class ServerProcess:

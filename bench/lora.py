@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import print_table, write_results
-from bench.engine import _row, _weft_level
+from bench.common import print_table, throughput_row, write_results
+from bench.engine import weft_level
 from bench.workload import make_workload
 from service.config import EngineConfig
 from service.engine.async_engine import AsyncEngine
@@ -70,10 +70,10 @@ def main(argv: list[str]) -> int:
         engine = AsyncEngine(core)
         rows = []
         try:
-            await _weft_level(engine, items[:2], 2, names[:2])   # warm-up, adapters resident
+            await weft_level(engine, items[:2], 2, names[:2])   # warm-up, adapters resident
             for label, loras in (("base", None), ("mixed", names), ("mixed", names), ("base", None)):
-                wall, ttfts, tpots = await _weft_level(engine, items, a.concurrency, loras)
-                rows.append({**_row(f"weft {label}", a.concurrency, items, wall, ttfts, tpots),
+                wall, ttfts, tpots = await weft_level(engine, items, a.concurrency, loras)
+                rows.append({**throughput_row(f"weft {label}", a.concurrency, items, wall, ttfts, tpots),
                              "adapters": a.adapters if loras else 0})
                 print_table(rows[-1:])
         finally:
