@@ -1,10 +1,11 @@
 """LoRA inside the native CPU loop (kernels/csrc/cpu_lora.c, service/models/llama_native.py): the
 C op equals the token-by-token reference over LoRAStacks' block-diagonal layout, and a batch
 mixing three adapters and the base really runs its LoRA steps natively and gives the greedy
-tokens of `transformers` + `peft` and of the torch LoRA path."""
+tokens of `transformers` + `peft`, of the layer loop and of the torch (bmm) LoRA op."""
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -60,11 +61,15 @@ def test_mixed_batch_stays_native_and_equals_peft_and_torch(kind: str, tiny_mode
     before = native.lora_steps
     got = _ids(llm, prompts, _greedy(), names)
     assert native.lora_steps > before   # the mixed decode steps ran in the C loop, adapters included
+    before = native.lora_steps
 
-    with monkeypatch.context() as m:   # the same batch on the torch LoRA path
+    with monkeypatch.context() as m:   # the same batch on the layer loop (its LoRA adds: the C op on CPU)
         m.setattr(llm.engine.model, "native", None)
-        torch_path = _ids(llm, prompts, _greedy(), names)
-    assert got == torch_path
+        assert _ids(llm, prompts, _greedy(), names) == got
+        # ... and with the torch LoRA op (batched bmm), as on other devices.
+        m.setattr("service.models.lora.cpu_native", SimpleNamespace(usable=lambda *a: False))
+        assert _ids(llm, prompts, _greedy(), names) == got
+    assert native.lora_steps == before   # (the patched runs above really left the C loop)
 
     for n, p, out in zip(names, prompts, got):
         if n is None:
