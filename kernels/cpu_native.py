@@ -26,7 +26,7 @@ from common import env
 log = logging.getLogger("weft.kernels")
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("cpu_attention.c", "cpu_rope_store.c", "cpu_norm.c", "cpu_act.c", "cpu_llama.c", "cpu_qmatmul.c")
+SOURCES = ("cpu_attention.c", "cpu_rope_store.c", "cpu_norm.c", "cpu_act.c", "cpu_llama.c", "cpu_qmatmul.c", "cpu_lora.c")
 # -march=native: the build is cached per machine (the CPU flags are part of the key). Wide
 # vectors: gcc otherwise caps AVX-512 machines at 256-bit vectors.
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
@@ -119,8 +119,12 @@ def _bind(dll: ctypes.CDLL) -> ctypes.CDLL:
     f.restype = None
     f = dll.weft_llama_layers_f32
     f.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_float, _i64, _i64, _i64,
-                  _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _i64, ctypes.c_int]
+                  _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _i64,
+                  _ptr, _ptr, _i64, _i64, ctypes.c_int]
     f.restype = ctypes.c_int
+    f = dll.weft_lora_add_f32
+    f.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, ctypes.c_int]
+    f.restype = None
     f = dll.weft_qmatmul_f32
     f.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_int, _i64, _ptr, _i64, ctypes.c_int]
     f.restype = ctypes.c_int

@@ -24,6 +24,7 @@ class LoRAPlan:
     gather: torch.Tensor          # [num_slots * M] token feeding each padded row (padding reads token 0)
     valid: torch.Tensor           # [N] the padded rows that hold a real token
     tokens: torch.Tensor          # [N] which token each of them is
+    token_slots: torch.Tensor     # [T] int64 on the CPU: each token's slot, -1 for none (the native loop's input)
 
 
 def make_plan(token_slots: Sequence[int], num_slots: int, device: torch.device) -> LoRAPlan | None:
@@ -37,8 +38,9 @@ def make_plan(token_slots: Sequence[int], num_slots: int, device: torch.device) 
     if not used:
         return None
     empty = torch.empty(0, dtype=torch.long, device=device)
+    slots_t = torch.tensor(token_slots, dtype=torch.long)
     if len(used) == 1 and len(by_slot[used[0]]) == len(token_slots):
-        return LoRAPlan(num_slots, len(token_slots), used[0], empty, empty, empty)
+        return LoRAPlan(num_slots, len(token_slots), used[0], empty, empty, empty, slots_t)
     m = max(len(g) for g in by_slot)
     gather, valid, tokens = [0] * (num_slots * m), [], []
     for s, group in enumerate(by_slot):
@@ -48,7 +50,7 @@ def make_plan(token_slots: Sequence[int], num_slots: int, device: torch.device) 
             tokens.append(t)
     packed = torch.tensor(gather + valid + tokens, dtype=torch.long).to(device)
     g, v, tk = packed.split([len(gather), len(valid), len(tokens)])
-    return LoRAPlan(num_slots, m, None, g, v, tk)
+    return LoRAPlan(num_slots, m, None, g, v, tk, slots_t)
 
 
 def lora_add_(out: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,

@@ -6,7 +6,8 @@ The matmuls are the BLAS sgemm torch itself calls for F.linear (its address come
 libtorch_cpu), with the same arguments, so they are bit-identical to the torch path; so are
 rope, the KV store and silu*mul. Steps with long prefill rows (SDPA) stay in Python. Exception:
 with a GGUF's blocks in the table, steps of few rows multiply from those (cpu_qmatmul.c), equal
-to the float32 products within rounding but not bit-identical. */
+to the float32 products within rounding but not bit-identical. LoRA steps stay here too: after
+each base product, the adapters' x @ A[s] @ B[s] of the tokens that have one (cpu_lora.c). */
 #include <stdint.h>
 #include <string.h>
 
@@ -49,8 +50,28 @@ static void qlinear(const float *x, const float *w, const float *bias, int64_t p
 enum { LN1, QKV_W, QKV_B, O_W, O_B, LN2, GU_W, DOWN_W, K_CACHE, V_CACHE,
        QKV_Q, QKV_FMT, O_Q, O_FMT, GU_Q, GU_FMT, DOWN_Q, DOWN_FMT, NUM_PTRS };
 
+/* Per layer in `lora` (int64 addresses of LoRAStacks' stacked A^T / B^T), in this order. */
+enum { L_QKV_A, L_QKV_B, L_O_A, L_O_B, L_GU_A, L_GU_B, L_DOWN_A, L_DOWN_B, NUM_LORA_PTRS };
+
+/* The adapters of a step (lora == 0: none): each token's slot, grouped once for every projection. */
+typedef struct {
+    const int64_t *table, *slots;
+    int64_t rank;
+    const int32_t *order, *chunk_start;
+    int64_t num_chunks;
+} lora_step;
+
+static void lora_add(const lora_step *ls, int64_t layer, int which, float *y, const float *x, int64_t k, int64_t n,
+                     int64_t num_parts, const int64_t *part_cols, int num_threads) {
+    if (!ls->table || !ls->num_chunks) return;
+    const int64_t *p = ls->table + layer * NUM_LORA_PTRS;
+    weft_lora_apply_f32(y, x, k, n, (const float *)p[2 * which], (const float *)p[2 * which + 1], ls->rank, num_parts,
+                        part_cols, ls->slots, ls->order, ls->chunk_start, ls->num_chunks, num_threads);
+}
+
 /* h: [T, hidden] embeddings in, residual stream (updated in place); out: [T, hidden] final norm.
    scratch: T * (2 * hidden + (H + 2 * Hkv) * D + 2 * H * D + 3 * inter) floats.
+   lora: num_layers * NUM_LORA_PTRS addresses or 0; lora_slots: [T] slot per token (-1: base).
    Returns 0, -1 without an sgemm, -2 if attention could not allocate. */
 int weft_llama_layers_f32(
     float *h, float *out, float *scratch, int64_t num_tokens, int64_t hidden, int64_t inter,
@@ -59,10 +80,18 @@ int weft_llama_layers_f32(
     const float *cos, const float *sin, const int64_t *positions, const int64_t *slots,
     const int64_t *block_tables, int64_t table_stride, const int64_t *seq_lens,
     const int64_t *query_start_loc, const int64_t *rows, int64_t num_rows, int64_t block_size,
-    float scale, int64_t packed_max_rows, int num_threads) {
+    float scale, int64_t packed_max_rows, const int64_t *lora, const int64_t *lora_slots, int64_t lora_num_slots,
+    int64_t lora_rank, int num_threads) {
     if (!sgemm_ptr) return -1;
     const int t = (int)num_tokens, hd = (int)hidden, it = (int)inter;
     const int q_size = (int)(num_heads * head_dim), qkv_size = q_size + 2 * (int)(num_kv_heads * head_dim);
+    const int64_t kv_size = num_kv_heads * head_dim;
+    /* Output columns of each part of the fused projections (LoRAStacks' block-diagonal B). */
+    const int64_t qkv_cols[4] = {0, q_size, q_size + kv_size, qkv_size}, h_cols[2] = {0, hidden},
+                  gu_cols[3] = {0, inter, 2 * inter};
+    int32_t order[lora ? num_tokens + 1 : 1], chunk_start[lora ? num_tokens + 2 : 1];
+    lora_step ls = {lora, lora_slots, lora_rank, order, chunk_start, 0};
+    if (lora) ls.num_chunks = weft_lora_order(lora_slots, num_tokens, lora_num_slots, order, chunk_start);
     float *x = scratch, *delta = x + num_tokens * hidden, *qkv = delta + num_tokens * hidden;
     float *q = qkv + num_tokens * qkv_size, *attn = q + num_tokens * q_size;
     float *gate_up = attn + num_tokens * q_size, *act = gate_up + num_tokens * 2 * inter;
@@ -73,6 +102,7 @@ int weft_llama_layers_f32(
         weft_add_rms_norm_f32(h, pending, (const float *)p[LN1], x, num_tokens, hidden, eps, num_threads);
         qlinear(x, (const float *)p[QKV_W], (const float *)p[QKV_B], p[QKV_Q], p[QKV_FMT], packed_max_rows, qkv, t,
                 qkv_size, hd, num_threads);
+        lora_add(&ls, l, 0, qkv, x, hidden, qkv_size, 3, qkv_cols, num_threads);
         weft_rope_store_f32(qkv, qkv_size, q, k_cache, v_cache, cos, sin, positions, slots, num_tokens,
                             num_heads, num_kv_heads, head_dim, num_threads);
         if (weft_paged_attention_f32(q, attn, k_cache, v_cache, block_tables, table_stride, seq_lens,
@@ -81,10 +111,13 @@ int weft_llama_layers_f32(
             return -2;
         qlinear(attn, (const float *)p[O_W], (const float *)p[O_B], p[O_Q], p[O_FMT], packed_max_rows, delta, t, hd,
                 q_size, num_threads);
+        lora_add(&ls, l, 1, delta, attn, q_size, hidden, 1, h_cols, num_threads);
         weft_add_rms_norm_f32(h, delta, (const float *)p[LN2], x, num_tokens, hidden, eps, num_threads);
         qlinear(x, (const float *)p[GU_W], 0, p[GU_Q], p[GU_FMT], packed_max_rows, gate_up, t, 2 * it, hd, num_threads);
+        lora_add(&ls, l, 2, gate_up, x, hidden, 2 * inter, 2, gu_cols, num_threads);
         weft_silu_mul_f32(gate_up, act, num_tokens, inter, num_threads);
         qlinear(act, (const float *)p[DOWN_W], 0, p[DOWN_Q], p[DOWN_FMT], packed_max_rows, delta, t, hd, it, num_threads);
+        lora_add(&ls, l, 3, delta, act, inter, hidden, 1, h_cols, num_threads);
         pending = delta;
     }
     weft_add_rms_norm_f32(h, pending, final_norm, out, num_tokens, hidden, eps, num_threads);

@@ -26,4 +26,15 @@ int weft_qmatmul_f32(const float *x, int64_t m, int64_t k, const uint8_t *w, int
 /* Count of weights of w [n, k] that differ from the packed tensor de-quantised (load-time check). */
 int64_t weft_qcheck_f32(const uint8_t *packed, int fmt, int64_t n, int64_t k, const float *w, int num_threads);
 
+/* LoRA (kernels/csrc/cpu_lora.c): y[t] += x[t] @ A[slots[t]] @ B[slots[t]] over LoRAStacks' layout. */
+int64_t weft_lora_order(const int64_t *slots, int64_t num_tokens, int64_t num_slots, int32_t *order,
+                        int32_t *chunk_start);
+void weft_lora_apply_f32(float *y, const float *x, int64_t k, int64_t n, const float *a_stack,
+                         const float *b_stack, int64_t r, int64_t num_parts, const int64_t *part_cols,
+                         const int64_t *slots, const int32_t *order, const int32_t *chunk_start,
+                         int64_t num_chunks, int num_threads);
+void weft_lora_add_f32(float *y, const float *x, int64_t num_tokens, int64_t k, int64_t n, const float *a_stack,
+                       const float *b_stack, int64_t r, int64_t num_parts, const int64_t *part_cols,
+                       const int64_t *slots, int64_t num_slots, int num_threads);
+
 #endif

@@ -92,9 +92,9 @@ class LlamaForCausalLM(nn.Module):
         lora: LoRAStep | None = None,
     ) -> torch.Tensor:
         h = self.embed_tokens.forward(input_ids)   # a vocabulary share under tensor parallelism
-        if self.native is not None and lora is None and (self.min_window is None or max(meta.seq_lens) <= self.min_window):
-            # The native loop knows no adapters and no windows.
-            out = self.native(self, h, positions, kv_caches, slot_mapping, meta)
+        if self.native is not None and (self.min_window is None or max(meta.seq_lens) <= self.min_window):
+            # The native loop knows no windows; it adds LoRA adapters itself (kernels/csrc/cpu_lora.c).
+            out = self.native(self, h, positions, kv_caches, slot_mapping, meta, lora)
             if out is not None:
                 return out
         rope = StepRope(self.rope_cos, self.rope_sin, positions)

@@ -6,6 +6,9 @@ is what the CPU spends its time on besides streaming the weights. Anything else 
 rows, other dtypes, no compiler, WEFT_NATIVE=0) returns None and the model runs its torch loop.
 Projections that carry a GGUF's blocks (service/models/gguf_packed.py) multiply from those in
 steps of at most quant.PACKED_MAX_ROWS rows, from the float32 weights above.
+
+Steps with LoRA adapters stay native: the C loop adds each token's adapter after every base
+product (kernels/csrc/cpu_lora.c) from the stacks of service/models/lora.py's LoRAStacks.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from torch import nn
 
 from kernels import cpu_native, quant
 from kernels.attention import AttentionMetadata, native_plan
+from service.models.lora import PROJECTIONS, LoRAStacks, LoRAStep
 
 
 def _packed(module: torch.nn.Module, use: bool) -> list[int]:
@@ -32,12 +36,18 @@ class NativeLayers:
     def __init__(self) -> None:
         self._table_key: tuple | None = None
         self._table: torch.Tensor | None = None
+        self._lora_key: tuple | None = None
+        self._lora_table: torch.Tensor | None = None
+        # Steps with adapters this path ran (tests check that LoRA steps really stay native).
+        self.lora_steps = 0
 
     def __call__(
         self, model: nn.Module, h: torch.Tensor, positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slot_mapping: torch.Tensor, meta: AttentionMetadata,
+        lora: LoRAStep | None = None,
     ) -> torch.Tensor | None:
-        """All layers and the final norm over embeddings h [T, hidden]; None when not applicable."""
+        """All layers and the final norm over embeddings h [T, hidden], each token with its LoRA
+        adapter if `lora`; None when not applicable."""
         if not (cpu_native.usable(h, model.rope_cos) and cpu_native.has_sgemm()):
             return None
         plan = native_plan(meta)
@@ -46,6 +56,13 @@ class NativeLayers:
         table = self._layer_table(model, kv_caches)
         if table is None:
             return None
+        lora_table, lora_slots, lora_num_slots, lora_rank = None, None, 0, 0
+        if lora is not None:
+            lora_table = self._lora_stack_table(lora.stacks)
+            if lora_table is None:
+                return None
+            lora_slots = lora.plan.token_slots.contiguous()
+            lora_num_slots, lora_rank = lora.stacks.num_slots, lora.stacks.max_rank
         cfg = model.config
         t, hidden = h.shape
         attn = model.layers[0].self_attn
@@ -62,11 +79,34 @@ class NativeLayers:
             model.rope_cos.data_ptr(), model.rope_sin.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
             tables.data_ptr(), tables.shape[1], seq_lens.data_ptr(), plan.query_start_loc.data_ptr(),
             plan.rows.data_ptr(), plan.num_rows, meta.block_size, attn.scale, quant.PACKED_MAX_ROWS,
-            torch.get_num_threads(),
+            0 if lora_table is None else lora_table.data_ptr(), 0 if lora_slots is None else lora_slots.data_ptr(),
+            lora_num_slots, lora_rank, torch.get_num_threads(),
         )
         if rc != 0:
             raise RuntimeError(f"native decoder layers failed (code {rc})")
+        if lora is not None:
+            self.lora_steps += 1
         return out
+
+    def _lora_stack_table(self, stacks: LoRAStacks) -> torch.Tensor | None:
+        """Addresses of every layer's stacked A^T and B^T (order: cpu_llama.c's L_* enum), built
+        once per LoRAStacks (adapters are written into the stacks in place); None if a stack is
+        not a contiguous float32 CPU tensor (the torch path handles those)."""
+        first = stacks.stacks[0][PROJECTIONS[0]][0]
+        key = (id(stacks), first.data_ptr())
+        if self._lora_key == key:
+            return self._lora_table
+        rows = []
+        for layer in stacks.stacks:
+            row = []
+            for proj in PROJECTIONS:   # qkv, o, gate_up, down: the C enum's order
+                for t in layer[proj]:
+                    if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+                        return None
+                    row.append(t.data_ptr())
+            rows.append(row)
+        self._lora_key, self._lora_table = key, torch.tensor(rows, dtype=torch.long)
+        return self._lora_table
 
     def _layer_table(self, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
         """Addresses the C loop reads per layer (order: cpu_llama.c's enum), cached while neither the
