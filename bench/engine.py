@@ -173,7 +173,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"], help="Weft's dtype")
     ap.add_argument("--suite-name", default="engine", help="results file name (bench/results/<name>.json)")
     ap.add_argument("--levels", default="1,8,32,128")
-    ap.add_argument("--requests-per-level", type=int, default=0, help="default: max(4, 2*concurrency)")
+    ap.add_argument("--requests-per-level", type=int, default=0,
+                    help="K: max(K, concurrency) requests a level; default: max(4, 2*concurrency)")
     ap.add_argument("--long-prompt", type=int, default=2000, help="prompt tokens of the long-prompt workload")
     ap.add_argument("--long-new", type=int, default=64, help="new tokens of the long-prompt workload")
     ap.add_argument("--long-requests", type=int, default=4)
@@ -186,7 +187,8 @@ def main(argv: list[str]) -> int:
     load_start = os.getloadavg()   # other jobs on the machine: the figures are only as good as it is idle
     threads = torch.get_num_threads()
     core = EngineCore(EngineConfig(model=a.model, dtype=a.dtype, kv_cache_gb=4.0))
-    workloads = {c: make_workload(core.tokenizer, a.requests_per_level or max(4, 2 * c), seed=c) for c in levels}
+    workloads = {c: make_workload(core.tokenizer, max(a.requests_per_level, c) if a.requests_per_level else max(4, 2 * c),
+                                  seed=c) for c in levels}
     # The long-prompt workload runs one request at a time: its TTFT is one prefill's time.
     long = {} if a.skip_long else {1: make_workload(core.tokenizer, a.long_requests, prompt_len=a.long_prompt,
                                                    seed=2000, min_out=a.long_new, max_out=a.long_new)}
