@@ -4,7 +4,7 @@ written from random PEFT adapters by tests/gguf_writer.py the way the converter 
 directory's weights and give transformers + peft's greedy tokens on tiny Llama and Qwen2 (alpha
 != r, so the scaling counts); an F16 file fuses to the same within F16's rounding; bad files
 (a base model, truncated, foreign tensor names, another architecture, a quantisation we do not
-read) are refused naming the problem."""
+read) are refused naming the problem; a Modelfile takes ADAPTER ./x.gguf."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,9 +13,11 @@ import gguf
 import pytest
 import torch
 
-from common.errors import ModelLoadError
+from common.errors import InvalidArgumentError, ModelLoadError
 from service.llm import LLM
+from service.modelfile import parse
 from service.models.lora import LoRAWeights, load_lora
+from service.store import ModelStore
 from tests.gguf_writer import write_lora_gguf
 from tests.test_lora import ALL, PROMPTS, _greedy, _ids, make_adapter, peft_greedy
 
@@ -122,3 +124,15 @@ def test_bad_gguf_adapters_are_refused_naming_the_problem(family, smollm2_gguf, 
     llm.load_lora("again", str(good))   # still serving, and still taking good files
     assert _ids(llm, [PROMPTS[0]], _greedy(4), "again") == _ids(llm, [PROMPTS[0]], _greedy(4), "all_r8")
 
+
+def test_modelfile_adapter_may_be_a_gguf_file(family, tmp_path) -> None:
+    base, peft, ggufs, _ = family
+    store = ModelStore(tmp_path / "home")
+    (tmp_path / "mf").mkdir()
+    (tmp_path / "mf" / "x.gguf").write_bytes(ggufs["all_r8"].read_bytes())
+    m = store.create("tuned", parse(f"FROM {base}\nADAPTER ./x.gguf\nADAPTER {peft['attn_r4']}\n"),
+                     base_dir=tmp_path / "mf")
+    assert m.adapters == [str((tmp_path / "mf" / "x.gguf").resolve()), str(peft["attn_r4"])]
+    (tmp_path / "mf" / "notes.txt").write_text("hello")
+    with pytest.raises(InvalidArgumentError, match="neither a PEFT LoRA adapter directory nor a GGUF file"):
+        store.create("bad", parse(f"FROM {base}\nADAPTER ./notes.txt\n"), base_dir=tmp_path / "mf")
