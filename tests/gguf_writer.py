@@ -255,6 +255,7 @@ def write_lora_gguf(hf_dir: Path, peft_dir: Path, out: Path, qtype: str = "F32")
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora_cfg["lora_alpha"]))
+    _common_metadata(writer, cfg)   # the converter writes the base model's parameters too
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf)
     name_map = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}

@@ -2,9 +2,9 @@
 written from random PEFT adapters by tests/gguf_writer.py the way the converter writes them
 (names, reversed dims, alpha, llama's q/k permutation), they fuse to exactly the PEFT
 directory's weights and give transformers + peft's greedy tokens on tiny Llama and Qwen2 (alpha
-!= r, so the scaling counts); an F16 file fuses to the same within F16's rounding; bad files
-(a base model, truncated, foreign tensor names, another architecture, a quantisation we do not
-read) are refused naming the problem; a Modelfile takes ADAPTER ./x.gguf."""
+!= r, so the scaling counts); F16, BF16 and Q8_0 files fuse to the same within their rounding;
+bad files (a base model, truncated, foreign tensor names, another architecture or head count, a
+quantisation we do not read) are refused naming the problem; a Modelfile takes ADAPTER ./x.gguf."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -72,11 +72,14 @@ def test_greedy_equals_transformers_peft(family, name) -> None:
     assert _ids(llm, [PROMPTS[0]], _greedy(), None) != _ids(llm, [PROMPTS[0]], _greedy(), name)
 
 
-def test_f16_file_fuses_within_f16_rounding(family, tmp_path) -> None:
+@pytest.mark.parametrize("qtype,atol", [("F16", 1e-3), ("BF16", 1e-2), ("Q8_0", 1e-2)])
+def test_16_bit_and_q8_0_files_fuse_within_their_rounding(family, tmp_path, qtype, atol) -> None:
+    """convert_lora_to_gguf.py's other --outtype values (its default is f16); rows that are not
+    whole Q8_0 blocks (lora_b's r columns) fall back to F16, as the converter's do."""
     base, peft, _, llm = family
-    f16 = write_lora_gguf(base, peft["all_r8"], tmp_path / "f16.gguf", qtype="F16")
-    assert gguf.GGUFReader(str(f16)).tensors[0].tensor_type.name == "F16"
-    _assert_fused_equal(_load(llm, f16), _load(llm, peft["all_r8"]), rtol=2e-3, atol=1e-4)
+    path = write_lora_gguf(base, peft["all_r8"], tmp_path / f"{qtype}.gguf", qtype=qtype)
+    assert qtype in {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    _assert_fused_equal(_load(llm, path), _load(llm, peft["all_r8"]), rtol=0, atol=atol)
 
 
 def _write_raw(out: Path, arch: str, tensors: dict[str, torch.Tensor], **meta: str) -> Path:
@@ -104,8 +107,13 @@ def test_bad_gguf_adapters_are_refused_naming_the_problem(family, smollm2_gguf, 
     other = "qwen2" if own == "llama" else "llama"
     foreign = make_adapter(tiny_model_factory(other), tmp_path / "foreign", seed=1, r=4, lora_alpha=8,
                            target_modules=["q_proj"])
+    # Twice the heads of half the size: every shape as ours, q/k rows interleaved otherwise.
+    narrow_heads = tiny_model_factory(own, num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+    narrow = make_adapter(narrow_heads, tmp_path / "narrow", seed=2, r=4, lora_alpha=8, target_modules=["q_proj"])
     cases = {
         "base model": (smollm2_gguf, "not 'adapter'"),
+        "head count": (write_lora_gguf(narrow_heads, narrow, tmp_path / "narrow.gguf"),
+                       f"{own}.attention.head_count is 8, the base model's 4"),
         "truncated": (truncated, "corrupt or truncated GGUF"),
         "tensor name": (_write_raw(tmp_path / "embd.gguf", own,
                                    {"token_embd.weight.lora_a": torch.zeros(4, 8)}, **lora),

@@ -44,6 +44,13 @@ def read_gguf(path: Path, shapes: BaseShapes) -> list[AdapterModule]:
     if expected is not None and arch != expected:
         raise AdapterLoadError(f"{path}: an adapter for a {arch!r} model; the base model ({shapes.family}) is "
                                f"{expected!r}")
+    # The converter writes the base model's parameters too; the q/k un-permutation needs the
+    # same head counts as the base model's, which shapes alone would not show.
+    for key, ours in (("attention.head_count", shapes.num_heads), ("attention.head_count_kv", shapes.num_kv_heads)):
+        theirs = _field(reader, f"{arch}.{key}")
+        if theirs is not None and ours and int(theirs) != ours:
+            raise AdapterLoadError(f"{path}: {arch}.{key} is {theirs}, the base model's {ours}: an adapter for "
+                                   "another model")
     alpha = float(_field(reader, "adapter.lora.alpha") or 0.0)
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for t in reader.tensors:
