@@ -321,7 +321,8 @@ class WeftClient(_Base):
         return self._unary(self.stub.ResetPrefixCache, pb.ResetPrefixCacheRequest(model=model), timeout)
 
     def load_adapter(self, name: str, path: str, *, timeout: float | None = None) -> pb.LoadAdapterResponse:
-        """Serve the PEFT LoRA adapter at `path` (on the server) as model `name`."""
+        """Serve the LoRA adapter at `path` (on the server: a PEFT directory or a LoRA .gguf) as
+        model `name`."""
         return self._unary(self.stub.LoadAdapter, pb.LoadAdapterRequest(name=name, path=path), timeout)
 
     def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:

@@ -65,7 +65,8 @@ class EngineConfig:
     spec_adaptive_k: bool = _opt("speculative", "pick each request's draft length per step from its acceptance and "
                                  "the measured cost of a step per row count (k is then the most it may take)", True)
     # ---- LoRA adapters (service/engine/lora_manager.py)
-    lora: tuple[str, ...] = _opt("lora", "serve the PEFT LoRA adapter at PATH as model NAME (repeatable)", (),
+    lora: tuple[str, ...] = _opt("lora", "serve the LoRA adapter at PATH (a PEFT directory or a llama.cpp LoRA "
+                                 ".gguf) as model NAME (repeatable)", (),
                                  metavar="NAME=PATH")
     enable_lora: bool = _opt("lora", "accept adapters at run time (LoadAdapter, /v1/load_lora_adapter); implied by "
                              "--lora", False)

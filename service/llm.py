@@ -90,7 +90,8 @@ class LLM:
         return [results[rid] for rid in order]
 
     def load_lora(self, name: str, path: str) -> None:
-        """Serve the PEFT adapter at `path` as `name` (needs enable_lora=True or lora=[...])."""
+        """Serve the LoRA adapter at `path` (a PEFT directory or a LoRA .gguf) as `name` (needs
+        enable_lora=True or lora=[...])."""
         self.engine.add_adapter(*self.engine.read_adapter(name, path))
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> GenerateResult:

@@ -6,7 +6,7 @@
     PARAMETER stop "<|im_end|>"        # repeatable
     TEMPLATE \"\"\"{{ .System }} ...\"\"\"   # Ollama's Go template (common cases) or a Jinja one
     MESSAGE user Hello                 # few-shot history
-    ADAPTER ./my-lora                  # a PEFT LoRA directory
+    ADAPTER ./my-lora                  # a PEFT LoRA directory or a LoRA .gguf (llama.cpp's)
     LICENSE \"\"\"...\"\"\"
 
 Instructions are case-insensitive; `#` starts a comment line; a value is the rest of the line,
@@ -149,7 +149,7 @@ def parse(text: str) -> Modelfile:
             mf.source = value
         elif instruction == "adapter":
             if not value:
-                raise ModelfileError(line_no, instruction, "needs a LoRA adapter directory")
+                raise ModelfileError(line_no, instruction, "needs a LoRA adapter directory or .gguf file")
             mf.adapters.append(value)
         elif instruction == "license":
             mf.license.append(value)

@@ -732,7 +732,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             raise InvalidArgumentError("name", f"must be 1 to 128 of [A-Za-z0-9._:/-] and not the base model's name, "
                                        f"got {name!r}")
         if not request.path:
-            raise InvalidArgumentError("path", "required: a PEFT adapter directory")
+            raise InvalidArgumentError("path", "required: a PEFT adapter directory or a LoRA .gguf file")
         try:
             a = await engine.load_adapter(name, request.path)
         except ModelLoadError as exc:

@@ -158,8 +158,9 @@ class ModelStore:
         params = {**base.parameters, **mf.parameters}
         adapters = [str(_resolve(a, base_dir)) for a in mf.adapters]
         for a in adapters:
-            if not (Path(a) / "adapter_config.json").is_file():
-                raise InvalidArgumentError("modelfile", f"ADAPTER {a}: not a PEFT LoRA adapter directory")
+            if not _is_adapter(Path(a)):
+                raise InvalidArgumentError("modelfile", f"ADAPTER {a}: neither a PEFT LoRA adapter directory nor a "
+                                           "GGUF file")
         m = Manifest(full, base.weights, base.digest, base.size,
                      mf.system if mf.system is not None else base.system,
                      mf.template if mf.template is not None else base.template,
@@ -254,6 +255,18 @@ class ModelStore:
         if any(m.weights == weights for m in self.list()):
             return
         blob.unlink()
+
+
+def _is_adapter(path: Path) -> bool:
+    """A PEFT directory, or a GGUF file (its contents are checked when it is served): adapters
+    are kept where they are, by path, as HF directories are."""
+    if path.is_dir():
+        return (path / "adapter_config.json").is_file()
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def _resolve(source: str, base_dir: Path | None) -> Path:

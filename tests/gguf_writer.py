@@ -238,3 +238,38 @@ def _add(writer, name: str, data: np.ndarray, qtype_of: Callable[[str], str]) ->
     else:
         packed = gguf.quants.quantize(data.astype(np.float32), qtype)
     writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=qtype)
+
+
+def write_lora_gguf(hf_dir: Path, peft_dir: Path, out: Path, qtype: str = "F32") -> Path:
+    """A PEFT adapter of `hf_dir` as llama.cpp's convert_lora_to_gguf.py writes it: general.type
+    "adapter", adapter.type "lora", adapter.lora.alpha; each lora_A / lora_B under its base
+    tensor's GGUF name + ".lora_a" / ".lora_b" (torch shapes, so GGUF's reversed dims are
+    [in, r] and [r, out]); for llama, lora_B of q/k permuted as the base weights are (the
+    converter's LoraTorchTensor applies the base model's reshape/swapaxes to B only)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    lora_cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    spec = _ARCHS[cfg["model_type"]]
+    writer = gguf.GGUFWriter(str(out), spec.gguf)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora_cfg["lora_alpha"]))
+    _common_metadata(writer, cfg)   # the converter writes the base model's parameters too
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.gguf)
+    name_map = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
+    heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
+    for key, t in sorted(load_file(str(peft_dir / "adapter_model.safetensors")).items()):
+        match = re.fullmatch(r"base_model\.model\.(.*)\.lora_([AB])\.weight", key)
+        assert match is not None, key
+        base_name = name_map.get_name(match.group(1) + ".weight", try_suffixes=(".weight",))
+        data = t.to(torch.float32).numpy()
+        module = match.group(1).split(".")[-1]
+        if match.group(2) == "B" and _permute_qk in spec.tensors and module in heads:
+            data = _llama_permute(data, heads[module])
+        _add(writer, f"{base_name}.lora_{match.group(2).lower()}", data, lambda _: qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

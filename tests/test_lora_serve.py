@@ -2,7 +2,7 @@
 offline engine, LoadAdapter / UnloadAdapter, hot swap while other requests stream — none fails,
 each gets what it gets alone, the pool whole after — and bad adapters refused naming the
 field); over HTTP with the official `openai` and `ollama` clients and vLLM's
-/v1/load_lora_adapter and /v1/unload_lora_adapter routes."""
+/v1/load_lora_adapter and /v1/unload_lora_adapter routes; a GGUF adapter file over both."""
 from __future__ import annotations
 
 import asyncio
@@ -18,6 +18,7 @@ from clients.client import AsyncWeftClient, NO_RETRY, WeftClient
 from decoding.sampling import SamplingParams
 from service.config import EngineConfig
 from service.llm import LLM
+from tests.gguf_writer import write_lora_gguf
 from tests.test_http_shim import ShimStack
 from tests.test_lora import ALL, make_adapter
 
@@ -158,3 +159,18 @@ def test_http_clients_and_vllm_routes(stack, offline, adapters) -> None:
                if line.startswith("weft_lora_")}
     served = len([m for m in oa.models.list().data if m.model_extra.get("parent")])
     assert metrics["weft_lora_adapters_loaded"] == served and 1 <= metrics["weft_lora_adapters_resident"] <= 2
+
+
+def test_gguf_adapter_file_over_http_and_grpc(stack, client, offline, adapters, tiny_llama, tmp_path) -> None:
+    """llama.cpp's LoRA GGUF of an adapter serves what the PEFT directory does."""
+    beta = write_lora_gguf(tiny_llama, adapters["beta"], tmp_path / "beta.gguf")
+    r = httpx.post(f"{stack.url}/v1/load_lora_adapter", json={"lora_name": "beta-gguf", "lora_path": str(beta)})
+    assert r.status_code == 200 and "beta-gguf" in r.text
+    client.load_adapter("beta-gguf2", str(beta))
+    assert _grpc_ids(client, "beta-gguf") == _grpc_ids(client, "beta-gguf2") == _expect(offline, "beta")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x00" * 12)
+    junk = {"lora_name": "junk", "lora_path": str(tmp_path / "junk.gguf")}
+    r = httpx.post(f"{stack.url}/v1/load_lora_adapter", json=junk)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path" and "GGUF" in r.json()["error"]["message"]
+    for name in ("beta-gguf", "beta-gguf2"):
+        client.unload_adapter(name)

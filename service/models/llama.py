@@ -112,7 +112,8 @@ class LlamaForCausalLM(nn.Module):
     def lora_shapes(self) -> BaseShapes:
         """The projection shapes a LoRA adapter of this model must fit."""
         attn = self.layers[0].self_attn
-        return BaseShapes(len(self.layers), self.config.hidden_size, attn.q_size, attn.kv_size, self.layers[0].mlp.inter)
+        return BaseShapes(len(self.layers), self.config.hidden_size, attn.q_size, attn.kv_size, self.layers[0].mlp.inter,
+                          attn.num_heads, attn.num_kv_heads, self.config.model_type)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -1,5 +1,7 @@
-"""LoRA adapters in PEFT's format (adapter_config.json + adapter_model.safetensors), read into
-the fused projections our Llama-family layers run (qkv, o, gate_up, down).
+"""LoRA adapters in PEFT's format (adapter_config.json + adapter_model.safetensors) or as
+llama.cpp's LoRA GGUF (service/models/lora_gguf.py), read into the fused projections our
+Llama-family layers run (qkv, o, gate_up, down). Readers yield per (layer, module) A, B and
+scaling; checking and fusing is shared.
 
 PEFT adds `B(A(x)) * scaling` to a target module's output. q/k/v (and gate/up) are one matmul
 here, so their adapters are laid side by side: A's ranks stacked, B block-diagonal, each part's
@@ -42,6 +44,10 @@ class BaseShapes:
     q_size: int
     kv_size: int
     inter: int
+    # For GGUF adapters: llama.cpp's q/k row order is per head, and the file names its architecture.
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    family: str = ""        # the base model's config.model_type
 
     def parts(self, proj: str) -> tuple[int, list[int]]:
         """(input features, output features of each part) of a fused projection."""
@@ -102,13 +108,22 @@ def read_config(path: Path) -> dict:
     return cfg
 
 
-def load_lora(name: str, path: str | Path, shapes: BaseShapes, max_rank: int,
-              dtype: torch.dtype = torch.float32) -> LoRAWeights:
-    """Read, check and fuse an adapter. Raises AdapterLoadError naming what is wrong."""
+@dataclass(slots=True)
+class AdapterModule:
+    """One adapted module as a reader found it, before checking: PEFT's orientation
+    (A [r, in], B [out, r]) and the scaling its format prescribes."""
+    layer: int
+    module: str            # a MODULE_PARTS key: q_proj, ..., down_proj
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+
+
+def read_peft(path: Path) -> tuple[Path, list[AdapterModule]]:
+    """A PEFT directory's modules; returns the weights file (errors name it) and the modules."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path).expanduser()
     cfg = read_config(path)
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
@@ -119,27 +134,54 @@ def load_lora(name: str, path: str | Path, shapes: BaseShapes, max_rank: int,
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterLoadError(f"{weights_file}: cannot be read: {exc}") from None
     r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
-    modules: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.search(key)
         if m is None or m.group(2) not in MODULE_PARTS:
             raise AdapterLoadError(f"{weights_file}: {key}: only q/k/v/o/gate/up/down projections of decoder layers "
                                    "can be adapted")
-        modules.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
+        found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = t
+    modules = []
+    for (layer, module), ab in sorted(found.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterLoadError(f"{weights_file}: layers.{layer}.{module}: needs both lora_A and lora_B")
+        full = f"model.layers.{layer}.{'self_attn' if MODULE_PARTS[module][0] in ('qkv', 'o') else 'mlp'}.{module}"
+        r = int(_pattern_value(cfg.get("rank_pattern"), full, r0))
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), full, alpha0))
+        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        modules.append(AdapterModule(layer, module, ab["A"], ab["B"], scaling))
+    return weights_file, modules
+
+
+def load_lora(name: str, path: str | Path, shapes: BaseShapes, max_rank: int,
+              dtype: torch.dtype = torch.float32) -> LoRAWeights:
+    """Read (a PEFT directory, or a llama.cpp LoRA GGUF file), check and fuse an adapter.
+    Raises AdapterLoadError naming what is wrong."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".gguf" or path.is_file():
+        from service.models.lora_gguf import read_gguf
+
+        source, modules = path, read_gguf(path, shapes)
+    else:
+        source, modules = read_peft(path)
+    return fuse(name, path, source, modules, shapes, max_rank, dtype)
+
+
+def fuse(name: str, path: Path, source: Path, modules: list[AdapterModule], shapes: BaseShapes, max_rank: int,
+         dtype: torch.dtype) -> LoRAWeights:
+    """Check read modules against the base model and lay them out as our fused projections."""
     if not modules:
-        raise AdapterLoadError(f"{weights_file}: holds no LoRA weights")
+        raise AdapterLoadError(f"{source}: holds no LoRA weights")
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor] | None]] = [
         dict.fromkeys(PROJECTIONS) for _ in range(shapes.num_layers)]
     parts: dict[tuple[int, str], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     top = 0
-    for (layer, module), ab in sorted(modules.items()):
-        where = f"{weights_file}: layers.{layer}.{module}"
-        if layer >= shapes.num_layers:
+    for mod in modules:
+        where = f"{source}: layers.{mod.layer}.{mod.module}"
+        if mod.layer >= shapes.num_layers:
             raise AdapterLoadError(f"{where}: the base model has {shapes.num_layers} layers")
-        if set(ab) != {"A", "B"}:
-            raise AdapterLoadError(f"{where}: needs both lora_A and lora_B")
-        a, b = ab["A"].float(), ab["B"].float()
-        proj, part = MODULE_PARTS[module]
+        a, b = mod.a.float(), mod.b.float()
+        proj, part = MODULE_PARTS[mod.module]
         fan_in, outs = shapes.parts(proj)
         rank = a.shape[0]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape != (outs[part], rank):
@@ -149,11 +191,7 @@ def load_lora(name: str, path: str | Path, shapes: BaseShapes, max_rank: int,
             raise AdapterLoadError(f"{where}: rank {rank} is over --max-lora-rank {max_rank}")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterLoadError(f"{where}: holds NaN or infinite values")
-        full = f"model.layers.{layer}.{'self_attn' if proj in ('qkv', 'o') else 'mlp'}.{module}"
-        r = int(_pattern_value(cfg.get("rank_pattern"), full, r0))
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), full, alpha0))
-        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        parts.setdefault((layer, proj), []).append((part, a, b * scaling))
+        parts.setdefault((mod.layer, proj), []).append((part, a, b * mod.scaling))
         top = max(top, rank)
     for (layer, proj), found in parts.items():
         fan_in, outs = shapes.parts(proj)

@@ -157,7 +157,7 @@ class ResponsesRequest(_Body):
 class LoadLoraAdapterRequest(_Body):
     """vLLM's /v1/load_lora_adapter."""
     lora_name: str = Field(description="The model name requests will use.")
-    lora_path: str = Field(description="A PEFT adapter directory on the server.")
+    lora_path: str = Field(description="A PEFT adapter directory or a LoRA .gguf file on the server.")
 
 
 class UnloadLoraAdapterRequest(_Body):
