@@ -1561,8 +1561,8 @@ class LoadAdapterRequest(_message.Message):
     model's name.
     """
     path: _builtins.str
-    """A PEFT adapter directory on the server's file system (adapter_config.json +
-    adapter_model.safetensors).
+    """On the server's file system: a PEFT adapter directory (adapter_config.json +
+    adapter_model.safetensors) or a LoRA GGUF file (llama.cpp's convert_lora_to_gguf.py, Ollama's ADAPTER).
     """
     def __init__(
         self,
