@@ -86,6 +86,9 @@ VERIFY_MAX_PLAN = 96
 MAX_GROWTH_CHECKS = 16
 # A plan that did not fit is tried again after this many tokens, doubling up to MAX_BACKOFF.
 MAX_BACKOFF = 32
+# The state after each mask (with the plans its verified tokens found) is kept this many
+# positions back: as deep as a backend rolls back (outlines-core: 64), deeper than any draft.
+KEEP_FILLED = 64
 # Follow the plan when it leaves this little slack: the output ends HARD_SLACK tokens early at
 # worst, a margin for a plan that is not the shortest.
 HARD_SLACK = 1
@@ -599,10 +602,12 @@ class BudgetGuide(Guide):
         words = row.numpy().view(np.uint32)
         forced = self._g.forced_tokens()
         if forced:
-            # The engine appends forced tokens without a mask (jump-forward), so the planner does
-            # not step here: a draft walking through them sees the state plain decoding has. The
-            # mask is the token the engine would append (a draft of another spelling of the same
-            # text would make the output differ from plain decoding's).
+            # The engine mostly appends forced tokens without a mask (jump-forward after a
+            # sampled token; not at the first token, nor for requests with logprobs, nor after
+            # an accepted draft that is not the last), so the planner never steps here: a draft
+            # walking through them sees the state plain decoding has. The mask is the token
+            # jump-forward appends (a draft of another spelling of the same text would make the
+            # output differ from plain decoding's).
             keep = _one_bit(self._t.words, forced[0]) & words[:self._t.words]
             if keep.any():
                 words[:self._t.words] = keep
@@ -820,6 +825,8 @@ class BudgetGuide(Guide):
         self._trail.append(token)
         self._after.append(self._save())
         self._filled.append(None)
+        if count >= KEEP_FILLED:
+            self._filled[count - KEEP_FILLED] = None     # its verified plans: memory, never used
 
     def rollback(self, n: int) -> None:
         if not n:
