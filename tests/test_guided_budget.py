@@ -241,3 +241,166 @@ def test_hints_are_shortest_matches_of_the_schema_patterns(compiler, tok) -> Non
     g = compiler.compile_sync(GuidedSpec("json_schema", schema))
     texts = [tok.decode(list(h)) for h in g.string_hints]
     assert sorted(texts[:2]) == ["k0", "xy"] and texts[2] == 'a\\"b'   # shortest first; the quote escaped
+
+
+# ---- the closing guarantee, whatever the model does ----------------------------------------------
+
+_WIDE = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(25)},
+         "required": [f"p{i}" for i in range(25)]}
+GUARANTEE_SCHEMAS = [
+    # `[{` into an array of wide objects: one token that needs ~100 more.
+    {"type": "object", "properties": {"rows": {"type": "array", "items": _WIDE}, "name": {"type": "string"}},
+     "required": ["rows", "name"]},
+    # strings and arrays of strings a model loops in, under an optional nested object
+    {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "array", "items": {"type": "string"}},
+                                      "c": {"type": "object", "properties": {"d": {"type": "integer"}}}},
+     "required": ["a", "b"]},
+    # alternatives of different sizes
+    {"anyOf": [{"type": "array", "items": {"type": "number"}, "minItems": 3}, _WIDE]},
+    # a wide object entered by jump-forward tokens (no choice, so nothing to verify) while the
+    # model writes its first strings at length
+    {"type": "object", "properties": {"id": {"type": "integer"}, "props": _WIDE}, "required": ["id", "props"],
+     "additionalProperties": False},
+]
+
+
+def _random_run(guide, words: int, eos: int, policy: str, rng, opening: set[int], stalling: set[int]) -> list[int]:
+    """Tokens a 'model' picks from the mask until EOS is the only choice or the grammar ends:
+    uniformly, preferring tokens that open structure, repeating itself, or stalling (string
+    content whenever it may: the longest strings). Never EOS by choice."""
+    out: list[int] = []
+    while not guide.is_terminated() and len(out) < guide.max_tokens:
+        forced = guide.forced_tokens()
+        if forced:
+            for t in forced[:guide.max_tokens - len(out)]:
+                assert guide.advance(t)
+                out.append(t)
+            continue
+        ids = sorted(allowed_ids(mask(guide, words)) - {eos})
+        if not ids:
+            break
+        if policy == "open" and rng.random() < 0.7 and opening & set(ids):
+            t = rng.choice(sorted(opening & set(ids)))
+        elif policy == "repeat" and out and out[-1] in ids and rng.random() < 0.9:
+            t = out[-1]
+        elif policy == "stall" and (content := [i for i in ids if i in stalling]):
+            t = rng.choice(content)
+        else:
+            t = rng.choice(ids)
+        assert guide.advance(t)
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("schema", GUARANTEE_SCHEMAS)
+def test_any_token_choice_closes_before_max_tokens(compiler, tok, schema) -> None:
+    """A 'model' that never picks EOS and takes any token the mask allows (preferring `{`, `[`,
+    `,`; looping on one token; or writing string content whenever it may) still ends with a
+    complete, valid document within max_tokens."""
+    import random
+
+    g = compiler.compile_sync(GuidedSpec("json_schema", schema))
+    words = compiler.bitmask_words
+    eos = tok.eos_token_ids[0]
+    tb = g.budget_tables.token_bytes
+    opening = {i for i, b in enumerate(tb) if b and any(c in b for c in b"{[,")}
+    stalling = {i for i, b in enumerate(tb) if b and b.isalnum()}      # letters and digits only
+    # 30 tokens more than the shortest output the planner finds (and at least 140)
+    max_tokens = max(140, len(g.new_guide(max_tokens=1024).plan()) + 30)
+    for policy in ("uniform", "open", "repeat", "stall"):
+        for seed in range(1):
+            guide = g.new_guide(max_tokens=max_tokens)
+            out = _random_run(guide, words, eos, policy, random.Random(seed), opening, stalling)
+            assert guide.is_complete() and len(out) < max_tokens, (policy, seed, tok.decode(out)[-120:])
+            jsonschema.validate(json.loads(tok.decode(out)), schema)
+
+
+def _draft_walk(guide, words: int, draft: list[int]) -> list[torch.Tensor]:
+    """What the engine's speculation does with a draft (constrain_to_guide): the mask before each
+    draft token, the token advanced while allowed, the mask after the last one, then a rollback."""
+    masks, advanced = [], 0
+    for t in draft:
+        masks.append(mask(guide, words))
+        if t not in allowed_ids(masks[-1]) or not guide.advance(t):
+            break
+        advanced += 1
+    else:
+        masks.append(mask(guide, words))
+    guide.rollback(advanced)
+    return masks
+
+
+@pytest.mark.parametrize("schema", GUARANTEE_SCHEMAS[:2] + GUARANTEE_SCHEMAS[3:])
+def test_masks_under_speculation_equal_plain(compiler, tok, schema) -> None:
+    """The mask at a position is a function of the tokens before it: a run that drafts ahead
+    (the plain run's next tokens, then a wrong one and a random tail), is rolled back and
+    commits the accepted tokens without masking them again, as the engine does, sees at every
+    position the mask the plain run saw. Random 'models' drive the plain run into the soft and
+    hard zones, where the planner's schedule, cached plans and verdicts change each step."""
+    import random
+
+    g = compiler.compile_sync(GuidedSpec("json_schema", schema))
+    words = compiler.bitmask_words
+    eos = tok.eos_token_ids[0]
+    tb = g.budget_tables.token_bytes
+    opening = {i for i, b in enumerate(tb) if b and any(c in b for c in b"{[,")}
+    stalling = {i for i, b in enumerate(tb) if b and b.isalnum()}
+    max_tokens = max(140, len(g.new_guide(max_tokens=1024).plan()) + 30)
+    for policy in ("open", "stall"):
+        rng = random.Random(7)
+        plain = _Recorder(g.new_guide(max_tokens=max_tokens))
+        out = _random_run(plain, words, eos, policy, rng, opening, stalling)
+        guide = g.new_guide(max_tokens=max_tokens)
+        pos, checked = 0, 0
+        while pos < len(out):
+            if guide.forced_tokens():       # jump-forward, as after the plain run's token
+                t = out[pos]
+                assert guide.advance(t)
+                pos += 1
+                continue
+            k = rng.randint(1, 5)
+            wrong = rng.randint(0, k)       # drafts[:wrong] are the plain run's, the rest are not
+            draft = out[pos:pos + wrong]
+            masks = _draft_walk(guide, words, draft + _random_tail(guide, words, draft, k - len(draft), rng, eos))
+            for j, m in enumerate(masks[:len(draft) + 1]):
+                if pos + j in plain.masks:
+                    assert torch.equal(m, plain.masks[pos + j]), (policy, pos + j)
+                    checked += 1
+            # The engine commits the accepted drafts and the target's token after them.
+            for t in out[pos:pos + len(draft) + 1]:
+                assert guide.advance(t)
+            pos += len(draft) + 1
+        assert checked > len(plain.masks) // 2 and guide.narrowed == plain.guide.narrowed, policy
+        assert plain.guide.narrowed > 0, policy      # the runs reached the planner's zones
+
+
+def _random_tail(guide, words: int, head: list[int], n: int, rng, eos: int) -> list[int]:
+    """n random draft tokens after `head` (a drafter running ahead: it masks and advances the
+    guide, then rolls it back)."""
+    for t in head:
+        assert guide.advance(t)
+    tail = []
+    for _ in range(n):
+        if guide.is_terminated():
+            break
+        ids = sorted(allowed_ids(mask(guide, words)) - {eos})
+        if not ids:
+            break
+        tail.append(rng.choice(ids))
+        assert guide.advance(tail[-1])
+    guide.rollback(len(head) + len(tail))
+    return tail
+
+
+class _Recorder:
+    """A guide that keeps the mask it gave at each position (forced positions get none)."""
+
+    def __init__(self, guide) -> None:
+        self.guide, self.masks = guide, {}
+
+    def __getattr__(self, name):
+        return getattr(self.guide, name)
+
+    def fill_bitmask(self, row: torch.Tensor) -> None:
+        self.guide.fill_bitmask(row)
+        self.masks[self.guide.count] = row.clone()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from common.errors import InvalidArgumentError
 from decoding.guided import GuideCompiler
@@ -186,3 +188,59 @@ def test_budget_closes_calls_before_max_tokens(compiler) -> None:
     newline = compiler.tokenizer.encode("\n", add_special_tokens=False)[0]
     bit = lambda t: (int(row[t // 32]) >> (t % 32)) & 1  # noqa: E731
     assert bit(eos) and not bit(newline)
+
+
+def _mask_ids(guide, words: int) -> set[int]:
+    row = torch.zeros(words, dtype=torch.int32)
+    guide.fill_bitmask(row)
+    w = row.numpy().view("uint32")
+    return {32 * i + j for i in np.flatnonzero(w).tolist() for j in range(32) if (int(w[i]) >> j) & 1}
+
+
+PROSE = 'To call a function, you write [this], {that} or "so", then: '
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "mistral", "llama3_json"])
+def test_auto_text_before_a_call_is_the_models_own_under_a_budget(compiler, fmt) -> None:
+    """The closing planner reads a tool grammar as JSON (the calls are), but the text before an
+    auto-mode call is prose: its commas, brackets and quotes open nothing. With room to spare
+    the mask there is the grammar's own (the planner once refused prose commas, and SmolLM2
+    never reached its call), and the call's first token is still allowed after it."""
+    req = ToolRequest((WEATHER,), ToolChoice("auto"))
+    spec = tool_guided_spec(req, FORMATS[fmt])
+    g = compiler.compile_sync(spec)
+    words = compiler.bitmask_words
+    enc = compiler.tokenizer.encode
+    text = enc(PROSE, add_special_tokens=False)
+    call = enc(_calls(fmt, ("get_weather", {"city": "Paris"})), add_special_tokens=False)
+    guide, plain = g.new_guide(SamplingParams(max_tokens=256, guided=spec)), g.new_guide()
+    assert guide._json      # planned as JSON, as the engine does for tool calls
+    for i, t in enumerate(text):
+        got = _mask_ids(guide, words)
+        assert got == _mask_ids(plain, words), (fmt, i)
+        assert guide.advance(t) and plain.advance(t)
+    if fmt != "llama3_json":        # llama3_json: a call only at the very start
+        assert call[0] in _mask_ids(guide, words)
+
+
+def test_auto_text_near_the_end_may_only_end(compiler) -> None:
+    """Near max_tokens in auto-mode text nothing is open, so the narrowed mask offers the end
+    and text, never a `]` or `}` as if it closed something (it once ended an answer `a]]`)."""
+    req = ToolRequest((WEATHER,), ToolChoice("auto"))
+    spec = tool_guided_spec(req, FORMATS["hermes"])
+    g = compiler.compile_sync(spec)
+    words = compiler.bitmask_words
+    tb = g.budget_tables.token_bytes
+    text = compiler.tokenizer.encode(PROSE, add_special_tokens=False)
+    guide, plain = g.new_guide(SamplingParams(max_tokens=len(text) + 2, guided=spec)), g.new_guide()
+    narrowed = 0
+    for t in text:
+        got, want = _mask_ids(guide, words), _mask_ids(plain, words)
+        if got != want:
+            narrowed += 1
+            assert got < want and not any(b"]" in (tb[i] or b"") or b"}" in (tb[i] or b"") for i in got), \
+                [tb[i] for i in got]
+        if t not in got:
+            break
+        assert guide.advance(t) and plain.advance(t)
+    assert narrowed and guide.is_complete()

@@ -9,32 +9,50 @@ From the first token on it computes a *closing plan*: a short token sequence tha
 the output from the current state (`plan_completion`: jump-forward tokens as the engine
 appends them, otherwise the allowed token that closes the most JSON structure, ties broken by
 a fixed preference: closers, separators, short literals, digits; inside strings a few distinct
-characters). With `slack = remaining - len(plan)` it narrows the mask:
+characters). The invariant it keeps: some plan fits what is left. With `slack = remaining -
+len(plan)` it narrows the mask:
 
-- `slack > SOFT_SLACK + rise`: the backend's mask, unchanged; the plan is checked again after
-  a quarter of the slack beyond that has been used, or at once when an object or array
-  opens (its required members can lengthen the plan by many tokens). Planning starts at the
-  first token: a large schema's shortest document can take most of max_tokens;
+- `slack > SOFT_SLACK + rise`: the backend's mask, except (JSON kinds) the tokens that *grow*
+  the structure (a bracket left open, a `,` outside strings: a new element or member) after
+  which no plan fits what is left (`_verify_growth`). One such token can lengthen the plan by
+  more than any slack (`[{` into an array whose objects have fifty required properties), so
+  each is verified by planning from just after it, at most MAX_GROWTH_CHECKS per step; inside
+  a string the verdicts of its closing tokens (`","`, `"}`) are kept until the room left nears
+  them. The plan is checked again after a quarter of the slack beyond the soft zone has been
+  used, or at once when an object or array opens;
 - `HARD_SLACK < slack <= SOFT_SLACK + rise` (JSON kinds only; `rise`: the most the plan has
-  grown between two checks, i.e. what starting one more element or member has cost; at most
-  MAX_RISE): only tokens that only close (`"`, `]`, `}`, `"}`, `end."` ..., EOS when
-  complete), else only tokens that open and add nothing (no `[`, `{` or `,` outside a string,
-  no string left open: string content, digits, `""`; not inside an object key), else the
-  plan's next token: strings end, arrays and objects finish, no optional member or element
-  starts, required ones get the planner's short values;
+  grown between two checks, i.e. what tokens that are not verified have cost; at most
+  MAX_RISE): the plan's next token, plus at most SOFT_CHOICES of the model's own choices, each
+  verified: tokens that only close (`"`, `]`, `}`, `"}`, `end."` ...), else tokens that open
+  and add nothing (string content, digits, `""`; not inside an object key); EOS when complete.
+  Strings end, arrays and objects finish, no optional member or element starts, required ones
+  get the planner's short values;
 - `slack <= HARD_SLACK`: only the plan's next token; the plan fits what is left, so the output
   completes (EOS, or a grammar that terminates) before max_tokens.
 
-"Closes" and "opens" come from a per-tokenizer table (`BudgetTables`): for every token and each
-JSON scanner mode (outside a string, inside one, after a backslash) the change it makes to
-phi = open brackets + open strings, its end mode, its last structural byte and whether it
-opens or adds anything. Tokens carry whole bytes: `"}` inside a string closes two; `"},{"`
-closes two and opens two (a new element: never allowed while narrowing softly).
-For regex, choice and grammar kinds only the plan's hard deadline applies.
+A token verified this way brings its plan along: taking it makes that plan the current one.
 
-Requests that end well before max_tokens pay a few plans (~0.1 ms per planned token). A plan
-that cannot fit (a schema whose shortest completion is longer than what is left: `minItems:
-1000` with 64 tokens) is given up until a rollback returns to an earlier state.
+"Closes", "opens" and "grows" come from a per-tokenizer table (`BudgetTables`): for every token
+and each JSON scanner mode (outside a string, inside one, after a backslash) the change it
+makes to phi = open brackets + open strings, its end mode, its last structural byte and
+whether it opens or adds anything. Tokens carry whole bytes: `"}` inside a string closes two;
+`"},{"` closes two and opens two (a new element). For regex, choice and grammar kinds only the
+plan's hard deadline applies; tool calls are planned as JSON, and where the output may end (the
+text before an auto-mode call) nothing counts as open: the scanner restarts there, a `,` at the
+top level grows nothing, a growth token after which the output may still end needs no plan,
+and the soft zone offers no `]` that would close nothing.
+
+The mask at a position is a function of the tokens before it, as speculative decoding needs
+(its output must be plain decoding's): the planner's state (schedule, cached and verified plans,
+verdicts, rise) is saved at every position, `rollback(n)` restores the state of the position it
+returns to, and accepted drafts re-advanced without a new mask continue from the state their
+draft mask left. At positions the grammar forces (the engine appends them without a mask) the
+planner does not step, and the mask is the forced token.
+
+Requests that end well before max_tokens pay a few plans (~0.04 ms per planned token) and the
+verification of the growth tokens their masks allow. A plan that cannot fit (a schema whose
+shortest completion is longer than what is left: `minItems: 1000` with 64 tokens) is tried
+again after 1, 2, 4 ... MAX_BACKOFF tokens: the planner may find one again a few tokens on.
 """
 from __future__ import annotations
 
@@ -59,6 +77,18 @@ MAX_RISE = 48
 # which no complete output fits (`_drop_dead_ends`): a plan per candidate, only near the end.
 LOOKAHEAD_REMAINING = 96
 LOOKAHEAD_CHOICES = 4
+# In the soft zone, at most this many of the model's own closing choices are kept beside the
+# plan's next token, each verified (a plan after it must fit), and only while plans are this short.
+SOFT_CHOICES = 4
+VERIFY_MAX_PLAN = 96
+# Tokens that grow the structure (open a bracket, add a `,`) are verified before they are
+# allowed, at most this many per step (the best by preference; the others are not allowed).
+MAX_GROWTH_CHECKS = 16
+# A plan that did not fit is tried again after this many tokens, doubling up to MAX_BACKOFF.
+MAX_BACKOFF = 32
+# The state after each mask (with the plans its verified tokens found) is kept this many
+# positions back: as deep as a backend rolls back (outlines-core: 64), deeper than any draft.
+KEEP_FILLED = 64
 # Follow the plan when it leaves this little slack: the output ends HARD_SLACK tokens early at
 # worst, a margin for a plan that is not the shortest.
 HARD_SLACK = 1
@@ -118,6 +148,21 @@ def _scan(data: bytes, mode: int) -> tuple[int, int, int, bool]:
     # A string opened here and still open at the end adds one (`"abc`; not `""`, `"a"`).
     opened_string = mode == STR and (start == OUT or data.count(b'"') >= 2)
     return d, mode, last, adds or opened_string
+
+
+def _comma_outside(data: bytes, mode: int) -> bool:
+    """Whether `data`, read from scanner `mode`, has a `,` outside strings (a new member or element)."""
+    for c in data:
+        if mode == OUT:
+            if c == 0x2C:
+                return True
+            if c == 0x22:
+                mode = STR
+        elif mode == STR:
+            mode = ESC if c == 0x5C else (OUT if c == 0x22 else STR)
+        else:
+            mode = STR
+    return False
 
 
 _LITERALS = ('""', "[]", "{}", "0", "null", "true", "false")
@@ -203,9 +248,29 @@ class BudgetTables:
         # Open brackets (not strings) per token and mode, for re-planning when structure opens.
         self.dbrackets = dphi - (end != OUT) + (np.arange(3)[:, None] != OUT)
         self.eos_bits = self._pack(np.zeros(v, dtype=bool), eos)
+        # Tokens that grow the structure: a bracket left open, or a `,` outside strings. Each
+        # can lengthen the shortest completion by a whole element or member: verified first.
+        comma = np.zeros((3, v), dtype=bool)
+        for i, b in enumerate(token_bytes):
+            if b is not None and b"," in b and i not in self.eos_ids:
+                for m in (OUT, STR, ESC):
+                    comma[m, i] = _comma_outside(b, m)
+        grows = ((self.dbrackets > 0) | comma) & usable
+        self.grow_bits = np.stack([self._pack(grows[m], np.zeros_like(eos)) for m in range(3)])
+        # At the top level (no bracket open) a `,` separates nothing in JSON: only brackets grow
+        # there. (Auto-mode tool calls: commas in the text before a call are prose.)
+        self.open_bits = np.stack([self._pack((self.dbrackets[m] > 0) & usable, np.zeros_like(eos))
+                                   for m in range(3)])
+        # Tokens that close anything (`]`, `].`, `"}` ...): none is a choice where nothing is open.
+        self.shut_bits = np.stack([self._pack((dphi[m] < 0) & usable, np.zeros_like(eos)) for m in range(3)])
         # Inside a string: the tokens that close it; the quote token and the characters a
         # search for a closable string tries.
         self.closes_string = (dphi[STR] < 0) & usable
+        self.closes_string_bits = self._pack(self.closes_string, np.zeros_like(eos))
+        # Token ids by JSON score, per mode (ties by id, as argmin breaks them): the planner finds
+        # its choice among the first few instead of scoring the whole vocabulary.
+        self.json_order = np.argsort(self.json_score, axis=1, kind="stable")
+        self.json_sorted = np.take_along_axis(self.json_score, self.json_order, axis=1)
         single = {b: i for i, b in reversed(list(enumerate(token_bytes)))
                   if b is not None and len(b) == 1 and i not in self.eos_ids}
         self.quote: int | None = single.get(b'"')
@@ -273,16 +338,22 @@ def plan_completion(fork: Guide, tables: BudgetTables, json_mode: bool, mode: in
                 mode = int(end_mode[mode, t])
             continue
         fork.fill_bitmask(row)
-        allowed = tables.unpack(words)
-        scores = np.where(allowed, base[mode] if json_mode else base, _INF)
-        for t, n in used.items() if (mode != OUT or not json_mode) else ():
-            if scores[t] < _INF:
-                scores[t] += n * _REUSE
-        t = int(scores.argmin())
-        if scores[t] >= _INF:
-            return None
+        if json_mode:
+            t = _best_json(tables, words, mode, used if mode != OUT else None)
+            if t < 0:
+                return None
+            scores = None
+        else:
+            scores = np.where(tables.unpack(words), base, _INF)
+            for t, n in used.items():
+                if scores[t] < _INF:
+                    scores[t] += n * _REUSE
+            t = int(scores.argmin())
+            if scores[t] >= _INF:
+                return None
         if json_mode and mode != OUT:
-            in_string = 0 if (allowed & tables.closes_string).any() else in_string + 1
+            closable = bool((words[:tables.words] & tables.closes_string_bits).any())
+            in_string = 0 if closable else in_string + 1
             if in_string == SEARCH_AFTER:
                 # The preferred characters have not made this string closable: search for a
                 # short way there. On failure keep going as before.
@@ -303,6 +374,42 @@ def plan_completion(fork: Guide, tables: BudgetTables, json_mode: bool, mode: in
             used[t] = used.get(t, 0) + 1
         plan.append(t)
         mode = int(end_mode[mode, t])
+
+
+# The planner's JSON choice is looked for among this many best-scored tokens first.
+_CHUNK = 256
+
+
+def _best_json(tables: BudgetTables, words: np.ndarray, mode: int, used: dict[int, int] | None) -> int:
+    """The allowed token with the least JSON score (plus the reuse penalty of `used` ones), ties
+    to the lower id: what an argmin over the whole vocabulary picks; -1 when none is allowed."""
+    order, ranked = tables.json_order[mode], tables.json_sorted[mode]
+    start = 0
+    while start < 2 * _CHUNK and ranked[start] < _INF:
+        ids = order[start:start + _CHUNK]
+        hit = ids[((words[ids >> 5] >> (ids & 31).astype(np.uint32)) & 1).astype(bool)]
+        if hit.size:
+            scores = tables.json_score[mode][hit].copy()
+            if used:
+                for i, t in enumerate(hit.tolist()):
+                    scores[i] += used.get(t, 0) * _REUSE
+            best = int(np.lexsort((hit, scores))[0])
+            end = start + _CHUNK
+            # Penalties only raise scores: no token further down the order can beat this one.
+            if end >= order.shape[0] or scores[best] < ranked[end]:
+                return int(hit[best])
+            break
+        start += _CHUNK
+    return _best_json_full(tables, words, mode, used)
+
+
+def _best_json_full(tables: BudgetTables, words: np.ndarray, mode: int, used: dict[int, int] | None) -> int:
+    scores = np.where(tables.unpack(words), tables.json_score[mode], _INF)
+    for t, n in (used or {}).items():
+        if scores[t] < _INF:
+            scores[t] += n * _REUSE
+    t = int(scores.argmin())
+    return t if scores[t] < _INF else -1
 
 
 def _search_closable(fork: Guide, tables: BudgetTables, room: int,
@@ -420,7 +527,17 @@ class BudgetGuide(Guide):
     """A backend guide plus the request's token budget: see the module docstring."""
 
     __slots__ = ("_g", "_t", "_json", "_hints", "max_tokens", "_tokens", "_modes", "_depths", "_plan", "_plan_at",
-                 "_next_check", "_checked_depth", "_gave_up_at", "_last_len", "rise", "narrowed")
+                 "_next_check", "_checked_depth", "_gave_up_at", "_retry_at", "_backoff", "_last_len", "_last_depth", "_pending",
+                 "_anchors", "_verdicts", "_verdict_anchor", "rise", "narrowed", "refused_growth",
+                 "_trail", "_after", "_filled", "_dirty")
+
+    # The planner's state that a step changes (the check schedule, the cached and verified plans,
+    # the verdicts, the rise, the counters). It is saved at every position so that the mask at
+    # a position is a function of the tokens before it: a speculative draft fills masks ahead
+    # and is rolled back, and the output must be the one plain decoding gives.
+    _STATE = ("_plan", "_plan_at", "_next_check", "_checked_depth", "_gave_up_at", "_retry_at", "_backoff",
+              "_last_len", "_last_depth", "_pending", "_verdicts", "_verdict_anchor", "rise", "narrowed",
+              "refused_growth")
 
     def __init__(self, inner: Guide, max_tokens: int, tables: BudgetTables, json_mode: bool,
                  hints: tuple[tuple[int, ...], ...] = ()) -> None:
@@ -436,10 +553,27 @@ class BudgetGuide(Guide):
         self._plan_at = -1                  # the count at which _plan starts
         self._next_check = 0                # no planning before this count ...
         self._checked_depth = 0             # ... unless brackets opened beyond this depth since
-        self._gave_up_at = -1               # the count at which no plan fitted
-        self._last_len = -1                 # length of the last plan computed
+        self._gave_up_at = -1               # the count at which no plan fitted ...
+        self._retry_at = 0                  # ... and when to try again (backing off)
+        self._backoff = 1
+        self._last_len = -1                 # length of the last plan computed ...
+        self._last_depth = 0                # ... and the open brackets then
+        self._pending: dict[int, list[int]] = {}   # this step's verified tokens -> the plan after each
+        self._anchors = [0]                 # per count: the last count at which no string was open
+        self._verdicts: dict[int, int] = {}  # token -> tokens needed after it (-1: none fits), at ...
+        self._verdict_anchor = 0            # ... this anchor (verdicts at other anchors are dropped)
         self.rise = 0                       # the most one stretch of output lengthened the plan
         self.narrowed = 0                   # masks narrowed so far (soft or hard)
+        self.refused_growth = 0             # growth tokens taken out because no completion fitted after them
+        # Per position k (the tokens in _trail[:k], always the current tokens' prefix as far as
+        # they go): _after[k] the state on reaching k, _filled[k] the state after the mask at k
+        # was computed (None: none was, e.g. jump-forward). Kept beyond the current count after a
+        # rollback: re-advancing the same tokens (accepted drafts) picks up where plain
+        # decoding would be, without filling those masks again.
+        self._trail: list[int] = []
+        self._after: list[tuple] = [self._save()]
+        self._filled: list[tuple | None] = [None]
+        self._dirty = False                 # a mask was computed at the current count
 
     @property
     def count(self) -> int:
@@ -452,54 +586,178 @@ class BudgetGuide(Guide):
 
     # ---- the Guide interface ----------------------------------------------------------------
 
+    def _save(self) -> tuple:
+        return tuple(dict(v) if isinstance(v, dict) else v for v in (getattr(self, f) for f in self._STATE))
+
+    def _load(self, state: tuple) -> None:
+        # Dicts are copied both ways: the live ones are changed in place.
+        for f, v in zip(self._STATE, state):
+            setattr(self, f, dict(v) if isinstance(v, dict) else v)
+
     def fill_bitmask(self, row: torch.Tensor) -> None:
         self._g.fill_bitmask(row)
         count = len(self._tokens)
-        if self._gave_up_at >= 0:
-            return
-        if self.remaining <= LOOKAHEAD_REMAINING:
-            self._drop_dead_ends(row.numpy().view(np.uint32))
-        if count < self._next_check:
-            # Opening an object or array can add many required tokens to the plan at once.
-            depth = self._depths[-1]
-            if depth <= self._checked_depth:
-                self._checked_depth = depth
-                return
-        if self._json:
-            self._checked_depth = self._depths[-1]
-        plan = self.plan()
-        if not plan:
-            return
-        slack = self._slack(plan)
-        # The soft zone widens by the largest rise of the plan seen so far: a new array element
-        # or object member the model starts (jump-forward writes its key at once) costs about
-        # what the last one did, and must not be started when it cannot be finished.
-        soft = SOFT_SLACK + self.rise
-        if slack > soft:
-            self._next_check = count + max(1, (slack - soft) // 4)
-            return
+        if self._dirty:     # a second mask at this count starts from the same state as the first
+            self._load(self._after[count])
         words = row.numpy().view(np.uint32)
-        n = self._t.words
-        if slack <= HARD_SLACK:
-            keep = self._plan_bits(plan[0]) & words[:n]
+        forced = self._g.forced_tokens()
+        if forced:
+            # The engine mostly appends forced tokens without a mask (jump-forward after a
+            # sampled token; not at the first token, nor for requests with logprobs, nor after
+            # an accepted draft that is not the last), so the planner never steps here: a draft
+            # walking through them sees the state plain decoding has. The mask is the token
+            # jump-forward appends (a draft of another spelling of the same text would make the
+            # output differ from plain decoding's).
+            keep = _one_bit(self._t.words, forced[0]) & words[:self._t.words]
             if keep.any():
-                words[:n] = keep
-                words[n:] = 0
-                self.narrowed += 1
+                words[:self._t.words] = keep
+                words[self._t.words:] = 0
+            self._filled[count] = None
+            self._dirty = False
             return
-        if not self._json:
+        self._dirty = True
+        self._step(words, count)
+        self._filled[count] = self._save()
+
+    def _step(self, words: np.ndarray, count: int) -> None:
+        """The planner's part of the mask at `count` (`words`: the backend's mask, narrowed in place)."""
+        self._pending = {}
+        if self.remaining <= LOOKAHEAD_REMAINING:
+            self._drop_dead_ends(words)
+        if self._gave_up_at >= 0 and count < self._retry_at:
             return
-        mode = self._modes[-1]
-        stages = [self._t.close_bits[mode], self._t.noopen_bits[mode], self._plan_bits(plan[0])]
-        if mode != OUT and self._in_key(plan, mode):
-            del stages[1]       # an object key: the plan's (a required member), not an optional one
-        for bits in stages:
-            keep = words[:n] & bits
-            if keep.any():
-                if not np.array_equal(keep, words[:n]):
-                    self.narrowed += 1
-                    words[:n] = keep
+        # Opening an object or array can add many required tokens to the plan at once.
+        opened = self._json and self._depths[-1] > self._checked_depth
+        if count >= self._next_check or opened or self._gave_up_at >= 0:
+            if self._json:
+                self._checked_depth = self._depths[-1]
+            plan = self.plan()
+            if not plan:
                 return
+            slack = self._slack(plan)
+            # The soft zone widens by the largest rise of the plan seen so far (what the tokens
+            # that are not verified have cost).
+            soft = SOFT_SLACK + self.rise
+            if slack <= soft:
+                # In the soft zone every step is checked (the plan is cached while followed):
+                # the next token may be the model's own choice again.
+                self._next_check = count + 1
+                self._narrow(words, plan, slack)
+                return
+            self._next_check = count + max(1, (slack - soft) // 4)
+        else:
+            self._checked_depth = min(self._checked_depth, self._depths[-1])
+        if self._json:
+            self._verify_growth(words)
+
+    def _verify_growth(self, words: np.ndarray) -> None:
+        """Take out of the mask the tokens that grow the structure (a new element or member, an
+        opened bracket) after which no complete output fits what is left: one such token can
+        lengthen the shortest completion by more than any slack (`[{` into an array of objects
+        with fifty required properties). At most MAX_GROWTH_CHECKS are verified, the best by
+        the planner's preference; the others are taken out too. Never empties the mask."""
+        n = self._t.words
+        grows = self._t.grow_bits if self._depths[-1] > 0 else self._t.open_bits
+        risky = words[:n] & grows[self._modes[-1]]
+        if not risky.any():
+            return
+        # Where the output may end (free text before an auto-mode tool call), a token after
+        # which it still may end needs no plan: the end fits. Such tokens are not capped.
+        complete = self._g.is_complete()
+        ids = np.flatnonzero(self._t.unpack(risky))
+        order = ids[np.argsort(self._t.json_score[self._modes[-1]][ids], kind="stable")]
+        room = self.remaining - 1
+        # Inside a string the verdicts of its closing tokens (`","`, `"}` ...) are kept: what
+        # follows a string does not depend on its content, only the room shrinks. Near the edge
+        # (within the soft zone's width) they are verified again.
+        anchor, margin = self._anchors[-1], SOFT_SLACK + self.rise
+        if anchor != self._verdict_anchor:      # verdicts of another string: no longer used
+            self._verdicts, self._verdict_anchor = {}, anchor
+        out, checks = [], 0
+        for t in order.tolist():
+            need = self._verdicts.get(t)
+            if need is not None and (need < 0 or need + margin <= room):
+                if need < 0:
+                    out.append(t)
+                continue
+            if complete and room >= 1 and self._still_complete(t):
+                self._verdicts[t] = 1           # the end (EOS) right after it
+                continue
+            checks += 1
+            if checks > MAX_GROWTH_CHECKS or not self._fits_after(t, room):
+                out.append(t)
+                self._verdicts[t] = -1
+            else:
+                plan = self._pending[t]
+                self._verdicts[t] = len(plan) + (not plan or plan[-1] != EOS)
+        if not out:
+            return
+        keep = words[:n].copy()
+        for t in out:
+            w, b = divmod(t, 32)
+            keep[w] &= np.uint32(~(1 << b) & 0xFFFFFFFF)
+        if keep.any():
+            words[:n] = keep
+            self.refused_growth += len(out)
+
+    def _still_complete(self, token: int) -> bool:
+        """Whether the output may still end after `token` (no lookahead: False)."""
+        try:
+            fork = self._g.fork()
+        except NotImplementedError:
+            return False
+        return fork.advance(token) and fork.is_complete()
+
+    def _fits_after(self, token: int, room: int) -> bool:
+        """Whether a complete output fits in `room` tokens after `token`; the plan found is kept
+        for the step (advance() adopts it)."""
+        if token in self._pending:
+            return True
+        try:
+            fork = self._g.fork()
+        except NotImplementedError:
+            return True     # no way to look ahead: the token stays
+        if not fork.advance(token):
+            return False
+        mode = int(self._t.end_mode[self._modes[-1], token]) if self._json and token < self._t.vocab_size else OUT
+        plan = plan_completion(fork, self._t, self._json, mode, max(room, 0), self._hints)
+        if plan is None or len(plan) + (not plan or plan[-1] != EOS) > room:
+            return False
+        self._pending[token] = plan
+        return True
+
+    def _narrow(self, words: np.ndarray, plan: list[int], slack: int) -> None:
+        """The mask near the end: the plan's next token, plus (JSON kinds, slack above HARD_SLACK)
+        up to SOFT_CHOICES of the model's own choices, each verified: tokens that only close
+        (`"`, `"}`, `end."` ...) or, when none is allowed, tokens that open and add nothing
+        (digits, `""`, `null`; not inside an object key). EOS stays when the output is complete."""
+        if slack > HARD_SLACK and not self._json:
+            return          # regex, choice, grammar: the hard deadline only
+        n = self._t.words
+        allowed = words[:n].copy()
+        keep = self._plan_bits(plan[0]) & allowed
+        if slack > HARD_SLACK and len(plan) <= VERIFY_MAX_PLAN:
+            mode = self._modes[-1]
+            keep |= allowed & self._t.eos_bits
+            # At the top level outside strings nothing is open: a `]` there closes nothing
+            # (text before an auto-mode tool call), so no closers are offered.
+            top = mode == OUT and self._depths[-1] == 0
+            choices = allowed & self._t.close_bits[mode] & ~self._t.eos_bits if not top else allowed & 0
+            if not choices.any() and not (mode != OUT and self._in_key(plan, mode)):
+                choices = allowed & self._t.noopen_bits[mode] & ~self._t.eos_bits
+                if top:
+                    choices &= ~self._t.shut_bits[mode]
+            ids = np.flatnonzero(self._t.unpack(choices))
+            ids = ids[np.argsort(self._t.json_score[mode][ids], kind="stable")]
+            room = self.remaining - 1
+            for t in ids[:SOFT_CHOICES + 1].tolist():
+                if t != plan[0] and self._fits_after(t, room):
+                    w, b = divmod(t, 32)
+                    keep[w] |= np.uint32(1 << b)
+        if keep.any() and not np.array_equal(keep, allowed):
+            words[:n] = keep
+            words[n:] = 0
+            self.narrowed += 1
 
     def _drop_dead_ends(self, words: np.ndarray) -> None:
         """At a choice between a few tokens (another tool call or the end, one more enum value
@@ -532,13 +790,43 @@ class BudgetGuide(Guide):
         t = int(token_id)
         if not self._g.advance(t):
             return False
+        count = len(self._tokens)
+        if not self._dirty and self._filled[count] is not None:
+            # The mask here was computed before a rollback (a draft position): go on from the
+            # state it left, as plain decoding does after computing it.
+            self._load(self._filled[count])
         self._tokens.append(t)
+        verified = self._pending.get(t)
+        self._pending = {}
+        if verified is not None:        # the plan its verification found: the plan from here
+            self._plan, self._plan_at, self._last_len = verified, len(self._tokens), len(verified)
+            self._last_depth = self._depths[-1] if self._json else 0
         if self._json:
             mode = self._modes[-1]
             known = 0 <= t < self._t.vocab_size
             self._modes.append(int(self._t.end_mode[mode, t]) if known else mode)
             self._depths.append(self._depths[-1] + (int(self._t.dbrackets[mode, t]) if known else 0))
+            if (self._modes[-1] != OUT or self._depths[-1]) and self._g.is_complete():
+                # The output may end here, so nothing is open: what the scanner counted was not
+                # JSON (text before an auto-mode tool call: a quote, a bracket in prose).
+                self._modes[-1], self._depths[-1] = OUT, 0
+            self._anchors.append(len(self._tokens) if self._modes[-1] == OUT else self._anchors[-1])
+        self._dirty = False
+        self._record(count, t)
         return True
+
+    def _record(self, count: int, token: int) -> None:
+        """Save the state reached by `token` at position `count`; a different token than the
+        trail's there drops the trail beyond (its states belong to another prefix)."""
+        if count < len(self._trail) and self._trail[count] == token:
+            self._after[count + 1] = self._save()
+            return
+        del self._trail[count:], self._after[count + 1:], self._filled[count + 1:]
+        self._trail.append(token)
+        self._after.append(self._save())
+        self._filled.append(None)
+        if count >= KEEP_FILLED:
+            self._filled[count - KEEP_FILLED] = None     # its verified plans: memory, never used
 
     def rollback(self, n: int) -> None:
         if not n:
@@ -548,11 +836,10 @@ class BudgetGuide(Guide):
         if self._json:
             del self._modes[len(self._modes) - n:]
             del self._depths[len(self._depths) - n:]
-        count = len(self._tokens)
-        if self._plan_at > count:
-            self._plan = None
-        if self._gave_up_at > count:
-            self._gave_up_at = -1
+            del self._anchors[len(self._anchors) - n:]
+        # Exactly the state plain decoding had on reaching this count: schedule, plans, verdicts.
+        self._load(self._after[len(self._tokens)])
+        self._dirty = False
 
     def is_complete(self) -> bool:
         return self._g.is_complete()
@@ -609,7 +896,12 @@ class BudgetGuide(Guide):
         """Before the first token: the length of the shortest complete output the planner finds,
         when max_tokens is too small for it (the output could only be cut); None when it fits
         or no length is known."""
-        if self._tokens or self.plan() is not None:
+        if self._tokens:
+            return None
+        state = self._save()
+        fits = self.plan() is not None
+        self._load(state)       # a question, not a step: the first mask is planned as usual
+        if fits:
             return None
         try:
             fork = self._g.fork()
@@ -643,14 +935,23 @@ class BudgetGuide(Guide):
             fork, self._t, self._json, self._modes[-1] if self._json else OUT, min(remaining, PLAN_HORIZON),
             self._hints)
         if plan is not None:
-            if self._last_len >= 0:
+            # What the plan grew by since the last one, unless structure opened in between
+            # (a growth token, verified; or forced ones, which leave no choice): that is what
+            # the unverified tokens cost, and the soft zone widens by it.
+            depth = self._depths[-1] if self._json else 0
+            if self._last_len >= 0 and depth <= self._last_depth:
                 self.rise = min(MAX_RISE, max(self.rise, len(plan) - self._last_len))
-            self._last_len = len(plan)
+            self._last_len, self._last_depth = len(plan), depth
+            self._gave_up_at, self._backoff = -1, 1
         if plan is None:
             if fork is not None and remaining > PLAN_HORIZON:
                 self._next_check = count + remaining - PLAN_HORIZON   # try again within the horizon
             else:
+                # Not for good: the planner may find a way again a few tokens on (out of a
+                # string it could not close, say).
                 self._gave_up_at = count
+                self._retry_at = count + self._backoff
+                self._backoff = min(MAX_BACKOFF, 2 * self._backoff)
         self._plan, self._plan_at = plan, count
         return plan
 
