@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from common.errors import ModelLoadError
 from kernels import cpu_native
 from kernels.lora import LoRAPlan, lora_add_
+from service.models.lora_adapter import AdapterLoadError, AdapterModule, BaseShapes
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 # PEFT's module name -> (our fused projection, which part of it).
@@ -30,29 +30,6 @@ MODULE_PARTS = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2)
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-
-
-class AdapterLoadError(ModelLoadError):
-    """An adapter that cannot be served: missing, corrupt, or not what the base model runs."""
-
-
-@dataclass(frozen=True, slots=True)
-class BaseShapes:
-    """What a base model's projections look like: the parts of each fused projection."""
-    num_layers: int
-    hidden: int
-    q_size: int
-    kv_size: int
-    inter: int
-    # For GGUF adapters: llama.cpp's q/k row order is per head, and the file names its architecture.
-    num_heads: int = 0
-    num_kv_heads: int = 0
-    family: str = ""        # the base model's config.model_type
-
-    def parts(self, proj: str) -> tuple[int, list[int]]:
-        """(input features, output features of each part) of a fused projection."""
-        return {"qkv": (self.hidden, [self.q_size, self.kv_size, self.kv_size]), "o": (self.q_size, [self.hidden]),
-                "gate_up": (self.hidden, [self.inter, self.inter]), "down": (self.inter, [self.hidden])}[proj]
 
 
 @dataclass(slots=True)
@@ -106,17 +83,6 @@ def read_config(path: Path) -> dict:
             raise AdapterLoadError(f"{cfg_file}: target_modules: {t!r} is not supported (supported: "
                                    f"{', '.join(MODULE_PARTS)})")
     return cfg
-
-
-@dataclass(slots=True)
-class AdapterModule:
-    """One adapted module as a reader found it, before checking: PEFT's orientation
-    (A [r, in], B [out, r]) and the scaling its format prescribes."""
-    layer: int
-    module: str            # a MODULE_PARTS key: q_proj, ..., down_proj
-    a: torch.Tensor
-    b: torch.Tensor
-    scaling: float
 
 
 def read_peft(path: Path) -> tuple[Path, list[AdapterModule]]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.models.lora import AdapterLoadError, AdapterModule, BaseShapes
+from service.models.lora_adapter import AdapterLoadError, AdapterModule, BaseShapes
 
 # llama.cpp's tensor name -> PEFT's module name (gguf.constants TENSOR_NAMES).
 GGUF_MODULES = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
