@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from common.gguf_file import open_whole_gguf
 from common.errors import ModelLoadError
 from service.gguf_arch import check_architecture, gguf_config
 from service.models.architectures import ARCHITECTURES, LLAMA_FAMILY, TEXT_OF_MULTIMODAL
@@ -347,14 +348,8 @@ def _converted_gguf_dir(gguf: Path, progress: bool) -> Path:
 
 def _read_gguf_metadata(gguf: Path) -> dict[str, Any]:
     """The few metadata fields we need, after checking the file is whole (tensors inside it)."""
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(str(gguf))
-        size = gguf.stat().st_size
-        for tensor in reader.tensors:
-            if tensor.data_offset + int(tensor.n_bytes) > size:
-                raise ValueError(f"tensor {tensor.name} extends past the end of the file")
+        reader = open_whole_gguf(gguf)
         keys = ("general.architecture", "general.name", "tokenizer.ggml.pre")
         fields = {key: reader.get_field(key) for key in keys}
         meta = {key: (field.contents() if field is not None else None) for key, field in fields.items()}

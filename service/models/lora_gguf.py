@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.gguf_file import open_whole_gguf
 from service.models.lora_adapter import AdapterLoadError, AdapterModule, BaseShapes
 
 # llama.cpp's tensor name -> PEFT's module name (gguf.constants TENSOR_NAMES).
@@ -73,16 +74,10 @@ def read_gguf(path: Path, shapes: BaseShapes) -> list[AdapterModule]:
 
 
 def _open(path: Path) -> Any:
-    from gguf import GGUFReader
-
     if not path.is_file():
         raise AdapterLoadError(f"{path}: no such adapter file")
     try:
-        reader = GGUFReader(str(path))
-        size = path.stat().st_size
-        for t in reader.tensors:
-            if t.data_offset + int(t.n_bytes) > size:
-                raise ValueError(f"tensor {t.name} extends past the end of the file")
+        reader = open_whole_gguf(path)
     except Exception as exc:  # numpy/struct/ValueError on a truncated or foreign file
         raise AdapterLoadError(f"{path}: corrupt or truncated GGUF file: {exc}") from None
     return reader
