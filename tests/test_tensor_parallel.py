@@ -172,6 +172,14 @@ class Server:
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         assert self.proc.stderr is not None
         self.lines: list[str] = []
+        try:
+            self._wait_serving()
+        except BaseException:
+            self.stop()   # a server that did not come up is not left running (with its rank 1)
+            raise
+
+    def _wait_serving(self) -> None:
+        assert self.proc.stderr is not None
         # Wait on the log, not on a timer: for rank 0's "serving" line and for rank 1's own line
         # (a separate process writing to the same pipe, so it may come after rank 0's).
         port = worker = None
