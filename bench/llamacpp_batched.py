@@ -10,10 +10,9 @@ microseconds a row, also what llama-server's greedy sampler costs).
 """
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +30,16 @@ class _Slot:
     last: int = 0              # the token to feed next, once the prompt is in
     t0: float = 0.0
     first: float | None = None
-    tokens: list[int] = field(default_factory=list)
 
 
-def _quiet() -> object:
-    """A llama.cpp log callback that drops everything (kept alive at module level for ctypes)."""
-    import llama_cpp as lc
-
-    return lc.llama_log_callback(lambda level, text, user_data: None)
+_QUIET: list[object] = []   # the log callback, made once and kept alive for ctypes
 
 
-_QUIET = _quiet() if importlib.util.find_spec("llama_cpp") else None
+def _silence(lc) -> None:
+    """Drop llama.cpp's log: its per-tensor load log would bury the bench's tables."""
+    if not _QUIET:
+        _QUIET.append(lc.llama_log_callback(lambda level, text, user_data: None))
+    lc.llama_log_set(_QUIET[0], None)
 
 
 class LlamaCppBatched:
@@ -52,7 +50,7 @@ class LlamaCppBatched:
 
         self.lc = lc
         lc.llama_backend_init()
-        lc.llama_log_set(_QUIET, None)   # its per-tensor load log would bury the bench's tables
+        _silence(lc)
         mp = lc.llama_model_default_params()
         # ggml's AMX/extra buffer repacking crashes on some VMs; off keeps every run comparable.
         mp.use_extra_bufts = False
@@ -88,13 +86,11 @@ class LlamaCppBatched:
         waiting = deque(items)
         slots = [_Slot(s) for s in range(concurrency)]
         finished: list[tuple[float, float]] = []
-        self.outputs: dict[int, list[int]] = {}   # id(item) -> its tokens (the bench checks them)
         start = time.perf_counter()
         while waiting or any(s.item for s in slots):
             for s in slots:
                 if s.item is None and waiting:
                     s.item, s.fed, s.made, s.first, s.t0 = waiting.popleft(), 0, 0, None, time.perf_counter()
-                    s.tokens = []
             outputs = self._fill(slots)
             if lc.llama_decode(self.ctx, self.batch) != 0:
                 raise RuntimeError("llama_decode failed (KV cache full?)")
@@ -103,12 +99,10 @@ class LlamaCppBatched:
                 logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, row), shape=(self.vocab,))
                 s.last = int(logits.argmax())
                 s.made += 1
-                s.tokens.append(s.last)
                 if s.first is None:
                     s.first = now
                 if s.made == s.item.max_tokens:
                     finished.append((s.first - s.t0, (now - s.first) / max(1, s.made - 1)))
-                    self.outputs[id(s.item)] = s.tokens
                     lc.llama_memory_seq_rm(mem, s.seq, -1, -1)
                     s.item = None
         return time.perf_counter() - start, finished
