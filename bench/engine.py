@@ -64,7 +64,7 @@ async def weft_level(engine: AsyncEngine, items: list[Item], conc: int, loras: l
     return time.perf_counter() - t0, ttfts, tpots
 
 
-def bench_weft(core: EngineCore, workloads: dict[int, list[Item]], system: str = "weft") -> list[dict]:
+def bench_weft(core: EngineCore, workloads: dict[int, list[Item]]) -> list[dict]:
     async def run() -> list[dict]:
         engine = AsyncEngine(core)
         rows = []
@@ -72,7 +72,7 @@ def bench_weft(core: EngineCore, workloads: dict[int, list[Item]], system: str =
             await weft_level(engine, next(iter(workloads.values()))[:1], 1)  # warm-up
             for conc, items in workloads.items():
                 wall, ttfts, tpots = await weft_level(engine, items, conc)
-                rows.append(throughput_row(system, conc, items, wall, ttfts, tpots))
+                rows.append(throughput_row("weft", conc, items, wall, ttfts, tpots))
                 print_table(rows[-1:])
         finally:
             await engine.shutdown()
@@ -192,7 +192,7 @@ def main(argv: list[str]) -> int:
     # The long-prompt workload runs one request at a time: its TTFT is one prefill's time.
     long = {} if a.skip_long else {1: make_workload(core.tokenizer, a.long_requests, prompt_len=a.long_prompt,
                                                    seed=2000, min_out=a.long_new, max_out=a.long_new)}
-    rows = bench_weft(core, workloads) + _long_rows(bench_weft(core, long), a.long_prompt)
+    rows = bench_weft(core, workloads) + (_long_rows(bench_weft(core, long), a.long_prompt) if long else [])
     source = core.loaded.source
     workload = {"prompt_tokens": 100, "output_tokens": "16-256 spread", "greedy": True, "dtype": a.dtype,
                 "levels": levels, "model": str(source),
