@@ -41,15 +41,13 @@ def _lora_ops(stacks: LoRAStacks, token_slots: torch.Tensor) -> Callable[[], Non
     t = token_slots.numel()
     ins = {p: torch.randn(t, stacks.shapes.parts(p)[0]) for p in PROJECTIONS}
     outs = {p: torch.zeros(t, sum(stacks.shapes.parts(p)[1])) for p in PROJECTIONS}
-    lib = cpu_native.lib()
 
     def run() -> None:
         for layer in stacks.stacks:
             for p in PROJECTIONS:
-                (a, b), cols = layer[p], stacks.part_cols[p]
-                lib.weft_lora_add_f32(outs[p].data_ptr(), ins[p].data_ptr(), t, a.shape[1], b.shape[2], a.data_ptr(),
-                                      b.data_ptr(), stacks.max_rank, len(cols) - 1, cols.data_ptr(),
-                                      token_slots.data_ptr(), stacks.num_slots, torch.get_num_threads())
+                a, b = layer[p]
+                cpu_native.lora_add(outs[p], ins[p], a, b, stacks.max_rank, stacks.part_cols[p], token_slots,
+                                    stacks.num_slots)
     return run
 
 

@@ -160,6 +160,17 @@ def has_sgemm() -> bool:
     return lib() is not None and _has_sgemm
 
 
+def lora_add(out: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, rank: int,
+             part_cols: torch.Tensor, token_slots: torch.Tensor, num_slots: int, num_threads: int | None = None) -> None:
+    """out[t] += x[t] @ a_stack[s] @ b_stack[s] for each token t whose slot s = token_slots[t] is
+    >= 0, in place (kernels/csrc/cpu_lora.c): out [T, n_out], x [T, n_in], a_stack [S, n_in,
+    parts * rank], b_stack [S, parts * rank, n_out] block-diagonal over the parts, whose output
+    columns start at part_cols (int64, parts + 1 entries); token_slots int64 [T]. All contiguous."""
+    lib().weft_lora_add_f32(out.data_ptr(), x.data_ptr(), x.shape[0], x.shape[1], out.shape[1], a_stack.data_ptr(),
+                            b_stack.data_ptr(), rank, part_cols.numel() - 1, part_cols.data_ptr(),
+                            token_slots.data_ptr(), num_slots, num_threads or torch.get_num_threads())
+
+
 def usable(*tensors: torch.Tensor) -> bool:
     """Float32 CPU tensors, native kernels enabled and built."""
     return (enabled() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)

@@ -41,8 +41,7 @@ def test_native_op_equals_a_token_loop(parts: list[int]) -> None:
         ref = y.clone()
         lora_add_ref_(ref, x, a, b, token_slots)
         slots_t = torch.tensor(token_slots, dtype=torch.long)
-        cpu_native.lib().weft_lora_add_f32(y.data_ptr(), x.data_ptr(), t, k, n, a.data_ptr(), b.data_ptr(), r,
-                                           len(parts), cols_t.data_ptr(), slots_t.data_ptr(), slots, 2)
+        cpu_native.lora_add(y, x, a, b, r, cols_t, slots_t, slots, num_threads=2)
         torch.testing.assert_close(y, ref)
 
 

@@ -217,10 +217,7 @@ class LoRAStep:
         if cpu_native.usable(out, x, a_stack, b_stack) and out.is_contiguous() and x.is_contiguous():
             # On CPU one C call (the native loop's op) instead of ~5 torch ops a projection; each
             # token's sum is the same whatever the batch, as with the loop's decode steps.
-            cols = self.stacks.part_cols[proj]
-            cpu_native.lib().weft_lora_add_f32(
-                out.data_ptr(), x.data_ptr(), x.shape[0], x.shape[1], out.shape[1], a_stack.data_ptr(),
-                b_stack.data_ptr(), self.stacks.max_rank, len(cols) - 1, cols.data_ptr(),
-                self.plan.token_slots.data_ptr(), self.stacks.num_slots, torch.get_num_threads())
+            cpu_native.lora_add(out, x, a_stack, b_stack, self.stacks.max_rank, self.stacks.part_cols[proj],
+                                self.plan.token_slots, self.stacks.num_slots)
             return
         lora_add_(out, x, a_stack, b_stack, self.plan)
