@@ -32,6 +32,7 @@ from service.engine.tensor_parallel import TPGroup, model_fingerprint, start_gro
 from service.engine.step import StepOutput
 from service.loader import LoadedModel, load_model
 from service.models.build import build_model
+from service.models.layers.windows import kv_window
 from service.models.lora import LoRAStacks, LoRAWeights, load_lora
 
 log = logging.getLogger("weft.engine")
@@ -62,7 +63,7 @@ class EngineCore:
         num_blocks = config.num_blocks or max(1, int(config.kv_cache_gb * 2**30) // block_bytes)
         self.num_blocks = num_blocks
         self.max_model_len = min(config.max_model_len or context, context, num_blocks * config.block_size)
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, kv_window(model))
         self.lora: LoRAManager | None = None
         if config.enable_lora:
             adapters = config.lora_modules()

@@ -9,6 +9,12 @@ A freed block keeps its contents and its hash: it sits in the free queue (LRU or
 later request with the same prefix can take it back, until the pool needs it for new tokens
 and evicts it from the front. Shared blocks are always full and never written again — a
 request always recomputes at least its last prompt token into a block of its own.
+
+Sliding windows: when every layer of the model attends through a window, a request's blocks
+that slid wholly out of it are never read again (the attention kernels start at the block
+holding the first visible key), so they go back to the pool as the request advances; their
+entries in its block list become FREED. A long request then holds about window / block_size
+blocks, not its whole length.
 """
 from __future__ import annotations
 
@@ -16,6 +22,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from decoding.prefix_cache import BlockHash, extend_block_hashes
+
+
+FREED = -1   # a block list entry whose block slid out of the window and went back to the pool
 
 
 class BlockPool:
@@ -82,10 +91,14 @@ class PrefixStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 window: int | None = None) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.blocks: dict[str, list[int]] = {}
+        # The window every layer attends through (None: some layer sees the whole sequence).
+        self.window = window
+        self._num_freed: dict[str, int] = {}   # per request: its leading blocks already given back
         self.enable_prefix_caching = enable_prefix_caching
         self.stats = PrefixStats()
 
@@ -150,13 +163,36 @@ class KVCacheManager:
         full = min(len(held), num_computed // self.block_size)
         extend_block_hashes(hashes, token_ids, full * self.block_size, self.block_size, salt)
         for i in range(start, full):
-            self.pool.register(held[i], hashes[i])
+            if held[i] != FREED:
+                self.pool.register(held[i], hashes[i])
         return max(start, full)
+
+    def free_outside_window(self, request_id: str, num_computed: int) -> int:
+        """Give back the request's blocks that no later query can see: its next token (position
+        num_computed) sees keys from num_computed - window + 1 on, and every later one sees less.
+        Returns how many blocks went back."""
+        if self.window is None or request_id not in self.blocks:
+            return 0
+        held = self.blocks[request_id]
+        first_visible = max(0, num_computed - self.window + 1) // self.block_size
+        done = self._num_freed.get(request_id, 0)
+        if first_visible <= done:
+            return 0
+        gone = held[done:first_visible]
+        held[done:first_visible] = [FREED] * len(gone)
+        self._num_freed[request_id] = first_visible
+        self.pool.release(gone)
+        return len(gone)
+
+    def num_held(self, request_id: str) -> int:
+        """Blocks the request holds now (its list less the FREED entries)."""
+        return len(self.blocks.get(request_id, [])) - self._num_freed.get(request_id, 0)
 
     def free(self, request_id: str) -> None:
         blocks = self.blocks.pop(request_id, None)
+        done = self._num_freed.pop(request_id, 0)
         if blocks:
-            self.pool.release(blocks)
+            self.pool.release(blocks[done:])
 
     def block_ids(self, request_id: str) -> list[int]:
         return self.blocks.get(request_id, [])

@@ -79,6 +79,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            self.kv.free_outside_window(req.request_id, req.num_computed_tokens)
             n, spec = self._with_draft(req, budget)
             if self._make_room(req, n, batch):
                 batch.requests.append(req)
