@@ -6,7 +6,8 @@ reads no head_dim for Qwen3, no expert FFN size for the MoEs, no soft-caps for G
 entry below names the `{arch}.` metadata keys read over transformers' own parse, the settings
 llama.cpp hard-codes for that architecture (they are not in the file), and settings computed from
 the others; the loader builds the config from that and hands it to transformers, which then
-only loads the tensors into a model of the right shape.
+only loads the tensors into a model of the right shape (Mixtral's, which transformers cannot map,
+service/gguf_mixtral.py reads).
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ class GGUFArch:
     keys: dict[str, str] = field(default_factory=dict)   # "{arch}." + key -> config attribute
     fixed: Settings = field(default_factory=dict)          # what llama.cpp assumes for the architecture
     tensors: dict[str, str] = field(default_factory=dict)  # small tensors holding settings (a list each)
-    refused: dict[str, str] = field(default_factory=dict)  # "{arch}." + key present -> what the file is
     derived: Callable[[Settings], Settings] | None = None  # from the settings read so far
+    model_type: str | None = None                          # transformers' model_type, where not the architecture's
+    with_experts: GGUFArch | None = None                    # the entry for files with "{arch}.expert_count"
 
 
 def _gemma_attention_scale(big_layers: int) -> Callable[[Settings], Settings]:
@@ -66,10 +68,15 @@ _MOE_KEYS = {"expert_count": "num_experts", "expert_used_count": "num_experts_pe
 # llama.cpp's qwen2moe / qwen3moe graphs run every layer as MoE, with no sliding window.
 _MOE_FIXED: Settings = {"decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False}
 
+# llama.cpp files Mixtral under "llama" (its experts stacked; service/gguf_mixtral.py reads them):
+# every expert as wide as feed_forward_length, no sliding window in llama.cpp's llama graph.
+_MIXTRAL = GGUFArch(
+    keys={"expert_count": "num_local_experts", "expert_used_count": "num_experts_per_tok",
+          "attention.key_length": "head_dim"},
+    fixed={"sliding_window": None}, model_type="mixtral")
+
 ARCHITECTURES: dict[str, GGUFArch] = {
-    # llama.cpp files Mixtral under "llama" with stacked expert tensors, which transformers does not
-    # read into a Llama model (its MLPs would be left random).
-    "llama": GGUFArch(refused={"expert_count": "a Mixtral-style mixture of experts"}),
+    "llama": GGUFArch(with_experts=_MIXTRAL),
     "qwen2": GGUFArch(),
     "qwen3": GGUFArch(keys={"attention.key_length": "head_dim"}),
     "gemma2": GGUFArch(
@@ -124,10 +131,11 @@ def gguf_config(gguf: Path) -> Any:
     reader = GGUFReader(str(gguf))
     arch = reader.get_field("general.architecture").contents()
     entry = check_architecture(arch, gguf)
-    for key, what in entry.refused.items():
-        if reader.get_field(f"{arch}.{key}") is not None:
-            raise ModelLoadError(f"{gguf}: {what} ({arch}.{key}) is not supported from GGUF")
+    if entry.with_experts is not None and reader.get_field(f"{arch}.expert_count") is not None:
+        entry = entry.with_experts
     settings: Settings = dict(load_gguf_checkpoint(str(gguf), return_tensors=False)["config"])
+    if entry.model_type is not None:
+        settings["model_type"] = entry.model_type
     settings |= entry.fixed
     for key, attribute in entry.keys.items():
         found = reader.get_field(f"{arch}.{key}")

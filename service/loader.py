@@ -28,6 +28,7 @@ import torch
 from common.gguf_file import open_whole_gguf
 from common.errors import ModelLoadError
 from service.gguf_arch import check_architecture, gguf_config
+from service.gguf_mixtral import mixtral_from_gguf
 from service.models.architectures import ARCHITECTURES, LLAMA_FAMILY, TEXT_OF_MULTIMODAL
 from service.tokenizer import Tokenizer
 from common import env
@@ -388,15 +389,22 @@ def _convert_gguf(gguf: Path, target: Path, progress: bool) -> None:
     _say(progress, f"converted {gguf.name} in {time.perf_counter() - started:.1f}s")
 
 
+# model_type -> Weft's reader of its GGUF tensors, where transformers cannot map them.
+_WEFT_READ_TENSORS = {"mixtral": mixtral_from_gguf}
+
+
 def _write_converted(gguf: Path, out: Path, meta: dict[str, Any], progress: bool) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+    config = gguf_config(gguf)
     with _transformers_progress(progress):
-        # Our config (service/gguf_arch.py), so transformers only reads the tensors.
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), config=gguf_config(gguf),
-                                                     dtype=torch.float32, **kwargs)
+        if config.model_type in _WEFT_READ_TENSORS:
+            model = _WEFT_READ_TENSORS[config.model_type](gguf, config)
+        else:   # our config (service/gguf_arch.py), so transformers only reads the tensors
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), config=config,
+                                                         dtype=torch.float32, **kwargs)
     config = model.config
     # The weights are plain float32 now; a leftover gguf quantization_config would make
     # transformers treat the directory as still quantised.

@@ -131,6 +131,13 @@ def _moe_metadata(w: Any, cfg: dict[str, Any]) -> None:
         w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
 
 
+def _mixtral_metadata(w: Any, cfg: dict[str, Any]) -> None:
+    """llama.cpp's LlamaModel converter adds only these for Mixtral (each expert is
+    feed_forward_length wide)."""
+    w.add_expert_count(cfg["num_local_experts"])
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+
+
 def _starcoder2_metadata(w: Any, cfg: dict[str, Any]) -> None:
     w.add_layer_norm_eps(cfg["norm_epsilon"])
 
@@ -145,6 +152,8 @@ class _Arch:
 
 _ARCHS: dict[str, _Arch] = {
     "llama": _Arch("llama", tensors=(_permute_qk,)),
+    # Mixtral is a "llama" to llama.cpp: q/k permuted, block_sparse_moe.experts.E.w1/w3/w2 stacked.
+    "mixtral": _Arch("llama", _mixtral_metadata, (_permute_qk, _stack_experts)),
     "qwen2": _Arch("qwen2"),
     "qwen3": _Arch("qwen3"),
     "gemma2": _Arch("gemma2", _gemma2_metadata, (_gemma_norms,)),

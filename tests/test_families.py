@@ -162,3 +162,23 @@ def test_unused_checkpoint_tensor_is_refused(tiny_model_factory, tmp_path: Path)
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=r"does not use: model\.layers\.0\.mlp\.down_proj\.bias"):
         LLM(str(dst), dtype="float32", progress=False, num_blocks=8)
+
+
+@pytest.mark.parametrize("case", ["qwen3"], indirect=True)
+def test_qwen3_decodes_in_the_native_loop(case: Case) -> None:
+    """Qwen3's short-row steps run in the Llama family's one-C-call loop (kernels/csrc/cpu_llama.c,
+    per-head q/k norms included) and give transformers' greedy tokens, alone and batched."""
+    from kernels import cpu_native
+
+    if not cpu_native.has_sgemm():
+        pytest.skip("no native kernels (compiler or sgemm_) here")
+    llm = LLM(str(case.path), dtype="float32", progress=False, num_blocks=64)
+    native = llm.engine.model.native
+    before = native.steps
+    assert llm.generate([case.prompts[2]], GREEDY)[0].outputs[0].token_ids == case.expected[2]
+    alone = native.steps - before
+    assert alone >= NEW_TOKENS - 1   # every decode step (the prompt's prefill may be one too)
+    results = llm.generate(case.prompts, GREEDY)
+    assert [r.outputs[0].token_ids for r in results] == case.expected
+    assert native.steps - before > alone
+    assert llm.engine.pool_is_whole()

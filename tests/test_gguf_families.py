@@ -72,6 +72,7 @@ ARCH_CASES: dict[str, dict] = {
     "qwen2_moe": {},
     "qwen3_moe": {"norm_topk_prob": True},
     "starcoder2": {},
+    "mixtral": {},   # a "llama" GGUF with stacked experts, read by service/gguf_mixtral.py
 }
 
 
@@ -82,10 +83,11 @@ def test_gguf_architecture_matches_hf_checkpoint(kind: str, tiny_model_factory, 
     tokens and log-probabilities from it equal transformers' on the HF checkpoint it was written
     from, and the converted weights are that checkpoint's.
 
-    The reference is the checkpoint, not transformers' own load of the GGUF: for these six it
+    The reference is the checkpoint, not transformers' own load of the GGUF: for these it
     leaves settings the file holds at their defaults (transformers 5.23: Gemma 2's query scale and
     soft-caps, Gemma 3's query scale and RoPE scaling, Phi-3's partial rotary, StarCoder2's RoPE base) or
-    builds experts of the wrong size (both MoEs: it fails to load), which service/gguf_arch.py reads."""
+    builds experts of the wrong size (both MoEs: it fails to load), which service/gguf_arch.py reads;
+    a Mixtral ("llama" with stacked experts) it loads as a Llama without its experts."""
     from safetensors.torch import load_file
 
     from service.loader import gguf_cache_dir
@@ -107,7 +109,7 @@ def test_gguf_architecture_matches_hf_checkpoint(kind: str, tiny_model_factory, 
         torch.testing.assert_close(converted[name], tensor, rtol=0.0, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe", "starcoder2"])
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe", "starcoder2", "mixtral"])
 def test_quantised_gguf_architecture_matches_transformers(kind: str, tiny_model_factory, tokenizer: TokenizerFields,
                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same models with their 2-D and stacked-expert tensors in the mixed quantisation types:
@@ -141,14 +143,15 @@ def _assert_same_decoding(llm: LLM, hf: torch.nn.Module) -> None:
     assert llm.engine.pool_is_whole()
 
 
-def _stub_gguf(path: Path, arch: str, **ints: int) -> Path:
-    """A GGUF with one tensor and the given `{arch}.` integer keys: enough to be refused."""
+def _stub_gguf(path: Path, arch: str, tensors: tuple[str, ...] = ("token_embd.weight",), **ints: int) -> Path:
+    """A GGUF with the given `{arch}.` integer keys and small zero tensors: enough to be refused."""
     import gguf as gguf_py
 
     writer = gguf_py.GGUFWriter(str(path), arch)
     for key, value in ints.items():
         writer.add_uint32(f"{arch}.{key}", value)
-    writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    for name in tensors:
+        writer.add_tensor(name, torch.zeros(4, 8).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -166,11 +169,14 @@ def test_unknown_gguf_architecture_is_refused(tmp_path: Path) -> None:
     assert all(arch in str(err.value) for arch in ARCHITECTURES)
 
 
-def test_mixtral_style_llama_gguf_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """llama.cpp's Mixtral is a "llama" GGUF with experts; read as a Llama its MLPs would be random."""
+def test_per_expert_mixtral_gguf_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mixtral GGUFs written before llama.cpp stacked experts hold blk.N.ffn_gate.E.weight per expert:
+    not read (refused, naming the tensor), rather than loaded with experts missing."""
     from common.errors import ModelLoadError
 
     monkeypatch.setenv("WEFT_CACHE_DIR", str(tmp_path / "cache"))
-    path = _stub_gguf(tmp_path / "tiny-mixtral.gguf", "llama", expert_count=4, expert_used_count=2)
-    with pytest.raises(ModelLoadError, match=r"Mixtral-style mixture of experts \(llama.expert_count\)"):
+    path = _stub_gguf(tmp_path / "tiny-mixtral.gguf", "llama", ("token_embd.weight", "blk.0.ffn_gate.0.weight"),
+                      expert_count=4, expert_used_count=2)
+    with pytest.raises(ModelLoadError, match=r"tensors a Mixtral GGUF \(llama with stacked experts\) does not hold: "
+                                             r"blk\.0\.ffn_gate\.0\.weight$"):
         LLM(str(path), dtype="float32", progress=False)

@@ -7,7 +7,8 @@ libtorch_cpu), with the same arguments, so they are bit-identical to the torch p
 rope, the KV store and silu*mul. Steps with long prefill rows (SDPA) stay in Python. Exception:
 with a GGUF's blocks in the table, steps of few rows multiply from those (cpu_qmatmul.c), equal
 to the float32 products within rounding but not bit-identical. LoRA steps stay here too: after
-each base product, the adapters' x @ A[s] @ B[s] of the tokens that have one (cpu_lora.c). */
+each base product, the adapters' x @ A[s] @ B[s] of the tokens that have one (cpu_lora.c).
+Qwen3's per-head q/k RMSNorm (before RoPE) runs when the layer table has its weights. */
 #include <stdint.h>
 #include <string.h>
 
@@ -46,9 +47,27 @@ static void qlinear(const float *x, const float *w, const float *bias, int64_t p
 }
 
 /* Pointers per layer in `layers` (int64 addresses, 0 = absent), in this order; each *_Q is the
-   weight's GGUF blocks with its *_FMT (kernels/quant.py codes, 0 = none). */
+   weight's GGUF blocks with its *_FMT (kernels/quant.py codes, 0 = none); Q_NORM / K_NORM the
+   per-head q/k RMSNorm weights (Qwen3; 0 = none, as in Llama). */
 enum { LN1, QKV_W, QKV_B, O_W, O_B, LN2, GU_W, DOWN_W, K_CACHE, V_CACHE,
-       QKV_Q, QKV_FMT, O_Q, O_FMT, GU_Q, GU_FMT, DOWN_Q, DOWN_FMT, NUM_PTRS };
+       QKV_Q, QKV_FMT, O_Q, O_FMT, GU_Q, GU_FMT, DOWN_Q, DOWN_FMT, Q_NORM, K_NORM, NUM_PTRS };
+
+/* RMSNorm of each q head and each k head of qkv [T, qkv_size], in place (the norm kernel writes
+   elsewhere: its rows are restrict). tmp: T * num_heads * head_dim floats, one row per token. */
+static void qk_norm(float *qkv, int64_t num_tokens, int64_t qkv_size, const float *q_w, const float *k_w,
+                    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float eps, float *tmp,
+                    int num_threads) {
+    const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+    const int threads = num_tokens * qkv_size < 65536 ? 1 : num_threads;   /* as the norm kernel decides */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < num_tokens; t++) {
+        float *row = qkv + t * qkv_size, *scratch = tmp + t * q_size;
+        weft_add_rms_norm_f32(row, 0, q_w, scratch, num_heads, head_dim, eps, 1);
+        memcpy(row, scratch, sizeof(float) * q_size);
+        weft_add_rms_norm_f32(row + q_size, 0, k_w, scratch, num_kv_heads, head_dim, eps, 1);
+        memcpy(row + q_size, scratch, sizeof(float) * kv_size);
+    }
+}
 
 /* Per layer in `lora` (int64 addresses of LoRAStacks' stacked A^T / B^T), in this order. */
 enum { L_QKV_A, L_QKV_B, L_O_A, L_O_B, L_GU_A, L_GU_B, L_DOWN_A, L_DOWN_B, NUM_LORA_PTRS };
@@ -103,6 +122,9 @@ int weft_llama_layers_f32(
         qlinear(x, (const float *)p[QKV_W], (const float *)p[QKV_B], p[QKV_Q], p[QKV_FMT], packed_max_rows, qkv, t,
                 qkv_size, hd, num_threads);
         lora_add(&ls, l, 0, qkv, x, hidden, qkv_size, 3, qkv_cols, num_threads);
+        if (p[Q_NORM])   /* attn is free until attention writes it */
+            qk_norm(qkv, num_tokens, qkv_size, (const float *)p[Q_NORM], (const float *)p[K_NORM], num_heads,
+                    num_kv_heads, head_dim, eps, attn, num_threads);
         weft_rope_store_f32(qkv, qkv_size, q, k_cache, v_cache, cos, sin, positions, slots, num_tokens,
                             num_heads, num_kv_heads, head_dim, num_threads);
         if (weft_paged_attention_f32(q, attn, k_cache, v_cache, block_tables, table_stride, seq_lens,

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("weft.models")
 
 
-def _rope_row_order(rows: int, n_head: int) -> torch.Tensor:
+def rope_row_order(rows: int, n_head: int) -> torch.Tensor:
     """Which GGUF row each HF row of attn_q / attn_k is. The GGUF converter interleaved each
     head's rotary halves; transformers' loader undoes that by reshaping rows to
     (head, dim, 2) and swapping the last two axes. Rows are whole blocks, so the packed
@@ -84,8 +84,8 @@ def _packed_tensors(model: LlamaForCausalLM, gguf: Path) -> list[PackedWeight | 
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         b = f"blk.{i}."
-        q_order = _rope_row_order(attn.q_size, cfg.num_attention_heads) if rope_rows else None
-        k_order = _rope_row_order(attn.kv_size, model.num_kv_heads) if rope_rows else None
+        q_order = rope_row_order(attn.q_size, cfg.num_attention_heads) if rope_rows else None
+        k_order = rope_row_order(attn.kv_size, model.num_kv_heads) if rope_rows else None
         packs += [
             _pack([reader.rows(b + "attn_q.weight", q_order), reader.rows(b + "attn_k.weight", k_order),
                    reader.rows(b + "attn_v.weight")]),

@@ -9,6 +9,9 @@ steps of at most quant.PACKED_MAX_ROWS rows, from the float32 weights above.
 
 Steps with LoRA adapters stay native: the C loop adds each token's adapter after every base
 product (kernels/csrc/cpu_lora.c) from the stacks of service/models/lora.py's LoRAStacks.
+
+Qwen3 (service/models/qwen3.py) runs here too: its per-head q/k RMSNorm weights go in the layer
+table (zero for Llama), the C loop normalises q and k before RoPE when they are there.
 """
 from __future__ import annotations
 
@@ -17,7 +20,21 @@ from torch import nn
 
 from kernels import cpu_native, quant
 from kernels.attention import AttentionMetadata, native_plan
+from service.models.layers.norms import RMSNorm
 from service.models.lora import PROJECTIONS, LoRAStacks, LoRAStep
+
+
+def _qk_norms(attn: nn.Module, eps: float) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """The per-head q/k norm weights the C loop applies (None, None: the layer has none); None when
+    the layer's norms are of a kind the loop does not compute (all heads together, float32 scaling,
+    Gemma's 1 + w, another eps)."""
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if q_norm is None:
+        return None, None
+    plain = all(type(n) is RMSNorm and not n.scale_in_float32 and n.eps == eps for n in (q_norm, k_norm))
+    # The loop normalises each token's k heads in a scratch row of q_size floats.
+    return (q_norm.weight, k_norm.weight) if plain and attn.qk_norm_per_head and attn.num_kv_heads <= attn.num_heads \
+        else None
 
 
 def _packed(module: torch.nn.Module, use: bool) -> list[int]:
@@ -38,7 +55,8 @@ class NativeLayers:
         self._table: torch.Tensor | None = None
         self._lora_key: tuple | None = None
         self._lora_table: torch.Tensor | None = None
-        # Steps with adapters this path ran (tests check that LoRA steps really stay native).
+        # Steps (and those with adapters) this path ran: tests check the native path really ran.
+        self.steps = 0
         self.lora_steps = 0
 
     def __call__(
@@ -84,6 +102,7 @@ class NativeLayers:
         )
         if rc != 0:
             raise RuntimeError(f"native decoder layers failed (code {rc})")
+        self.steps += 1
         if lora is not None:
             self.lora_steps += 1
         return out
@@ -118,12 +137,17 @@ class NativeLayers:
         rows = []
         for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
             attn, mlp = layer.self_attn, layer.mlp
+            norms = _qk_norms(attn, model.config.rms_norm_eps)
+            if norms is None:
+                return None
             tensors = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
                        attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
                        mlp.down_proj.weight, k_cache, v_cache]
-            if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous()) for t in tensors):
+            if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous()) for t in (*tensors, *norms)):
                 return None
+            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)   # the C enum's order
             rows.append([0 if t is None else t.data_ptr() for t in tensors]
-                        + [v for m in layer.projections() for v in _packed(m, use_packed)])
+                        + [v for m in projections for v in _packed(m, use_packed)]
+                        + [0 if t is None else t.data_ptr() for t in norms])
         self._table_key, self._table = key, torch.tensor(rows, dtype=torch.long)
         return self._table

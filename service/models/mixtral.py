@@ -32,7 +32,9 @@ class MixtralForCausalLM(CausalLM):
 
     def load_layer(self, w: CheckpointWeights, prefix: str, layer: nn.Module) -> None:
         layer.self_attn.load_weights(w, prefix + "self_attn.")
-        # Mixtral's experts name gate, up, down as w1, w3, w2.
-        layer.mlp.load_weights(w, prefix + "block_sparse_moe.", ("w1", "w3", "w2"))
+        # Mixtral's checkpoints name gate, up, down as w1, w3, w2 under block_sparse_moe; a GGUF
+        # conversion saves transformers' in-memory names (mlp.gate, mlp.experts.gate_up_proj).
+        moe = "mlp." if prefix + "mlp.experts.gate_up_proj" in w.weights else "block_sparse_moe."
+        layer.mlp.load_weights(w, prefix + moe, ("w1", "w3", "w2"))
         w.put_named(layer.input_layernorm.weight, prefix + "input_layernorm.weight")
         w.put_named(layer.post_attention_layernorm.weight, prefix + "post_attention_layernorm.weight")

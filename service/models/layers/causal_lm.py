@@ -69,12 +69,23 @@ class CausalLM(nn.Module):
         if lora is not None:
             raise ValueError(f"LoRA adapters are not supported for {type(self).__name__}")
         h = self.embed(input_ids)
+        out = self.native_layers(h, positions, kv_caches, slot_mapping, meta)
+        if out is not None:
+            return out
         ropes = {key: StepRope(getattr(self, f"rope_cos_{key}"), getattr(self, f"rope_sin_{key}"), positions)
                  for key in self.rope_keys}
         step = Step(ropes, slot_mapping, meta)
         for layer, kv in zip(self.layers, kv_caches):
             h = layer.forward(h, step, kv)
         return self.norm.forward(h)
+
+    def native_layers(
+        self, h: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        slot_mapping: torch.Tensor, meta: AttentionMetadata,
+    ) -> torch.Tensor | None:
+        """Every layer and the final norm in one native call, for families that have one (Qwen3);
+        None: the layer loop below runs."""
+        return None
 
     def lora_shapes(self) -> BaseShapes:
         raise ModelLoadError(f"LoRA adapters are supported for the Llama family only, not {type(self).__name__}")
