@@ -86,8 +86,8 @@ VERIFY_MAX_PLAN = 96
 MAX_GROWTH_CHECKS = 16
 # A plan that did not fit is tried again after this many tokens, doubling up to MAX_BACKOFF.
 MAX_BACKOFF = 32
-# The state after each mask (with the plans its verified tokens found) is kept this many
-# positions back: as deep as a backend rolls back (outlines-core: 64), deeper than any draft.
+# The state on reaching each position and after each mask (with the plans its verified tokens
+# found) is kept this many positions back: as deep as a backend rolls back (outlines-core: 64), deeper than any draft.
 KEEP_FILLED = 64
 # Follow the plan when it leaves this little slack: the output ends HARD_SLACK tokens early at
 # worst, a margin for a plan that is not the shortest.
@@ -571,7 +571,7 @@ class BudgetGuide(Guide):
         # rollback: re-advancing the same tokens (accepted drafts) picks up where plain
         # decoding would be, without filling those masks again.
         self._trail: list[int] = []
-        self._after: list[tuple] = [self._save()]
+        self._after: list[tuple | None] = [self._save()]
         self._filled: list[tuple | None] = [None]
         self._dirty = False                 # a mask was computed at the current count
 
@@ -826,7 +826,9 @@ class BudgetGuide(Guide):
         self._after.append(self._save())
         self._filled.append(None)
         if count >= KEEP_FILLED:
-            self._filled[count - KEEP_FILLED] = None     # its verified plans: memory, never used
+            # States that far back are memory no rollback reaches (a long output kept one per token).
+            self._filled[count - KEEP_FILLED] = None
+            self._after[count - KEEP_FILLED] = None
 
     def rollback(self, n: int) -> None:
         if not n:
