@@ -13,7 +13,7 @@ import pytest
 from common import env
 from service.config import SECTIONS, EngineConfig
 from service.config_cli import add_engine_args, engine_config_from_args, flag
-from service.loader import cache_root
+from service.gguf_convert import cache_root
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("common", "kernels", "decoding", "service", "clients")

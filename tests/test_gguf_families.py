@@ -90,7 +90,7 @@ def test_gguf_architecture_matches_hf_checkpoint(kind: str, tiny_model_factory, 
     a Mixtral ("llama" with stacked experts) it loads as a Llama without its experts."""
     from safetensors.torch import load_file
 
-    from service.loader import gguf_cache_dir
+    from service.gguf_convert import gguf_cache_dir
     from tests.hf_reference import load_hf
 
     monkeypatch.setenv("WEFT_CACHE_DIR", str(tmp_path / "cache"))
@@ -115,7 +115,7 @@ def test_quantised_gguf_architecture_matches_transformers(kind: str, tiny_model_
     """The same models with their 2-D and stacked-expert tensors in the mixed quantisation types:
     Weft from the GGUF equals transformers on the de-quantised weights (the converted directory;
     its config is what the F32 test above checks against the checkpoint)."""
-    from service.loader import gguf_cache_dir
+    from service.gguf_convert import gguf_cache_dir
     from tests.hf_reference import load_hf
 
     monkeypatch.setenv("WEFT_CACHE_DIR", str(tmp_path / "cache"))

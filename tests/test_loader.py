@@ -1,4 +1,4 @@
-"""service.loader: HF directories, the GGUF conversion cache, and every load error."""
+"""service.loader and service.gguf_convert: HF directories, the GGUF conversion cache, and every load error."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from service import loader
+from service import gguf_convert, loader
 from common.errors import ModelLoadError
 from service.loader import LoadedModel, expected_parameters, load_model, resolve_hf_dir
 
@@ -76,7 +76,7 @@ def test_gguf_converts_to_hf_dir(smollm2_dir: Path, smollm2: LoadedModel, smollm
     files = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
     for name in files:
         assert (smollm2_dir / name).is_file(), name
-    assert smollm2_dir.parent == loader.cache_root()
+    assert smollm2_dir.parent == gguf_convert.cache_root()
     assert smollm2_dir.name.startswith("SmolLM2-135M-Instruct-")
     assert not list(smollm2_dir.parent.glob(f".{smollm2_dir.name}.tmp-*")), "temp dir left behind"
 
@@ -96,11 +96,11 @@ def test_gguf_converts_to_hf_dir(smollm2_dir: Path, smollm2: LoadedModel, smollm
 
 def test_second_load_uses_the_cache(smollm2_gguf: Path, smollm2_dir: Path) -> None:
     weights_file = smollm2_dir / "model.safetensors"
-    before = (loader.conversion_count, weights_file.stat().st_mtime_ns, smollm2_dir.stat().st_mtime_ns)
+    before = (gguf_convert.conversion_count, weights_file.stat().st_mtime_ns, smollm2_dir.stat().st_mtime_ns)
     started = time.perf_counter()
     model = load_model(smollm2_gguf, progress=False)
     elapsed = time.perf_counter() - started
-    after = (loader.conversion_count, weights_file.stat().st_mtime_ns, smollm2_dir.stat().st_mtime_ns)
+    after = (gguf_convert.conversion_count, weights_file.stat().st_mtime_ns, smollm2_dir.stat().st_mtime_ns)
     assert after == before
     assert model.hf_dir == smollm2_dir
     assert elapsed < 10, f"cached load took {elapsed:.1f}s"
@@ -146,12 +146,12 @@ def test_dtype_by_name_and_non_float_refused(tiny_llama: Path) -> None:
 def test_cache_dir_follows_env_and_file_identity(isolated_cache: Path, tmp_path: Path) -> None:
     fake = tmp_path / "Some-Model.Q8_0.gguf"
     fake.write_bytes(b"GGUF" + bytes(60))
-    first = loader.gguf_cache_dir(fake)
+    first = gguf_convert.gguf_cache_dir(fake)
     assert first.parent == isolated_cache / "models"
     assert first.name.startswith("Some-Model-")
     stat = fake.stat()
     os.utime(fake, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    assert loader.gguf_cache_dir(fake) != first, "a changed file must get a new cache dir"
+    assert gguf_convert.gguf_cache_dir(fake) != first, "a changed file must get a new cache dir"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,11 +298,11 @@ def test_truncated_gguf(smollm2_gguf: Path, tmp_path: Path, isolated_cache: Path
     data = smollm2_gguf.read_bytes()
     cut = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     cut.write_bytes(data[: int(keep if keep >= 1 else len(data) * keep)])
-    count = loader.conversion_count
+    count = gguf_convert.conversion_count
     with pytest.raises(ModelLoadError, match="corrupt or truncated GGUF") as err:
         load_model(cut, progress=False)
     assert str(cut) in str(err.value)
-    assert loader.conversion_count == count
+    assert gguf_convert.conversion_count == count
     models = isolated_cache / "models"
     assert not models.exists() or not any(models.iterdir()), "a failed conversion left files behind"
 
