@@ -5,7 +5,8 @@ at M = 1 a step is bound by the bytes of weight it streams, so reading the block
 legacy 4/5-bit types and the K-quants, repacked at load: kernels/gguf_blocks.py) instead of their
 float32 copies is ~3-5x fewer bytes. The float32 weights stay: above
 PACKED_MAX_ROWS rows per step BLAS sgemm on them is faster (its cost hardly grows with the rows,
-ours does). `WEFT_PACKED=0` turns this off (A/B).
+ours does). `WEFT_PACKED=0` turns this off (A/B). A model loaded with dtype bfloat16 on CPU
+streams its weights' bf16 bits the same way (FMT_BF16: half the bytes of float32).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from common import env
 
 # The packed layouts (kernels/csrc/cpu_qmatmul.c); kernels/gguf_blocks.py maps each GGUF type to one.
 FMT_Q8_0, FMT_Q4_1, FMT_Q5_1, FMT_Q6_K, FMT_SEGMENTS = 1, 2, 3, 4, 5
+# Not a GGUF type: a weight's bfloat16 bits, which the kernel widens exactly (from_bf16).
+FMT_BF16 = 6
 FORMATS = {"Q8_0": FMT_Q8_0, "Q4_1": FMT_Q4_1, "Q5_1": FMT_Q5_1, "Q6_K": FMT_Q6_K}
 BLOCK = 32
 # Bytes of one 32-weight block in each packed layout: float32 scales (, offsets, fifth bits), quants.
@@ -81,6 +84,16 @@ def from_gguf_blocks(blocks: torch.Tensor | list[torch.Tensor], gguf_type: str |
     return PackedWeight(data, FMT_SEGMENTS, sum(rows for _, rows in sizes), k, segments)
 
 
+def from_bf16(weight: torch.Tensor) -> PackedWeight:
+    """The FMT_BF16 copy of `weight` ([n, k], k a multiple of 32): its values rounded to bfloat16,
+    2 bytes a weight. Exact for a float32 weight that already holds bf16 values (equals_weight)."""
+    n, k = weight.shape
+    if k % BLOCK:
+        raise ValueError(f"k = {k} is not a multiple of {BLOCK}")
+    data = weight.detach().to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.uint8)
+    return PackedWeight(data, FMT_BF16, n, k)
+
+
 def _row_bytes(fmt: int, k: int) -> int:
     return k // BLOCK * _PACKED_BLOCK_BYTES[fmt]
 
@@ -134,6 +147,8 @@ def dequantize(p: PackedWeight) -> torch.Tensor:
     rounding the product and the sum separately (the product is exact for every layout)."""
     if p.fmt == FMT_SEGMENTS:
         return torch.cat([dequantize(s) for s in p.segments])
+    if p.fmt == FMT_BF16:
+        return p.data.view(torch.bfloat16).float()
     d, m, q = _unpack(p)
     w = q.mul_(d)
     if m is not None:

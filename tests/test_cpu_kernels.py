@@ -367,3 +367,49 @@ def test_load_check_finds_any_differing_weight(gguf_type: str, monkeypatch: pyte
             bumped[i, j] = torch.nextafter(bumped[i, j], torch.tensor(float("inf")))
             assert not quant.equals_weight(p, bumped)
         assert not quant.equals_weight(p, w[:, :128])
+
+
+# ---- bf16 weights (FMT_BF16: a CPU model loaded with dtype bfloat16, service/models/bf16_packed.py) ----
+
+
+@pytest.mark.parametrize("k", [32, 96, 160, 288])   # odd multiples of 32: the kernel's odd-block tail
+def test_bf16_qmatmul_matches_matmul_on_bf16_weights(k: int) -> None:
+    """x @ W^T from the weight's bf16 bits equals torch.matmul(x, w_bf16.float().T) within
+    float32 rounding (as the GGUF layouts do), for 1..40 rows; each row as it is alone."""
+    from kernels import quant
+
+    gen = torch.Generator().manual_seed(k)
+    w = torch.randn(53, k, generator=gen)
+    p = quant.from_bf16(w)
+    assert p.fmt == quant.FMT_BF16 and p.data.shape == (53, 2 * k)
+    wb = w.bfloat16().float()
+    x = torch.randn(40, k, generator=gen)
+    alone = torch.cat([quant.qmatmul(x[i:i + 1], p) for i in range(40)])
+    for m in range(1, 41):
+        out = quant.qmatmul(x[:m], p)
+        assert out.shape == (m, 53) and out.dtype == torch.float32
+        ref = torch.matmul(x[:m].double(), wb.double().T)
+        mag = torch.matmul(x[:m].double().abs(), wb.double().abs().T)
+        assert ((out.double() - ref).abs() <= 1e-5 * mag + 1e-6).all(), m
+        torch.testing.assert_close(out, torch.matmul(x[:m], wb.T), rtol=1e-4, atol=1e-4 * mag.max().item())
+        assert torch.equal(out, alone[:m])
+
+
+def test_bf16_load_check_and_dequantize(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 copy de-quantises to the bf16-rounded weight exactly; the load check (native and
+    torch) accepts exactly that weight, not the unrounded one nor a one-ulp change."""
+    from kernels import quant
+
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(33, 160, generator=gen)
+    p = quant.from_bf16(w)
+    wb = w.bfloat16().float()
+    assert torch.equal(quant.dequantize(p), wb)
+    for native in ("1", "0"):
+        monkeypatch.setenv("WEFT_NATIVE", native)
+        assert quant.equals_weight(p, wb)
+        assert not quant.equals_weight(p, w)
+        bumped = wb.clone()
+        bumped[32, 159] = torch.nextafter(bumped[32, 159], torch.tensor(float("inf")))
+        assert not quant.equals_weight(p, bumped)
+        assert not quant.equals_weight(p, wb[:, :128])

@@ -13,8 +13,11 @@ Layout (kernels/quant.py repacks the GGUF blocks at load): each weight row of K 
   Q5_1: float d[nb], float m[nb], uint32 qh[nb], uint8 qs[nb][16]
                                                         as Q4_1 with bit i of qh as the fifth bit of weight i
   Q6_K: float d[2 nb], int8 q[nb][32]                   w[i] = d[2 b + i / 16] * q[i] (a scale per 16 weights)
+  BF16: uint16 w[nb][32]                                the weight's bfloat16 bits; w = bits << 16 as float32
 GGUF's K-quants and the legacy types repack into these without changing a weight (Q4_K, Q4_0 ->
-Q4_1; Q5_K, Q5_0, Q5_1 -> Q5_1; Q6_K -> Q6_K: the sub-block scale and min are folded into d and m).
+Q4_1; Q5_K, Q5_0, Q5_1 -> Q5_1; Q6_K -> Q6_K: the sub-block scale and min are folded into d and m). BF16 is not a GGUF type: a model
+loaded with dtype bfloat16 on CPU keeps float32 weights rounded to bf16 and streams this half-size
+copy of them (service/models/bf16_packed.py); widening bf16 to float32 is exact.
 SEGMENTS: the rows of a fused tensor whose parts have different layouts (Q4_K_M's Q4_K q/k and
 Q6_K v): int64 header {count, then per segment: fmt, rows, byte offset from w}, each segment one
 of the layouts above.
@@ -31,7 +34,7 @@ not bit-identical. */
 #include <immintrin.h>
 #endif
 
-enum { FMT_Q8_0 = 1, FMT_Q4_1 = 2, FMT_Q5_1 = 3, FMT_Q6_K = 4, FMT_SEGMENTS = 5 };
+enum { FMT_Q8_0 = 1, FMT_Q4_1 = 2, FMT_Q5_1 = 3, FMT_Q6_K = 4, FMT_SEGMENTS = 5, FMT_BF16 = 6 };
 #define QK 32
 /* Rows of x sharing one pass over W; more rows take further passes (over W chunks still in
    cache). 4, not 8: every tile then uses the same two accumulator sets, so a row's result does
@@ -45,11 +48,12 @@ static inline int64_t row_bytes(int fmt, int64_t nb) {
         case FMT_Q8_0: return nb * (4 + 32);
         case FMT_Q4_1: return nb * (8 + 16);
         case FMT_Q5_1: return nb * (8 + 4 + 16);
+        case FMT_BF16: return nb * 2 * QK;
         default: return nb * (8 + 32);   /* FMT_Q6_K */
     }
 }
 
-static inline int known_layout(int fmt) { return fmt >= FMT_Q8_0 && fmt <= FMT_Q6_K; }
+static inline int known_layout(int fmt) { return (fmt >= FMT_Q8_0 && fmt <= FMT_Q6_K) || fmt == FMT_BF16; }
 
 /* Block b of a packed row as 32 floats, computed as gguf-py de-quantises: d * q, then + m, each
    product and sum rounded on its own (no FMA: the attribute keeps GCC from contracting across
@@ -58,7 +62,15 @@ static inline int known_layout(int fmt) { return fmt >= FMT_Q8_0 && fmt <= FMT_Q
 __attribute__((optimize("fp-contract=off")))
 static void dequant_block_ref(int fmt, const uint8_t *row, int64_t nb, int64_t b, float *v) {
     float d, d1, m;
-    if (fmt == FMT_Q4_1 || fmt == FMT_Q5_1) {
+    if (fmt == FMT_BF16) {   /* exact: a bf16 is the top half of the float32 it rounds */
+        const uint8_t *q = row + 2 * QK * b;
+        for (int i = 0; i < QK; i++) {
+            uint16_t h;
+            memcpy(&h, q + 2 * i, 2);
+            const uint32_t bits = (uint32_t)h << 16;
+            memcpy(&v[i], &bits, 4);
+        }
+    } else if (fmt == FMT_Q4_1 || fmt == FMT_Q5_1) {
         uint32_t qh = 0;
         const uint8_t *qs = row + 8 * nb + 16 * b;
         memcpy(&d, row + 4 * b, 4);
@@ -92,7 +104,12 @@ static void dequant_block_ref(int fmt, const uint8_t *row, int64_t nb, int64_t b
 static inline __attribute__((always_inline)) void dequant_block(int fmt, const uint8_t *wr, int64_t nb, int64_t b,
                                                                 __m512 *lo, __m512 *hi) {
     const float *d = (const float *)wr;
-    if (fmt == FMT_Q4_1) {
+    if (fmt == FMT_BF16) {   /* widen 16 bf16 to 32-bit lanes, shift into the float32's top half */
+        const uint8_t *q = wr + 2 * QK * b;
+        *lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)q)), 16));
+        *hi = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(q + 32))), 16));
+    } else if (fmt == FMT_Q4_1) {
         const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         const __m512 table = _mm512_fmadd_ps(_mm512_set1_ps(d[b]), iota, _mm512_set1_ps(d[nb + b]));
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr + 8 * nb + 16 * b)));
@@ -196,6 +213,7 @@ static void tile_dispatch(int fmt, int mt, const float *x, int64_t ldx, const ui
             case FMT_Q4_1: tile(FMT_Q4_1, M, x, ldx, w, n0, n1, k, y, ldy); break;   \
             case FMT_Q5_1: tile(FMT_Q5_1, M, x, ldx, w, n0, n1, k, y, ldy); break;   \
             case FMT_Q6_K: tile(FMT_Q6_K, M, x, ldx, w, n0, n1, k, y, ldy); break;   \
+            case FMT_BF16: tile(FMT_BF16, M, x, ldx, w, n0, n1, k, y, ldy); break;   \
             default: tile(FMT_Q8_0, M, x, ldx, w, n0, n1, k, y, ldy); break;         \
         }                                                                            \
         break;
