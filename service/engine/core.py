@@ -31,6 +31,7 @@ from service.engine.stats import EngineStats
 from service.engine.tensor_parallel import TPGroup, model_fingerprint, start_group, tensor_bytes
 from service.engine.step import StepOutput
 from service.loader import LoadedModel, load_model
+from service.models.bf16_packed import run_dtype
 from service.models.build import build_model
 from service.models.layers.windows import kv_window
 from service.models.lora import LoRAStacks, LoRAWeights, load_lora
@@ -57,6 +58,7 @@ class EngineCore:
             self.close()
             raise
         self.model = model
+        dtype = run_dtype(model, dtype)   # float32 for bf16 weights on CPU (service/models/bf16_packed.py)
 
         # Per rank under tensor parallelism: each holds its KV heads of every block.
         block_bytes = ModelRunner.kv_bytes_per_block(model, config.block_size, dtype)

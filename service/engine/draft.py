@@ -27,6 +27,7 @@ from service.engine.kv_cache import KVCacheManager
 from service.engine.runner import ModelRunner
 from service.engine.step import SeqInput
 from service.loader import load_model
+from service.models.bf16_packed import run_dtype
 from service.models.build import build_model
 from service.tokenizer import Tokenizer
 
@@ -73,6 +74,7 @@ class DraftModelProposer(Proposer):
         loaded = load_model(path, dtype=dtype, progress=config.progress)
         check_same_tokenizer(tokenizer, loaded.tokenizer)
         model, _ = build_model(loaded, device, dtype)
+        dtype = run_dtype(model, dtype)   # float32 for bf16 weights on CPU (service/models/bf16_packed.py)
         return cls(model, num_blocks, config.block_size, dtype, device, vocab_size, bitmask_words,
                    tokenizer.eos_token_ids, config.max_num_batched_tokens, config.enable_prefix_caching)
 

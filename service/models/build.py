@@ -7,6 +7,7 @@ import torch
 
 from common.errors import ModelLoadError
 from service.loader import LoadedModel, gguf_source
+from service.models import bf16_packed
 from service.models.gguf_packed import attach_packed
 from service.models.parallel import Parallel, shard_model
 from service.models.registry import MODEL_CLASSES
@@ -17,7 +18,9 @@ log = logging.getLogger("weft.engine")
 def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
                 parallel: Parallel | None = None) -> tuple[torch.nn.Module, int]:
     """Our forward pass for a loaded checkpoint, on `device`; returns it and its usable context.
-    With `parallel` (a tensor-parallel rank), only that rank's shard of the weights is kept."""
+    With `parallel` (a tensor-parallel rank), only that rank's shard of the weights is kept.
+    bfloat16 on CPU for the Llama family builds a float32 model on bf16 weights
+    (service/models/bf16_packed.py; `bf16_packed.run_dtype` tells the engine)."""
     hf = loaded.config
     arch = (getattr(hf, "architectures", None) or ["?"])[0]
     if arch not in MODEL_CLASSES:
@@ -39,7 +42,10 @@ def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
             shard_model(model, parallel)
         except ModelLoadError as exc:
             raise ModelLoadError(f"{loaded.source}: {arch}: {exc}") from exc
-    model.to(device=device, dtype=dtype).eval()
+    bf16_weights = bf16_packed.applies(cls, device, dtype, sharded)
+    model.to(device=device, dtype=torch.float32 if bf16_weights else dtype).eval()
+    if bf16_weights:
+        bf16_packed.attach_bf16(model)
     # The GGUF blocks are whole matrices: a shard reads its float weights only.
     gguf = gguf_source(loaded) if device.type == "cpu" and dtype == torch.float32 and not sharded else None
     if gguf is not None:

@@ -68,7 +68,7 @@ def _pack(parts: list[tuple[torch.Tensor, str, int] | None]) -> PackedWeight | N
 
 
 def _packed_tensors(model: LlamaForCausalLM, gguf: Path) -> list[PackedWeight | None]:
-    """The packed tensors in `_targets` order, read and repacked once per GGUF and model shape in
+    """The packed tensors in `packed_targets` order, read and repacked once per GGUF and model shape in
     a process (engines are built many times over in tests and benches; the tensors are read-only
     and shared)."""
     global _cache
@@ -101,7 +101,7 @@ def _packed_tensors(model: LlamaForCausalLM, gguf: Path) -> list[PackedWeight | 
 _cache: tuple[tuple, list[PackedWeight | None]] | None = None
 
 
-def _targets(model: LlamaForCausalLM) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+def packed_targets(model: LlamaForCausalLM) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
     """(owner, attribute, float32 weight) for each packable tensor, in `_packed_tensors` order."""
     out = []
     for layer in model.layers:
@@ -118,7 +118,7 @@ def attach_packed(model: LlamaForCausalLM, gguf: Path) -> int:
     if getattr(model.config, "model_type", None) not in ("llama", "mistral", "qwen2"):
         return 0
     count = 0
-    for (owner, attr, weight), packed in zip(_targets(model), _packed_tensors(model, gguf)):
+    for (owner, attr, weight), packed in zip(packed_targets(model), _packed_tensors(model, gguf)):
         if packed is not None and not equals_weight(packed, weight):
             log.warning("GGUF blocks of %s.%s do not de-quantise to its float32 weight: not packed",
                         type(owner).__name__, attr)

@@ -1,0 +1,52 @@
+"""dtype bfloat16 on CPU, Llama family: bf16 weights, float32 activations.
+
+torch's bf16 GEMV on a CPU is several times slower than float32, so running the layer loop in
+bf16 made `--dtype bfloat16` ~4x slower than float32 at batch 1. Instead the model runs in
+float32 (activations, attention, norms, KV cache) on weights rounded to bf16, and each projection
+and the lm_head carries a FMT_BF16 copy (kernels/quant.py) that few-row steps stream: half the
+bytes of float32, widened exactly in registers. Longer steps use sgemm on the float32 weights, so
+every path computes float32 arithmetic on the same bf16 values (transformers in float32 on
+bf16-rounded weights is the exact reference). Other families and CUDA keep plain bf16.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kernels.quant import equals_weight, from_bf16
+from service.models.gguf_packed import packed_targets
+from service.models.llama import LlamaForCausalLM
+
+log = logging.getLogger("weft.models")
+
+
+def applies(cls: type, device: torch.device, dtype: torch.dtype, sharded: bool) -> bool:
+    """Whether a model of class `cls` asked for in `dtype` on `device` runs this way: the
+    Llama-family class (its native loop reads the packed copies), CPU, one whole model."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and not sharded and issubclass(cls, LlamaForCausalLM)
+
+
+def run_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the engine's KV cache and adapters take for `model`: float32 for a model built
+    this way (its activations are float32), else the configured one."""
+    return torch.float32 if getattr(model, "bf16_weights", False) else dtype
+
+
+def attach_bf16(model: LlamaForCausalLM) -> int:
+    """Round the float32 `model`'s parameters to bf16 in place (exact when loaded in bf16) and give
+    each projection and the lm_head its FMT_BF16 copy; returns how many tensors were packed."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16())
+    count = 0
+    for owner, attr, weight in packed_targets(model):
+        packed = from_bf16(weight) if weight.shape[1] % 32 == 0 else None   # the kernel's block
+        if packed is not None and not equals_weight(packed, weight):
+            packed = None   # cannot happen after the rounding above; the float32 path stays whole
+        setattr(owner, attr, packed)
+        count += packed is not None
+    model.bf16_weights = True
+    log.info("dtype bfloat16 on CPU: bf16 weights, float32 activations (%d weight tensors stream as bf16 "
+             "in steps of few rows)", count)
+    return count
