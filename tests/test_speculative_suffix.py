@@ -151,3 +151,24 @@ def test_drafts_keep_a_forced_chunk_on_the_fast_path(tiny_llama) -> None:
     assert again.outputs[0].token_ids == expect.outputs[0].token_ids
     assert again.outputs[0].spec["num_accepted_tokens"] >= 4
     assert max(rows[1:]) <= limit and max(rows) > 12   # a forced chunk ran, within the limit
+
+
+def test_one_rejected_first_draft_does_not_turn_speculation_off_for_good() -> None:
+    """The engine-wide acceptance is every new request's prior. As a raw ratio, a first draft
+    rejected at its first token made it 0: no request drafted again, so no count could ever
+    correct it (the chat bench's n-gram arm chose k = 0 for 299 of 300 proposals)."""
+    from types import SimpleNamespace
+
+    from decoding.sampling import Sampler
+    from service.config import EngineConfig
+    from service.engine.speculation import Speculator
+
+    spec = Speculator(EngineConfig(speculative_method="ngram", num_speculative_tokens=8), Sampler(), [0], 1)
+    for rows in range(1, 10):
+        for _ in range(3):
+            spec.observe_step(rows, 0.010 + 0.001 * rows)   # extra rows cost 10% of a step each
+    spec.record(SimpleNamespace(request_id="first"), 8, 0)  # a first draft, rejected at once
+    assert spec._best_k(SimpleNamespace(request_id="next"), 8, None, 0, 0, 0.0, 1) > 0
+    for _ in range(200):                                    # many rejections: now it is the traffic
+        spec.record(SimpleNamespace(request_id="poor"), 8, 0)
+    assert spec._best_k(SimpleNamespace(request_id="next"), 8, None, 0, 0, 0.0, 1) == 0

@@ -84,6 +84,14 @@ class StepCost:
         return {r: self._measured(r) for r in self._known}
 
 
+def engine_prior(accepted: float, trials: float, default: float) -> float:
+    """The acceptance a request with no history of its own is assumed to have: the engine's
+    recent counts over all requests, blended with `default` (worth PRIOR_WEIGHT trials). Not the
+    raw ratio: after one rejected first draft that would be 0, every request would then
+    decline to draft, and with no drafts no count could ever correct it."""
+    return (accepted + PRIOR_WEIGHT * default) / (trials + PRIOR_WEIGHT)
+
+
 def acceptance(accepted: int, trials: int, prior: float) -> float:
     """A request's per-token acceptance rate, its own counts blended with the prior."""
     return (accepted + PRIOR_WEIGHT * prior) / (trials + PRIOR_WEIGHT)

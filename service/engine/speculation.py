@@ -29,7 +29,7 @@ from decoding.speculative import (
     constrain_to_guide,
 )
 from decoding.sampling import MAX_SPECULATIVE_TOKENS
-from decoding.speculative.adaptive import StepCost, acceptance, best_k, position_probs
+from decoding.speculative.adaptive import StepCost, acceptance, best_k, engine_prior, position_probs
 from service.config import EngineConfig
 from service.engine.request import Request
 
@@ -37,6 +37,9 @@ from service.engine.request import Request
 # The acceptance assumed before any draft was verified (a guess that makes the first drafts
 # happen, so that real counts replace it).
 DEFAULT_ACCEPTANCE = 0.7
+# The engine-wide counts (the prior of a new request) keep about this many recent trials, so
+# that the prior follows the traffic of now rather than of the engine's whole life.
+PRIOR_WINDOW = 512
 
 
 class Speculator:
@@ -62,7 +65,7 @@ class Speculator:
         # Per request: [accepted draft tokens, trials] where a trial is an accepted token or the
         # rejection that ends a draft: accepted / trials estimates the per-token acceptance.
         self._trials: dict[str, list[int]] = {}
-        self._prior = [0, 0]        # the same over every request, the prior of a new one
+        self._prior = [0.0, 0.0]    # the same over every request's recent drafts, the prior of a new one
         self._draft_s_per_token = 0.0   # what proposing costs per draft token (a draft model's forwards)
 
     def k_for(self, params_k: int | None) -> int:
@@ -129,8 +132,7 @@ class Speculator:
 
     def _best_k(self, req: Request, max_k: int, confidence: list[float] | None, other_rows: int,
                 other_tokens: int, draft_s_per_token: float, own_rows: int) -> int:
-        accepted, trials = self._prior
-        prior = accepted / trials if trials else DEFAULT_ACCEPTANCE
+        prior = engine_prior(*self._prior, DEFAULT_ACCEPTANCE)
         mine = self._trials.get(req.request_id, (0, 0))
         probs = position_probs(acceptance(mine[0], mine[1], prior), max_k, confidence, mine[1])
         return best_k(probs, max_k, self.cost, other_rows, float(other_tokens), draft_s_per_token, own_rows)
@@ -158,6 +160,8 @@ class Speculator:
             for book in (self._trials.setdefault(req.request_id, [0, 0]), self._prior):
                 book[0] += num_accepted
                 book[1] += trials
+            if self._prior[1] > PRIOR_WINDOW:   # an exponential window: old counts fade
+                self._prior = [c * PRIOR_WINDOW / self._prior[1] for c in self._prior]
         self.tracker.record(req.request_id, num_drafts, num_accepted)
         if not self.tracker.enabled(req.request_id):
             self.proposer.free(req.request_id)   # decodes normally from now on
