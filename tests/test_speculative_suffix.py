@@ -118,3 +118,57 @@ def test_engine_suffix_speculation_is_exact_and_learns_across_requests(tiny_llam
     assert llm.engine.pool_is_whole()
     memory = llm.engine.stats().spec_memory   # what /metrics reports as weft_spec_decode_proposer_memory
     assert memory["shared_tokens"] == 4 * 24 and memory["shared_nodes"] > 0
+
+
+def test_best_k_counts_the_rows_a_request_brings_besides_its_draft() -> None:
+    cost = StepCost(min_samples=1)
+    for rows, t in ((1, 10.0), (12, 12.0), (16, 13.0), (17, 60.0)):
+        cost.observe(rows, t)
+    assert best_k(0.9, 8, cost) == 8                  # 1 + 8 rows: cheap
+    assert best_k(0.9, 8, cost, own_rows=12) == 4     # a forced chunk of 12 leaves room for 4
+
+
+def test_drafts_keep_a_forced_chunk_on_the_fast_path(tiny_llama) -> None:
+    """A grammar forces a long literal after the first token (jump-forward), so the next step
+    already computes ~13 rows for the request; a draft on top must not push it past the native
+    loop's per-request row limit, past which the whole step runs the torch loop (measured ~4x
+    dearer: what made suffix decoding lose on the agent bench)."""
+    from decoding.guided import GuidedSpec
+    spec = GuidedSpec("regex", "(x|y) the quick brown fox jumps over the lazy dog again[0-9]{24}")
+    params = _greedy(40, guided=spec)
+    prompt = [[1000 + i for i in range(6)]]
+    plain = LLM(str(tiny_llama), dtype="float32", num_blocks=256, progress=False)
+    [expect] = plain.generate(prompt, params)
+    llm = LLM(str(tiny_llama), dtype="float32", num_blocks=256, progress=False, speculative_method="suffix",
+              num_speculative_tokens=8)
+    limit = llm.engine.runner.fast_path_max_queries()
+    assert limit is not None   # float32 Llama on a CPU: the native loop is there
+    rows: list[int] = []
+    run = llm.engine.runner.run
+    llm.engine.runner.run = lambda seqs: rows.extend(len(s.token_ids) for s in seqs) or run(seqs)
+    llm.generate(prompt, params)                        # its output goes to the shared store ...
+    [again] = llm.generate(prompt, params)              # ... and drafts the second run's digits
+    assert again.outputs[0].token_ids == expect.outputs[0].token_ids
+    assert again.outputs[0].spec["num_accepted_tokens"] >= 4
+    assert max(rows[1:]) <= limit and max(rows) > 12   # a forced chunk ran, within the limit
+
+
+def test_one_rejected_first_draft_does_not_turn_speculation_off_for_good() -> None:
+    """The engine-wide acceptance is every new request's prior. As a raw ratio, a first draft
+    rejected at its first token made it 0: no request drafted again, so no count could ever
+    correct it (the chat bench's n-gram arm chose k = 0 for 299 of 300 proposals)."""
+    from types import SimpleNamespace
+
+    from decoding.sampling import Sampler
+    from service.config import EngineConfig
+    from service.engine.speculation import Speculator
+
+    spec = Speculator(EngineConfig(speculative_method="ngram", num_speculative_tokens=8), Sampler(), [0], 1)
+    for rows in range(1, 10):
+        for _ in range(3):
+            spec.observe_step(rows, 0.010 + 0.001 * rows)   # extra rows cost 10% of a step each
+    spec.record(SimpleNamespace(request_id="first"), 8, 0)  # a first draft, rejected at once
+    assert spec._best_k(SimpleNamespace(request_id="next"), 8, None, 0, 0, 0.0, 1) > 0
+    for _ in range(200):                                    # many rejections: now it is the traffic
+        spec.record(SimpleNamespace(request_id="poor"), 8, 0)
+    assert spec._best_k(SimpleNamespace(request_id="next"), 8, None, 0, 0, 0.0, 1) == 0

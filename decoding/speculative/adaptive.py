@@ -84,6 +84,14 @@ class StepCost:
         return {r: self._measured(r) for r in self._known}
 
 
+def engine_prior(accepted: float, trials: float, default: float) -> float:
+    """The acceptance a request with no history of its own is assumed to have: the engine's
+    recent counts over all requests, blended with `default` (worth PRIOR_WEIGHT trials). Not the
+    raw ratio: after one rejected first draft that would be 0, every request would then
+    decline to draft, and with no drafts no count could ever correct it."""
+    return (accepted + PRIOR_WEIGHT * default) / (trials + PRIOR_WEIGHT)
+
+
 def acceptance(accepted: int, trials: int, prior: float) -> float:
     """A request's per-token acceptance rate, its own counts blended with the prior."""
     return (accepted + PRIOR_WEIGHT * prior) / (trials + PRIOR_WEIGHT)
@@ -112,19 +120,22 @@ def expected_tokens(probs: Sequence[float] | float, k: int) -> float:
 
 
 def best_k(probs: Sequence[float] | float, max_k: int, cost: StepCost, other_rows: int = 0,
-           other_tokens: float = 0.0, draft_s_per_token: float = 0.0) -> int:
+           other_tokens: float = 0.0, draft_s_per_token: float = 0.0, own_rows: int = 1) -> int:
     """The draft length in [0, max_k] with the most tokens per second for the step: `probs` are
-    the per-position acceptance chances (or one rate), the other requests of the step contribute
-    `other_rows` rows and `other_tokens` tokens, each draft token costs `draft_s_per_token` to
-    propose (a draft model's forward; 0 for a proposer that has drafted already)."""
+    the per-position acceptance chances (or one rate), the request brings `own_rows` rows besides
+    its draft (its last token, and any tokens a grammar forced after it), the other requests of
+    the step contribute `other_rows` rows and `other_tokens` tokens, each draft token costs
+    `draft_s_per_token` to propose (a draft model's forward; 0 for a proposer that has drafted
+    already)."""
     if max_k <= 0:
         return 0
-    base = cost.time(other_rows + 1)
+    rows = other_rows + max(1, own_rows)
+    base = cost.time(rows)
     if base is None:
         return max_k   # nothing measured yet: speculate, and measure
     best, best_rate = 0, (other_tokens + 1.0) / base
     for k in range(1, max_k + 1):
-        t = cost.time(other_rows + 1 + k)
+        t = cost.time(rows + k)
         rate = (other_tokens + expected_tokens(probs, k)) / (t + k * draft_s_per_token) if t else 0.0
         if rate > best_rate * (1.0 + 1e-9):
             best, best_rate = k, rate

@@ -109,7 +109,8 @@ class EngineCore:
                 config.draft_model, config=config, device=self.device, num_blocks=num_blocks,
                 tokenizer=self.tokenizer, vocab_size=self.vocab_size,
                 bitmask_words=self.guide_compiler.bitmask_words)
-        self.spec = Speculator(config, self.sampler, self.eos_token_ids, self.guide_compiler.bitmask_words, proposer)
+        self.spec = Speculator(config, self.sampler, self.eos_token_ids, self.guide_compiler.bitmask_words, proposer,
+                               query_limit=self.runner.fast_path_max_queries())
 
     # ---- requests in -------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernels import cpu_native
-from kernels.attention import AttentionMetadata
+from kernels.attention import NATIVE_MAX_QUERIES, AttentionMetadata
 from kernels.lora import make_plan
 from service.engine.kv_cache import KVCacheManager
 from service.engine.step import RowLayout, SeqInput, StepOutput
@@ -32,6 +32,15 @@ class ModelRunner:
         self.kv_caches = [(self.kv_tensor[i, 0], self.kv_tensor[i, planes - 1]) for i in range(n_layers)]
         if self.kv_tensor.device.type == "cpu" and dtype == torch.float32:
             cpu_native.lib()   # build the native kernels now (~1 s, once per machine), not on the first request
+
+    def fast_path_max_queries(self) -> int | None:
+        """The most query rows one sequence may bring to a step for the step to stay on the
+        model's one-call native path (CPU float32 Llama family); None where there is no such
+        path. Past it the *whole* step runs the torch loop, several times dearer per row at
+        decode sizes: a cliff that speculation must not push a request over."""
+        if getattr(self.model, "native", None) is None or not cpu_native.usable(self.kv_tensor):
+            return None
+        return NATIVE_MAX_QUERIES if cpu_native.has_sgemm() else None
 
     @staticmethod
     def kv_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:

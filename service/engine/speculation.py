@@ -29,7 +29,7 @@ from decoding.speculative import (
     constrain_to_guide,
 )
 from decoding.sampling import MAX_SPECULATIVE_TOKENS
-from decoding.speculative.adaptive import StepCost, acceptance, best_k, position_probs
+from decoding.speculative.adaptive import StepCost, acceptance, best_k, engine_prior, position_probs
 from service.config import EngineConfig
 from service.engine.request import Request
 
@@ -37,12 +37,18 @@ from service.engine.request import Request
 # The acceptance assumed before any draft was verified (a guess that makes the first drafts
 # happen, so that real counts replace it).
 DEFAULT_ACCEPTANCE = 0.7
+# The engine-wide counts (the prior of a new request) keep about this many recent trials, so
+# that the prior follows the traffic of now rather than of the engine's whole life.
+PRIOR_WINDOW = 512
 
 
 class Speculator:
     def __init__(self, config: EngineConfig, sampler: Sampler, eos_token_ids: Sequence[int],
-                 bitmask_words: int, proposer: Proposer | None = None) -> None:
+                 bitmask_words: int, proposer: Proposer | None = None, query_limit: int | None = None) -> None:
         config.validate_speculative()
+        # The most query rows one request may have in a step before the step leaves the
+        # model's fast path (ModelRunner.fast_path_max_queries); None: no such cliff.
+        self.query_limit = query_limit
         # Without a configured method speculation is off by default, but a request may still
         # ask for it: n-gram lookup costs no model, so it is always there to be asked for.
         self.default_k = config.num_speculative_tokens if config.speculative_method else 0
@@ -59,7 +65,7 @@ class Speculator:
         # Per request: [accepted draft tokens, trials] where a trial is an accepted token or the
         # rejection that ends a draft: accepted / trials estimates the per-token acceptance.
         self._trials: dict[str, list[int]] = {}
-        self._prior = [0, 0]        # the same over every request, the prior of a new one
+        self._prior = [0.0, 0.0]    # the same over every request's recent drafts, the prior of a new one
         self._draft_s_per_token = 0.0   # what proposing costs per draft token (a draft model's forwards)
 
     def k_for(self, params_k: int | None) -> int:
@@ -80,13 +86,15 @@ class Speculator:
         ctxs: list[ProposeContext] = []
         owners: list[Request] = []
         others = max(0, len(reqs) - 1)
+        step_rows = sum(_own_rows(r) for r in reqs)
         for req in reqs:
             if req.finished or not req.num_speculative_tokens or not self.tracker.enabled(req.request_id):
                 continue
+            own = _own_rows(req)
             # Every emitted token must fit under max_tokens: k drafts + 1 bonus.
-            k = min(req.num_speculative_tokens, req.params.max_tokens - req.num_output_tokens - 1)
+            k = min(req.num_speculative_tokens, req.params.max_tokens - req.num_output_tokens - 1, self._room(own))
             if k > 0 and self._adapts(req) and not self.proposer.cheap:
-                k = self._best_k(req, k, None, others, self._draft_s_per_token)
+                k = self._best_k(req, k, None, step_rows - own, others, self._draft_s_per_token, own)
             if k <= 0:
                 continue
             ctxs.append(ProposeContext(req.request_id, req.token_ids, req.num_prompt_tokens, k,
@@ -102,7 +110,9 @@ class Speculator:
             self._draft_s_per_token += 0.2 * (per_token - self._draft_s_per_token)
         for req, draft in zip(owners, drafts):
             if draft.tokens and self._adapts(req) and self.proposer.cheap:
-                draft = draft.truncate(self._best_k(req, len(draft.tokens), draft.confidence, others, 0.0))
+                own = _own_rows(req)
+                draft = draft.truncate(self._best_k(req, len(draft.tokens), draft.confidence, step_rows - own,
+                                                    others, 0.0, own))
             if draft.tokens and req.guide is not None and draft.bitmask is None:
                 draft = self._constrain(req, draft)
             req.spec_draft = draft if draft.tokens else None
@@ -113,13 +123,19 @@ class Speculator:
         machine's load. Greedy output does not depend on k at all."""
         return self.adaptive and (req.params.greedy or req.generator is None)
 
-    def _best_k(self, req: Request, max_k: int, confidence: list[float] | None, others: int,
-                draft_s_per_token: float) -> int:
-        accepted, trials = self._prior
-        prior = accepted / trials if trials else DEFAULT_ACCEPTANCE
+    def _room(self, own_rows: int) -> int:
+        """The most draft tokens that keep a request with `own_rows` rows on the fast path. A
+        request already past the limit (a long forced chunk) has left it anyway: no cap then."""
+        if self.query_limit is None or own_rows > self.query_limit:
+            return MAX_SPECULATIVE_TOKENS
+        return self.query_limit - own_rows
+
+    def _best_k(self, req: Request, max_k: int, confidence: list[float] | None, other_rows: int,
+                other_tokens: int, draft_s_per_token: float, own_rows: int) -> int:
+        prior = engine_prior(*self._prior, DEFAULT_ACCEPTANCE)
         mine = self._trials.get(req.request_id, (0, 0))
         probs = position_probs(acceptance(mine[0], mine[1], prior), max_k, confidence, mine[1])
-        return best_k(probs, max_k, self.cost, others, float(others), draft_s_per_token)
+        return best_k(probs, max_k, self.cost, other_rows, float(other_tokens), draft_s_per_token, own_rows)
 
     def _constrain(self, req: Request, draft: Draft) -> Draft:
         """Cut a draft at the first token the grammar forbids; keep the mask of every verified position."""
@@ -144,6 +160,8 @@ class Speculator:
             for book in (self._trials.setdefault(req.request_id, [0, 0]), self._prior):
                 book[0] += num_accepted
                 book[1] += trials
+            if self._prior[1] > PRIOR_WINDOW:   # an exponential window: old counts fade
+                self._prior = [c * PRIOR_WINDOW / self._prior[1] for c in self._prior]
         self.tracker.record(req.request_id, num_drafts, num_accepted)
         if not self.tracker.enabled(req.request_id):
             self.proposer.free(req.request_id)   # decodes normally from now on
@@ -161,3 +179,9 @@ class Speculator:
         self._trials.pop(req.request_id, None)
         stats = self.tracker.finish(req.request_id)
         return stats.as_dict() if req.num_speculative_tokens else None
+
+
+def _own_rows(req: Request) -> int:
+    """Query rows a request brings to its next step before any draft: its last token, and the
+    tokens a grammar forced after it (jump-forward), whose KV is not computed yet."""
+    return max(1, req.num_tokens - req.num_computed_tokens)
