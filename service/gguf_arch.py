@@ -6,8 +6,9 @@ reads no head_dim for Qwen3, no expert FFN size for the MoEs, no soft-caps for G
 entry below names the `{arch}.` metadata keys read over transformers' own parse, the settings
 llama.cpp hard-codes for that architecture (they are not in the file), and settings computed from
 the others; the loader builds the config from that and hands it to transformers, which then
-only loads the tensors into a model of the right shape (Mixtral's, which transformers cannot map,
-service/gguf_mixtral.py reads).
+only loads the tensors into a model of the right shape. Where transformers cannot map the
+tensors (Mixtral's stacked experts) or parses no GGUF of the architecture at all (`own_config`:
+Gemma 1, Granite, OLMo 2, Command R), service/gguf_tensors.py reads them.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class GGUFArch:
     derived: Callable[[Settings], Settings] | None = None  # from the settings read so far
     model_type: str | None = None                          # transformers' model_type, where not the architecture's
     with_experts: GGUFArch | None = None                    # the entry for files with "{arch}.expert_count"
+    own_config: bool = False   # transformers parses no GGUF of it: the config starts from _BASE_KEYS
 
 
 def _gemma_attention_scale(big_layers: int) -> Callable[[Settings], Settings]:
@@ -63,12 +65,43 @@ def _phi3_rope(s: Settings) -> Settings:
     return {"rope_parameters": rope}
 
 
+# The keys transformers reads for every llama-like architecture it knows; Weft reads them itself
+# for the architectures it does not (`own_config`). The token ids are what transformers puts in
+# the config too.
+_BASE_KEYS = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
+              "block_count": "num_hidden_layers", "feed_forward_length": "intermediate_size",
+              "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+              "attention.key_length": "head_dim", "rope.freq_base": "rope_theta",
+              "attention.layer_norm_rms_epsilon": "rms_norm_eps", "vocab_size": "vocab_size"}
+_TOKEN_IDS = {"tokenizer.ggml.bos_token_id": "bos_token_id", "tokenizer.ggml.eos_token_id": "eos_token_id",
+              "tokenizer.ggml.padding_token_id": "pad_token_id"}
+
+
+def _own_settings(reader: Any, arch: str, entry: GGUFArch) -> Settings:
+    """The config settings of an architecture transformers parses no GGUF of: the base keys, the
+    token ids, the vocabulary size from the embedding where the file has no vocab_size key (llama.cpp's
+    converters do not all write it), and tied embeddings where the file has no output.weight."""
+    settings: Settings = {"model_type": entry.model_type}
+    for key, attribute in {**{f"{arch}.{k}": v for k, v in _BASE_KEYS.items()}, **_TOKEN_IDS}.items():
+        found = reader.get_field(key)
+        if found is not None:
+            settings[attribute] = found.contents()
+    names = {tensor.name: tensor for tensor in reader.tensors}
+    if "vocab_size" not in settings and "token_embd.weight" in names:
+        settings["vocab_size"] = int(names["token_embd.weight"].shape[-1])   # GGUF dims: [hidden, vocab]
+    settings["tie_word_embeddings"] = "output.weight" not in names
+    # llama.cpp's RoPE base where a file has none (its Gemma converter writes none), whatever the
+    # HF config's default.
+    settings.setdefault("rope_theta", 10000.0)
+    return settings
+
+
 _MOE_KEYS = {"expert_count": "num_experts", "expert_used_count": "num_experts_per_tok",
              "expert_feed_forward_length": "moe_intermediate_size"}
 # llama.cpp's qwen2moe / qwen3moe graphs run every layer as MoE, with no sliding window.
 _MOE_FIXED: Settings = {"decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False}
 
-# llama.cpp files Mixtral under "llama" (its experts stacked; service/gguf_mixtral.py reads them):
+# llama.cpp files Mixtral under "llama" (its experts stacked; service/gguf_tensors.py reads them):
 # every expert as wide as feed_forward_length, no sliding window in llama.cpp's llama graph.
 _MIXTRAL = GGUFArch(
     keys={"expert_count": "num_local_experts", "expert_used_count": "num_experts_per_tok",
@@ -103,6 +136,8 @@ ARCHITECTURES: dict[str, GGUFArch] = {
     "qwen3moe": GGUFArch(
         keys={**_MOE_KEYS, "attention.key_length": "head_dim"},
         fixed={**_MOE_FIXED, "norm_topk_prob": True}),
+    # transformers reads no GGUF of these (Weft's config, service/gguf_tensors.py's tensors).
+    "gemma": GGUFArch(own_config=True, model_type="gemma"),
     "starcoder2": GGUFArch(
         keys={"rope.freq_base": "rope_theta", "vocab_size": "vocab_size"},
         fixed={"sliding_window": None}),   # llama.cpp's starcoder2 attends to the whole context
@@ -133,7 +168,10 @@ def gguf_config(gguf: Path) -> Any:
     entry = check_architecture(arch, gguf)
     if entry.with_experts is not None and reader.get_field(f"{arch}.expert_count") is not None:
         entry = entry.with_experts
-    settings: Settings = dict(load_gguf_checkpoint(str(gguf), return_tensors=False)["config"])
+    if entry.own_config:
+        settings = _own_settings(reader, arch, entry)
+    else:
+        settings = dict(load_gguf_checkpoint(str(gguf), return_tensors=False)["config"])
     if entry.model_type is not None:
         settings["model_type"] = entry.model_type
     settings |= entry.fixed

@@ -1,5 +1,6 @@
 """GGUF -> a cached HF directory: a GGUF is de-quantised once by `transformers` (the same code our
-reference tests load it with; Mixtral's stacked experts by service/gguf_mixtral.py) and written as
+reference tests load it with; the architectures transformers cannot map by service/gguf_tensors.py)
+and written as
 float32 safetensors under `$WEFT_CACHE_DIR/models/`, atomically (temp dir + rename); every later
 load reads that directory, which takes about a second instead of ~20.
 """
@@ -25,7 +26,7 @@ from common import env
 from common.errors import ModelLoadError
 from common.gguf_file import open_whole_gguf
 from service.gguf_arch import check_architecture, gguf_config
-from service.gguf_mixtral import mixtral_from_gguf
+from service.gguf_tensors import LAYOUTS, model_from_gguf
 
 # Bump when the conversion output changes, so old caches are not reused.
 # 2: the config is built by service/gguf_arch.py (Qwen3's head_dim read from the file).
@@ -134,19 +135,15 @@ def _convert_gguf(gguf: Path, target: Path, progress: bool) -> None:
     say(progress, f"converted {gguf.name} in {time.perf_counter() - started:.1f}s")
 
 
-# model_type -> Weft's reader of its GGUF tensors, where transformers cannot map them.
-_WEFT_READ_TENSORS = {"mixtral": mixtral_from_gguf}
-
-
 def _write_converted(gguf: Path, out: Path, meta: dict[str, Any], progress: bool) -> None:
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     kwargs = {"gguf_file": gguf.name, "local_files_only": True}
     config = gguf_config(gguf)
     with _transformers_progress(progress):
-        if config.model_type in _WEFT_READ_TENSORS:
-            model = _WEFT_READ_TENSORS[config.model_type](gguf, config)
+        if config.model_type in LAYOUTS:   # tensors transformers cannot map: Weft reads them
+            model = model_from_gguf(gguf, config)
         else:   # our config (service/gguf_arch.py), so transformers only reads the tensors
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), config=config,
                                                          dtype=torch.float32, **kwargs)
@@ -167,7 +164,12 @@ def _write_converted(gguf: Path, out: Path, meta: dict[str, Any], progress: bool
     del model, state, tensors
 
     with _transformers_progress(progress):
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+        if check_architecture(meta["general.architecture"], gguf).own_config:
+            # AutoTokenizer parses the GGUF's config first and refuses architectures transformers
+            # has no config for; its GGUF tokenizer builder itself does not care.
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(gguf.parent), **kwargs)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
     _fix_pre_tokenizer(tokenizer, meta.get("tokenizer.ggml.pre"))
     tokenizer.model_max_length = config.max_position_embeddings
     # One file holds the chat template (tokenizer_config.json), as the spec of the cache says.

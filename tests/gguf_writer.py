@@ -33,9 +33,11 @@ Tensors = dict[str, np.ndarray]
 
 
 def _permute_qk(cfg: dict[str, Any], weights: Tensors) -> Tensors:
-    """Llama only: llama.cpp's LlamaModel converter permutes q/k; the other converters do not."""
+    """llama.cpp's LlamaModel converter (and its subclasses': Mixtral, Granite) permutes q/k weights
+    and biases; the other converters do not."""
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
-    return {name: _llama_permute(w, heads[name.split(".")[-2]]) if name.endswith(("q_proj.weight", "k_proj.weight"))
+    return {name: _llama_permute(w, heads[name.split(".")[-2]])
+            if name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias"))
             else w for name, w in weights.items()}
 
 
@@ -156,6 +158,7 @@ _ARCHS: dict[str, _Arch] = {
     "mixtral": _Arch("llama", _mixtral_metadata, (_permute_qk, _stack_experts)),
     "qwen2": _Arch("qwen2"),
     "qwen3": _Arch("qwen3"),
+    "gemma": _Arch("gemma", tensors=(_gemma_norms,)),
     "gemma2": _Arch("gemma2", _gemma2_metadata, (_gemma_norms,)),
     "gemma3_text": _Arch("gemma3", _gemma3_metadata, (_gemma_norms,)),
     "phi3": _Arch("phi3", _phi3_metadata),    # qkv_proj / gate_up_proj stay fused: attn_qkv / ffn_up
@@ -234,7 +237,8 @@ def _add(writer, name: str, data: np.ndarray, qtype_of: Callable[[str], str]) ->
 
     from tests import kquants
 
-    qtype = Q[qtype_of(name)] if data.ndim >= 2 else Q.F32
+    # llama.cpp keeps norms F32, 2-D ones too (Command R's per-head q/k norms).
+    qtype = Q[qtype_of(name)] if data.ndim >= 2 and not name.endswith("_norm.weight") else Q.F32
     if qtype.name in kquants.FALLBACK and data.shape[-1] % kquants.QK_K:
         qtype = Q[kquants.FALLBACK[qtype.name]]
     if data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:

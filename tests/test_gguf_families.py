@@ -72,7 +72,8 @@ ARCH_CASES: dict[str, dict] = {
     "qwen2_moe": {},
     "qwen3_moe": {"norm_topk_prob": True},
     "starcoder2": {},
-    "mixtral": {},   # a "llama" GGUF with stacked experts, read by service/gguf_mixtral.py
+    "gemma": {},   # transformers reads no "gemma" GGUF: Weft's config and tensor reader
+    "mixtral": {},   # a "llama" GGUF with stacked experts, read by service/gguf_tensors.py
 }
 
 
@@ -109,7 +110,7 @@ def test_gguf_architecture_matches_hf_checkpoint(kind: str, tiny_model_factory, 
         torch.testing.assert_close(converted[name], tensor, rtol=0.0, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe", "starcoder2", "mixtral"])
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe", "starcoder2", "mixtral"])
 def test_quantised_gguf_architecture_matches_transformers(kind: str, tiny_model_factory, tokenizer: TokenizerFields,
                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same models with their 2-D and stacked-expert tensors in the mixed quantisation types:
