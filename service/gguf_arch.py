@@ -30,6 +30,7 @@ class GGUFArch:
     derived: Callable[[Settings], Settings] | None = None  # from the settings read so far
     model_type: str | None = None                          # transformers' model_type, where not the architecture's
     with_experts: GGUFArch | None = None                    # the entry for files with "{arch}.expert_count"
+    present: dict[str, str] = field(default_factory=dict)  # tensor -> bool config attribute: whether the file has it
     own_config: bool = False   # transformers parses no GGUF of it: the config starts from _BASE_KEYS
 
 
@@ -96,6 +97,15 @@ def _own_settings(reader: Any, arch: str, entry: GGUFArch) -> Settings:
     return settings
 
 
+def _granite_attention_scale(s: Settings) -> Settings:
+    """llama.cpp scales Granite's queries by 1/sqrt(head_dim) where the file has no attention.scale
+    (transformers' default multiplier is 1)."""
+    if "attention_multiplier" in s:
+        return {}
+    head_dim = s.get("head_dim") or s["hidden_size"] // s["num_attention_heads"]
+    return {"attention_multiplier": head_dim ** -0.5}
+
+
 _MOE_KEYS = {"expert_count": "num_experts", "expert_used_count": "num_experts_per_tok",
              "expert_feed_forward_length": "moe_intermediate_size"}
 # llama.cpp's qwen2moe / qwen3moe graphs run every layer as MoE, with no sliding window.
@@ -138,6 +148,15 @@ ARCHITECTURES: dict[str, GGUFArch] = {
         fixed={**_MOE_FIXED, "norm_topk_prob": True}),
     # transformers reads no GGUF of these (Weft's config, service/gguf_tensors.py's tensors).
     "gemma": GGUFArch(own_config=True, model_type="gemma"),
+    # Granite's four multipliers (gguf-py's Keys.LLM.EMBEDDING_SCALE, RESIDUAL_SCALE, LOGIT_SCALE
+    # and Keys.Attention.SCALE); llama.cpp's graph takes a missing embedding / residual / logit
+    # scale as 1, as transformers' defaults are.
+    "granite": GGUFArch(
+        keys={"embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
+              "attention.scale": "attention_multiplier", "logit_scale": "logits_scaling"},
+        # No key says whether a model has biases: llama.cpp loads them where the file has them.
+        present={"blk.0.attn_q.bias": "attention_bias", "blk.0.ffn_up.bias": "mlp_bias"},
+        own_config=True, model_type="granite", derived=_granite_attention_scale),
     "starcoder2": GGUFArch(
         keys={"rope.freq_base": "rope_theta", "vocab_size": "vocab_size"},
         fixed={"sliding_window": None}),   # llama.cpp's starcoder2 attends to the whole context
@@ -179,6 +198,8 @@ def gguf_config(gguf: Path) -> Any:
         found = reader.get_field(f"{arch}.{key}")
         if found is not None:
             settings[attribute] = found.contents()
+    names = {tensor.name for tensor in reader.tensors}
+    settings |= {attribute: name in names for name, attribute in entry.present.items()}
     for tensor in reader.tensors:
         if tensor.name in entry.tensors:
             settings[entry.tensors[tensor.name]] = [float(x) for x in tensor.data.reshape(-1)]

@@ -140,6 +140,14 @@ def _mixtral_metadata(w: Any, cfg: dict[str, Any]) -> None:
     w.add_expert_used_count(cfg["num_experts_per_tok"])
 
 
+def _granite_metadata(w: Any, cfg: dict[str, Any]) -> None:
+    """llama.cpp's GraniteModel (a LlamaModel) adds the four multipliers."""
+    w.add_embedding_scale(cfg["embedding_multiplier"])
+    w.add_residual_scale(cfg["residual_multiplier"])
+    w.add_attention_scale(cfg["attention_multiplier"])
+    w.add_logit_scale(cfg["logits_scaling"])
+
+
 def _starcoder2_metadata(w: Any, cfg: dict[str, Any]) -> None:
     w.add_layer_norm_eps(cfg["norm_epsilon"])
 
@@ -165,6 +173,7 @@ _ARCHS: dict[str, _Arch] = {
     "qwen2_moe": _Arch("qwen2moe", _moe_metadata, (_stack_experts, _shared_gate_row)),
     "qwen3_moe": _Arch("qwen3moe", _moe_metadata, (_stack_experts,)),
     "starcoder2": _Arch("starcoder2", _starcoder2_metadata),
+    "granite": _Arch("granite", _granite_metadata, (_permute_qk,)),   # GraniteModel derives from LlamaModel
 }
 
 
