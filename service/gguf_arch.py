@@ -157,6 +157,8 @@ ARCHITECTURES: dict[str, GGUFArch] = {
         # No key says whether a model has biases: llama.cpp loads them where the file has them.
         present={"blk.0.attn_q.bias": "attention_bias", "blk.0.ffn_up.bias": "mlp_bias"},
         own_config=True, model_type="granite", derived=_granite_attention_scale),
+    # Post-norms only, q/k RMSNorm over all heads: tensors only (attn_q_norm / post_ffw_norm ...).
+    "olmo2": GGUFArch(own_config=True, model_type="olmo2"),
     "starcoder2": GGUFArch(
         keys={"rope.freq_base": "rope_theta", "vocab_size": "vocab_size"},
         fixed={"sliding_window": None}),   # llama.cpp's starcoder2 attends to the whole context

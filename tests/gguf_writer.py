@@ -174,6 +174,7 @@ _ARCHS: dict[str, _Arch] = {
     "qwen3_moe": _Arch("qwen3moe", _moe_metadata, (_stack_experts,)),
     "starcoder2": _Arch("starcoder2", _starcoder2_metadata),
     "granite": _Arch("granite", _granite_metadata, (_permute_qk,)),   # GraniteModel derives from LlamaModel
+    "olmo2": _Arch("olmo2"),   # Olmo2Model: the base TextModel's keys, the tensors as they are
 }
 
 

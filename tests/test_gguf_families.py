@@ -76,6 +76,7 @@ ARCH_CASES: dict[str, dict] = {
     # Multipliers away from 1 and q/k/v/o biases (q/k ones permuted as the weights are).
     "granite": {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
                 "logits_scaling": 2.0, "attention_bias": True},
+    "olmo2": {"tie_word_embeddings": False},   # OLMo 2 has a separate output.weight
     "mixtral": {},   # a "llama" GGUF with stacked experts, read by service/gguf_tensors.py
 }
 
@@ -113,7 +114,7 @@ def test_gguf_architecture_matches_hf_checkpoint(kind: str, tiny_model_factory, 
         torch.testing.assert_close(converted[name], tensor, rtol=0.0, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe", "starcoder2", "granite", "mixtral"])
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe", "starcoder2", "granite", "olmo2", "mixtral"])
 def test_quantised_gguf_architecture_matches_transformers(kind: str, tiny_model_factory, tokenizer: TokenizerFields,
                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same models with their 2-D and stacked-expert tensors in the mixed quantisation types:
