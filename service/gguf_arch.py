@@ -159,6 +159,11 @@ ARCHITECTURES: dict[str, GGUFArch] = {
         own_config=True, model_type="granite", derived=_granite_attention_scale),
     # Post-norms only, q/k RMSNorm over all heads: tensors only (attn_q_norm / post_ffw_norm ...).
     "olmo2": GGUFArch(own_config=True, model_type="olmo2"),
+    # Command R: LayerNorm (its eps under the LayerNorm key), the logit scale; Command R+'s
+    # per-head q/k norms by the tensors present.
+    "command-r": GGUFArch(
+        keys={"attention.layer_norm_epsilon": "layer_norm_eps", "logit_scale": "logit_scale"},
+        present={"blk.0.attn_q_norm.weight": "use_qk_norm"}, own_config=True, model_type="cohere"),
     "starcoder2": GGUFArch(
         keys={"rope.freq_base": "rope_theta", "vocab_size": "vocab_size"},
         fixed={"sliding_window": None}),   # llama.cpp's starcoder2 attends to the whole context

@@ -148,6 +148,12 @@ def _granite_metadata(w: Any, cfg: dict[str, Any]) -> None:
     w.add_logit_scale(cfg["logits_scaling"])
 
 
+def _command_r_metadata(w: Any, cfg: dict[str, Any]) -> None:
+    """llama.cpp's CommandR2Model: the LayerNorm eps and the logit scale."""
+    w.add_layer_norm_eps(cfg["layer_norm_eps"])
+    w.add_logit_scale(cfg["logit_scale"])
+
+
 def _starcoder2_metadata(w: Any, cfg: dict[str, Any]) -> None:
     w.add_layer_norm_eps(cfg["norm_epsilon"])
 
@@ -174,7 +180,8 @@ _ARCHS: dict[str, _Arch] = {
     "qwen3_moe": _Arch("qwen3moe", _moe_metadata, (_stack_experts,)),
     "starcoder2": _Arch("starcoder2", _starcoder2_metadata),
     "granite": _Arch("granite", _granite_metadata, (_permute_qk,)),   # GraniteModel derives from LlamaModel
-    "olmo2": _Arch("olmo2"),   # Olmo2Model: the base TextModel's keys, the tensors as they are
+    "olmo2": _Arch("olmo2"),
+    "cohere": _Arch("command-r", _command_r_metadata),   # tensors as they are (interleaved rotary in both)   # Olmo2Model: the base TextModel's keys, the tensors as they are
 }
 
 

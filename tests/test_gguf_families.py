@@ -77,6 +77,7 @@ ARCH_CASES: dict[str, dict] = {
     "granite": {"embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
                 "logits_scaling": 2.0, "attention_bias": True},
     "olmo2": {"tie_word_embeddings": False},   # OLMo 2 has a separate output.weight
+    "cohere": {"use_qk_norm": True, "logit_scale": 0.5},   # Command R+'s per-head q/k norms (2-D, kept F32)
     "mixtral": {},   # a "llama" GGUF with stacked experts, read by service/gguf_tensors.py
 }
 
@@ -114,7 +115,7 @@ def test_gguf_architecture_matches_hf_checkpoint(kind: str, tiny_model_factory, 
         torch.testing.assert_close(converted[name], tensor, rtol=0.0, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe", "starcoder2", "granite", "olmo2", "mixtral"])
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe", "starcoder2", "granite", "olmo2", "cohere", "mixtral"])
 def test_quantised_gguf_architecture_matches_transformers(kind: str, tiny_model_factory, tokenizer: TokenizerFields,
                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same models with their 2-D and stacked-expert tensors in the mixed quantisation types:
