@@ -149,8 +149,8 @@ ARCHITECTURES: dict[str, GGUFArch] = {
     # transformers reads no GGUF of these (Weft's config, service/gguf_tensors.py's tensors).
     "gemma": GGUFArch(own_config=True, model_type="gemma"),
     # Granite's four multipliers (gguf-py's Keys.LLM.EMBEDDING_SCALE, RESIDUAL_SCALE, LOGIT_SCALE
-    # and Keys.Attention.SCALE); llama.cpp's graph takes a missing embedding / residual / logit
-    # scale as 1, as transformers' defaults are.
+    # and Keys.Attention.SCALE; llama.cpp's GraniteModel converter writes each the checkpoint has).
+    # A missing embedding / residual / logit scale keeps transformers' default, 1.
     "granite": GGUFArch(
         keys={"embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
               "attention.scale": "attention_multiplier", "logit_scale": "logits_scaling"},

@@ -1,8 +1,7 @@
 """GGUF -> a cached HF directory: a GGUF is de-quantised once by `transformers` (the same code our
 reference tests load it with; the architectures transformers cannot map by service/gguf_tensors.py)
-and written as
-float32 safetensors under `$WEFT_CACHE_DIR/models/`, atomically (temp dir + rename); every later
-load reads that directory, which takes about a second instead of ~20.
+and written as float32 safetensors under `$WEFT_CACHE_DIR/models/`, atomically (temp dir + rename);
+every later load reads that directory, which takes about a second instead of ~20.
 """
 from __future__ import annotations
 

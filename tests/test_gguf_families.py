@@ -93,7 +93,8 @@ def test_gguf_architecture_matches_hf_checkpoint(kind: str, tiny_model_factory, 
     leaves settings the file holds at their defaults (transformers 5.23: Gemma 2's query scale and
     soft-caps, Gemma 3's query scale and RoPE scaling, Phi-3's partial rotary, StarCoder2's RoPE base) or
     builds experts of the wrong size (both MoEs: it fails to load), which service/gguf_arch.py reads;
-    a Mixtral ("llama" with stacked experts) it loads as a Llama without its experts."""
+    a Mixtral ("llama" with stacked experts) it loads as a Llama without its experts; Gemma 1,
+    Granite, OLMo 2 and Command R files it does not read at all (service/gguf_tensors.py does)."""
     from safetensors.torch import load_file
 
     from service.gguf_convert import gguf_cache_dir
