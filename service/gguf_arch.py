@@ -8,7 +8,7 @@ llama.cpp hard-codes for that architecture (they are not in the file), and setti
 the others; the loader builds the config from that and hands it to transformers, which then
 only loads the tensors into a model of the right shape. Where transformers cannot map the
 tensors (Mixtral's stacked experts) or parses no GGUF of the architecture at all (`own_config`:
-Gemma 1, Granite, OLMo 2, Command R), service/gguf_tensors.py reads them.
+Gemma 1, Granite, OLMo 2, Command R, DeepSeek-V2/V3), service/gguf_tensors.py reads them.
 """
 from __future__ import annotations
 
@@ -106,6 +106,32 @@ def _granite_attention_scale(s: Settings) -> Settings:
     return {"attention_multiplier": head_dim ** -0.5}
 
 
+def _deepseek2(s: Settings) -> Settings:
+    """llama.cpp's DeepseekV2Model converter writes MLA as MQA (head_count_kv 1, key_length =
+    latent + rope dims): the per-head sizes are the _mla keys and rope.dimension_count. The gating
+    function tells V3 (sigmoid, with exp_probs_b) from V2 (softmax; llama.cpp's default where a
+    file has no gating key); llama.cpp rotates DeepSeek's interleaved pairs, which is V3's
+    rope_interleave. Expert groups: none written is one group. YaRN: the converter writes
+    0.1 * mscale_all_dim as the log multiplier and no mscale, llama.cpp using it for both."""
+    rope_dim = s["qk_rope_head_dim"]
+    sigmoid = s.get("expert_gating_func") == 2   # gguf-py's ExpertGatingFuncType.SIGMOID
+    groups = s.get("n_group") or 1
+    out: Settings = {"model_type": "deepseek_v3" if sigmoid else "deepseek_v2",
+                     "num_key_value_heads": s["num_attention_heads"], "head_dim": rope_dim,
+                     "qk_nope_head_dim": s["mla_key_length"] - rope_dim,
+                     "n_group": groups, "topk_group": s.get("topk_group") or groups}
+    if sigmoid:
+        out["rope_interleave"] = True
+    else:
+        out["topk_method"] = "group_limited_greedy" if groups > 1 else "greedy"
+    if s.get("rope_scaling_type") == "yarn":
+        mscale = s["rope_yarn_log_mul"] / 0.1
+        out["rope_parameters"] = {
+            "rope_type": "yarn", "rope_theta": s.get("rope_theta", 10000.0), "factor": float(s["rope_scaling_factor"]),
+            "original_max_position_embeddings": s["rope_original_context"], "mscale": mscale, "mscale_all_dim": mscale}
+    return out
+
+
 _MOE_KEYS = {"expert_count": "num_experts", "expert_used_count": "num_experts_per_tok",
              "expert_feed_forward_length": "moe_intermediate_size"}
 # llama.cpp's qwen2moe / qwen3moe graphs run every layer as MoE, with no sliding window.
@@ -164,6 +190,23 @@ ARCHITECTURES: dict[str, GGUFArch] = {
     "command-r": GGUFArch(
         keys={"attention.layer_norm_epsilon": "layer_norm_eps", "logit_scale": "logit_scale"},
         present={"blk.0.attn_q_norm.weight": "use_qk_norm"}, own_config=True, model_type="cohere"),
+    # DeepSeek-V2 and V3 (llama.cpp files both as "deepseek2"; _deepseek2 picks which).
+    "deepseek2": GGUFArch(
+        keys={"attention.q_lora_rank": "q_lora_rank", "attention.kv_lora_rank": "kv_lora_rank",
+              "attention.key_length_mla": "mla_key_length", "attention.value_length_mla": "v_head_dim",
+              "rope.dimension_count": "qk_rope_head_dim", "expert_count": "n_routed_experts",
+              "expert_used_count": "num_experts_per_tok", "expert_feed_forward_length": "moe_intermediate_size",
+              "expert_shared_count": "n_shared_experts", "leading_dense_block_count": "first_k_dense_replace",
+              "expert_weights_scale": "routed_scaling_factor", "expert_weights_norm": "norm_topk_prob",
+              "expert_gating_func": "expert_gating_func", "expert_group_count": "n_group",
+              "expert_group_used_count": "topk_group", "rope.scaling.type": "rope_scaling_type",
+              "rope.scaling.factor": "rope_scaling_factor",
+              "rope.scaling.original_context_length": "rope_original_context",
+              "rope.scaling.yarn_log_multiplier": "rope_yarn_log_mul"},
+        # What llama.cpp assumes where the converter wrote no key: no q LoRA (V2-Lite's attn_q),
+        # no routed-weight scale, no renormalisation.
+        fixed={"q_lora_rank": None, "routed_scaling_factor": 1.0, "norm_topk_prob": False},
+        own_config=True, model_type="deepseek_v2", derived=_deepseek2),
     "starcoder2": GGUFArch(
         keys={"rope.freq_base": "rope_theta", "vocab_size": "vocab_size"},
         fixed={"sliding_window": None}),   # llama.cpp's starcoder2 attends to the whole context
@@ -171,7 +214,8 @@ ARCHITECTURES: dict[str, GGUFArch] = {
 
 # Read by Weft, not a transformers config attribute.
 _SCRATCH = ("rope_dimension_count", "rope_scaling_type", "rope_scaling_factor", "rope_attention_factor",
-            "long_factor", "short_factor")
+            "long_factor", "short_factor", "mla_key_length", "expert_gating_func", "rope_original_context",
+            "rope_yarn_log_mul")
 
 
 def check_architecture(arch: Any, gguf: Path) -> GGUFArch:

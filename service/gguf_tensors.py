@@ -2,7 +2,7 @@
 
 transformers maps the GGUF tensors of the architectures it knows; for the rest (Mixtral, which
 llama.cpp files as a "llama" with stacked experts, and the families it reads no GGUF of: Gemma 1,
-Granite, OLMo 2, Command R) Weft reads them itself. One reader serves them all: the model is built
+Granite, OLMo 2, Command R, DeepSeek-V2/V3) Weft reads them itself. One reader serves them all: the model is built
 on the meta device from the config (service/gguf_arch.py), each of its state_dict names is
 mapped to the GGUF name by gguf-py's own HF -> GGUF name map (the table llama.cpp's converter
 names tensors with), the tensor de-quantised by gguf-py as transformers does, and the
@@ -13,6 +13,7 @@ few otherwise), so a file of an unexpected layout is refused rather than loaded 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,22 @@ from common.errors import ModelLoadError
 from service.models.gguf_packed import rope_row_order
 
 
+Joiner = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+def _rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Stacked experts' projections one after the other along their rows (gate then up)."""
+    return torch.cat(parts, dim=1)
+
+
+def _mla_kv_b(parts: list[torch.Tensor]) -> torch.Tensor:
+    """DeepSeek's kv_b_proj [heads * (nope + v), latent] from llama.cpp's attn_k_b [heads, latent,
+    nope] (the converter transposed it) and attn_v_b [heads, v, latent]: each head's nope rows
+    then its v rows, as the converter split them."""
+    k_b, v_b = parts
+    return torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(-1, k_b.shape[1])
+
+
 @dataclass(frozen=True, slots=True)
 class TensorLayout:
     """How llama.cpp's converter (convert_hf_to_gguf.py) stored one architecture's HF tensors."""
@@ -33,9 +50,11 @@ class TensorLayout:
     permute_qk: bool = False
     # Gemma's RMSNorm multiplies by (1 + w); llama.cpp's Gemma converters store 1 + w.
     norm_plus_one: bool = False
-    # HF parameter (name after "model.layers.N.") -> the GGUF tensors (after "blk.N.") it is the
-    # concatenation of along dim 1: transformers fuses what llama.cpp keeps apart.
-    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # HF parameter (name after "model.layers.N.") -> the GGUF tensors (after "blk.N.") it is made
+    # of and how: transformers fuses what llama.cpp keeps apart, or llama.cpp split it.
+    fused: dict[str, tuple[tuple[str, ...], Joiner]] = field(default_factory=dict)
+    # HF parameter suffix -> the name llama.cpp's converter renamed it to before gguf-py's map.
+    renamed: dict[str, str] = field(default_factory=dict)
 
 
 # transformers' model_type -> the layout of its GGUF tensors, for the model types Weft reads.
@@ -43,7 +62,7 @@ LAYOUTS: dict[str, TensorLayout] = {
     # Experts stacked per projection [experts, rows, cols]; transformers keeps gate and up as one
     # in-memory gate_up_proj, gate rows first.
     "mixtral": TensorLayout("a Mixtral GGUF (llama with stacked experts)", permute_qk=True,
-                            fused={"mlp.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps")}),
+                            fused={"mlp.experts.gate_up_proj": (("ffn_gate_exps", "ffn_up_exps"), _rows)}),
     # GemmaModel adds 1 to every norm.weight (as Gemma2Model / Gemma3Model do); no q/k permute.
     "gemma": TensorLayout("a Gemma GGUF", norm_plus_one=True),
     # GraniteModel derives from LlamaModel and keeps its q/k permute (biases included).
@@ -51,6 +70,14 @@ LAYOUTS: dict[str, TensorLayout] = {
     # Olmo2Model and CommandR2Model (arch "command-r") write the HF tensors unchanged.
     "olmo2": TensorLayout("an OLMo 2 GGUF"),
     "cohere": TensorLayout("a Command R GGUF"),
+    # llama.cpp's DeepseekV2Model ("deepseek2", V2 and V3): experts stacked, kv_b_proj split into
+    # attn_k_b (transposed) / attn_v_b, e_score_correction_bias renamed e_score_correction.bias
+    # (gguf-py: exp_probs_b); no q/k permute (llama.cpp rotates the interleaved pairs DeepSeek does).
+    **dict.fromkeys(("deepseek_v2", "deepseek_v3"), TensorLayout(
+        "a DeepSeek GGUF (deepseek2)",
+        fused={"mlp.experts.gate_up_proj": (("ffn_gate_exps", "ffn_up_exps"), _rows),
+               "self_attn.kv_b_proj.weight": (("attn_k_b", "attn_v_b"), _mla_kv_b)},
+        renamed={"e_score_correction_bias": "e_score_correction.bias"})),
 }
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -81,7 +108,8 @@ def model_from_gguf(gguf: Path, config: Any) -> torch.nn.Module:
     state: dict[str, torch.Tensor] = {}
     for hf_name, names in wanted.items():
         parts = [_dequantised(in_file[n]) for n in names]
-        data = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        layer = _LAYER.fullmatch(hf_name)
+        data = layout.fused[layer[2]][1](parts) if layer is not None and layer[2] in layout.fused else parts[0]
         module = hf_name.split(".")[-2]
         if layout.permute_qk and module in heads:   # llama.cpp interleaved each head's rotary halves
             data = data[rope_row_order(data.shape[0], heads[module])]
@@ -102,7 +130,10 @@ def _gguf_names(hf_name: str, name_map: Any, layout: TensorLayout) -> tuple[str,
     GGUF name without it too, while the file's tensor has one.)"""
     layer = _LAYER.fullmatch(hf_name)
     if layer is not None and layer[2] in layout.fused:
-        return tuple(f"blk.{layer[1]}.{part}.weight" for part in layout.fused[layer[2]])
+        return tuple(f"blk.{layer[1]}.{part}.weight" for part in layout.fused[layer[2]][0])
+    for suffix, renamed in layout.renamed.items():
+        if hf_name.endswith(suffix):
+            hf_name = hf_name.removesuffix(suffix) + renamed
     mapped = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if mapped is None:
         return None

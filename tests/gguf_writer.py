@@ -47,8 +47,9 @@ def _gemma_norms(cfg: dict[str, Any], weights: Tensors) -> Tensors:
 
 
 def _num_experts(cfg: dict[str, Any]) -> int:
-    """Qwen3-MoE's config.json spells it num_local_experts (num_experts is an alias)."""
-    return cfg.get("num_experts") or cfg["num_local_experts"]
+    """Qwen3-MoE's config.json spells it num_local_experts (num_experts is an alias); DeepSeek's
+    n_routed_experts."""
+    return cfg.get("num_experts") or cfg.get("n_routed_experts") or cfg["num_local_experts"]
 
 
 def _stack_experts(cfg: dict[str, Any], weights: Tensors) -> Tensors:
@@ -133,6 +134,65 @@ def _moe_metadata(w: Any, cfg: dict[str, Any]) -> None:
         w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
 
 
+def _deepseek2_metadata(w: Any, cfg: dict[str, Any]) -> None:
+    """As llama.cpp's DeepseekV2Model.set_gguf_parameters (V2 and V3 alike): MLA written as MQA
+    (head_count_kv 1, key_length = latent + rope dims, value_length = latent) with the per-head
+    sizes under the _mla keys; the routing settings; the gating function (sigmoid: V3) read from
+    scoring_func (transformers' config.json has none: V2 routes by softmax, V3 by sigmoid); YaRN
+    with 0.1 * mscale_all_dim as its log multiplier. The expert groups as the base
+    TextModel.set_gguf_parameters writes them: n_group / topk_group where the config has each.
+    (gguf-py warns of and overwrites the base keys rewritten here, as in the converter.)"""
+    rope_dim = cfg["qk_rope_head_dim"]
+    w.add_head_count_kv(1)
+    w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+    if cfg.get("q_lora_rank") is not None:
+        w.add_q_lora_rank(cfg["q_lora_rank"])
+    w.add_kv_lora_rank(cfg["kv_lora_rank"])
+    w.add_key_length(cfg["kv_lora_rank"] + rope_dim)
+    w.add_value_length(cfg["kv_lora_rank"])
+    w.add_key_length_mla(cfg["qk_nope_head_dim"] + rope_dim)
+    w.add_value_length_mla(cfg["v_head_dim"])
+    w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    w.add_expert_count(cfg["n_routed_experts"])
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    w.add_expert_shared_count(cfg["n_shared_experts"])
+    w.add_expert_weights_scale(cfg["routed_scaling_factor"])
+    w.add_expert_weights_norm(bool(cfg["norm_topk_prob"]))
+    scoring = cfg.get("scoring_func") or ("sigmoid" if cfg["model_type"] == "deepseek_v3" else "softmax")
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType[scoring.upper()])
+    if cfg.get("n_group") is not None:
+        w.add_expert_group_count(cfg["n_group"])
+    if cfg.get("topk_group") is not None:
+        w.add_expert_group_used_count(cfg["topk_group"])
+    w.add_rope_dimension_count(rope_dim)
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type")) == "yarn" and "factor" in rope:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+
+
+def _deepseek2_tensors(cfg: dict[str, Any], weights: Tensors) -> Tensors:
+    """llama.cpp's DeepseekV2Model.modify_tensors: kv_b_proj [heads * (nope + v), latent] split per
+    head into k_b [heads, latent, nope] (transposed, for the absorbed MLA product) and v_b
+    [heads, v, latent] (attn_k_b / attn_v_b; no attn_kv_b kept); e_score_correction_bias renamed
+    e_score_correction.bias (exp_probs_b.bias). The rope dims stay as they are: llama.cpp rotates
+    DeepSeek's interleaved pairs (its NORM rope type) as the checkpoint does."""
+    nope, v_dim = cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+    out: Tensors = {}
+    for name, w in weights.items():
+        if name.endswith("e_score_correction_bias"):
+            out[name.replace("e_score_correction_bias", "e_score_correction.bias")] = w
+        elif name.endswith("kv_b_proj.weight"):
+            kv_b = w.reshape(-1, nope + v_dim, w.shape[-1])
+            out[name.replace("kv_b_proj", "k_b_proj")] = np.ascontiguousarray(kv_b[:, :nope].swapaxes(1, 2))
+            out[name.replace("kv_b_proj", "v_b_proj")] = np.ascontiguousarray(kv_b[:, nope:])
+        else:
+            out[name] = w
+    return out
+
+
 def _mixtral_metadata(w: Any, cfg: dict[str, Any]) -> None:
     """llama.cpp's LlamaModel converter adds only these for Mixtral (each expert is
     feed_forward_length wide)."""
@@ -182,6 +242,9 @@ _ARCHS: dict[str, _Arch] = {
     "granite": _Arch("granite", _granite_metadata, (_permute_qk,)),   # GraniteModel derives from LlamaModel
     "olmo2": _Arch("olmo2"),
     "cohere": _Arch("command-r", _command_r_metadata),   # tensors as they are (interleaved rotary in both)   # Olmo2Model: the base TextModel's keys, the tensors as they are
+    # llama.cpp's DeepseekV2Model writes both DeepSeek-V2 and V3 as "deepseek2".
+    "deepseek_v2": _Arch("deepseek2", _deepseek2_metadata, (_deepseek2_tensors, _stack_experts)),
+    "deepseek_v3": _Arch("deepseek2", _deepseek2_metadata, (_deepseek2_tensors, _stack_experts)),
 }
 
 

@@ -79,6 +79,16 @@ ARCH_CASES: dict[str, dict] = {
     "olmo2": {"tie_word_embeddings": False},   # OLMo 2 has a separate output.weight
     "cohere": {"use_qk_norm": True, "logit_scale": 0.5},   # Command R+'s per-head q/k norms (2-D, kept F32)
     "mixtral": {},   # a "llama" GGUF with stacked experts, read by service/gguf_tensors.py
+    # "deepseek2" (both): MLA's kv_b_proj split into attn_k_b / attn_v_b, stacked experts, a dense
+    # first layer; V2 softmax routing over expert groups with a weight scale (test_families' case),
+    # V3 sigmoid routing (its gating key) with q LoRA and exp_probs_b.
+    "deepseek_v2": {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1, "routed_scaling_factor": 1.5},
+    "deepseek_v3": {},
+    # YaRN as DeepSeek-V2 ships it (mscale = mscale_all_dim: the file holds one, as 0.1 * it; beta
+    # 32 / 1, llama.cpp's defaults, as the converter writes none).
+    "deepseek_v3-yarn": {"rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0, "original_max_position_embeddings": 128,
+        "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32.0, "beta_slow": 1.0}},
 }
 
 
@@ -116,7 +126,8 @@ def test_gguf_architecture_matches_hf_checkpoint(kind: str, tiny_model_factory, 
         torch.testing.assert_close(converted[name], tensor, rtol=0.0, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe", "starcoder2", "granite", "olmo2", "cohere", "mixtral"])
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3", "phi3", "qwen2_moe", "qwen3_moe", "starcoder2", "granite",
+                                  "olmo2", "cohere", "mixtral", "deepseek_v2", "deepseek_v3"])
 def test_quantised_gguf_architecture_matches_transformers(kind: str, tiny_model_factory, tokenizer: TokenizerFields,
                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same models with their 2-D and stacked-expert tensors in the mixed quantisation types:
