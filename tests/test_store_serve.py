@@ -25,9 +25,13 @@ SYSTEM = "You answer in one word."
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, tiny_llama):
+def home(tmp_path_factory, tiny_model_factory):
     home = tmp_path_factory.mktemp("weft_home")
-    ModelStore(home).create("terse", parse(f'FROM {tiny_llama}\nSYSTEM "{SYSTEM}"\nPARAMETER temperature 0\n'
+    # A long context (the KV pool below holds 4,096 tokens): the answer `weft run` is asked to
+    # interrupt then runs for seconds, not the fraction of a second 512 positions take, so Ctrl-C
+    # lands while it streams even when the machine is busy.
+    model = tiny_model_factory("llama", max_position_embeddings=8192)
+    ModelStore(home).create("terse", parse(f'FROM {model}\nSYSTEM "{SYSTEM}"\nPARAMETER temperature 0\n'
                                            "PARAMETER num_predict 9\nPARAMETER stop zzzz\n"))
     return home
 
