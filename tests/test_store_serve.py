@@ -118,6 +118,10 @@ def test_weft_run_in_a_terminal(home, stack, outcomes) -> None:
         child.expect_exact("Set parameter 'temperature' to '0.7'")
         child.sendline("/set parameter num_predict 100000")
         child.expect_exact("Set parameter 'num_predict'")
+        # Seeded: an unseeded draw follows torch's global generator, which every earlier test in
+        # the session moves, and some of its paths end the answer at once (EOS) before Ctrl-C.
+        child.sendline("/set parameter seed 1")
+        child.expect_exact("Set parameter 'seed'")
         child.expect_exact(">>> ")
         child.sendline("Write forever")
         child.expect_exact("Write forever")  # the terminal's echo of what was typed
