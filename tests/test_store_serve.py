@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from pathlib import Path
 
 import ollama
 import pexpect
@@ -54,19 +55,28 @@ class Outcomes:
             return list(self.ended)
 
 
-@pytest.fixture(scope="module")
-def outcomes() -> Outcomes:
-    return Outcomes()
-
-
-@pytest.fixture(scope="module")
-def stack(home, monkeypatch_module, outcomes):
-    monkeypatch_module.setenv("WEFT_HOME", str(home))
+def _start_stack(monkeypatch: pytest.MonkeyPatch, home: Path, on_request_end: Outcomes | None = None) -> ShimStack:
+    monkeypatch.setenv("WEFT_HOME", str(home))
     config, options = from_store(EngineConfig(model="terse", num_blocks=256, progress=False),
                                  ServerOptions(host="127.0.0.1", port=0))
     assert options.served_model_name == "terse" and options.defaults.system == SYSTEM
-    s = ShimStack.start(config, options=options, on_request_end=outcomes)
+    return ShimStack.start(config, options=options, on_request_end=on_request_end)
+
+
+@pytest.fixture(scope="module")
+def stack(home, monkeypatch_module):
+    s = _start_stack(monkeypatch_module, home)
     yield s
+    s.stop()
+
+
+@pytest.fixture
+def terminal_stack(home, monkeypatch):
+    """A server of its own, so that the request ends it reports are this test's only: on the
+    module's server an earlier test's last request can be reported after that test returned."""
+    outcomes = Outcomes()
+    s = _start_stack(monkeypatch, home, outcomes)
+    yield s, outcomes
     s.stop()
 
 
@@ -98,8 +108,9 @@ def test_modelfile_defaults_equal_explicit_values(stack) -> None:
     assert show.parameters and "temperature" in show.parameters and show.modelfile.startswith("FROM")
 
 
-def test_weft_run_in_a_terminal(home, stack, outcomes) -> None:
+def test_weft_run_in_a_terminal(home, terminal_stack) -> None:
     """Against the served model ($WEFT_HOST), so that the server tells how each answer ended."""
+    stack, outcomes = terminal_stack
     env = {**os.environ, "WEFT_HOME": str(home), "PYTHONUNBUFFERED": "1", "WEFT_HOST": stack.grpc.target}
     before = len(outcomes.ended)
     child = pexpect.spawn(sys.executable, ["-m", "service.cli", "run", "terse"], env=env, encoding="utf-8",
