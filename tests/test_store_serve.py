@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import ollama
@@ -136,8 +137,14 @@ def test_weft_run_in_a_terminal(home, terminal_stack) -> None:
         child.expect_exact(">>> ")
         child.sendline("Write forever")
         child.expect_exact("Write forever")  # the terminal's echo of what was typed
-        child.expect(r"\S")                  # some of the answer is out ...
-        child.sendintr()                     # ... Ctrl-C stops it, the conversation goes on
+        # Ctrl-C once the server is generating the answer (up to ~4,000 tokens: seconds). Not on
+        # its first printed character: a tiny random model may write only blanks or tokens that
+        # print nothing, and the first character would then be the next prompt's.
+        deadline = time.monotonic() + 60
+        while not stack.grpc.core.has_unfinished():
+            assert time.monotonic() < deadline, "the answer never started on the server"
+            threading.Event().wait(0.001)
+        child.sendintr()                     # Ctrl-C stops it, the conversation goes on
         child.expect_exact(">>> ", timeout=30)
         child.sendline("/show info")
         child.expect_exact("context")
