@@ -71,6 +71,10 @@ def packed_enabled() -> bool:
     return _on("WEFT_PACKED", True)
 
 
+def bf16_gemm_enabled() -> bool:
+    return _on("WEFT_BF16_GEMM", True)
+
+
 def force_triton() -> bool:
     return _get("WEFT_FORCE_TRITON") == "1"
 

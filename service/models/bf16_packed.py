@@ -4,9 +4,13 @@ torch's bf16 GEMV on a CPU is several times slower than float32, so running the 
 bf16 made `--dtype bfloat16` ~4x slower than float32 at batch 1. Instead the model runs in
 float32 (activations, attention, norms, KV cache) on weights rounded to bf16, and each projection
 and the lm_head carries a FMT_BF16 copy (kernels/quant.py) that few-row steps stream: half the
-bytes of float32, widened exactly in registers. Longer steps use sgemm on the float32 weights, so
-every path computes float32 arithmetic on the same bf16 values (transformers in float32 on
-bf16-rounded weights is the exact reference). Other families and CUDA keep plain bf16.
+bytes of float32, widened exactly in registers: float32 arithmetic on the bf16 values
+(transformers in float32 on bf16-rounded weights is their exact reference). Steps of many rows
+(prefill chunks, batches past quant.PACKED_MAX_ROWS) multiply the same bits by torch's bf16 GEMM
+where the CPU has AVX512-BF16 or AMX (layers/linear.py: about twice sgemm's rate; its outputs are
+rounded to bf16, as in transformers' bf16), else sgemm on the float32 weights (WEFT_BF16_GEMM=0
+too). Logits stay float32 products: rounded to bf16 they would tie. Other families and CUDA keep
+plain bf16.
 """
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ import logging
 
 import torch
 
+from common import env
 from kernels.quant import equals_weight, from_bf16
 from service.models.gguf_packed import packed_targets
+from service.models.layers.linear import bf16_gemm_available, set_bf16_gemm
 from service.models.llama import LlamaForCausalLM
 
 log = logging.getLogger("weft.models")
@@ -39,6 +45,7 @@ def attach_bf16(model: LlamaForCausalLM) -> int:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.bfloat16())
+    gemm = env.bf16_gemm_enabled() and bf16_gemm_available()
     count = 0
     for owner, attr, weight in packed_targets(model):
         packed = from_bf16(weight) if weight.shape[1] % 32 == 0 else None   # the kernel's block
@@ -46,7 +53,13 @@ def attach_bf16(model: LlamaForCausalLM) -> int:
             packed = None   # cannot happen after the rounding above; the float32 path stays whole
         setattr(owner, attr, packed)
         count += packed is not None
+        if attr == "packed":   # projections; logits stay float32 products (bf16 outputs would tie)
+            # The packed bits are the weight in bf16, row-major: the GEMM reads them, no second copy.
+            set_bf16_gemm(owner, packed.data.view(torch.bfloat16).view(packed.n, packed.k)
+                          if gemm and packed is not None else None)
     model.bf16_weights = True
+    model.bf16_gemm = gemm
     log.info("dtype bfloat16 on CPU: bf16 weights, float32 activations (%d weight tensors stream as bf16 "
-             "in steps of few rows)", count)
+             "in steps of few rows; steps of many rows multiply by %s)", count,
+             "bf16 GEMM" if gemm else "sgemm on float32 weights (this CPU has no AVX512-BF16 or AMX, or WEFT_BF16_GEMM=0)")
     return count

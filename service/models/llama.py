@@ -80,6 +80,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if self.tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # The lm_head's GGUF blocks when built from a GGUF (service/models/gguf_packed.py).
         self.lm_head_packed: quant.PackedWeight | None = None
+        # bf16 on CPU: steps of many rows multiply by bf16 GEMM (service/models/bf16_packed.py).
+        self.bf16_gemm = False
         cos, sin = rope_cos_sin(config, self.head_dim, max_positions)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

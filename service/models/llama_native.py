@@ -3,7 +3,8 @@
 Used when every row of the step is short (decodes, speculative verification, chunks of at most
 NATIVE_MAX_QUERIES tokens): those are the steps where Python's per-op dispatch, not arithmetic,
 is what the CPU spends its time on besides streaming the weights. Anything else (long prefill
-rows, other dtypes, no compiler, WEFT_NATIVE=0) returns None and the model runs its torch loop.
+rows, other dtypes, no compiler, WEFT_NATIVE=0, steps of many rows on bf16 weights where bf16 GEMM
+is faster) returns None and the model runs its torch loop.
 Projections that carry a GGUF's blocks (service/models/gguf_packed.py) multiply from those in
 steps of at most quant.PACKED_MAX_ROWS rows, from the float32 weights above.
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from kernels import cpu_native, quant
 from kernels.attention import AttentionMetadata, native_plan
+from service.models.layers.linear import BF16_GEMM_MIN_ROWS
 from service.models.layers.norms import RMSNorm
 from service.models.lora import PROJECTIONS, LoRAStacks, LoRAStep
 
@@ -71,6 +73,8 @@ class NativeLayers:
         plan = native_plan(meta)
         if plan.long_rows:
             return None
+        if getattr(model, "bf16_gemm", False) and h.shape[0] >= BF16_GEMM_MIN_ROWS:
+            return None   # bf16 weights: many rows run faster by bf16 GEMM in the torch loop (layers/linear.py)
         table = self._layer_table(model, kv_caches)
         if table is None:
             return None

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.models.layers.linear import project
 from service.models.layers.weights import CheckpointWeights
 from service.models.lora import LoRAStep
 
@@ -44,12 +45,12 @@ class GatedMLP(nn.Module):
         self.reduce: Callable[[torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor, lora: LoRAStep | None = None, layer: int = 0) -> torch.Tensor:
-        gate_up = F.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+        gate_up = project(x, self.gate_up_proj)
         if lora is not None:
             lora.add_(gate_up, x, layer, "gate_up")
         gate, up = gate_up.split(self.inter, dim=-1)
         act = self.act(gate) * up
-        out = F.linear(act, self.down_proj.weight, self.down_proj.bias)
+        out = project(act, self.down_proj)
         if lora is not None:
             lora.add_(out, act, layer, "down")
         if self.reduce is not None:

@@ -1,0 +1,58 @@
+"""One projection of a step, on the copy of its weight that suits the step's row count.
+
+A float32 model multiplies its float32 weights (sgemm). A Llama-family model built for bfloat16
+on a CPU (service/models/bf16_packed.py) also carries each weight's bf16 bits: steps of few rows
+stream them through the native kernels, and steps of many rows (prefill chunks, large batches)
+multiply them here with torch's bf16 GEMM (oneDNN: bf16 products, float32 accumulation), which
+on a CPU with AVX512-BF16 or AMX runs at about twice float32 sgemm's rate. That GEMM's output
+is rounded to bf16, as transformers in bf16 rounds every projection; the residual stream,
+attention and norms stay float32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import quant
+
+# Rows from which a bf16 weight multiplies by bf16 GEMM. Fewer rows take the packed bf16 copy in
+# the native loop (exact float32 accumulation): measured on the default model, 2 cores of an AMD
+# EPYC with AVX512-BF16, 16 decode rows ran 272 tok/s native against 208 by GEMM in the torch
+# loop; 32 rows 244 against 264-271; 96 rows 246 (native, sgemm) against 315.
+BF16_GEMM_MIN_ROWS = quant.PACKED_MAX_ROWS + 1
+
+
+def bf16_gemm_available() -> bool:
+    """Whether this CPU runs bf16 dot products natively (AVX512-BF16 or AMX): without them oneDNN
+    emulates bf16 and sgemm on float32 weights is the faster path."""
+    cpu = torch.cpu
+    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+
+
+def set_bf16_gemm(proj: nn.Module, weight: torch.Tensor | None) -> None:
+    """Give `proj` (an nn.Linear) the bf16 [out, in] weight that steps of many rows multiply, or
+    take it away (None)."""
+    proj.__dict__["bf16_gemm"] = weight
+
+
+def bf16_weight(proj: nn.Module) -> torch.Tensor | None:
+    # A plain dict read: nn.Module's __getattr__ fallback costs microseconds a call.
+    return proj.__dict__.get("bf16_gemm")
+
+
+def bf16_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [t, in] float32 @ weight [out, in] bf16 ^T (+ bias) -> float32, by bf16 GEMM."""
+    y = F.linear(x.to(torch.bfloat16), weight).float()
+    if bias is not None:
+        y += bias
+    return y
+
+
+def project(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+    """proj(x) for one step: bf16 GEMM when `proj` has a bf16 weight and the step has many rows,
+    else F.linear on its own weight."""
+    w16 = bf16_weight(proj)
+    if w16 is not None and x.shape[0] >= BF16_GEMM_MIN_ROWS:
+        return bf16_matmul(x, w16, proj.bias)
+    return F.linear(x, proj.weight, proj.bias)
