@@ -6,12 +6,14 @@ llama.cpp on the same GGUF with continuous batching at every level, as llama-ser
 (bench/llamacpp_batched.py). Levels 1, 8, 32 and 128 of ~100-token prompts and 16-256 new tokens;
 a long-prompt workload (2,000-token prompts, 64 new tokens, one at a time) for prefill speed and
 TTFT; and with llama.cpp a Q4_K_M pair at concurrency 1: the GGUF re-quantised by llama.cpp's own
-quantiser, Weft and llama.cpp decoding that file request by request. The picture
-(bench/results/engine.png) is drawn from the results file.
+quantiser, Weft and llama.cpp decoding that file request by request. Weft runs in its default
+float32 (the "weft" rows every ratio is of) and again in bfloat16 ("weft (bfloat16)": bf16 GEMMs
+for steps of many rows where the CPU has AVX512-BF16 or AMX), with ratios bf16 over float32. The
+picture (bench/results/engine.png) is drawn from the results file.
 
 Usage: python -m bench engine [--model PATH] [--dtype bfloat16|float32] [--levels 1,8,32,128]
         [--requests-per-level K] [--long-prompt 2000] [--long-new 64] [--long-requests 4]
-        [--skip-transformers] [--skip-llamacpp] [--skip-q4km] [--skip-long]
+        [--skip-weft-bf16] [--skip-transformers] [--skip-llamacpp] [--skip-q4km] [--skip-long]
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ async def weft_level(engine: AsyncEngine, items: list[Item], conc: int, loras: l
     return time.perf_counter() - t0, ttfts, tpots
 
 
-def bench_weft(core: EngineCore, workloads: dict[int, list[Item]]) -> list[dict]:
+def bench_weft(core: EngineCore, workloads: dict[int, list[Item]], name: str = "weft") -> list[dict]:
     async def run() -> list[dict]:
         engine = AsyncEngine(core)
         rows = []
@@ -72,7 +74,7 @@ def bench_weft(core: EngineCore, workloads: dict[int, list[Item]]) -> list[dict]
             await weft_level(engine, next(iter(workloads.values()))[:1], 1)  # warm-up
             for conc, items in workloads.items():
                 wall, ttfts, tpots = await weft_level(engine, items, conc)
-                rows.append(throughput_row("weft", conc, items, wall, ttfts, tpots))
+                rows.append(throughput_row(name, conc, items, wall, ttfts, tpots))
                 print_table(rows[-1:])
         finally:
             await engine.shutdown()
@@ -178,6 +180,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--long-prompt", type=int, default=2000, help="prompt tokens of the long-prompt workload")
     ap.add_argument("--long-new", type=int, default=64, help="new tokens of the long-prompt workload")
     ap.add_argument("--long-requests", type=int, default=4)
+    ap.add_argument("--skip-weft-bf16", action="store_true",
+                    help="no 'weft (bfloat16)' rows (Weft again with --dtype bfloat16, when --dtype is float32)")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-long", action="store_true", help="no long-prompt workload")
@@ -194,6 +198,13 @@ def main(argv: list[str]) -> int:
                                                    seed=2000, min_out=a.long_new, max_out=a.long_new)}
     rows = bench_weft(core, workloads) + (_long_rows(bench_weft(core, long), a.long_prompt) if long else [])
     source = core.loaded.source
+    if a.dtype == "float32" and not a.skip_weft_bf16:
+        # The same engine with --dtype bfloat16: bf16 weights, bf16 GEMMs for steps of many rows.
+        bf16 = EngineCore(EngineConfig(model=a.model, dtype="bfloat16", kv_cache_gb=4.0))
+        name = "weft (bfloat16)"
+        rows += bench_weft(bf16, workloads, name) + (_long_rows(bench_weft(bf16, long, name), a.long_prompt)
+                                                     if long else [])
+        del bf16
     workload = {"prompt_tokens": 100, "output_tokens": "16-256 spread", "greedy": True, "dtype": a.dtype,
                 "levels": levels, "model": str(source),
                 "long_prompt": None if a.skip_long else {"prompt_tokens": a.long_prompt, "new_tokens": a.long_new,
@@ -272,6 +283,13 @@ def _ratios(rows: list[dict], levels: list[int], label: str) -> dict[str, float]
         ratios["prefill_tok_per_s_vs_best_transformers"] = w["prefill_tok_per_s"] / t["prefill_tok_per_s"]
     if w and l:
         ratios["prefill_tok_per_s_vs_llamacpp"] = w["prefill_tok_per_s"] / l["prefill_tok_per_s"]
+    for c in levels:
+        w, b = find(level_rows, "weft", c), find(level_rows, "weft (bfloat16)", c)
+        if w and b:
+            ratios[f"c{c}_throughput_bf16_vs_float32"] = b["tok_per_s"] / w["tok_per_s"]
+    w, b = find(long_rows, "weft"), find(long_rows, "weft (bfloat16)")
+    if w and b:
+        ratios["prefill_tok_per_s_bf16_vs_float32"] = b["prefill_tok_per_s"] / w["prefill_tok_per_s"]
     wq, lq = find(level_rows, "weft (Q4_K_M)"), find(level_rows, "llama.cpp (Q4_K_M)")
     if wq and lq:
         ratios["c1_decode_q4km_vs_llamacpp"] = lq["tpot_ms"] / wq["tpot_ms"]
