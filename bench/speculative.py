@@ -15,6 +15,7 @@ without / total time with, over the prompts of a workload. Outputs must be ident
 the suite reports how many were.
 
 Usage: python -m bench speculative [--model PATH] [--draft-model PATH] [--k 4] [--max-tokens 128]
+       [--cached-prompts] [--suite-name speculative]
 """
 from __future__ import annotations
 
@@ -108,11 +109,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--k", type=int, default=8, help="the most draft tokens per step (adaptive k picks fewer)")
     ap.add_argument("--fixed-k", type=int, default=4, help="k of the fixed-k n-gram row (the old default)")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--cached-prompts", action="store_true",
+                    help="prefix caching on, every prompt cached in every engine before it is timed: what a "
+                         "client that resends the same prompt (an agent's tools and instructions) gets")
+    ap.add_argument("--suite-name", default="speculative", help="results file name (bench/results/<name>.json)")
     a = ap.parse_args(argv)
 
-    # Prefix caching off: the plain run and the n-gram run share an engine, and a cached prompt
-    # would make the second run of each prompt look faster for a reason that is not speculation.
-    common = dict(dtype=a.dtype, kv_cache_gb=0.5, progress=False, spec_disable_window=0, enable_prefix_caching=False)
+    # Prefix caching off by default: the plain run and the n-gram run share an engine, and a
+    # cached prompt would make the second run of each prompt look faster for a reason that is not
+    # speculation. With --cached-prompts every run of a prompt, plain or not, finds it cached.
+    common = dict(dtype=a.dtype, kv_cache_gb=0.5, progress=False, spec_disable_window=0,
+                  enable_prefix_caching=a.cached_prompts)
     engines = {"ngram": LLM(a.model, speculative_method="ngram", num_speculative_tokens=a.k, **common),
                "suffix": LLM(a.model, speculative_method="suffix", num_speculative_tokens=a.k, **common),
                "ngram_fixed": LLM(a.model, speculative_method="ngram", num_speculative_tokens=a.fixed_k,
@@ -138,6 +145,9 @@ def main(argv: list[str]) -> int:
         identical = {m: 0 for m in engines}
         stats: dict[str, list[dict]] = {m: [] for m in engines}
         for prompt, guided in tasks:
+            if a.cached_prompts:   # one token each, unguided and plain: the prompt's blocks are cached
+                for llm in engines.values():
+                    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, num_speculative_tokens=0))
             # The plain run uses the n-gram engine with speculation off for the request: same
             # engine, same weights, so the difference is speculation alone.
             t_off, ids_off, _ = _run(engines["ngram"], prompt, params(guided, False))
@@ -171,7 +181,9 @@ def main(argv: list[str]) -> int:
     workload_desc = {"copy_prompts": len(COPY_TASKS), "chat_prompts": len(CHAT_TASKS), "json_schemas": JSON_SCHEMAS,
                      "agent_prompts": len(CITIES), "max_tokens": a.max_tokens, "k": a.k, "fixed_k": a.fixed_k,
                      "greedy": True, "dtype": a.dtype, "concurrency": 1,
+                     "prompts": ("prefix caching on, each prompt cached in every engine before its timed runs"
+                                 if a.cached_prompts else "prefix caching off: every run prefills its whole prompt"),
                      "draft_model": "target itself" if not a.draft_model else a.draft_model}
     cmd = "make bench BENCH=speculative" + (f" ARGS='{' '.join(argv)}'" if argv else "")
-    print("wrote", write_results("speculative", workload_desc, rows, ratios, cmd))
+    print("wrote", write_results(a.suite_name, workload_desc, rows, ratios, cmd))
     return 0

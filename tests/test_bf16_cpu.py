@@ -1,5 +1,7 @@
 """dtype bfloat16 on CPU, Llama family (service/models/bf16_packed.py): bf16 weights, float32
-activations; few-row steps stream the weights' bf16 bits (FMT_BF16) through the native loop."""
+activations; few-row steps stream the weights' bf16 bits (FMT_BF16) through the native loop, steps
+of many rows multiply them by bf16 GEMM (service/models/layers/linear.py). From a GGUF, few-row
+steps stream its blocks as float32 does and only the GEMM is bf16."""
 from __future__ import annotations
 
 import random
@@ -32,12 +34,12 @@ def _hf_on_bf16_weights(path) -> torch.nn.Module:
     return hf
 
 
-def _hf_with_bf16_gemm(path) -> torch.nn.Module:
+def _hf_with_bf16_gemm(path, round_weights: bool = True) -> torch.nn.Module:
     """transformers in float32 on bf16-rounded weights whose decoder projections multiply forwards
     of at least BF16_GEMM_MIN_ROWS tokens by bf16 GEMM, as our steps of that many rows do
     (service/models/layers/linear.py); the lm_head stays float32 (our prefill computes only the
     last token's logits, a few-row product)."""
-    hf = _hf_on_bf16_weights(path)
+    hf = _hf_on_bf16_weights(path) if round_weights else load_hf(path)
     for module in hf.model.layers.modules():
         if isinstance(module, torch.nn.Linear):
             module.forward = _bf16_gemm_forward(module)
@@ -159,21 +161,32 @@ def _hf_greedy_decisive(model: torch.nn.Module, prompt_ids: list[int], max_new_t
 
 
 def test_smollm2_bf16_matches_transformers_bf16(smollm2_dir) -> None:
-    """The default model with dtype bfloat16 gives transformers' bf16 tokens on chat prompts,
-    wherever transformers' own choice is not a bf16 tie."""
+    """The default model (a Q4_1/Q8_0 GGUF) with dtype bfloat16: decoding is float32's on the
+    GGUF's blocks, bit for bit; prefill of many rows is bf16 GEMM; its tokens are transformers'
+    with the same GEMMs, and transformers' bf16 tokens wherever transformers' own choice is not
+    a bf16 tie."""
     from tests.test_engine_exact import CHATS
 
     # No prefix caching: each prompt's prefill is one step of its own length, as in transformers.
     llm = LLM(str(smollm2_dir), dtype="bfloat16", progress=False, kv_cache_gb=0.25, enable_prefix_caching=False)
-    assert llm.engine.model.bf16_weights
+    f32 = LLM(str(smollm2_dir), dtype="float32", progress=False, kv_cache_gb=0.25, enable_prefix_caching=False)
+    model = llm.engine.model
+    assert model.bf16_weights and llm.engine.runner.kv_tensor.dtype == torch.float32
+    projections = [m for layer in model.layers for m in layer.projections()]
+    assert all(m.packed is not None and m.packed.fmt != quant.FMT_BF16 for m in projections)   # the GGUF's blocks
+    assert torch.equal(projections[0].weight, f32.engine.model.layers[0].projections()[0].weight)   # not rounded
     tok = llm.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": c}]), add_special_tokens=False)
                for c in CHATS]
-    ours = _generate_one_by_one(llm, prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
-    # What we compute: float32 on the bf16 weights, prefill projections by bf16 GEMM. Not bit for
-    # bit (our q/k/v and gate/up are fused GEMMs, whose bf16-rounded outputs can differ by a step),
-    # so compared where its two best logits are more than 0.1 apart.
-    hooked = _hf_with_bf16_gemm(smollm2_dir)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    # Prompts of fewer than BF16_GEMM_MIN_ROWS tokens never leave the few-row path: float32's tokens.
+    short = [p[:20] for p in prompts]
+    assert _generate_one_by_one(llm, short, params) == _generate_one_by_one(f32, short, params)
+    ours = _generate_one_by_one(llm, prompts, params)
+    # What we compute for these 36-38-token prompts: their prefill projections by bf16 GEMM, the
+    # rest float32. Not bit for bit (our q/k/v and gate/up are fused GEMMs, whose bf16-rounded
+    # outputs can differ by a step), so compared where the two best logits are more than 0.1 apart.
+    hooked = _hf_with_bf16_gemm(smollm2_dir, round_weights=False)
     decisive = [_hf_greedy_decisive(hooked, p, 24, margin=0.1) for p in prompts]
     assert [o[:len(d)] for o, d in zip(ours, decisive)] == decisive
     assert sum(map(len, decisive)) >= 24

@@ -44,7 +44,10 @@ class EngineCore:
         self.config = config
         dtype = config.torch_dtype()
         self.device = torch.device(config.device)
-        loaded = loaded or load_model(config.model, dtype=dtype, progress=config.progress)
+        # bfloat16 on a CPU loads float32: the Llama family keeps a GGUF's exact de-quantisation
+        # (service/models/bf16_packed.py), the others round to bf16 as they would have loading it.
+        load_dtype = torch.float32 if self.device.type == "cpu" and dtype == torch.bfloat16 else dtype
+        loaded = loaded or load_model(config.model, dtype=load_dtype, progress=config.progress)
         self.loaded = loaded
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer

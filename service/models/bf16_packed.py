@@ -11,6 +11,11 @@ where the CPU has AVX512-BF16 or AMX (layers/linear.py: about twice sgemm's rate
 rounded to bf16, as in transformers' bf16), else sgemm on the float32 weights (WEFT_BF16_GEMM=0
 too). Logits stay float32 products: rounded to bf16 they would tie. Other families and CUDA keep
 plain bf16.
+
+From a quantised GGUF the float32 weights stay the exact de-quantisation of its blocks, and
+few-row steps stream those blocks (4-8 bits a weight) as in float32: bf16 copies of the
+weights serve only the bf16 GEMM of steps of many rows (`attach_bf16_gemm`). Decoding is then
+float32's, bit for bit, and prefill and large batches get bf16's rate.
 """
 from __future__ import annotations
 
@@ -37,6 +42,24 @@ def run_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
     """The dtype the engine's KV cache and adapters take for `model`: float32 for a model built
     this way (its activations are float32), else the configured one."""
     return torch.float32 if getattr(model, "bf16_weights", False) else dtype
+
+
+def attach_bf16_gemm(model: LlamaForCausalLM) -> int:
+    """Give each projection of the float32 `model` (weights untouched; a GGUF's blocks attached
+    for few-row steps) a bf16 copy for the GEMM of steps of many rows, where this CPU has one.
+    Returns how many projections got one."""
+    gemm = env.bf16_gemm_enabled() and bf16_gemm_available()
+    count = 0
+    for owner, attr, weight in packed_targets(model):
+        if attr == "packed":   # projections; the lm_head keeps float32 products
+            set_bf16_gemm(owner, weight.to(torch.bfloat16).contiguous() if gemm else None)
+            count += gemm
+    model.bf16_weights = True
+    model.bf16_gemm = gemm
+    log.info("dtype bfloat16 on CPU from a GGUF: float32 on its de-quantised weights, its blocks for steps of "
+             "few rows, %s for steps of many rows", f"bf16 GEMM ({count} projections)" if gemm else
+             "sgemm (this CPU has no AVX512-BF16 or AMX, or WEFT_BF16_GEMM=0)")
+    return count
 
 
 def attach_bf16(model: LlamaForCausalLM) -> int:

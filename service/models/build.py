@@ -19,7 +19,8 @@ def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
                 parallel: Parallel | None = None) -> tuple[torch.nn.Module, int]:
     """Our forward pass for a loaded checkpoint, on `device`; returns it and its usable context.
     With `parallel` (a tensor-parallel rank), only that rank's shard of the weights is kept.
-    bfloat16 on CPU for the Llama family builds a float32 model on bf16 weights
+    bfloat16 on CPU for the Llama family builds a float32 model on bf16 weights, or, from a GGUF,
+    on its de-quantised weights with bf16 copies for steps of many rows
     (service/models/bf16_packed.py; `bf16_packed.run_dtype` tells the engine)."""
     hf = loaded.config
     arch = (getattr(hf, "architectures", None) or ["?"])[0]
@@ -31,6 +32,7 @@ def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
         model = cls(hf, max_positions=context)
     except ValueError as exc:   # a config feature the family does not compute
         raise ModelLoadError(f"{loaded.source}: {arch}: {exc}") from exc
+    loaded_f32 = all(t.dtype == torch.float32 for t in loaded.weights.values())
     try:
         model.load_weights(loaded.weights)
     except ModelLoadError as exc:
@@ -44,10 +46,12 @@ def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
             raise ModelLoadError(f"{loaded.source}: {arch}: {exc}") from exc
     bf16_weights = bf16_packed.applies(cls, device, dtype, sharded)
     model.to(device=device, dtype=torch.float32 if bf16_weights else dtype).eval()
-    if bf16_weights:
+    # The GGUF blocks are whole matrices: a shard reads its float weights only. bfloat16 on a GGUF
+    # keeps them too (its float32 weights are their exact de-quantisation, when loaded in float32).
+    blocks = dtype == torch.float32 or (bf16_weights and loaded_f32)
+    gguf = gguf_source(loaded) if device.type == "cpu" and blocks and not sharded else None
+    if bf16_weights and gguf is None:
         bf16_packed.attach_bf16(model)
-    # The GGUF blocks are whole matrices: a shard reads its float weights only.
-    gguf = gguf_source(loaded) if device.type == "cpu" and dtype == torch.float32 and not sharded else None
     if gguf is not None:
         # Few-row steps read the GGUF's blocks instead of the float32 weights (kernels/quant.py).
         try:
@@ -55,4 +59,6 @@ def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
             log.info("packed %d weight tensors from %s for few-row steps", count, gguf.name)
         except Exception as exc:   # an optimisation only: the float32 path is always whole
             log.warning("could not read the GGUF blocks of %s (%s): float32 weights only", gguf, exc)
+        if bf16_weights:
+            bf16_packed.attach_bf16_gemm(model)
     return model, context
