@@ -30,9 +30,11 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Li
            "What does a compiler do?", "Give me a synonym for happy.", "How many legs does a spider have?"]
 
 
-def _llm(path: str, dtype: str, old_bf16: bool) -> LLM:
-    """An engine for one arm; the old bf16 path is what build_model did before bf16_packed."""
-    with mock.patch.object(bf16_packed, "applies", lambda *a: False) if old_bf16 else nullcontext():
+def _llm(path: str, dtype: str, old_bf16: bool, no_gguf: bool = False) -> LLM:
+    """An engine for one arm; the old bf16 path is what build_model did before bf16_packed;
+    `no_gguf` builds as from safetensors (bf16: the weights' FMT_BF16 bits, not the GGUF's blocks)."""
+    with mock.patch.object(bf16_packed, "applies", lambda *a: False) if old_bf16 else nullcontext(), \
+            mock.patch("service.models.build.gguf_source", lambda loaded: None) if no_gguf else nullcontext():
         return LLM(path, dtype=dtype, progress=False, kv_cache_gb=0.5, enable_prefix_caching=False)
 
 
@@ -55,7 +57,8 @@ def main(argv: list[str]) -> int:
     path = str(resolve_hf_dir(None))
     f32 = _llm(path, "float32", False)
     arms = {"float32 (GGUF Q4_1 blocks)": (f32, {}), "float32, no GGUF blocks": (f32, {"WEFT_PACKED": "0"}),
-            "bfloat16": (_llm(path, "bfloat16", False), {}),
+            "bfloat16 (GGUF blocks)": (_llm(path, "bfloat16", False), {}),
+            "bfloat16 (FMT_BF16 bits)": (_llm(path, "bfloat16", False, no_gguf=True), {}),
             "bfloat16 (old: torch loop in bf16)": (_llm(path, "bfloat16", True), {})}
     tok = f32.tokenizer
     ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
