@@ -16,6 +16,7 @@ With a PROMPT, or when stdin is not a terminal, it answers once and exits. Inter
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
@@ -121,7 +122,16 @@ def _read_message(first: str) -> str:
         lines.append(line)
 
 
+def _ctrl_c_interrupts() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt, however this process was started: a parent that
+    ignores SIGINT (`nohup`, a background job, a test runner) passes SIG_IGN on through exec, and
+    Python then installs no handler, so Ctrl-C would neither stop an answer nor reach the prompt."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def interactive(chat: Chat) -> int:
+    _ctrl_c_interrupts()
     while True:
         try:
             line = input(">>> ")
