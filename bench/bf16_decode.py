@@ -4,6 +4,8 @@ bf16), at batch 1 and 8; arms interleaved in one process, medians of `--reps` ru
 model's float32 weights are a GGUF's de-quantised Q4_1 / Q8_0 blocks, which float32 streams
 (0.75-1.1 bytes a weight, service/models/gguf_packed.py); the arm "float32, no GGUF blocks" runs
 it with WEFT_PACKED=0, as a float32 checkpoint of plain safetensors runs (sgemm throughout).
+bfloat16 runs twice: as the default model is built (from its GGUF: decodes stream the GGUF's
+blocks, as float32 does) and as a safetensors checkpoint would be (its weights' FMT_BF16 bits).
 
 Usage: python -m bench bf16_decode [--reps 5] [--tokens 32] [--threads N]   (prints only, no results file)
 
