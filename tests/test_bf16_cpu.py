@@ -5,6 +5,7 @@ steps stream its blocks as float32 does and only the GEMM is bf16."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from decoding.sampling import SamplingParams
 from kernels import cpu_native, quant
+from service.models.bf16_packed import AUTO_MIN_GAIN
 from service.llm import LLM
 from service.models.layers.linear import BF16_GEMM_MIN_ROWS, bf16_gemm_available, bf16_matmul
 from tests.hf_reference import hf_greedy, load_hf
@@ -223,3 +225,45 @@ def test_other_families_keep_plain_bf16(tiny_model_factory) -> None:
     assert not getattr(llm.engine.model, "bf16_weights", False)
     assert llm.engine.model.embed_tokens.weight.dtype == torch.bfloat16
     assert llm.engine.runner.kv_tensor.dtype == torch.bfloat16
+
+
+def test_dtype_auto_says_what_it_chose_and_runs_it(smollm2_dir, caplog: pytest.LogCaptureFixture) -> None:
+    """`--dtype auto` on a CPU times bf16 GEMM against sgemm at the model's shapes and logs the
+    choice with the figures; the engine runs what the log says. The default model (a GGUF: its
+    decoding stays float32's either way) takes bfloat16 where bf16 GEMM measured faster."""
+    with caplog.at_level("INFO", logger="weft.engine"):
+        llm = LLM(str(smollm2_dir), progress=False, kv_cache_gb=0.1)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dtype auto on CPU: ")]
+    assert len(said) == 1
+    chosen = said[0].removeprefix("dtype auto on CPU: ").split(" ")[0]
+    assert chosen == llm.engine.config.dtype and llm.engine.config.torch_dtype() == getattr(torch, chosen)
+    assert bool(getattr(llm.engine.model, "bf16_gemm", False)) == (chosen == "bfloat16")
+    if bf16_gemm_available():
+        measured = re.search(r"bf16 GEMM (\d+) GFLOPS against float32 (\d+)", said[0])
+        assert measured, said[0]
+        bf16, f32 = map(int, measured.groups())
+        assert chosen == ("bfloat16" if bf16 >= AUTO_MIN_GAIN * f32 else "float32")
+    else:
+        assert chosen == "float32" and "no AVX512-BF16 or AMX" in said[0]
+    # Short prompts and decodes are float32's whichever was chosen.
+    f32 = LLM(str(smollm2_dir), dtype="float32", progress=False, kv_cache_gb=0.1)
+    prompt = llm.tokenizer.encode("The capital of France is")
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert llm.generate([prompt], params)[0].outputs[0].token_ids == f32.generate([prompt], params)[0].outputs[0].token_ids
+
+
+def test_dtype_auto_keeps_float32_where_bf16_would_cost(tiny_llama, tiny_model_factory,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A float32 checkpoint (bf16 would round its weights) and a family without the bf16 CPU path
+    stay float32 under auto, each saying why; an explicit --dtype is never second-guessed."""
+    for path, why in ((tiny_llama, "not bf16"), (tiny_model_factory("gemma"), "Llama-family")):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="weft.engine"):
+            llm = LLM(str(path), progress=False, num_blocks=16)
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dtype auto on CPU: ")]
+        assert len(said) == 1 and said[0].startswith("dtype auto on CPU: float32 (") and why in said[0], said
+        assert llm.engine.config.dtype == "float32" and not getattr(llm.engine.model, "bf16_weights", False)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="weft.engine"):
+        LLM(str(tiny_llama), dtype="float32", progress=False, num_blocks=16)
+    assert not [r for r in caplog.records if r.getMessage().startswith("dtype auto")]

@@ -32,7 +32,7 @@ from service.engine.tensor_parallel import TPGroup, model_fingerprint, start_gro
 from service.engine.step import StepOutput
 from service.loader import LoadedModel, load_model
 from service.models.bf16_packed import run_dtype
-from service.models.build import build_model
+from service.models.build import auto_dtype, build_model
 from service.models.layers.windows import kv_window
 from service.models.lora import LoRAStacks, LoRAWeights, load_lora
 
@@ -49,6 +49,9 @@ class EngineCore:
         load_dtype = torch.float32 if self.device.type == "cpu" and dtype == torch.bfloat16 else dtype
         loaded = loaded or load_model(config.model, dtype=load_dtype, progress=config.progress)
         self.loaded = loaded
+        if config.dtype == "auto":   # the dtype chosen from here on, for every part that asks the config
+            dtype = auto_dtype(loaded, self.device, sharded=config.tensor_parallel_size > 1)
+            self.config = config = dataclasses.replace(config, dtype=str(dtype).removeprefix("torch."))
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
         hf = loaded.config

@@ -24,9 +24,10 @@ import logging
 import torch
 
 from common import env
+from kernels import quant
 from kernels.quant import equals_weight, from_bf16
 from service.models.gguf_packed import packed_targets
-from service.models.layers.linear import bf16_gemm_available, set_bf16_gemm
+from service.models.layers.linear import bf16_gemm_available, gemm_gflops, set_bf16_gemm
 from service.models.llama import LlamaForCausalLM
 
 log = logging.getLogger("weft.models")
@@ -36,6 +37,35 @@ def applies(cls: type, device: torch.device, dtype: torch.dtype, sharded: bool) 
     """Whether a model of class `cls` asked for in `dtype` on `device` runs this way: the
     Llama-family class (its native loop reads the packed copies), CPU, one whole model."""
     return dtype == torch.bfloat16 and device.type == "cpu" and not sharded and issubclass(cls, LlamaForCausalLM)
+
+
+# `--dtype auto` on a CPU: the rows of the step it times bf16 GEMM against sgemm at (a prefill
+# chunk's, a large batch's: the steps bf16 GEMM serves), and how much faster bf16 must measure to
+# be chosen (below that the two are within what a busy machine's timings move by).
+AUTO_PROBE_ROWS = 128
+AUTO_MIN_GAIN = 1.2
+
+
+def auto_dtype(cls: type, device: torch.device, sharded: bool, lossless: bool, hidden: int,
+               inter: int) -> tuple[torch.dtype, str]:
+    """What `--dtype auto` runs on a CPU, and why (a line for the log): bfloat16 where this mode
+    applies (`applies`), costs the checkpoint's few-row steps nothing (`lossless`: a GGUF's
+    de-quantised weights, which this mode keeps, or weights that are bf16 already) and the CPU's
+    bf16 GEMM measures faster than sgemm at the model's own shapes; else float32. Decoding is then
+    float32's either way; only steps of many rows differ (bf16 products, float32 accumulation)."""
+    if not applies(cls, device, torch.bfloat16, sharded):
+        return torch.float32, "float32 (the bf16 CPU path serves one whole Llama-family model)"
+    if not lossless:
+        return torch.float32, "float32 (the checkpoint's weights are not bf16: bf16 would round them)"
+    if not (env.bf16_gemm_enabled() and bf16_gemm_available()):
+        return torch.float32, "float32 (this CPU has no AVX512-BF16 or AMX, or WEFT_BF16_GEMM=0)"
+    f32 = gemm_gflops(AUTO_PROBE_ROWS, hidden, inter, torch.float32)
+    bf16 = gemm_gflops(AUTO_PROBE_ROWS, hidden, inter, torch.bfloat16)
+    measured = f"bf16 GEMM {bf16:.0f} GFLOPS against float32 {f32:.0f} at [{AUTO_PROBE_ROWS}, {hidden}] x [{hidden}, {inter}]"
+    if bf16 < AUTO_MIN_GAIN * f32:
+        return torch.float32, f"float32 ({measured})"
+    return torch.bfloat16, (f"bfloat16 ({measured}): prefill and batches of more than {quant.PACKED_MAX_ROWS} rows "
+                            "multiply in bf16, decoding stays float32's; --dtype float32 keeps every step float32")
 
 
 def run_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:

@@ -15,6 +15,22 @@ from service.models.registry import MODEL_CLASSES
 log = logging.getLogger("weft.engine")
 
 
+def auto_dtype(loaded: LoadedModel, device: torch.device, sharded: bool) -> torch.dtype:
+    """What `--dtype auto` runs: bfloat16 on CUDA; on a CPU, the faster for batched work of float32
+    and the bf16 CPU path (service/models/bf16_packed.py: measured here, said in the log)."""
+    if device.type != "cpu":
+        return torch.bfloat16
+    hf = loaded.config
+    cls = MODEL_CLASSES.get((getattr(hf, "architectures", None) or ["?"])[0])
+    if cls is None:
+        return torch.float32   # build_model says why it cannot build it
+    lossless = gguf_source(loaded) is not None or str(getattr(hf, "torch_dtype", "")).endswith("bfloat16")
+    dtype, why = bf16_packed.auto_dtype(cls, device, sharded, lossless, int(hf.hidden_size),
+                                        int(getattr(hf, "intermediate_size", 4 * hf.hidden_size)))
+    log.info("dtype auto on CPU: %s", why)
+    return dtype
+
+
 def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
                 parallel: Parallel | None = None) -> tuple[torch.nn.Module, int]:
     """Our forward pass for a loaded checkpoint, on `device`; returns it and its usable context.

@@ -10,6 +10,8 @@ attention and norms stay float32.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,19 @@ def bf16_gemm_available() -> bool:
     emulates bf16 and sgemm on float32 weights is the faster path."""
     cpu = torch.cpu
     return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+
+
+def gemm_gflops(rows: int, k: int, n: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """GFLOPS of x [rows, k] @ W [n, k]^T in `dtype` on this CPU now (the best of `repeats` after a
+    warm-up call): what `--dtype auto` compares, at the shapes of the model it serves."""
+    x, w = torch.randn(rows, k).to(dtype), torch.randn(n, k).to(dtype)
+    F.linear(x, w)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        F.linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * rows * k * n / best / 1e9
 
 
 def set_bf16_gemm(proj: nn.Module, weight: torch.Tensor | None) -> None:
