@@ -7,13 +7,14 @@ llama.cpp on the same GGUF with continuous batching at every level, as llama-ser
 a long-prompt workload (2,000-token prompts, 64 new tokens, one at a time) for prefill speed and
 TTFT; and with llama.cpp a Q4_K_M pair at concurrency 1: the GGUF re-quantised by llama.cpp's own
 quantiser, Weft and llama.cpp decoding that file request by request. Weft runs in its default
-float32 (the "weft" rows every ratio is of) and again in bfloat16 ("weft (bfloat16)": bf16 GEMMs
-for steps of many rows where the CPU has AVX512-BF16 or AMX), with ratios bf16 over float32. The
+dtype `auto` (the "weft" rows every ratio is of: bfloat16 where the CPU's bf16 GEMM measures
+faster, i.e. bf16 GEMMs for steps of many rows, decoding float32's) and again in the other of
+float32 and bfloat16 ("weft (float32)" or "weft (bfloat16)"), with ratios bf16 over float32. The
 picture (bench/results/engine.png) is drawn from the results file.
 
-Usage: python -m bench engine [--model PATH] [--dtype bfloat16|float32] [--levels 1,8,32,128]
+Usage: python -m bench engine [--model PATH] [--dtype auto|bfloat16|float32] [--levels 1,8,32,128]
         [--requests-per-level K] [--long-prompt 2000] [--long-new 64] [--long-requests 4]
-        [--skip-weft-bf16] [--skip-transformers] [--skip-llamacpp] [--skip-q4km] [--skip-long]
+        [--skip-other-dtype] [--skip-transformers] [--skip-llamacpp] [--skip-q4km] [--skip-long]
 """
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ def bench_pair_c1(core: EngineCore, gguf_path, items: list[Item], label: str) ->
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="bench engine")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"], help="Weft's dtype")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="Weft's dtype")
     ap.add_argument("--suite-name", default="engine", help="results file name (bench/results/<name>.json)")
     ap.add_argument("--levels", default="1,8,32,128")
     ap.add_argument("--requests-per-level", type=int, default=0,
@@ -180,8 +181,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--long-prompt", type=int, default=2000, help="prompt tokens of the long-prompt workload")
     ap.add_argument("--long-new", type=int, default=64, help="new tokens of the long-prompt workload")
     ap.add_argument("--long-requests", type=int, default=4)
-    ap.add_argument("--skip-weft-bf16", action="store_true",
-                    help="no 'weft (bfloat16)' rows (Weft again with --dtype bfloat16, when --dtype is float32)")
+    ap.add_argument("--skip-other-dtype", action="store_true",
+                    help="no 'weft (float32)' / 'weft (bfloat16)' rows (Weft again in the dtype it did not run)")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-long", action="store_true", help="no long-prompt workload")
@@ -198,14 +199,17 @@ def main(argv: list[str]) -> int:
                                                    seed=2000, min_out=a.long_new, max_out=a.long_new)}
     rows = bench_weft(core, workloads) + (_long_rows(bench_weft(core, long), a.long_prompt) if long else [])
     source = core.loaded.source
-    if a.dtype == "float32" and not a.skip_weft_bf16:
-        # The same engine with --dtype bfloat16: bf16 weights, bf16 GEMMs for steps of many rows.
-        bf16 = EngineCore(EngineConfig(model=a.model, dtype="bfloat16", kv_cache_gb=4.0))
-        name = "weft (bfloat16)"
-        rows += bench_weft(bf16, workloads, name) + (_long_rows(bench_weft(bf16, long, name), a.long_prompt)
-                                                     if long else [])
-        del bf16
-    workload = {"prompt_tokens": 100, "output_tokens": "16-256 spread", "greedy": True, "dtype": a.dtype,
+    chosen = core.config.dtype   # what auto resolved to
+    other = "bfloat16" if chosen == "float32" else "float32"
+    if chosen in ("float32", "bfloat16") and not a.skip_other_dtype:
+        # The same engine in the other dtype (bfloat16: bf16 GEMMs for steps of many rows).
+        second = EngineCore(EngineConfig(model=a.model, dtype=other, kv_cache_gb=4.0))
+        name = f"weft ({other})"
+        rows += bench_weft(second, workloads, name) + (_long_rows(bench_weft(second, long, name), a.long_prompt)
+                                                       if long else [])
+        del second
+    workload = {"prompt_tokens": 100, "output_tokens": "16-256 spread", "greedy": True,
+                "dtype": a.dtype if a.dtype == chosen else f"{a.dtype}: {chosen}",
                 "levels": levels, "model": str(source),
                 "long_prompt": None if a.skip_long else {"prompt_tokens": a.long_prompt, "new_tokens": a.long_new,
                                                          "requests": a.long_requests, "concurrency": 1}}
@@ -232,7 +236,7 @@ def main(argv: list[str]) -> int:
             workload["q4km_made_by"] = ("llama.cpp's llama_model_quantize (llama-cpp-python, LLAMA_FTYPE_MOSTLY_Q4_K_M, "
                                         f"allow_requantize) from {source.name}: a requantised Q4_K_M, not one from float weights")
             workload["q4km_tensor_types"] = _tensor_types(q4km)
-    ratios = _ratios(rows, levels, label)
+    ratios = _ratios(rows, levels, label, chosen)
     print()
     print_table(rows)
     print(ratios)
@@ -253,8 +257,9 @@ def _long_rows(rows: list[dict], prompt_tokens: int) -> list[dict]:
             for r in rows]
 
 
-def _ratios(rows: list[dict], levels: list[int], label: str) -> dict[str, float]:
-    """Weft over each peer; transformers' figure is the faster of its two dtypes, level by level."""
+def _ratios(rows: list[dict], levels: list[int], label: str, chosen: str) -> dict[str, float]:
+    """Weft (in `chosen`, its dtype) over each peer; transformers' figure is the faster of its two
+    dtypes, level by level."""
     level_rows = [r for r in rows if "workload" not in r]
     long_rows = [r for r in rows if r.get("workload") == "long prompts"]
     llama = f"llama.cpp ({label})"
@@ -283,11 +288,12 @@ def _ratios(rows: list[dict], levels: list[int], label: str) -> dict[str, float]
         ratios["prefill_tok_per_s_vs_best_transformers"] = w["prefill_tok_per_s"] / t["prefill_tok_per_s"]
     if w and l:
         ratios["prefill_tok_per_s_vs_llamacpp"] = w["prefill_tok_per_s"] / l["prefill_tok_per_s"]
+    f32, bf16 = ("weft", "weft (bfloat16)") if chosen == "float32" else ("weft (float32)", "weft")
     for c in levels:
-        w, b = find(level_rows, "weft", c), find(level_rows, "weft (bfloat16)", c)
+        w, b = find(level_rows, f32, c), find(level_rows, bf16, c)
         if w and b:
             ratios[f"c{c}_throughput_bf16_vs_float32"] = b["tok_per_s"] / w["tok_per_s"]
-    w, b = find(long_rows, "weft"), find(long_rows, "weft (bfloat16)")
+    w, b = find(long_rows, f32), find(long_rows, bf16)
     if w and b:
         ratios["prefill_tok_per_s_bf16_vs_float32"] = b["prefill_tok_per_s"] / w["prefill_tok_per_s"]
     wq, lq = find(level_rows, "weft (Q4_K_M)"), find(level_rows, "llama.cpp (Q4_K_M)")
