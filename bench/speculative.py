@@ -14,7 +14,7 @@ at the cost of a second model's forwards). Runs interleave per prompt; each rati
 without / total time with, over the prompts of a workload. Outputs must be identical (greedy):
 the suite reports how many were.
 
-Usage: python -m bench speculative [--model PATH] [--draft-model PATH] [--k 4] [--max-tokens 128]
+Usage: python -m bench speculative [--model PATH] [--draft-model PATH] [--dtype auto] [--k 4] [--max-tokens 128]
        [--cached-prompts] [--suite-name speculative]
 """
 from __future__ import annotations
@@ -105,7 +105,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--draft-model", default=None, help="default: the target itself")
     ap.add_argument("--no-draft", action="store_true", help="skip the draft-model runs")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto: what weft serve runs (bfloat16 prefill where bf16 GEMM is faster on this CPU)")
     ap.add_argument("--k", type=int, default=8, help="the most draft tokens per step (adaptive k picks fewer)")
     ap.add_argument("--fixed-k", type=int, default=4, help="k of the fixed-k n-gram row (the old default)")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -180,7 +181,8 @@ def main(argv: list[str]) -> int:
     print(ratios)
     workload_desc = {"copy_prompts": len(COPY_TASKS), "chat_prompts": len(CHAT_TASKS), "json_schemas": JSON_SCHEMAS,
                      "agent_prompts": len(CITIES), "max_tokens": a.max_tokens, "k": a.k, "fixed_k": a.fixed_k,
-                     "greedy": True, "dtype": a.dtype, "concurrency": 1,
+                     "greedy": True, "dtype": a.dtype if a.dtype != "auto" else f"auto: {engines['ngram'].engine.config.dtype}",
+                     "concurrency": 1,
                      "prompts": ("prefix caching on, each prompt cached in every engine before its timed runs"
                                  if a.cached_prompts else "prefix caching off: every run prefills its whole prompt"),
                      "draft_model": "target itself" if not a.draft_model else a.draft_model}

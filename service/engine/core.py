@@ -310,10 +310,9 @@ class EngineCore:
             req.pool_sum = None   # recomputed from the start, like its KV
         if not batch.requests:
             return []
+        t0 = time.perf_counter()
         try:
-            t0 = time.perf_counter()
             out = self._execute(batch)
-            self.spec.observe_step(batch.total_tokens, time.perf_counter() - t0)
         except UnavailableError:   # a lost tensor-parallel rank: no batch can run any more
             raise
         except Exception as exc:  # a failing batch must not take the engine down with it
@@ -326,6 +325,8 @@ class EngineCore:
         self._apply_logit_bias(out, plain + verifying)
         self._apply_guides(out, plain + verifying)
         outputs = self._pool(out, batch) + self._verify(out, verifying) + self._sample(out, plain)
+        # The step's cost for adaptive k: the model, and the masks, verification or sampling of its rows.
+        self.spec.observe_step(batch.total_tokens, time.perf_counter() - t0)
         # Drafts for the next step, for every request that just got its tokens and goes on.
         self.spec.propose([r for _, r in plain + verifying if not r.finished])
         return outputs

@@ -67,6 +67,7 @@ class Speculator:
         self._trials: dict[str, list[int]] = {}
         self._prior = [0.0, 0.0]    # the same over every request's recent drafts, the prior of a new one
         self._draft_s_per_token = 0.0   # what proposing costs per draft token (a draft model's forwards)
+        self._constrain_s = 0.0   # masking this step's drafts to their grammars, counted into its cost
 
     def k_for(self, params_k: int | None) -> int:
         return self.default_k if params_k is None else params_k
@@ -74,8 +75,11 @@ class Speculator:
     # ---- proposing -------------------------------------------------------------------------
 
     def observe_step(self, rows: int, seconds: float) -> None:
-        """A step's query rows and wall time (the cost model of adaptive k)."""
-        self.cost.observe(rows, seconds)
+        """A step's query rows and wall time (the cost model of adaptive k), with what masking its
+        drafts to their grammars cost when they were proposed: a guided draft's positions each
+        cost a mask, which is part of what a longer draft costs."""
+        self.cost.observe(rows, seconds + self._constrain_s)
+        self._constrain_s = 0.0
 
     def propose(self, reqs: Sequence[Request]) -> None:
         """Give each request that may speculate its draft for the next step (`req.spec_draft`).
@@ -114,7 +118,9 @@ class Speculator:
                 draft = draft.truncate(self._best_k(req, len(draft.tokens), draft.confidence, step_rows - own,
                                                     others, 0.0, own))
             if draft.tokens and req.guide is not None and draft.bitmask is None:
+                t1 = time.perf_counter()
                 draft = self._constrain(req, draft)
+                self._constrain_s += time.perf_counter() - t1
             req.spec_draft = draft if draft.tokens else None
 
     def _adapts(self, req: Request) -> bool:
