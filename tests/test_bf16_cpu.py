@@ -267,3 +267,21 @@ def test_dtype_auto_keeps_float32_where_bf16_would_cost(tiny_llama, tiny_model_f
     with caplog.at_level("INFO", logger="weft.engine"):
         LLM(str(tiny_llama), dtype="float32", progress=False, num_blocks=16)
     assert not [r for r in caplog.records if r.getMessage().startswith("dtype auto")]
+
+
+def test_bf16_draft_model_keeps_its_gguf_blocks(smollm2_dir) -> None:
+    """A GGUF draft model under bfloat16 on CPU is read as the target is: float32 de-quantised
+    weights whose blocks serve its few-row steps (not weights rounded to bf16), and speculation
+    stays lossless."""
+    llm = LLM(str(smollm2_dir), dtype="bfloat16", progress=False, kv_cache_gb=0.1, speculative_method="draft",
+              draft_model=str(smollm2_dir), num_speculative_tokens=3)
+    draft = llm.engine.spec.proposer.runner.model
+    projections = [m for layer in draft.layers for m in layer.projections()]
+    assert draft.bf16_weights and all(m.packed is not None and m.packed.fmt != quant.FMT_BF16 for m in projections)
+    target = llm.engine.model.layers[0].projections()[0].weight
+    assert torch.equal(projections[0].weight, target)   # the exact de-quantisation, not rounded
+    prompt = llm.tokenizer.encode("Count from one to ten: one, two,")
+    spec = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].outputs[0]
+    plain = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                  num_speculative_tokens=0))[0].outputs[0]
+    assert spec.token_ids == plain.token_ids and spec.spec["num_accepted_tokens"] > 0

@@ -31,7 +31,7 @@ from service.engine.stats import EngineStats
 from service.engine.tensor_parallel import TPGroup, model_fingerprint, start_group, tensor_bytes
 from service.engine.step import StepOutput
 from service.loader import LoadedModel, load_model
-from service.models.bf16_packed import run_dtype
+from service.models.bf16_packed import load_dtype, run_dtype
 from service.models.build import auto_dtype, build_model
 from service.models.layers.windows import kv_window
 from service.models.lora import LoRAStacks, LoRAWeights, load_lora
@@ -44,10 +44,7 @@ class EngineCore:
         self.config = config
         dtype = config.torch_dtype()
         self.device = torch.device(config.device)
-        # bfloat16 on a CPU loads float32: the Llama family keeps a GGUF's exact de-quantisation
-        # (service/models/bf16_packed.py), the others round to bf16 as they would have loading it.
-        load_dtype = torch.float32 if self.device.type == "cpu" and dtype == torch.bfloat16 else dtype
-        loaded = loaded or load_model(config.model, dtype=load_dtype, progress=config.progress)
+        loaded = loaded or load_model(config.model, dtype=load_dtype(self.device, dtype), progress=config.progress)
         self.loaded = loaded
         if config.dtype == "auto":   # the dtype chosen from here on, for every part that asks the config
             dtype = auto_dtype(loaded, self.device, sharded=config.tensor_parallel_size > 1)

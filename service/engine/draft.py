@@ -27,7 +27,7 @@ from service.engine.kv_cache import KVCacheManager
 from service.engine.runner import ModelRunner
 from service.engine.step import SeqInput
 from service.loader import load_model
-from service.models.bf16_packed import run_dtype
+from service.models.bf16_packed import load_dtype, run_dtype
 from service.models.build import build_model
 from service.tokenizer import Tokenizer
 
@@ -70,8 +70,8 @@ class DraftModelProposer(Proposer):
     def load(cls, path: str | None, *, config: EngineConfig, device: torch.device, num_blocks: int,
              tokenizer: Tokenizer, vocab_size: int, bitmask_words: int) -> DraftModelProposer:
         """Load the draft model at `path` for a target with this tokenizer, vocabulary and pool size."""
-        dtype = config.torch_dtype()
-        loaded = load_model(path, dtype=dtype, progress=config.progress)
+        dtype = config.torch_dtype()   # the target's (what `--dtype auto` resolved to)
+        loaded = load_model(path, dtype=load_dtype(device, dtype), progress=config.progress)
         check_same_tokenizer(tokenizer, loaded.tokenizer)
         model, _ = build_model(loaded, device, dtype)
         dtype = run_dtype(model, dtype)   # float32 for bf16 weights on CPU (service/models/bf16_packed.py)

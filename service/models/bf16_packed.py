@@ -68,6 +68,13 @@ def auto_dtype(cls: type, device: torch.device, sharded: bool, lossless: bool, h
                             "multiply in bf16, decoding stays float32's; --dtype float32 keeps every step float32")
 
 
+def load_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype to read a checkpoint in for a model that runs in `dtype` on `device`: bfloat16 on
+    a CPU reads float32, so that the Llama family keeps a GGUF's exact de-quantisation (its blocks
+    then serve few-row steps, `build_model`); the others round to bf16 as reading bf16 would."""
+    return torch.float32 if device.type == "cpu" and dtype == torch.bfloat16 else dtype
+
+
 def run_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
     """The dtype the engine's KV cache and adapters take for `model`: float32 for a model built
     this way (its activations are float32), else the configured one."""
