@@ -46,6 +46,15 @@ AUTO_PROBE_ROWS = 128
 AUTO_MIN_GAIN = 1.2
 
 
+# Why steps of many rows do not use bf16 GEMM, where they do not (for the log).
+NO_BF16_GEMM = "this CPU has no AVX512-BF16 or AMX, or WEFT_BF16_GEMM=0"
+
+
+def bf16_gemm_on() -> bool:
+    """Whether steps of many rows multiply by bf16 GEMM: the CPU has it and WEFT_BF16_GEMM allows it."""
+    return env.bf16_gemm_enabled() and bf16_gemm_available()
+
+
 def auto_dtype(cls: type, device: torch.device, sharded: bool, lossless: bool, hidden: int,
                inter: int) -> tuple[torch.dtype, str]:
     """What `--dtype auto` runs on a CPU, and why (a line for the log): bfloat16 where this mode
@@ -57,8 +66,8 @@ def auto_dtype(cls: type, device: torch.device, sharded: bool, lossless: bool, h
         return torch.float32, "float32 (the bf16 CPU path serves one whole Llama-family model)"
     if not lossless:
         return torch.float32, "float32 (the checkpoint's weights are not bf16: bf16 would round them)"
-    if not (env.bf16_gemm_enabled() and bf16_gemm_available()):
-        return torch.float32, "float32 (this CPU has no AVX512-BF16 or AMX, or WEFT_BF16_GEMM=0)"
+    if not bf16_gemm_on():
+        return torch.float32, f"float32 ({NO_BF16_GEMM})"
     f32 = gemm_gflops(AUTO_PROBE_ROWS, hidden, inter, torch.float32)
     bf16 = gemm_gflops(AUTO_PROBE_ROWS, hidden, inter, torch.bfloat16)
     measured = f"bf16 GEMM {bf16:.0f} GFLOPS against float32 {f32:.0f} at [{AUTO_PROBE_ROWS}, {hidden}] x [{hidden}, {inter}]"
@@ -85,7 +94,7 @@ def attach_bf16_gemm(model: LlamaForCausalLM) -> int:
     """Give each projection of the float32 `model` (weights untouched; a GGUF's blocks attached
     for few-row steps) a bf16 copy for the GEMM of steps of many rows, where this CPU has one.
     Returns how many projections got one."""
-    gemm = env.bf16_gemm_enabled() and bf16_gemm_available()
+    gemm = bf16_gemm_on()
     count = 0
     for owner, attr, weight in packed_targets(model):
         if attr == "packed":   # projections; the lm_head keeps float32 products
@@ -95,7 +104,7 @@ def attach_bf16_gemm(model: LlamaForCausalLM) -> int:
     model.bf16_gemm = gemm
     log.info("dtype bfloat16 on CPU from a GGUF: float32 on its de-quantised weights, its blocks for steps of "
              "few rows, %s for steps of many rows", f"bf16 GEMM ({count} projections)" if gemm else
-             "sgemm (this CPU has no AVX512-BF16 or AMX, or WEFT_BF16_GEMM=0)")
+             f"sgemm ({NO_BF16_GEMM})")
     return count
 
 
@@ -105,7 +114,7 @@ def attach_bf16(model: LlamaForCausalLM) -> int:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.bfloat16())
-    gemm = env.bf16_gemm_enabled() and bf16_gemm_available()
+    gemm = bf16_gemm_on()
     count = 0
     for owner, attr, weight in packed_targets(model):
         packed = from_bf16(weight) if weight.shape[1] % 32 == 0 else None   # the kernel's block
@@ -121,5 +130,5 @@ def attach_bf16(model: LlamaForCausalLM) -> int:
     model.bf16_gemm = gemm
     log.info("dtype bfloat16 on CPU: bf16 weights, float32 activations (%d weight tensors stream as bf16 "
              "in steps of few rows; steps of many rows multiply by %s)", count,
-             "bf16 GEMM" if gemm else "sgemm on float32 weights (this CPU has no AVX512-BF16 or AMX, or WEFT_BF16_GEMM=0)")
+             "bf16 GEMM" if gemm else f"sgemm on float32 weights ({NO_BF16_GEMM})")
     return count

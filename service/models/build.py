@@ -15,13 +15,18 @@ from service.models.registry import MODEL_CLASSES
 log = logging.getLogger("weft.engine")
 
 
+def _architecture(hf: object) -> str:
+    """The checkpoint's architecture name (its config's first), "?" when it names none."""
+    return (getattr(hf, "architectures", None) or ["?"])[0]
+
+
 def auto_dtype(loaded: LoadedModel, device: torch.device, sharded: bool) -> torch.dtype:
     """What `--dtype auto` runs: bfloat16 on CUDA; on a CPU, the faster for batched work of float32
     and the bf16 CPU path (service/models/bf16_packed.py: measured here, said in the log)."""
     if device.type != "cpu":
         return torch.bfloat16
     hf = loaded.config
-    cls = MODEL_CLASSES.get((getattr(hf, "architectures", None) or ["?"])[0])
+    cls = MODEL_CLASSES.get(_architecture(hf))
     if cls is None:
         return torch.float32   # build_model says why it cannot build it
     lossless = gguf_source(loaded) is not None or str(getattr(hf, "torch_dtype", "")).endswith("bfloat16")
@@ -39,7 +44,7 @@ def build_model(loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
     on its de-quantised weights with bf16 copies for steps of many rows
     (service/models/bf16_packed.py; `bf16_packed.run_dtype` tells the engine)."""
     hf = loaded.config
-    arch = (getattr(hf, "architectures", None) or ["?"])[0]
+    arch = _architecture(hf)
     if arch not in MODEL_CLASSES:
         raise ModelLoadError(f"unsupported architecture {arch!r}; supported: {sorted(MODEL_CLASSES)}")
     cls = MODEL_CLASSES[arch]
