@@ -11,7 +11,8 @@ timings: no calibration run) and interpolates between the counts it has seen.
 joins: with acceptance rate a (each draft token accepted with probability a, given the ones
 before it were), a draft of k yields E(k) = 1 + a + ... + a^k tokens, and the step costs
 time(rows_of_others + 1 + k). k = 0 (plain decoding) is always a candidate, so speculation is
-chosen only where the measured costs say it is faster. Row counts never measured are
+chosen only where the measured costs say it is faster. The step without a draft is measured
+first (no draft while no row count up to it is known); larger row counts never measured are
 extrapolated optimistically (as cheap as the largest one measured), so a new k gets tried,
 measured, and kept or dropped on its measurements.
 """
@@ -79,6 +80,11 @@ class StepCost:
         t_lo, t_hi = self._measured(lo), self._measured(hi)
         return t_lo + (t_hi - t_lo) * (rows - lo) / (hi - lo)
 
+    def measured_up_to(self, rows: int) -> bool:
+        """Whether some row count of at most `rows` is known: then `time(rows)` rests on a
+        measurement no larger than the step itself, not on a dearer step's."""
+        return bool(self._known) and self._known[0] <= rows
+
     def table(self) -> dict[int, float]:
         """The median per known row count (for the bench and metrics)."""
         return {r: self._measured(r) for r in self._known}
@@ -130,9 +136,12 @@ def best_k(probs: Sequence[float] | float, max_k: int, cost: StepCost, other_row
     if max_k <= 0:
         return 0
     rows = other_rows + max(1, own_rows)
+    if not cost.measured_up_to(rows):
+        # Plain decoding first: its cost is what every draft is weighed against. Assumed as dear
+        # as the smallest count measured, every draft would look free and plain steps, never
+        # chosen, would never be measured to correct it (a draft model drafted at 0.74x so).
+        return 0
     base = cost.time(rows)
-    if base is None:
-        return max_k   # nothing measured yet: speculate, and measure
     best, best_rate = 0, (other_tokens + 1.0) / base
     for k in range(1, max_k + 1):
         t = cost.time(rows + k)
