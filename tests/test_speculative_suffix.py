@@ -12,7 +12,7 @@ import pytest
 
 from decoding.sampling import SamplingParams
 from decoding.speculative import ProposeContext, SuffixProposer, SuffixTree
-from decoding.speculative.adaptive import StepCost, best_k, expected_tokens
+from decoding.speculative.adaptive import PROBES, StepCost, best_k, expected_tokens
 from service.llm import LLM
 
 
@@ -81,7 +81,7 @@ def test_shared_store_is_bounded_and_keeps_salts_apart() -> None:
 
 def test_cost_model_interpolates_and_best_k_declines_what_cannot_pay() -> None:
     cost = StepCost(min_samples=3)
-    assert best_k(0.9, 4, cost) == 0        # nothing measured: plain decoding first, and measure
+    assert best_k(0.9, 4, cost) == 4        # nothing measured: try, and measure
     cost.observe(9, 500.0)                  # a first step that paid for a warm-up ...
     for rows, t in ((1, 10.0), (5, 14.0), (9, 40.0)) * 3:
         cost.observe(rows, t)
@@ -96,20 +96,24 @@ def test_cost_model_interpolates_and_best_k_declines_what_cannot_pay() -> None:
     assert best_k([1.0, 1.0, 1.0, 0.0, 0.0], 5, cost) == 3   # a proposer sure of 3 tokens only
 
 
-def test_best_k_measures_the_plain_step_before_weighing_drafts_against_it() -> None:
+def test_best_k_measures_the_plain_step_before_weighing_a_draft_models_drafts() -> None:
     """Only 5-row steps measured (a proposer that always drafted 4): a 1-row step is not known
-    to be cheaper, so plain decoding is chosen until it is measured, then weighed honestly.
-    Assumed to cost what 5 rows cost, a plain step made any draft look free, so a draft model as
-    dear as the target kept drafting."""
+    to be cheaper, so a draft model is asked for nothing until it is measured, then weighed
+    honestly. Assumed to cost what 5 rows cost, a plain step made a draft model as dear as the
+    target look nearly free, and it kept drafting."""
     cost = StepCost(min_samples=3)
     for _ in range(3):
         cost.observe(5, 16.0)
-    assert best_k(1.0, 4, cost, draft_s_per_token=10.0) == 0   # the 1-row step is unmeasured
-    assert best_k(0.9, 4, cost, other_rows=4) == 4              # 5 rows (4 others + 1) is known
+    assert best_k(1.0, 4, cost, draft_s_per_token=10.0, probe_plain=True) == 0   # 1 row: unmeasured
+    assert best_k(1.0, 4, cost, draft_s_per_token=10.0) == 4                     # a lookup tries
+    assert best_k(0.9, 4, cost, other_rows=4, probe_plain=True) == 4             # 5 rows: known
+    asked = 1 + sum(best_k(1.0, 4, cost, probe_plain=True) == 0 for _ in range(40))
+    assert asked == PROBES   # bounded: a step that never comes as asked does not stop drafting
     for _ in range(3):
         cost.observe(1, 10.0)
-    assert best_k(1.0, 4, cost, draft_s_per_token=10.0) == 0   # 5 tokens for 56 ms: not 5 for 50
-    assert best_k(1.0, 4, cost) == 4                            # a free proposer: 5 tokens for 16 ms
+    kw = dict(draft_s_per_token=10.0, probe_plain=True)
+    assert best_k(1.0, 4, cost, **kw) == 0   # 5 tokens for 56 ms: not 5 for 50
+    assert best_k(1.0, 4, cost, probe_plain=True) == 4   # free drafts: 5 tokens for 16 ms
 
 
 def _greedy(n: int = 24, **kw) -> SamplingParams:

@@ -11,10 +11,10 @@ timings: no calibration run) and interpolates between the counts it has seen.
 joins: with acceptance rate a (each draft token accepted with probability a, given the ones
 before it were), a draft of k yields E(k) = 1 + a + ... + a^k tokens, and the step costs
 time(rows_of_others + 1 + k). k = 0 (plain decoding) is always a candidate, so speculation is
-chosen only where the measured costs say it is faster. The step without a draft is measured
-first (no draft while no row count up to it is known); larger row counts never measured are
-extrapolated optimistically (as cheap as the largest one measured), so a new k gets tried,
-measured, and kept or dropped on its measurements.
+chosen only where the measured costs say it is faster. For a draft model the step without a
+draft is measured first (no draft, for a few proposals, while no row count up to it is known);
+row counts never measured are extrapolated optimistically (as cheap as the largest one
+measured), so a new k gets tried, measured, and kept or dropped on its measurements.
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ from statistics import median
 # Acceptance assumed for a request with no history of its own, blended with its own counts
 # (a Beta prior worth this many draft tokens).
 PRIOR_WEIGHT = 4.0
+# Proposals answered "no draft" for a row count not measured yet, so that plain steps of it get
+# measured (a few steps' worth, for a few requests each).
+PROBES = 12
 
 
 class StepCost:
@@ -43,6 +46,7 @@ class StepCost:
         self._times: dict[int, deque[float]] = {}
         self._known: list[int] = []       # row counts with min_samples measurements, sorted
         self._cache: dict[int, float] = {}
+        self._probes: dict[int, int] = {}   # row count -> plain steps asked for, to measure it
 
     def observe(self, rows: int, seconds: float) -> None:
         if not 1 <= rows <= self.max_rows or seconds <= 0:
@@ -80,10 +84,18 @@ class StepCost:
         t_lo, t_hi = self._measured(lo), self._measured(hi)
         return t_lo + (t_hi - t_lo) * (rows - lo) / (hi - lo)
 
-    def measured_up_to(self, rows: int) -> bool:
-        """Whether some row count of at most `rows` is known: then `time(rows)` rests on a
-        measurement no larger than the step itself, not on a dearer step's."""
-        return bool(self._known) and self._known[0] <= rows
+    def should_probe(self, rows: int) -> bool:
+        """Whether a step of `rows` rows should run without drafts, to be measured: no count of
+        at most `rows` is known (`time(rows)` would rest on a dearer step's measurement), and
+        fewer than PROBES asks were made for it. Bounded, because such a step may never happen
+        as asked (another request's prefill chunk joins it): then the optimistic guess stands."""
+        if self._known and self._known[0] <= rows:
+            return False
+        asked = self._probes.get(rows, 0)
+        if asked >= PROBES:
+            return False
+        self._probes[rows] = asked + 1
+        return True
 
     def table(self) -> dict[int, float]:
         """The median per known row count (for the bench and metrics)."""
@@ -126,22 +138,28 @@ def expected_tokens(probs: Sequence[float] | float, k: int) -> float:
 
 
 def best_k(probs: Sequence[float] | float, max_k: int, cost: StepCost, other_rows: int = 0,
-           other_tokens: float = 0.0, draft_s_per_token: float = 0.0, own_rows: int = 1) -> int:
+           other_tokens: float = 0.0, draft_s_per_token: float = 0.0, own_rows: int = 1,
+           probe_plain: bool = False) -> int:
     """The draft length in [0, max_k] with the most tokens per second for the step: `probs` are
     the per-position acceptance chances (or one rate), the request brings `own_rows` rows besides
     its draft (its last token, and any tokens a grammar forced after it), the other requests of
     the step contribute `other_rows` rows and `other_tokens` tokens, each draft token costs
     `draft_s_per_token` to propose (a draft model's forward; 0 for a proposer that has drafted
-    already)."""
+    already). `probe_plain`: measure the plain step first (`StepCost.should_probe`), for a
+    proposer whose drafts cost more than their rows (a draft model)."""
     if max_k <= 0:
         return 0
     rows = other_rows + max(1, own_rows)
-    if not cost.measured_up_to(rows):
-        # Plain decoding first: its cost is what every draft is weighed against. Assumed as dear
-        # as the smallest count measured, every draft would look free and plain steps, never
-        # chosen, would never be measured to correct it (a draft model drafted at 0.74x so).
+    if probe_plain and cost.should_probe(rows):
+        # Plain decoding first: its cost is what a draft model's drafts are weighed against.
+        # Assumed as dear as the smallest count measured, its forwards looked nearly free and
+        # plain steps, never chosen, were never measured to correct it (it drafted at 0.74x so).
+        # Not for a lookup: its drafts cost only their rows, and its early tries measure the
+        # row counts that interpolating from a prefill chunk's time would price out of reach.
         return 0
     base = cost.time(rows)
+    if base is None:
+        return max_k   # nothing measured, and no plain step came of asking: speculate, and measure
     best, best_rate = 0, (other_tokens + 1.0) / base
     for k in range(1, max_k + 1):
         t = cost.time(rows + k)

@@ -141,7 +141,8 @@ class Speculator:
         prior = engine_prior(*self._prior, DEFAULT_ACCEPTANCE)
         mine = self._trials.get(req.request_id, (0, 0))
         probs = position_probs(acceptance(mine[0], mine[1], prior), max_k, confidence, mine[1])
-        return best_k(probs, max_k, self.cost, other_rows, float(other_tokens), draft_s_per_token, own_rows)
+        return best_k(probs, max_k, self.cost, other_rows, float(other_tokens), draft_s_per_token, own_rows,
+                      probe_plain=not self.proposer.cheap)
 
     def _constrain(self, req: Request, draft: Draft) -> Draft:
         """Cut a draft at the first token the grammar forbids; keep the mask of every verified position."""
