@@ -159,7 +159,7 @@ def best_k(probs: Sequence[float] | float, max_k: int, cost: StepCost, other_row
         return 0
     base = cost.time(rows)
     if base is None:
-        return max_k   # nothing measured, and no plain step came of asking: speculate, and measure
+        return max_k   # nothing measured yet (a draft model: no plain step came of asking): speculate, and measure
     best, best_rate = 0, (other_tokens + 1.0) / base
     for k in range(1, max_k + 1):
         t = cost.time(rows + k)
