@@ -11,16 +11,7 @@ import time
 
 import torch
 
-
-def gemm_gflops(m: int, k: int, n: int, reps: int) -> float:
-    """float32 F.linear [m, k] x [n, k]^T, best GFLOPS over `reps` timed calls after warm-up."""
-    a, w = torch.randn(m, k), torch.randn(n, k)
-    for _ in range(3):
-        torch.nn.functional.linear(a, w)
-    start = time.perf_counter()
-    for _ in range(reps):
-        torch.nn.functional.linear(a, w)
-    return 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
+from service.models.layers.linear import gemm_gflops
 
 
 def sentence_flops(tokens: int, layers: int, hidden: int, inter: int) -> float:
@@ -55,7 +46,7 @@ def main(argv: list[str]) -> int:
         st.encode([text], batch_size=1, convert_to_tensor=True)
     seconds = time.perf_counter() - start
     achieved = flops / seconds / 1e9
-    peaks = {shape: gemm_gflops(*shape, reps=20 if shape[0] > 1000 else 200)
+    peaks = {shape: gemm_gflops(*shape, torch.float32, repeats=20 if shape[0] > 1000 else 200)
              for shape in [(2048, 2048, 2048), (256, 384, 1536), (256, 1536, 384)]}
     peak = max(peaks.values())
     print(f"{a.threads} threads; {len(texts)} texts, mean {sum(lengths) / len(lengths):.1f} tokens")
