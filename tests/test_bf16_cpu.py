@@ -227,13 +227,18 @@ def test_other_families_keep_plain_bf16(tiny_model_factory) -> None:
     assert llm.engine.runner.kv_tensor.dtype == torch.bfloat16
 
 
+def _auto_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The log lines in which `--dtype auto` said what it chose."""
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("dtype auto on CPU: ")]
+
+
 def test_dtype_auto_says_what_it_chose_and_runs_it(smollm2_dir, caplog: pytest.LogCaptureFixture) -> None:
     """`--dtype auto` on a CPU times bf16 GEMM against sgemm at the model's shapes and logs the
     choice with the figures; the engine runs what the log says. The default model (a GGUF: its
     decoding stays float32's either way) takes bfloat16 where bf16 GEMM measured faster."""
     with caplog.at_level("INFO", logger="weft.engine"):
         llm = LLM(str(smollm2_dir), progress=False, kv_cache_gb=0.1)
-    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dtype auto on CPU: ")]
+    said = _auto_lines(caplog)
     assert len(said) == 1
     chosen = said[0].removeprefix("dtype auto on CPU: ").split(" ")[0]
     assert chosen == llm.engine.config.dtype and llm.engine.config.torch_dtype() == getattr(torch, chosen)
@@ -260,7 +265,7 @@ def test_dtype_auto_keeps_float32_where_bf16_would_cost(tiny_llama, tiny_model_f
         caplog.clear()
         with caplog.at_level("INFO", logger="weft.engine"):
             llm = LLM(str(path), progress=False, num_blocks=16)
-        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dtype auto on CPU: ")]
+        said = _auto_lines(caplog)
         assert len(said) == 1 and said[0].startswith("dtype auto on CPU: float32 (") and why in said[0], said
         assert llm.engine.config.dtype == "float32" and not getattr(llm.engine.model, "bf16_weights", False)
     caplog.clear()
