@@ -139,7 +139,9 @@ def _llamacpp(gguf_path):
 def bench_pair_c1(core: EngineCore, gguf_path, items: list[Item], label: str) -> list[dict]:
     """Weft and llama.cpp on the same file at concurrency 1, request by request in A-B-B-A order
     (each warmed up first), so that both see the same load on a shared machine; tok_per_s is each
-    system's tokens over its own requests' time."""
+    system's tokens over its own requests' time. llama.cpp decodes on Weft's engine thread: its
+    ggml runs on the process's libgomp, and from a second thread it would start a second OpenMP
+    pool, which (service/engine/openmp.py) slowed both systems ~1.8x in this pairing."""
     llm = _llamacpp(gguf_path)
     if llm is None:
         return []
@@ -149,14 +151,14 @@ def bench_pair_c1(core: EngineCore, gguf_path, items: list[Item], label: str) ->
         got = {"weft": ([], [], [0.0]), "llama.cpp": ([], [], [0.0])}
         try:
             await weft_level(engine, items[:1], 1)   # warm-up, both
-            _llamacpp_one(llm, items[0])
+            await engine.call(lambda _: _llamacpp_one(llm, items[0]))
             for k, item in enumerate(items):
                 for who in (("weft", "llama.cpp") if k % 2 == 0 else ("llama.cpp", "weft")):
                     t0 = time.perf_counter()
                     if who == "weft":
                         _, (ttft,), (tpot,) = await weft_level(engine, [item], 1)
                     else:   # nothing of Weft's is in flight while llama.cpp runs
-                        ttft, tpot = _llamacpp_one(llm, item)
+                        ttft, tpot = await engine.call(lambda _, item=item: _llamacpp_one(llm, item))
                     ttfts, tpots, wall = got[who]
                     ttfts.append(ttft)
                     tpots.append(tpot)
