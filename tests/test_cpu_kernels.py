@@ -22,7 +22,7 @@ def _meta_for_rows(q_lens: list[int], seq_lens: list[int], tables: torch.Tensor,
                              num_decodes=sum(1 for n in q_lens if n == 1), block_size=block_size)
 
 
-@pytest.mark.parametrize("group,block_size,head_dim", [(1, 16, 64), (3, 16, 64), (4, 32, 40), (8, 16, 128)])
+@pytest.mark.parametrize("group,block_size,head_dim", [(1, 16, 64), (3, 16, 64), (3, 24, 64), (4, 32, 40), (8, 16, 128)])
 def test_attention_matches_reference(group: int, block_size: int, head_dim: int) -> None:
     torch.manual_seed(group * 100 + block_size + head_dim)
     num_kv_heads = 2
@@ -40,6 +40,34 @@ def test_attention_matches_reference(group: int, block_size: int, head_dim: int)
     # As close to the float32 reference as that is to the float64 one.
     low = paged_attention_ref(q, k_cache, v_cache, meta, scale)
     assert (out - low).abs().max() < 1e-5
+
+
+def test_attention_rows_do_not_depend_on_the_batch() -> None:
+    """Each query's result is the same bits alone or in any batch: a speculative verify row's
+    queries equal one-token decodes at their positions, and a long decode (split over the
+    threads in chunks of keys) equals itself beside other rows."""
+    torch.manual_seed(1)
+    block_size, hkv, h, d = 16, 3, 9, 64
+    q_lens, seq_lens = [5, 1, 1, 3], [300, 2100, 37, 70]
+    nb = [-(-s // block_size) for s in seq_lens]
+    perm = torch.randperm(sum(nb))
+    tables = torch.zeros((len(seq_lens), max(nb)), dtype=torch.long)
+    i = 0
+    for r, n in enumerate(nb):
+        tables[r, :n] = perm[i:i + n]
+        i += n
+    k_cache = torch.randn(sum(nb), block_size, hkv, d)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(sum(q_lens), h, d)
+    batch = paged_attention_native(q, k_cache, v_cache, _meta_for_rows(q_lens, seq_lens, tables, block_size), d ** -0.5)
+    token = 0
+    for r, (nq, n) in enumerate(zip(q_lens, seq_lens)):
+        for i in range(nq):
+            keys = n - nq + i + 1
+            alone = paged_attention_native(q[token:token + 1], k_cache, v_cache,
+                                           _meta_for_rows([1], [keys], tables[r:r + 1], block_size), d ** -0.5)
+            assert torch.equal(alone, batch[token:token + 1]), (r, i)
+            token += 1
 
 
 def test_attention_any_row_order() -> None:

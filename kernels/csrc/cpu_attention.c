@@ -2,8 +2,9 @@
 
 The torch reference gathers every row's blocks into a contiguous copy, then permutes it for
 the matmuls: per layer and step that writes and re-reads the whole batch's KV two more times,
-and costs ~20 small ops. Here each work item is (query token, KV head): the G query heads that
-share the KV head are scored together, so each K/V row is loaded once per item and stays in L1.
+and costs ~20 small ops. Here a work item is a query token and a chunk of its keys, over every
+KV head (the G query heads that share a KV head are scored together); the chunks of a query are
+joined at the end (flash-decoding's split), so one long decode keeps both cores busy.
 
 Plain C on raw pointers (called through ctypes, built at first use by kernels/cpu_native.py),
 OpenMP from torch's own libgomp (same soname: the loader reuses the copy torch loaded, so there
@@ -120,14 +121,16 @@ static inline v16 hsum4(v16 a0, v16 a1, v16 a2, v16 a3) {
 #define MAX_GROUP 8
 #define MAX_CHUNKS 16   /* head_dim <= 256 */
 
-static void attend_v16(const float *q, float *out, const float *k_cache, const float *v_cache,
-                       const int64_t *table, int64_t num_keys, int64_t kvh, int64_t group,
-                       int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
-                       float *scores) {
-    const int64_t row_stride = num_kv_heads * head_dim, chunks = head_dim / 16;
-    for (int64_t j0 = 0, blk = 0; j0 < num_keys; j0 += block_size, blk++) {
-        const float *kb = k_cache + (table[blk] * block_size * num_kv_heads + kvh) * head_dim;
-        const int64_t n = num_keys - j0 < block_size ? num_keys - j0 : block_size;
+/* Keys [ja, jb) of one (query token, KV head), for each of its `group` query heads: the range's
+   largest score m, l = the sum of exp(score - m), and o = the sum of exp(score - m) * v, not yet
+   divided by l. part: `group` rows of head_dim + 2 floats (o, then m and l). */
+static void attend_part_v16(const float *q, const float *k_cache, const float *v_cache, const int64_t *table,
+                            int64_t ja, int64_t jb, int64_t kvh, int64_t group, int64_t num_kv_heads,
+                            int64_t head_dim, int64_t block_size, float scale, float *scores, float *part) {
+    const int64_t row_stride = num_kv_heads * head_dim, chunks = head_dim / 16, nk = jb - ja;
+    for (int64_t j = ja; j < jb;) {
+        const int64_t off = j % block_size, n = block_size - off < jb - j ? block_size - off : jb - j;
+        const float *kb = k_cache + ((table[j / block_size] * block_size + off) * num_kv_heads + kvh) * head_dim;
         int64_t o = 0;
         for (; o + 4 <= n; o += 4) {
             const v16 *k0 = (const v16 *)(kb + o * row_stride), *k1 = (const v16 *)(kb + (o + 1) * row_stride);
@@ -143,42 +146,153 @@ static void attend_v16(const float *q, float *out, const float *k_cache, const f
                     a3 += qc * k3[c];
                 }
                 const v16 sum = hsum4(a0, a1, a2, a3);
-                float *dst = scores + g * num_keys + j0 + o;
+                float *dst = scores + g * nk + (j - ja) + o;
                 for (int l = 0; l < 4; l++) dst[l] = sum[l] * scale;
             }
         }
         for (; o < n; o++)
             for (int64_t g = 0; g < group; g++)
-                scores[g * num_keys + j0 + o] = dot(q + g * head_dim, kb + o * row_stride, head_dim) * scale;
+                scores[g * nk + (j - ja) + o] = dot(q + g * head_dim, kb + o * row_stride, head_dim) * scale;
+        j += n;
     }
     for (int64_t g = 0; g < group; g++) {
-        float *s = scores + g * num_keys;
+        float *s = scores + g * nk;
         float m = -INFINITY;
-        for (int64_t j = 0; j < num_keys; j++) m = s[j] > m ? s[j] : m;
+        for (int64_t j = 0; j < nk; j++) m = s[j] > m ? s[j] : m;
         float sum = 0.0f;
-        for (int64_t j = 0; j < num_keys; j++) s[j] = exp_nonpos(s[j] - m);
-        for (int64_t j = 0; j < num_keys; j++) sum += s[j];
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < num_keys; j++) s[j] *= inv;
+        for (int64_t j = 0; j < nk; j++) s[j] = exp_nonpos(s[j] - m);
+        for (int64_t j = 0; j < nk; j++) sum += s[j];
+        part[g * (head_dim + 2) + head_dim] = m;
+        part[g * (head_dim + 2) + head_dim + 1] = sum;
     }
     v16 acc[MAX_GROUP * MAX_CHUNKS];
     for (int64_t i = 0; i < group * chunks; i++) acc[i] = (v16){0};
-    for (int64_t j0 = 0, blk = 0; j0 < num_keys; j0 += block_size, blk++) {
-        const float *vb = v_cache + (table[blk] * block_size * num_kv_heads + kvh) * head_dim;
-        const int64_t n = num_keys - j0 < block_size ? num_keys - j0 : block_size;
+    for (int64_t j = ja; j < jb;) {
+        const int64_t off = j % block_size, n = block_size - off < jb - j ? block_size - off : jb - j;
+        const float *vb = v_cache + ((table[j / block_size] * block_size + off) * num_kv_heads + kvh) * head_dim;
         for (int64_t o = 0; o < n; o++) {
             const v16 *vp = (const v16 *)(vb + o * row_stride);
             for (int64_t g = 0; g < group; g++) {
-                const float p = scores[g * num_keys + j0 + o];
+                const float p = scores[g * nk + (j - ja) + o];
                 for (int64_t c = 0; c < chunks; c++) acc[g * chunks + c] += p * vp[c];
             }
         }
+        j += n;
     }
     for (int64_t g = 0; g < group; g++)
         for (int64_t c = 0; c < chunks; c++) {
             const v16 a = acc[g * chunks + c];
-            __builtin_memcpy(out + g * head_dim + c * 16, &a, sizeof a);
+            __builtin_memcpy(part + g * (head_dim + 2) + c * 16, &a, sizeof a);
         }
+}
+
+/* Keys a work item of the fast path covers (the last item of a query may have fewer). */
+#define KEY_CHUNK 32
+
+/* Ask for every K and V row (all heads) of keys [ja, jb) at once, into L2. Measured on 2 cores
+   of an AMD EPYC, 30 layers of SmolLM2-135M's heads, caches far larger than L3: one query over
+   2,048 keys 15 -> 8 ms with chunks alone 9.2; 32 queries over ~225 keys 28 -> 22 ms. The rows of
+   a paged block table break the hardware prefetchers' streams at each block, and one core
+   otherwise keeps too few misses in flight to read at the memory's speed. Prefetching the next
+   item as well measured slower (27 ms at 32 queries). */
+static inline void prefetch_line(const char *p) {
+#if defined(__x86_64__)
+    /* GCC 12 at -O1 and above deleted __builtin_prefetch loops that wrote nothing: asm stays. */
+    __asm__ volatile("prefetcht2 %0" : : "m"(*p));
+#else
+    __builtin_prefetch(p, 0, 1);
+#endif
+}
+
+static inline void prefetch_keys(const float *k_cache, const float *v_cache, const int64_t *table, int64_t ja,
+                                 int64_t jb, int64_t row_floats, int64_t block_size) {
+    for (int64_t j = ja; j < jb; j++) {
+        const int64_t at = (table[j / block_size] * block_size + j % block_size) * row_floats;
+        const char *kr = (const char *)(k_cache + at), *vr = (const char *)(v_cache + at);
+        for (int64_t c = 0; c < row_floats * (int64_t)sizeof(float); c += 64) {
+            prefetch_line(kr + c);
+            prefetch_line(vr + c);
+        }
+    }
+}
+
+/* The fast path. Work items are (query token, KEY_CHUNK keys) over every KV head, not (token,
+   KV head) over all keys: a block holds a key's heads side by side, so an item now reads whole
+   rows rather than a third of each (the prefetchers fetched the rest anyway), and a single long
+   query splits across the threads (one decode had 3 items for 2 threads). Then one pass per
+   (token, head) joins its chunks, in order. The split depends on the query's own key count
+   alone, so a row's result does not depend on its batch (a verify row equals the plain decode of
+   its token, bit for bit). Returns 0, or -1 if scratch memory could not be allocated. */
+static int attention_chunked(const float *q, float *out, const float *k_cache, const float *v_cache,
+                             const int64_t *block_tables, int64_t table_stride, const int64_t *tok_of,
+                             const int64_t *row_of, const int64_t *seq_lens, const int64_t *query_start_loc,
+                             int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                             int64_t block_size, float scale, int threads) {
+    const int64_t group = num_heads / num_kv_heads, part_size = num_heads * (head_dim + 2);
+    /* first[k]: token k's first item; key_count[k]: the keys token k sees */
+    int64_t *first = malloc(sizeof(int64_t) * (2 * num_tokens + 1));
+    if (!first) return -1;
+    int64_t *key_count = first + num_tokens + 1;
+    first[0] = 0;
+    for (int64_t k = 0; k < num_tokens; k++) {
+        const int64_t t = tok_of[k], r = row_of[k];
+        const int64_t nq = query_start_loc[r + 1] - query_start_loc[r];
+        key_count[k] = seq_lens[r] - nq + (t - query_start_loc[r]) + 1;
+        first[k + 1] = first[k] + (key_count[k] + KEY_CHUNK - 1) / KEY_CHUNK;
+    }
+    const int64_t num_items = first[num_tokens];
+    int64_t *item_tok = malloc(sizeof(int64_t) * num_items);
+    float *parts = malloc(sizeof(float) * num_items * part_size);
+    int failed = !item_tok || !parts;
+    if (!failed)
+        for (int64_t k = 0; k < num_tokens; k++)
+            for (int64_t i = first[k]; i < first[k + 1]; i++) item_tok[i] = k;
+#pragma omp parallel num_threads(threads) if (!failed)
+    {
+        float *scores = malloc(sizeof(float) * group * KEY_CHUNK);
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < num_items; it++) {
+            if (!scores) continue;
+            const int64_t k = item_tok[it], t = tok_of[k], r = row_of[k];
+            const int64_t ja = (it - first[k]) * KEY_CHUNK, jb = ja + KEY_CHUNK < key_count[k] ? ja + KEY_CHUNK : key_count[k];
+            const int64_t *table = block_tables + r * table_stride;
+            prefetch_keys(k_cache, v_cache, table, ja, jb, num_kv_heads * head_dim, block_size);
+            for (int64_t kvh = 0; kvh < num_kv_heads; kvh++)
+                attend_part_v16(q + (t * num_heads + kvh * group) * head_dim, k_cache, v_cache, table, ja, jb, kvh,
+                                group, num_kv_heads, head_dim, block_size, scale, scores,
+                                parts + it * part_size + kvh * group * (head_dim + 2));
+        }
+        free(scores);
+        /* (the loop above ends in a barrier: every part is written) */
+#pragma omp for schedule(static)
+        for (int64_t kh = 0; kh < num_tokens * num_heads; kh++) {
+            if (failed) continue;
+            const int64_t k = kh / num_heads, h = kh % num_heads;
+            float m = -INFINITY, l = 0.0f;
+            for (int64_t i = first[k]; i < first[k + 1]; i++) {
+                const float mi = parts[i * part_size + h * (head_dim + 2) + head_dim];
+                m = mi > m ? mi : m;
+            }
+            float *o = out + (tok_of[k] * num_heads + h) * head_dim;
+            for (int64_t d = 0; d < head_dim; d++) o[d] = 0.0f;
+            for (int64_t i = first[k]; i < first[k + 1]; i++) {
+                const float *p = parts + i * part_size + h * (head_dim + 2);
+                const float w = exp_nonpos(p[head_dim] - m);
+                l += w * p[head_dim + 1];
+                for (int64_t d = 0; d < head_dim; d++) o[d] += w * p[d];
+            }
+            const float inv = 1.0f / l;
+            for (int64_t d = 0; d < head_dim; d++) o[d] *= inv;
+        }
+    }
+    free(first);
+    free(item_tok);
+    free(parts);
+    return failed ? -1 : 0;
 }
 
 /* Rows listed in `rows` (indices into query_start_loc / seq_lens / block_tables): query i of a
@@ -212,10 +326,18 @@ int weft_paged_attention_f32(
             row_of[k] = r;
         }
     }
-    const int64_t num_items = num_tokens * num_kv_heads;
     const int fast = head_dim % 16 == 0 && head_dim <= 16 * MAX_CHUNKS && group <= MAX_GROUP;
     /* A tiny batch (one short decode) costs less than waking the other threads. */
     const int threads = work * num_heads * head_dim < 65536 ? 1 : num_threads;
+    if (fast) {
+        const int rc = attention_chunked(q, out, k_cache, v_cache, block_tables, table_stride, tok_of, row_of, seq_lens,
+                                         query_start_loc, num_tokens, num_heads, num_kv_heads, head_dim, block_size,
+                                         scale, threads);
+        free(tok_of);
+        return rc;
+    }
+    /* Any other head size: one item per (token, KV head), over all its keys. */
+    const int64_t num_items = num_tokens * num_kv_heads;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -232,8 +354,8 @@ int weft_paged_attention_f32(
             const int64_t nq = query_start_loc[r + 1] - query_start_loc[r];
             const int64_t num_keys = seq_lens[r] - nq + (t - query_start_loc[r]) + 1;
             const int64_t off = (t * num_heads + kvh * group) * head_dim;
-            (fast ? attend_v16 : attend)(q + off, out + off, k_cache, v_cache, block_tables + r * table_stride,
-                                         num_keys, kvh, group, num_kv_heads, head_dim, block_size, scale, scores);
+            attend(q + off, out + off, k_cache, v_cache, block_tables + r * table_stride, num_keys, kvh, group,
+                   num_kv_heads, head_dim, block_size, scale, scores);
         }
         free(scores);
     }
