@@ -80,7 +80,7 @@ def paged_attention_native(
             raise MemoryError("paged attention: could not allocate scratch memory")
     for row in plan.long_rows:
         start, end = meta.query_start_loc[row], meta.query_start_loc[row + 1]
-        out[start:end] = _prefill_row(q[start:end], k_cache, v_cache, meta, row, scale)
+        out[start:end] = _prefill_row(q[start:end], k_cache, v_cache, meta, row, scale, split=True)
     return out
 
 
@@ -153,10 +153,39 @@ def _decode_rows(
     return o.reshape(nd, num_heads, head_dim)
 
 
+def _flash_with_lse():
+    """torch's fused CPU flash attention returning its log-sum-exp too (the op SDPA calls on
+    CPU), or None where this torch has none."""
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_FLASH_LSE = _flash_with_lse()
+
+
+def _context_then_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int, scale: float) -> torch.Tensor:
+    """Attention of a chunk's queries q [1, H, Q, D] after `context` cached keys (k, v [1, H,
+    context + Q, D]): every query sees all the context (no mask) and its own chunk causally
+    (is_causal's top-left alignment is right for the chunk alone), two calls of the fused
+    kernel joined by their log-sum-exps. One call with a mask computes every masked score and
+    reads the mask: on 2 cores, 976 queries after 1,024 keys (9 heads x 64) took 34 ms a layer
+    that way, 26 ms this way. Equal within float32 rounding."""
+    o1, lse1 = _FLASH_LSE(q, k[:, :, :context], v[:, :, :context], scale=scale)
+    o2, lse2 = _FLASH_LSE(q, k[:, :, context:], v[:, :, context:], is_causal=True, scale=scale)
+    top = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - top), torch.exp(lse2 - top)
+    total = w1 + w2
+    return o1 * (w1 / total).unsqueeze(-1).to(o1.dtype) + o2 * (w2 / total).unsqueeze(-1).to(o2.dtype)
+
+
 def _prefill_row(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, row: int, scale: float,
-    window: int | None = None, softcap: float | None = None,
+    window: int | None = None, softcap: float | None = None, split: bool = False,
 ) -> torch.Tensor:
+    """One long row's queries [Q, H, D]. `split`: a row after cached context runs as two fused
+    calls (`_context_then_chunk`) instead of one masked call; the reference keeps the mask."""
     num_q, num_heads, head_dim = q.shape
     seq_len = meta.seq_lens[row]
     context = seq_len - num_q
@@ -177,6 +206,8 @@ def _prefill_row(
         o = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(0, 1)[None], k[None], v[None], is_causal=True, scale=scale)
         return o[0].transpose(0, 1)                                             # [Q, H, D]
+    if split and softcap is None and window is None and _FLASH_LSE is not None and q.device.type == "cpu":
+        return _context_then_chunk(q.transpose(0, 1)[None], k[None], v[None], context, scale)[0].transpose(0, 1)
     # Query i sits at position context + i and sees keys at positions <= context + i.
     q_pos = torch.arange(context, seq_len, device=q.device)[:, None]
     k_pos = torch.arange(start, seq_len, device=q.device)[None, :]
