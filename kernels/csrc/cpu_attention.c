@@ -269,7 +269,8 @@ static int attention_chunked(const float *q, float *out, const float *k_cache, c
     if (!failed)
         for (int64_t k = 0; k < num_tokens; k++)
             for (int64_t i = first[k]; i < first[k + 1]; i++) item_tok[i] = k;
-#pragma omp parallel num_threads(threads) if (!failed)
+    if (!failed)   /* item_tok and parts are there */
+#pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * group * KEY_CHUNK);
         if (!scores) {
