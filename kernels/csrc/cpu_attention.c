@@ -287,12 +287,15 @@ static int attention_chunked(const float *q, float *out, const float *k_cache, c
             const int64_t k = item_tok[it], t = tok_of[k], r = row_of[k];
             const int64_t ja = (it - first[k]) * KEY_CHUNK, jb = ja + KEY_CHUNK < key_count[k] ? ja + KEY_CHUNK : key_count[k];
             const int64_t *table = block_tables + r * table_stride;
-            if (it == me) {   /* the thread's first item: nothing asked for it yet */
+            /* Only a row's first query streams its keys from memory: the row's other queries
+               (a speculative verify row, a short chunk) read the same rows, in cache by then,
+               and asking for them again only costs instructions. */
+            if (it == me && t == query_start_loc[r]) {   /* the thread's first item: nothing asked yet */
                 prefetch_plan(&pf, table, ja, jb);
                 prefetch_some(&pf, INT64_MAX);
             }
             pf.j = pf.jb = 0;
-            if (it + nth < num_items) {
+            if (it + nth < num_items && tok_of[item_tok[it + nth]] == query_start_loc[row_of[item_tok[it + nth]]]) {
                 const int64_t k2 = item_tok[it + nth], ja2 = (it + nth - first[k2]) * KEY_CHUNK;
                 prefetch_plan(&pf, block_tables + row_of[k2] * table_stride, ja2,
                               ja2 + KEY_CHUNK < key_count[k2] ? ja2 + KEY_CHUNK : key_count[k2]);
