@@ -127,8 +127,8 @@ static inline v16 hsum4(v16 a0, v16 a1, v16 a2, v16 a3) {
    arithmetic overlap. Measured on 2 cores of an AMD EPYC, 30 layers of SmolLM2-135M's heads,
    block tables shuffled, caches far larger than L3, ms a step: one query over 2,048 keys 15.0
    with (token, KV head) items, 9.2 with chunks, 8.1 asking for each item's rows in one burst
-   when it starts, 6.1 this way; 32 queries over 150-300 keys 28.7, 22.1 (burst), ~21 this way,
-   ~8.3 with the whole KV in cache. The rows of a paged block table break the hardware
+   when it starts, 5.7-6.1 this way; 32 queries over 150-300 keys 28.7, 22.1 (burst), 16-21 this
+   way (a noisy machine), ~8.3 with the whole KV in cache. The rows of a paged block table break the hardware
    prefetchers' streams every block, and a core otherwise keeps too few misses in flight. */
 typedef struct {
     const float *k_cache, *v_cache;
