@@ -238,6 +238,10 @@ static void attend_part_v16(const float *q, const float *k_cache, const float *v
 /* Keys a work item of the fast path covers (the last item of a query may have fewer). */
 #define KEY_CHUNK 32
 
+static inline int64_t chunk_end(int64_t ja, int64_t num_keys) {
+    return ja + KEY_CHUNK < num_keys ? ja + KEY_CHUNK : num_keys;
+}
+
 /* The fast path. Work items are (query token, KEY_CHUNK keys) over every KV head, not (token,
    KV head) over all keys: a block holds a key's heads side by side, so an item now reads whole
    rows rather than a third of each (the prefetchers fetched the rest anyway), and a single long
@@ -247,21 +251,14 @@ static void attend_part_v16(const float *q, const float *k_cache, const float *v
    its token, bit for bit). Returns 0, or -1 if scratch memory could not be allocated. */
 static int attention_chunked(const float *q, float *out, const float *k_cache, const float *v_cache,
                              const int64_t *block_tables, int64_t table_stride, const int64_t *tok_of,
-                             const int64_t *row_of, const int64_t *seq_lens, const int64_t *query_start_loc,
+                             const int64_t *row_of, const int64_t *key_count, const int64_t *query_start_loc,
                              int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                              int64_t block_size, float scale, int threads) {
     const int64_t group = num_heads / num_kv_heads, part_size = num_heads * (head_dim + 2);
-    /* first[k]: token k's first item; key_count[k]: the keys token k sees */
-    int64_t *first = malloc(sizeof(int64_t) * (2 * num_tokens + 1));
+    int64_t *first = malloc(sizeof(int64_t) * (num_tokens + 1));   /* first[k]: token k's first item */
     if (!first) return -1;
-    int64_t *key_count = first + num_tokens + 1;
     first[0] = 0;
-    for (int64_t k = 0; k < num_tokens; k++) {
-        const int64_t t = tok_of[k], r = row_of[k];
-        const int64_t nq = query_start_loc[r + 1] - query_start_loc[r];
-        key_count[k] = seq_lens[r] - nq + (t - query_start_loc[r]) + 1;
-        first[k + 1] = first[k] + (key_count[k] + KEY_CHUNK - 1) / KEY_CHUNK;
-    }
+    for (int64_t k = 0; k < num_tokens; k++) first[k + 1] = first[k] + (key_count[k] + KEY_CHUNK - 1) / KEY_CHUNK;
     const int64_t num_items = first[num_tokens];
     int64_t *item_tok = malloc(sizeof(int64_t) * num_items);
     float *parts = malloc(sizeof(float) * num_items * part_size);
@@ -285,7 +282,7 @@ static int attention_chunked(const float *q, float *out, const float *k_cache, c
                          block_size, head_dim / 4};
         for (int64_t it = me; it < num_items && scores; it += nth) {
             const int64_t k = item_tok[it], t = tok_of[k], r = row_of[k];
-            const int64_t ja = (it - first[k]) * KEY_CHUNK, jb = ja + KEY_CHUNK < key_count[k] ? ja + KEY_CHUNK : key_count[k];
+            const int64_t ja = (it - first[k]) * KEY_CHUNK, jb = chunk_end(ja, key_count[k]);
             const int64_t *table = block_tables + r * table_stride;
             /* Only a row's first query streams its keys from memory: the row's other queries
                (a speculative verify row, a short chunk) read the same rows, in cache by then,
@@ -295,10 +292,10 @@ static int attention_chunked(const float *q, float *out, const float *k_cache, c
                 prefetch_some(&pf, INT64_MAX);
             }
             pf.j = pf.jb = 0;
-            if (it + nth < num_items && tok_of[item_tok[it + nth]] == query_start_loc[row_of[item_tok[it + nth]]]) {
-                const int64_t k2 = item_tok[it + nth], ja2 = (it + nth - first[k2]) * KEY_CHUNK;
-                prefetch_plan(&pf, block_tables + row_of[k2] * table_stride, ja2,
-                              ja2 + KEY_CHUNK < key_count[k2] ? ja2 + KEY_CHUNK : key_count[k2]);
+            const int64_t k2 = it + nth < num_items ? item_tok[it + nth] : -1;
+            if (k2 >= 0 && tok_of[k2] == query_start_loc[row_of[k2]]) {
+                const int64_t ja2 = (it + nth - first[k2]) * KEY_CHUNK;
+                prefetch_plan(&pf, block_tables + row_of[k2] * table_stride, ja2, chunk_end(ja2, key_count[k2]));
             }
             for (int64_t kvh = 0; kvh < num_kv_heads; kvh++)
                 attend_part_v16(q + (t * num_heads + kvh * group) * head_dim, k_cache, v_cache, table, ja, jb, kvh,
@@ -355,22 +352,24 @@ int weft_paged_attention_f32(
         work += nq * seq_lens[r];
     }
     if (num_tokens == 0) return 0;
-    /* item -> (token, row), tokens of the listed rows in order */
-    int64_t *tok_of = malloc(sizeof(int64_t) * 2 * num_tokens);
+    /* k -> token, its row, and the keys it sees (query i of a row of nq: seq_len - nq + i + 1),
+       tokens of the listed rows in order */
+    int64_t *tok_of = malloc(sizeof(int64_t) * 3 * num_tokens);
     if (!tok_of) return -1;
-    int64_t *row_of = tok_of + num_tokens;
+    int64_t *row_of = tok_of + num_tokens, *key_count = row_of + num_tokens;
     for (int64_t i = 0, k = 0; i < num_rows; i++) {
         const int64_t r = rows[i];
         for (int64_t t = query_start_loc[r]; t < query_start_loc[r + 1]; t++, k++) {
             tok_of[k] = t;
             row_of[k] = r;
+            key_count[k] = seq_lens[r] - query_start_loc[r + 1] + t + 1;
         }
     }
     const int fast = head_dim % 16 == 0 && head_dim <= 16 * MAX_CHUNKS && group <= MAX_GROUP;
     /* A tiny batch (one short decode) costs less than waking the other threads. */
     const int threads = work * num_heads * head_dim < 65536 ? 1 : num_threads;
     if (fast) {
-        const int rc = attention_chunked(q, out, k_cache, v_cache, block_tables, table_stride, tok_of, row_of, seq_lens,
+        const int rc = attention_chunked(q, out, k_cache, v_cache, block_tables, table_stride, tok_of, row_of, key_count,
                                          query_start_loc, num_tokens, num_heads, num_kv_heads, head_dim, block_size,
                                          scale, threads);
         free(tok_of);
@@ -391,10 +390,8 @@ int weft_paged_attention_f32(
             if (!scores) continue;
             const int64_t k = it / num_kv_heads, kvh = it % num_kv_heads;
             const int64_t t = tok_of[k], r = row_of[k];
-            const int64_t nq = query_start_loc[r + 1] - query_start_loc[r];
-            const int64_t num_keys = seq_lens[r] - nq + (t - query_start_loc[r]) + 1;
             const int64_t off = (t * num_heads + kvh * group) * head_dim;
-            attend(q + off, out + off, k_cache, v_cache, block_tables + r * table_stride, num_keys, kvh, group,
+            attend(q + off, out + off, k_cache, v_cache, block_tables + r * table_stride, key_count[k], kvh, group,
                    num_kv_heads, head_dim, block_size, scale, scores);
         }
         free(scores);
