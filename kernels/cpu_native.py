@@ -119,8 +119,11 @@ def _bind(dll: ctypes.CDLL) -> ctypes.CDLL:
     f.restype = None
     f = dll.weft_llama_layers_f32
     f.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_float, _i64, _i64, _i64,
-                  _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _i64,
+                  _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _i64, _i64,
                   _ptr, _ptr, _i64, _i64, ctypes.c_int]
+    f = dll.weft_bf16_linear_f32
+    f.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, ctypes.c_int]
+    f.restype = ctypes.c_int
     f.restype = ctypes.c_int
     f = dll.weft_lora_add_f32
     f.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, ctypes.c_int]
@@ -128,28 +131,37 @@ def _bind(dll: ctypes.CDLL) -> ctypes.CDLL:
     f = dll.weft_qmatmul_f32
     f.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_int, _i64, _ptr, _i64, ctypes.c_int]
     f.restype = ctypes.c_int
+    f = dll.weft_qmatmul_amx
+    f.argtypes = [_ptr, _i64, _i64, _ptr, ctypes.c_int, _i64, _ptr, _i64, ctypes.c_int]
+    f.restype = ctypes.c_int
+    dll.weft_qmatmul_amx_available.argtypes = []
+    dll.weft_qmatmul_amx_available.restype = ctypes.c_int
     f = dll.weft_qcheck_f32
     f.argtypes = [_ptr, ctypes.c_int, _i64, _i64, _ptr, ctypes.c_int]
     f.restype = _i64
-    dll.weft_set_sgemm.argtypes = [_ptr]
-    dll.weft_set_sgemm.restype = None
-    global _has_sgemm
-    sgemm = _torch_sgemm()
-    if sgemm is not None:
-        dll.weft_set_sgemm(sgemm)
-        _has_sgemm = True
+    global _has_sgemm, _has_bf16_gemm
+    for setter, name in (("weft_set_sgemm", "sgemm_"), ("weft_set_bf16_gemm", "gemm_bf16bf16f32_")):
+        getattr(dll, setter).argtypes = [_ptr]
+        getattr(dll, setter).restype = None
+        fn = _torch_blas(name)
+        if fn is not None:
+            getattr(dll, setter)(fn)
+    _has_sgemm = _torch_blas("sgemm_") is not None
+    _has_bf16_gemm = _torch_blas("gemm_bf16bf16f32_") is not None
     return dll
 
 
 _has_sgemm = False
+_has_bf16_gemm = False
 
 
-def _torch_sgemm() -> int | None:
-    """Address of the BLAS sgemm_ torch calls for float32 matmuls (MKL in the x86 wheels), so
-    native code multiplies exactly as torch does; None when this torch has none exported."""
+def _torch_blas(name: str) -> int | None:
+    """Address of a BLAS routine torch's own library exports (MKL in the x86 wheels): sgemm_,
+    which torch calls for float32 matmuls, so native code multiplies exactly as torch does; MKL's
+    gemm_bf16bf16f32_ (bf16 inputs, float32 sums and output). None when this torch has none."""
     path = Path(torch.__file__).resolve().parent / "lib" / "libtorch_cpu.so"
     try:
-        fn = getattr(ctypes.CDLL(str(path)), "sgemm_")
+        fn = getattr(ctypes.CDLL(str(path)), name)
     except (OSError, AttributeError):
         return None
     return ctypes.cast(fn, ctypes.c_void_p).value
@@ -158,6 +170,33 @@ def _torch_sgemm() -> int | None:
 def has_sgemm() -> bool:
     """Whole-layer native steps need torch's sgemm (see kernels/csrc/cpu_llama.c)."""
     return lib() is not None and _has_sgemm
+
+
+def has_bf16_gemm() -> bool:
+    """Whether `bf16_linear` runs here: the kernels are built and torch exports MKL's bf16 GEMM."""
+    return lib() is not None and _has_bf16_gemm
+
+
+def has_amx() -> bool:
+    """Whether the packed-block kernel on AMX tiles runs here (built with AMX, the CPU has it, and
+    Linux granted the tile state)."""
+    return lib() is not None and bool(lib().weft_qmatmul_amx_available())
+
+
+def bf16_linear(x: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [t, k] float32, rounded to bf16, @ w16 [n, k] bf16 ^T (+ bias) -> float32 [t, n]: bf16
+    products, float32 sums and output (kernels/csrc/cpu_llama.c, MKL's gemm_bf16bf16f32). The
+    native loop's bf16 steps call the same function. Callers check `has_bf16_gemm` first."""
+    x = x.contiguous()
+    t, k = x.shape
+    n = w16.shape[0]
+    y = torch.empty(t, n, dtype=torch.float32)
+    xb = torch.empty(t * k, dtype=torch.bfloat16)
+    rc = lib().weft_bf16_linear_f32(x.data_ptr(), w16.data_ptr(), 0 if bias is None else bias.contiguous().data_ptr(),
+                                    y.data_ptr(), t, n, k, xb.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"weft_bf16_linear_f32 failed (code {rc})")
+    return y
 
 
 def lora_add(out: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, rank: int,

@@ -174,6 +174,25 @@ def usable(x: torch.Tensor, p: PackedWeight | None, max_rows: int = PACKED_MAX_R
             and cpu_native.usable(x))
 
 
+def amx_usable(x: torch.Tensor, p: PackedWeight | None) -> bool:
+    """Whether qmatmul_amx can run x @ p^T: GGUF blocks (not FMT_BF16), float32 CPU, AMX."""
+    return (p is not None and p.fmt != FMT_BF16 and enabled() and x.dim() == 2 and cpu_native.usable(x)
+            and cpu_native.has_amx())
+
+
+def qmatmul_amx(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
+    """x [m, k] float32 @ W^T -> [m, n] float32 in bf16 products on AMX tiles: x and the de-quantised
+    weights rounded to bf16, float32 sums (bf16 mode's steps of many rows; callers check
+    `amx_usable` first)."""
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], p.n, dtype=torch.float32)
+    rc = cpu_native.lib().weft_qmatmul_amx(x.data_ptr(), x.shape[0], p.k, p.data.data_ptr(), p.fmt, p.n,
+                                           y.data_ptr(), p.n, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"weft_qmatmul_amx failed (code {rc})")
+    return y
+
+
 def qmatmul(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
     """x [m, k] float32 @ W^T -> [m, n] float32 (native; callers check `usable` first)."""
     x = x.contiguous()

@@ -39,13 +39,26 @@ def _hf_on_bf16_weights(path) -> torch.nn.Module:
 def _hf_with_bf16_gemm(path, round_weights: bool = True) -> torch.nn.Module:
     """transformers in float32 on bf16-rounded weights whose decoder projections multiply forwards
     of at least BF16_GEMM_MIN_ROWS tokens by bf16 GEMM, as our steps of that many rows do
-    (service/models/layers/linear.py); the lm_head stays float32 (our prefill computes only the
-    last token's logits, a few-row product)."""
+    (service/models/layers/linear.py), and the logits of that many sequences (`_bf16_gemm_logits`)."""
     hf = _hf_on_bf16_weights(path) if round_weights else load_hf(path)
     for module in hf.model.layers.modules():
         if isinstance(module, torch.nn.Linear):
             module.forward = _bf16_gemm_forward(module)
+    if cpu_native.has_bf16_gemm():
+        hf.lm_head.forward = _bf16_gemm_logits(hf.lm_head)
     return hf
+
+
+def _bf16_gemm_logits(lm_head: torch.nn.Linear):
+    """Our logits: one row per sequence (its last token), by bf16 GEMM when a step has at least
+    BF16_GEMM_MIN_ROWS such rows and MKL's GEMM gives float32 outputs; transformers computes every
+    position's, of which greedy reads the last."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, lm_head.weight)
+        if x.dim() == 3 and x.shape[0] >= BF16_GEMM_MIN_ROWS:
+            y[:, -1] = bf16_matmul(x[:, -1].contiguous(), lm_head.weight.bfloat16())
+        return y
+    return forward
 
 
 def _bf16_gemm_forward(linear: torch.nn.Linear):
@@ -119,18 +132,21 @@ def test_tiny_llama_bf16_without_gemm_is_float32_on_bf16_weights(tiny_llama, mon
 @pytest.mark.skipif(not bf16_gemm_available(), reason="this CPU has no AVX512-BF16 or AMX: no bf16 GEMM path")
 def test_tiny_llama_bf16_gemm_runs_long_steps(tiny_llama) -> None:
     """Steps of many rows multiply the packed bits by bf16 GEMM, few-row steps do not: zeroing the
-    bits under a long prefill changes its first token, and a batch of 40 decodes leaves the native
-    loop for the torch loop."""
+    bits under a long prefill changes its first token, and a batch of 40 short prompts (120-row
+    prefill, then 40-row decodes) runs in the native loop where MKL's bf16 GEMM is there to call
+    (the torch loop otherwise), equal to transformers with the same GEMM either way."""
     llm = LLM(str(tiny_llama), dtype="bfloat16", progress=False, num_blocks=256)
     model = llm.engine.model
     assert model.bf16_gemm
     w16 = model.layers[0].self_attn.qkv_proj.__dict__["bf16_gemm"]
     assert w16.data_ptr() == model.layers[0].self_attn.qkv_proj.packed.data.data_ptr()   # no second copy
+    if cpu_native.has_bf16_gemm():   # the logits of many rows too, from the lm_head's packed bits
+        assert model.lm_head_bf16.data_ptr() == model.lm_head_packed.data.data_ptr()
     batch = _prompts(llm.engine.vocab_size, [3] * 40, seed=5)
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     steps = model.native.steps
     ours = [r.outputs[0].token_ids for r in llm.generate(batch, params)]
-    assert model.native.steps == steps   # 120-row prefill, then 40-row decodes: all in the torch loop
+    assert model.native.steps == steps + (4 if cpu_native.has_bf16_gemm() else 0)
     assert ours == _hf_batch_greedy(_hf_with_bf16_gemm(tiny_llama), batch, 4)
     long = _prompts(llm.engine.vocab_size, [64], seed=6)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -182,7 +198,7 @@ def test_smollm2_bf16_matches_transformers_bf16(smollm2_dir) -> None:
                for c in CHATS]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     # Prompts of fewer than BF16_GEMM_MIN_ROWS tokens never leave the few-row path: float32's tokens.
-    short = [p[:20] for p in prompts]
+    short = [p[:BF16_GEMM_MIN_ROWS - 1] for p in prompts]
     assert _generate_one_by_one(llm, short, params) == _generate_one_by_one(f32, short, params)
     ours = _generate_one_by_one(llm, prompts, params)
     # What we compute for these 36-38-token prompts: their prefill projections by bf16 GEMM, the

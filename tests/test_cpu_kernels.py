@@ -256,6 +256,48 @@ def test_qmatmul_rows_do_not_depend_on_the_batch(gguf_type: str) -> None:
     assert torch.equal(quant.qmatmul(x[3:10], p), alone[3:10])
 
 
+@pytest.mark.skipif(not cpu_native.has_amx(), reason="no AMX here (or the kernels were built without it)")
+@pytest.mark.parametrize("gguf_type", GGUF_TYPES)
+def test_qmatmul_amx_matches_matmul_in_bf16(gguf_type: str) -> None:
+    """bf16 mode's steps of many rows on AMX tiles: x and the de-quantised weights rounded to bf16
+    (as torch rounds them), their products summed in float32; every m-block count (1, 2, 3 blocks
+    of 16 rows, partial ones), a fused tensor of two layouts. Rows that are not whole tiles of 16
+    weights, and FMT_BF16 (MKL's GEMM reads those bits), are refused."""
+    from kernels import quant
+
+    gen = torch.Generator().manual_seed(40 + GGUF_TYPES.index(gguf_type))
+    k_big = 768 if gguf_type.endswith("_K") else 576
+    for n, k in [(48, 256), (304, k_big)]:
+        p = quant.from_gguf_blocks(random_rows(gguf_type, n, k, gen), gguf_type, k)
+        w16 = quant.dequantize(p).bfloat16().double()
+        for m in (1, 16, 17, 33, 40):
+            x = torch.randn(m, k, generator=gen)
+            assert quant.amx_usable(x, p)
+            out = quant.qmatmul_amx(x, p)
+            ref = torch.nn.functional.linear(x.bfloat16().double(), w16)
+            mag = torch.nn.functional.linear(x.bfloat16().double().abs(), w16.abs())
+            assert out.shape == (m, n) and ((out.double() - ref).abs() <= 1e-5 * mag + 1e-6).all(), (n, k, m)
+    odd = quant.from_gguf_blocks(random_rows(gguf_type, 40, 256, gen), gguf_type, 256)
+    with pytest.raises(RuntimeError, match="weft_qmatmul_amx failed"):
+        quant.qmatmul_amx(torch.randn(20, 256, generator=gen), odd)
+    assert not quant.amx_usable(torch.randn(20, 64), quant.from_bf16(torch.randn(16, 64)))
+
+
+@pytest.mark.skipif(not cpu_native.has_amx(), reason="no AMX here (or the kernels were built without it)")
+def test_qmatmul_amx_segments() -> None:
+    from kernels import quant
+
+    gen = torch.Generator().manual_seed(5)
+    types, rows = ["Q4_K", "Q6_K"], [48, 32]
+    p = quant.from_gguf_blocks([random_rows(t, n, 512, gen) for t, n in zip(types, rows)], types, 512)
+    assert p.fmt == quant.FMT_SEGMENTS
+    x = torch.randn(20, 512, generator=gen)
+    w16 = quant.dequantize(p).bfloat16().double()
+    ref = torch.nn.functional.linear(x.bfloat16().double(), w16)
+    mag = torch.nn.functional.linear(x.bfloat16().double().abs(), w16.abs())
+    assert ((quant.qmatmul_amx(x, p).double() - ref).abs() <= 1e-5 * mag + 1e-6).all()
+
+
 def test_dequantize_matches_gguf_py() -> None:
     """Our torch de-quantiser computes what gguf-py's (transformers' loader) does, bit for bit."""
     import numpy as np

@@ -23,6 +23,13 @@ void weft_silu_mul_f32(const float *gate_up, float *out, int64_t num_tokens, int
 /* y[m, n] = x[m, k] @ W^T, W as GGUF Q8_0 (fmt 1) or Q4_1 (fmt 2) rows (kernels/csrc/cpu_qmatmul.c). */
 int weft_qmatmul_f32(const float *x, int64_t m, int64_t k, const uint8_t *w, int fmt, int64_t n, float *y,
                      int64_t ldy, int num_threads);
+/* y[t, n] = bf16(x) @ w16^T (+ bias), float32 sums and output, by MKL's bf16 GEMM (cpu_llama.c). */
+int weft_bf16_linear_f32(const float *x, const uint16_t *w16, const float *bias, float *y, int64_t t, int64_t n,
+                         int64_t k, uint16_t *xb, int num_threads);
+/* The same product in bf16 on AMX tiles (GGUF layouts, n % 16 == 0); -2 without AMX. */
+int weft_qmatmul_amx(const float *x, int64_t m, int64_t k, const uint8_t *w, int fmt, int64_t n, float *y,
+                     int64_t ldy, int num_threads);
+int weft_qmatmul_amx_available(void);
 /* Count of weights of w [n, k] that differ from the packed tensor de-quantised (load-time check). */
 int64_t weft_qcheck_f32(const uint8_t *packed, int fmt, int64_t n, int64_t k, const float *w, int num_threads);
 

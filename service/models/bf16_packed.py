@@ -6,16 +6,18 @@ float32 (activations, attention, norms, KV cache) on weights rounded to bf16, an
 and the lm_head carries a FMT_BF16 copy (kernels/quant.py) that few-row steps stream: half the
 bytes of float32, widened exactly in registers: float32 arithmetic on the bf16 values
 (transformers in float32 on bf16-rounded weights is their exact reference). Steps of many rows
-(prefill chunks, batches past quant.PACKED_MAX_ROWS) multiply the same bits by torch's bf16 GEMM
-where the CPU has AVX512-BF16 or AMX (layers/linear.py: about twice sgemm's rate; its outputs are
-rounded to bf16, as in transformers' bf16), else sgemm on the float32 weights (WEFT_BF16_GEMM=0
-too). Logits stay float32 products: rounded to bf16 they would tie. Other families and CUDA keep
-plain bf16.
+(prefill chunks, batches of layers/linear.py's BF16_GEMM_MIN_ROWS rows or more: 16 with AMX, 33
+without) multiply the same bits by bf16 GEMM where the CPU has AVX512-BF16 or AMX (MKL's: bf16
+products, float32 sums and output; about twice sgemm's rate, three or more times with AMX), else
+sgemm on the float32 weights (WEFT_BF16_GEMM=0 too). The logits of such steps too, where that
+GEMM is MKL's: its float32 outputs do not tie as bf16-rounded logits would. Other families and
+CUDA keep plain bf16.
 
 From a quantised GGUF the float32 weights stay the exact de-quantisation of its blocks, and
 few-row steps stream those blocks (4-8 bits a weight) as in float32: bf16 copies of the
-weights serve only the bf16 GEMM of steps of many rows (`attach_bf16_gemm`). Decoding is then
-float32's, bit for bit, and prefill and large batches get bf16's rate.
+weights serve only the bf16 GEMM of steps of many rows (`attach_bf16_gemm`). Decoding at low
+concurrency (and a request's speculative verify steps) is then float32's, bit for bit, and
+prefill and large batches get bf16's rate.
 """
 from __future__ import annotations
 
@@ -24,10 +26,10 @@ import logging
 import torch
 
 from common import env
-from kernels import quant
+from kernels import cpu_native, quant
 from kernels.quant import equals_weight, from_bf16
 from service.models.gguf_packed import packed_targets
-from service.models.layers.linear import bf16_gemm_available, gemm_gflops, set_bf16_gemm
+from service.models.layers.linear import BF16_GEMM_MIN_ROWS, bf16_gemm_available, gemm_gflops, set_bf16_gemm
 from service.models.llama import LlamaForCausalLM
 
 log = logging.getLogger("weft.models")
@@ -60,8 +62,9 @@ def auto_dtype(cls: type, device: torch.device, sharded: bool, lossless: bool, h
     """What `--dtype auto` runs on a CPU, and why (a line for the log): bfloat16 where this mode
     applies (`applies`), costs the checkpoint's few-row steps nothing (`lossless`: a GGUF's
     de-quantised weights, which this mode keeps, or weights that are bf16 already) and the CPU's
-    bf16 GEMM measures faster than sgemm at the model's own shapes; else float32. Decoding is then
-    float32's either way; only steps of many rows differ (bf16 products, float32 accumulation)."""
+    bf16 GEMM measures faster than sgemm at the model's own shapes; else float32. Decoding at few
+    rows is then float32's either way; only steps of many rows differ (bf16 products, float32
+    accumulation)."""
     if not applies(cls, device, torch.bfloat16, sharded):
         return torch.float32, "float32 (the bf16 CPU path serves one whole Llama-family model)"
     if not lossless:
@@ -73,8 +76,9 @@ def auto_dtype(cls: type, device: torch.device, sharded: bool, lossless: bool, h
     measured = f"bf16 GEMM {bf16:.0f} GFLOPS against float32 {f32:.0f} at [{AUTO_PROBE_ROWS}, {hidden}] x [{hidden}, {inter}]"
     if bf16 < AUTO_MIN_GAIN * f32:
         return torch.float32, f"float32 ({measured})"
-    return torch.bfloat16, (f"bfloat16 ({measured}): prefill and batches of more than {quant.PACKED_MAX_ROWS} rows "
-                            "multiply in bf16, decoding stays float32's; --dtype float32 keeps every step float32")
+    return torch.bfloat16, (f"bfloat16 ({measured}): prefill and steps of {BF16_GEMM_MIN_ROWS} rows or more "
+                            "multiply in bf16, decoding below that stays float32's; --dtype float32 keeps every "
+                            "step float32")
 
 
 def load_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -97,9 +101,11 @@ def attach_bf16_gemm(model: LlamaForCausalLM) -> int:
     gemm = bf16_gemm_on()
     count = 0
     for owner, attr, weight in packed_targets(model):
-        if attr == "packed":   # projections; the lm_head keeps float32 products
+        if attr == "packed":
             set_bf16_gemm(owner, weight.to(torch.bfloat16).contiguous() if gemm else None)
             count += gemm
+    if gemm and cpu_native.has_bf16_gemm():   # float32 logits from bf16 products
+        model.lm_head_bf16 = model.lm_head_weight.to(torch.bfloat16).contiguous()
     model.bf16_weights = True
     model.bf16_gemm = gemm
     log.info("dtype bfloat16 on CPU from a GGUF: float32 on its de-quantised weights, its blocks for steps of "
@@ -122,10 +128,12 @@ def attach_bf16(model: LlamaForCausalLM) -> int:
             packed = None   # cannot happen after the rounding above; the float32 path stays whole
         setattr(owner, attr, packed)
         count += packed is not None
-        if attr == "packed":   # projections; logits stay float32 products (bf16 outputs would tie)
-            # The packed bits are the weight in bf16, row-major: the GEMM reads them, no second copy.
-            set_bf16_gemm(owner, packed.data.view(torch.bfloat16).view(packed.n, packed.k)
-                          if gemm and packed is not None else None)
+        # The packed bits are the weight in bf16, row-major: the GEMM reads them, no second copy.
+        w16 = packed.data.view(torch.bfloat16).view(packed.n, packed.k) if gemm and packed is not None else None
+        if attr == "packed":
+            set_bf16_gemm(owner, w16)
+        elif cpu_native.has_bf16_gemm():   # the lm_head: float32 logits from bf16 products
+            model.lm_head_bf16 = w16
     model.bf16_weights = True
     model.bf16_gemm = gemm
     log.info("dtype bfloat16 on CPU: bf16 weights, float32 activations (%d weight tensors stream as bf16 "

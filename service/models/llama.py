@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from kernels import quant
+from kernels import cpu_native, quant
 from kernels.attention import AttentionMetadata
 from kernels.rope import StepRope
 from service.models.layers.attention import Attention
+from service.models.layers.linear import BF16_GEMM_MIN_ROWS
 from service.models.layers.mlp import GatedMLP
 from service.models.layers.norms import RMSNorm
 from service.models.layers.rotary import rope_cos_sin
@@ -80,8 +81,10 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if self.tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # The lm_head's GGUF blocks when built from a GGUF (service/models/gguf_packed.py).
         self.lm_head_packed: quant.PackedWeight | None = None
-        # bf16 on CPU: steps of many rows multiply by bf16 GEMM (service/models/bf16_packed.py).
+        # bf16 on CPU: steps of many rows multiply by bf16 GEMM (service/models/bf16_packed.py), the
+        # logits too where that GEMM's output is float32 (a bf16 copy of the lm_head, else None).
         self.bf16_gemm = False
+        self.lm_head_bf16: torch.Tensor | None = None
         cos, sin = rope_cos_sin(config, self.head_dim, max_positions)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -124,6 +127,10 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_bf16 is not None and hidden.shape[0] >= BF16_GEMM_MIN_ROWS:
+            if quant.amx_usable(hidden, self.lm_head_packed):   # a GGUF's blocks on AMX tiles
+                return quant.qmatmul_amx(hidden, self.lm_head_packed)
+            return cpu_native.bf16_linear(hidden, self.lm_head_bf16)
         if quant.usable(hidden, self.lm_head_packed, quant.LOGITS_PACKED_MAX_ROWS):
             return quant.qmatmul(hidden, self.lm_head_packed)
         return F.linear(hidden, self.lm_head_weight).float()

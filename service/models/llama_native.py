@@ -3,10 +3,11 @@
 Used when every row of the step is short (decodes, speculative verification, chunks of at most
 NATIVE_MAX_QUERIES tokens): those are the steps where Python's per-op dispatch, not arithmetic,
 is what the CPU spends its time on besides streaming the weights. Anything else (long prefill
-rows, other dtypes, no compiler, WEFT_NATIVE=0, steps of many rows on bf16 weights where bf16 GEMM
-is faster) returns None and the model runs its torch loop.
+rows, other dtypes, no compiler, WEFT_NATIVE=0) returns None and the model runs its torch loop.
 Projections that carry a GGUF's blocks (service/models/gguf_packed.py) multiply from those in
-steps of at most quant.PACKED_MAX_ROWS rows, from the float32 weights above.
+steps of at most quant.PACKED_MAX_ROWS rows, from the float32 weights above; projections with a
+bf16 copy (dtype bfloat16 on CPU, service/models/bf16_packed.py) multiply it by bf16 GEMM in
+steps of at least BF16_GEMM_MIN_ROWS rows, as the torch loop does (layers/linear.py).
 
 Steps with LoRA adapters stay native: the C loop adds each token's adapter after every base
 product (kernels/csrc/cpu_lora.c) from the stacks of service/models/lora.py's LoRAStacks.
@@ -21,7 +22,7 @@ from torch import nn
 
 from kernels import cpu_native, quant
 from kernels.attention import AttentionMetadata, native_plan
-from service.models.layers.linear import BF16_GEMM_MIN_ROWS
+from service.models.layers.linear import BF16_GEMM_MIN_ROWS, bf16_weight
 from service.models.layers.norms import RMSNorm
 from service.models.lora import PROJECTIONS, LoRAStacks, LoRAStep
 
@@ -57,6 +58,7 @@ class NativeLayers:
         self._table: torch.Tensor | None = None
         self._lora_key: tuple | None = None
         self._lora_table: torch.Tensor | None = None
+        self._scratch = torch.empty(0)
         # Steps (and those with adapters) this path ran: tests check the native path really ran.
         self.steps = 0
         self.lora_steps = 0
@@ -73,8 +75,8 @@ class NativeLayers:
         plan = native_plan(meta)
         if plan.long_rows:
             return None
-        if getattr(model, "bf16_gemm", False) and h.shape[0] >= BF16_GEMM_MIN_ROWS:
-            return None   # bf16 weights: many rows run faster by bf16 GEMM in the torch loop (layers/linear.py)
+        if getattr(model, "bf16_gemm", False) and h.shape[0] >= BF16_GEMM_MIN_ROWS and not cpu_native.has_bf16_gemm():
+            return None   # bf16 weights, many rows, no native bf16 GEMM: torch's, in the torch loop (layers/linear.py)
         table = self._layer_table(model, kv_caches)
         if table is None:
             return None
@@ -91,7 +93,8 @@ class NativeLayers:
         heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         inter = model.layers[0].mlp.inter
         q_size = heads * head_dim
-        scratch = torch.empty(t * (2 * hidden + q_size + 2 * kv_heads * head_dim + 2 * q_size + 3 * inter))
+        x16 = (max(hidden, q_size, inter) + 1) // 2   # x in bf16 for bf16 GEMM
+        scratch = self._scratch_for(t * (2 * hidden + q_size + 2 * kv_heads * head_dim + 2 * q_size + 3 * inter + x16))
         out = torch.empty_like(h)
         tables, seq_lens = meta.block_tables.contiguous(), meta.seq_lens_t.contiguous()
         positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
@@ -100,7 +103,7 @@ class NativeLayers:
             model.norm.weight.data_ptr(), cfg.rms_norm_eps, heads, kv_heads, head_dim,
             model.rope_cos.data_ptr(), model.rope_sin.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
             tables.data_ptr(), tables.shape[1], seq_lens.data_ptr(), plan.query_start_loc.data_ptr(),
-            plan.rows.data_ptr(), plan.num_rows, meta.block_size, attn.scale, quant.PACKED_MAX_ROWS,
+            plan.rows.data_ptr(), plan.num_rows, meta.block_size, attn.scale, quant.PACKED_MAX_ROWS, BF16_GEMM_MIN_ROWS,
             0 if lora_table is None else lora_table.data_ptr(), 0 if lora_slots is None else lora_slots.data_ptr(),
             lora_num_slots, lora_rank, torch.get_num_threads(),
         )
@@ -110,6 +113,13 @@ class NativeLayers:
         if lora is not None:
             self.lora_steps += 1
         return out
+
+    def _scratch_for(self, floats: int) -> torch.Tensor:
+        """The loop's scratch, kept between steps: a fresh megabyte each step (32 rows) came from
+        mmap and cost its page faults (~4% of a c32 step, measured with perf)."""
+        if self._scratch.numel() < floats:
+            self._scratch = torch.empty(floats)
+        return self._scratch
 
     def _lora_stack_table(self, stacks: LoRAStacks) -> torch.Tensor | None:
         """Addresses of every layer's stacked A^T and B^T (order: cpu_llama.c's L_* enum), built
@@ -150,8 +160,12 @@ class NativeLayers:
             if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous()) for t in (*tensors, *norms)):
                 return None
             projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)   # the C enum's order
+            w16 = [bf16_weight(m) for m in projections]
+            if any(w is not None and not w.is_contiguous() for w in w16):
+                return None
             rows.append([0 if t is None else t.data_ptr() for t in tensors]
                         + [v for m in projections for v in _packed(m, use_packed)]
-                        + [0 if t is None else t.data_ptr() for t in norms])
+                        + [0 if t is None else t.data_ptr() for t in norms]
+                        + [0 if w is None else w.data_ptr() for w in w16])
         self._table_key, self._table = key, torch.tensor(rows, dtype=torch.long)
         return self._table

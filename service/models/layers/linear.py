@@ -3,10 +3,10 @@
 A float32 model multiplies its float32 weights (sgemm). A Llama-family model built for bfloat16
 on a CPU (service/models/bf16_packed.py) also carries each weight's bf16 bits: steps of few rows
 stream them through the native kernels, and steps of many rows (prefill chunks, large batches)
-multiply them here with torch's bf16 GEMM (oneDNN: bf16 products, float32 accumulation), which
-on a CPU with AVX512-BF16 or AMX runs at about twice float32 sgemm's rate. That GEMM's output
-is rounded to bf16, as transformers in bf16 rounds every projection; the residual stream,
-attention and norms stay float32.
+multiply them here by bf16 GEMM (MKL's gemm_bf16bf16f32, exported by torch's own library: bf16
+products, float32 sums and output), which on a CPU with AVX512-BF16 runs at about twice float32
+sgemm's rate and with AMX at three or more times. The residual stream, attention and norms stay
+float32.
 """
 from __future__ import annotations
 
@@ -16,13 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import quant
+from kernels import cpu_native, quant
 
-# Rows from which a bf16 weight multiplies by bf16 GEMM. Fewer rows take the packed bf16 copy in
-# the native loop (exact float32 accumulation): measured on the default model, 2 cores of an AMD
-# EPYC with AVX512-BF16, 16 decode rows ran 272 tok/s native against 208 by GEMM in the torch
-# loop; 32 rows 244 against 264-271; 96 rows 246 (native, sgemm) against 315.
-BF16_GEMM_MIN_ROWS = quant.PACKED_MAX_ROWS + 1
+# Rows from which a bf16 weight multiplies in bf16 (a GGUF's blocks on AMX tiles, else bf16 GEMM);
+# fewer rows take the packed copy (exact float32 accumulation: decoding is float32's). With AMX
+# the bf16 products win from a few rows: the default model's 120 projections (weights out of
+# cache), 2 cores of a Xeon with AMX, 16 rows: 9 ms on AMX tiles from the Q4_1 blocks, ~20 ms by
+# MKL's GEMM on the bf16 copies, 29 ms by the float32 kernel on the blocks; 32 rows: 12, 24, 57.
+# 16, not lower, keeps one request's speculative verify steps (up to 9 rows at the adaptive k <= 8)
+# on the float32 path: a request decoding alone gets the same tokens with and without speculation.
+# Without AMX (AVX512-BF16 only) the crossover is higher: on an AMD EPYC, 16 decode rows ran 272
+# tok/s native against 208 by GEMM in the torch loop; 32 rows 244 against 264-271.
+BF16_GEMM_MIN_ROWS = 16 if torch.cpu._is_amx_tile_supported() else quant.PACKED_MAX_ROWS + 1
 
 
 def bf16_gemm_available() -> bool:
@@ -57,7 +62,11 @@ def bf16_weight(proj: nn.Module) -> torch.Tensor | None:
 
 
 def bf16_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [t, in] float32 @ weight [out, in] bf16 ^T (+ bias) -> float32, by bf16 GEMM."""
+    """x [t, in] float32 @ weight [out, in] bf16 ^T (+ bias) -> float32, by bf16 GEMM: MKL's, with
+    float32 output, as the native loop's steps (kernels/cpu_native.bf16_linear); torch's, whose
+    output is rounded to bf16, where that is missing."""
+    if cpu_native.has_bf16_gemm() and x.dim() == 2 and weight.is_contiguous():
+        return cpu_native.bf16_linear(x, weight, bias)
     y = F.linear(x.to(torch.bfloat16), weight).float()
     if bias is not None:
         y += bias
