@@ -119,7 +119,7 @@ def _bind(dll: ctypes.CDLL) -> ctypes.CDLL:
     f.restype = None
     f = dll.weft_llama_layers_f32
     f.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_float, _i64, _i64, _i64,
-                  _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _i64, _i64,
+                  _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _i64, _i64, _i64,
                   _ptr, _ptr, _i64, _i64, ctypes.c_int]
     f = dll.weft_bf16_linear_f32
     f.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, ctypes.c_int]

@@ -15,7 +15,7 @@ from decoding.sampling import SamplingParams
 from kernels import cpu_native, quant
 from service.models.bf16_packed import AUTO_MIN_GAIN
 from service.llm import LLM
-from service.models.layers.linear import BF16_GEMM_MIN_ROWS, bf16_gemm_available, bf16_matmul
+from service.models.layers.linear import AMX_MIN_ROWS, BF16_GEMM_MIN_ROWS, bf16_gemm_available, bf16_matmul
 from tests.hf_reference import hf_greedy, load_hf
 
 pytestmark = pytest.mark.skipif(cpu_native.lib() is None or not cpu_native.has_sgemm(),
@@ -36,35 +36,37 @@ def _hf_on_bf16_weights(path) -> torch.nn.Module:
     return hf
 
 
-def _hf_with_bf16_gemm(path, round_weights: bool = True) -> torch.nn.Module:
+def _hf_with_bf16_gemm(path, round_weights: bool = True, min_rows: int = BF16_GEMM_MIN_ROWS) -> torch.nn.Module:
     """transformers in float32 on bf16-rounded weights whose decoder projections multiply forwards
-    of at least BF16_GEMM_MIN_ROWS tokens by bf16 GEMM, as our steps of that many rows do
-    (service/models/layers/linear.py), and the logits of that many sequences (`_bf16_gemm_logits`)."""
+    of at least `min_rows` tokens in bf16 products, as our steps of that many rows do
+    (service/models/layers/linear.py), and the logits of that many sequences (`_bf16_gemm_logits`).
+    min_rows=AMX_MIN_ROWS: every product, as a GGUF's decode steps on AMX tiles (prefill still
+    from BF16_GEMM_MIN_ROWS, which every prompt here passes)."""
     hf = _hf_on_bf16_weights(path) if round_weights else load_hf(path)
     for module in hf.model.layers.modules():
         if isinstance(module, torch.nn.Linear):
-            module.forward = _bf16_gemm_forward(module)
+            module.forward = _bf16_gemm_forward(module, min_rows)
     if cpu_native.has_bf16_gemm():
-        hf.lm_head.forward = _bf16_gemm_logits(hf.lm_head)
+        hf.lm_head.forward = _bf16_gemm_logits(hf.lm_head, min_rows)
     return hf
 
 
-def _bf16_gemm_logits(lm_head: torch.nn.Linear):
-    """Our logits: one row per sequence (its last token), by bf16 GEMM when a step has at least
-    BF16_GEMM_MIN_ROWS such rows and MKL's GEMM gives float32 outputs; transformers computes every
-    position's, of which greedy reads the last."""
+def _bf16_gemm_logits(lm_head: torch.nn.Linear, min_rows: int):
+    """Our logits: one row per sequence (its last token), in bf16 products when a step has at
+    least `min_rows` such rows and they come out float32; transformers computes every position's,
+    of which greedy reads the last."""
     def forward(x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, lm_head.weight)
-        if x.dim() == 3 and x.shape[0] >= BF16_GEMM_MIN_ROWS:
+        if x.dim() == 3 and x.shape[0] >= min_rows:
             y[:, -1] = bf16_matmul(x[:, -1].contiguous(), lm_head.weight.bfloat16())
         return y
     return forward
 
 
-def _bf16_gemm_forward(linear: torch.nn.Linear):
+def _bf16_gemm_forward(linear: torch.nn.Linear, min_rows: int):
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows < BF16_GEMM_MIN_ROWS:
+        if rows < min_rows:
             return F.linear(x, linear.weight, linear.bias)
         return bf16_matmul(x.reshape(rows, -1), linear.weight.bfloat16(), linear.bias).reshape(*x.shape[:-1], -1)
     return forward
@@ -179,10 +181,10 @@ def _hf_greedy_decisive(model: torch.nn.Module, prompt_ids: list[int], max_new_t
 
 
 def test_smollm2_bf16_matches_transformers_bf16(smollm2_dir) -> None:
-    """The default model (a Q4_1/Q8_0 GGUF) with dtype bfloat16: decoding is float32's on the
-    GGUF's blocks, bit for bit; prefill of many rows is bf16 GEMM; its tokens are transformers'
-    with the same GEMMs, and transformers' bf16 tokens wherever transformers' own choice is not
-    a bf16 tie."""
+    """The default model (a Q4_1/Q8_0 GGUF) with dtype bfloat16: prefill of many rows is bf16
+    GEMM; decoding is float32's on the GGUF's blocks, bit for bit, or, on a CPU with AMX, bf16
+    products of those blocks on the tiles; its tokens are transformers' with the same products,
+    and transformers' bf16 tokens wherever transformers' own choice is not a bf16 tie."""
     from tests.test_engine_exact import CHATS
 
     # No prefix caching: each prompt's prefill is one step of its own length, as in transformers.
@@ -197,14 +199,20 @@ def test_smollm2_bf16_matches_transformers_bf16(smollm2_dir) -> None:
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": c}]), add_special_tokens=False)
                for c in CHATS]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    # Prompts of fewer than BF16_GEMM_MIN_ROWS tokens never leave the few-row path: float32's tokens.
+    amx = cpu_native.has_amx()
     short = [p[:BF16_GEMM_MIN_ROWS - 1] for p in prompts]
-    assert _generate_one_by_one(llm, short, params) == _generate_one_by_one(f32, short, params)
+    if not amx:   # prompts of fewer than BF16_GEMM_MIN_ROWS tokens never leave the few-row path
+        assert _generate_one_by_one(llm, short, params) == _generate_one_by_one(f32, short, params)
     ours = _generate_one_by_one(llm, prompts, params)
     # What we compute for these 36-38-token prompts: their prefill projections by bf16 GEMM, the
-    # rest float32. Not bit for bit (our q/k/v and gate/up are fused GEMMs, whose bf16-rounded
-    # outputs can differ by a step), so compared where the two best logits are more than 0.1 apart.
-    hooked = _hf_with_bf16_gemm(smollm2_dir, round_weights=False)
+    # rest float32 (AMX: bf16 products too). Not bit for bit (our q/k/v and gate/up are fused, and
+    # the tiles sum in their own order), so compared where the two best logits are more than 0.1
+    # apart.
+    hooked = _hf_with_bf16_gemm(smollm2_dir, round_weights=False, min_rows=AMX_MIN_ROWS if amx else BF16_GEMM_MIN_ROWS)
+    if amx:   # the short prompts too: bf16 products in every step
+        decisive = [_hf_greedy_decisive(hooked, p, 24, margin=0.1) for p in short]
+        assert [o[:len(d)] for o, d in zip(_generate_one_by_one(llm, short, params), decisive)] == decisive
+        assert sum(map(len, decisive)) >= 24
     decisive = [_hf_greedy_decisive(hooked, p, 24, margin=0.1) for p in prompts]
     assert [o[:len(d)] for o, d in zip(ours, decisive)] == decisive
     assert sum(map(len, decisive)) >= 24
@@ -251,7 +259,8 @@ def _auto_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_dtype_auto_says_what_it_chose_and_runs_it(smollm2_dir, caplog: pytest.LogCaptureFixture) -> None:
     """`--dtype auto` on a CPU times bf16 GEMM against sgemm at the model's shapes and logs the
     choice with the figures; the engine runs what the log says. The default model (a GGUF: its
-    decoding stays float32's either way) takes bfloat16 where bf16 GEMM measured faster."""
+    decoding stays float32's either way, except on AMX tiles) takes bfloat16 where bf16 GEMM
+    measured faster."""
     with caplog.at_level("INFO", logger="weft.engine"):
         llm = LLM(str(smollm2_dir), progress=False, kv_cache_gb=0.1)
     said = _auto_lines(caplog)
@@ -266,11 +275,18 @@ def test_dtype_auto_says_what_it_chose_and_runs_it(smollm2_dir, caplog: pytest.L
         assert chosen == ("bfloat16" if bf16 >= AUTO_MIN_GAIN * f32 else "float32")
     else:
         assert chosen == "float32" and "no AVX512-BF16 or AMX" in said[0]
-    # Short prompts and decodes are float32's whichever was chosen.
-    f32 = LLM(str(smollm2_dir), dtype="float32", progress=False, kv_cache_gb=0.1)
+    # Short prompts and decodes are float32's whichever was chosen, except bfloat16 on a CPU with
+    # AMX, whose decode steps multiply the GGUF's blocks in bf16 on the tiles.
     prompt = llm.tokenizer.encode("The capital of France is")
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    assert llm.generate([prompt], params)[0].outputs[0].token_ids == f32.generate([prompt], params)[0].outputs[0].token_ids
+    ours = llm.generate([prompt], params)[0].outputs[0].token_ids
+    if chosen == "bfloat16" and cpu_native.has_amx():
+        decisive = _hf_greedy_decisive(_hf_with_bf16_gemm(smollm2_dir, round_weights=False, min_rows=AMX_MIN_ROWS),
+                                       prompt, 12, margin=0.1)
+        assert len(decisive) >= 4 and ours[:len(decisive)] == decisive
+    else:
+        f32 = LLM(str(smollm2_dir), dtype="float32", progress=False, kv_cache_gb=0.1)
+        assert ours == f32.generate([prompt], params)[0].outputs[0].token_ids
 
 
 def test_dtype_auto_keeps_float32_where_bf16_would_cost(tiny_llama, tiny_model_factory,

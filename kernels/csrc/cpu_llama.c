@@ -69,12 +69,13 @@ static void linear(const float *x, const float *w, const float *bias, float *y, 
     sgemm_ptr("T", "N", &n, &t, &k, &one, w, &k, x, &k, &beta, y, &n);
 }
 
-/* Which copy of a weight a step multiplies: in bf16 mode (w16 != 0) for steps of at least
-   bf16_min_rows rows, its blocks on AMX tiles or its bf16 copy by bf16 GEMM; its GGUF blocks (cpu_qmatmul.c) when the layer table has them
+/* Which copy of a weight a step multiplies: in bf16 mode (w16 != 0), its blocks on AMX tiles
+   in steps of at least amx_min_rows rows, its bf16 copy by bf16 GEMM in steps of at least
+   bf16_min_rows; its GGUF blocks (cpu_qmatmul.c) when the layer table has them
    (fmt != 0) and the step is small enough for them to win (t <= packed_max_rows); else sgemm on
    the float32 weight. */
 typedef struct {
-    int64_t packed_max_rows, bf16_min_rows;
+    int64_t packed_max_rows, bf16_min_rows, amx_min_rows;
     uint16_t *xb;   /* scratch for x in bf16 */
     int num_threads;
 } step_gemm;
@@ -83,12 +84,14 @@ static void qlinear(const float *x, const float *w, const float *bias, int64_t p
                     const step_gemm *g, float *y, int t, int n, int k) {
     const int num_threads = g->num_threads;
     int done = 0;
-    if (w16 && t >= g->bf16_min_rows) {
+    if (w16) {
         /* From a GGUF's blocks on AMX tiles where it can (their bytes, not the bf16 copy's), else
            MKL's bf16 GEMM on the copy: both bf16 products of the same bf16 weights. */
-        if (packed && fmt && weft_qmatmul_amx(x, t, k, (const uint8_t *)packed, (int)fmt, n, y, n, num_threads) == 0)
+        if (packed && fmt && t >= g->amx_min_rows &&
+            weft_qmatmul_amx(x, t, k, (const uint8_t *)packed, (int)fmt, n, y, n, num_threads) == 0)
             done = 1;
-        else if (weft_bf16_linear_f32(x, (const uint16_t *)w16, bias, y, t, n, k, g->xb, num_threads) == 0)
+        else if (t >= g->bf16_min_rows &&
+                 weft_bf16_linear_f32(x, (const uint16_t *)w16, bias, y, t, n, k, g->xb, num_threads) == 0)
             return;
     }
     if (!done && (!packed || !fmt || t > g->packed_max_rows)) {
@@ -157,7 +160,7 @@ int weft_llama_layers_f32(
     const float *cos, const float *sin, const int64_t *positions, const int64_t *slots,
     const int64_t *block_tables, int64_t table_stride, const int64_t *seq_lens,
     const int64_t *query_start_loc, const int64_t *rows, int64_t num_rows, int64_t block_size,
-    float scale, int64_t packed_max_rows, int64_t bf16_min_rows, const int64_t *lora, const int64_t *lora_slots, int64_t lora_num_slots,
+    float scale, int64_t packed_max_rows, int64_t bf16_min_rows, int64_t amx_min_rows, const int64_t *lora, const int64_t *lora_slots, int64_t lora_num_slots,
     int64_t lora_rank, int num_threads) {
     if (!sgemm_ptr) return -1;
     const int t = (int)num_tokens, hd = (int)hidden, it = (int)inter;
@@ -172,7 +175,8 @@ int weft_llama_layers_f32(
     float *x = scratch, *delta = x + num_tokens * hidden, *qkv = delta + num_tokens * hidden;
     float *q = qkv + num_tokens * qkv_size, *attn = q + num_tokens * q_size;
     float *gate_up = attn + num_tokens * q_size, *act = gate_up + num_tokens * 2 * inter;
-    const step_gemm g = {packed_max_rows, bf16_min_rows, (uint16_t *)(act + num_tokens * inter), num_threads};
+    const step_gemm g = {packed_max_rows, bf16_min_rows, amx_min_rows, (uint16_t *)(act + num_tokens * inter),
+                         num_threads};
     const float *pending = 0;   /* the previous sub-layer's output, added to h by the next norm */
     for (int64_t l = 0; l < num_layers; l++) {
         const int64_t *p = layers + l * NUM_PTRS;

@@ -29,7 +29,8 @@ from common import env
 from kernels import cpu_native, quant
 from kernels.quant import equals_weight, from_bf16
 from service.models.gguf_packed import packed_targets
-from service.models.layers.linear import BF16_GEMM_MIN_ROWS, bf16_gemm_available, gemm_gflops, set_bf16_gemm
+from service.models.layers.linear import (BF16_GEMM_MIN_ROWS, bf16_gemm_available, gemm_gflops,
+                                          set_bf16_gemm)
 from service.models.llama import LlamaForCausalLM
 
 log = logging.getLogger("weft.models")

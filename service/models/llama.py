@@ -18,7 +18,7 @@ from kernels import cpu_native, quant
 from kernels.attention import AttentionMetadata
 from kernels.rope import StepRope
 from service.models.layers.attention import Attention
-from service.models.layers.linear import BF16_GEMM_MIN_ROWS
+from service.models.layers.linear import AMX_MIN_ROWS, BF16_GEMM_MIN_ROWS
 from service.models.layers.mlp import GatedMLP
 from service.models.layers.norms import RMSNorm
 from service.models.layers.rotary import rope_cos_sin
@@ -127,9 +127,9 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.bf16_gemm and hidden.shape[0] >= AMX_MIN_ROWS and quant.amx_usable(hidden, self.lm_head_packed):
+            return quant.qmatmul_amx(hidden, self.lm_head_packed)   # a GGUF's blocks on AMX tiles, as the layers
         if self.lm_head_bf16 is not None and hidden.shape[0] >= BF16_GEMM_MIN_ROWS:
-            if quant.amx_usable(hidden, self.lm_head_packed):   # a GGUF's blocks on AMX tiles
-                return quant.qmatmul_amx(hidden, self.lm_head_packed)
             return cpu_native.bf16_linear(hidden, self.lm_head_bf16)
         if quant.usable(hidden, self.lm_head_packed, quant.LOGITS_PACKED_MAX_ROWS):
             return quant.qmatmul(hidden, self.lm_head_packed)

@@ -6,8 +6,9 @@ is what the CPU spends its time on besides streaming the weights. Anything else 
 rows, other dtypes, no compiler, WEFT_NATIVE=0) returns None and the model runs its torch loop.
 Projections that carry a GGUF's blocks (service/models/gguf_packed.py) multiply from those in
 steps of at most quant.PACKED_MAX_ROWS rows, from the float32 weights above; projections with a
-bf16 copy (dtype bfloat16 on CPU, service/models/bf16_packed.py) multiply it by bf16 GEMM in
-steps of at least BF16_GEMM_MIN_ROWS rows, as the torch loop does (layers/linear.py).
+bf16 copy (dtype bfloat16 on CPU, service/models/bf16_packed.py) multiply in bf16: a GGUF's
+blocks on AMX tiles in every step where the CPU has AMX (AMX_MIN_ROWS), else the copy by bf16 GEMM
+in steps of at least BF16_GEMM_MIN_ROWS rows, as the torch loop does (layers/linear.py).
 
 Steps with LoRA adapters stay native: the C loop adds each token's adapter after every base
 product (kernels/csrc/cpu_lora.c) from the stacks of service/models/lora.py's LoRAStacks.
@@ -22,7 +23,7 @@ from torch import nn
 
 from kernels import cpu_native, quant
 from kernels.attention import AttentionMetadata, native_plan
-from service.models.layers.linear import BF16_GEMM_MIN_ROWS, bf16_weight
+from service.models.layers.linear import AMX_MIN_ROWS, BF16_GEMM_MIN_ROWS, bf16_weight
 from service.models.layers.norms import RMSNorm
 from service.models.lora import PROJECTIONS, LoRAStacks, LoRAStep
 
@@ -103,7 +104,8 @@ class NativeLayers:
             model.norm.weight.data_ptr(), cfg.rms_norm_eps, heads, kv_heads, head_dim,
             model.rope_cos.data_ptr(), model.rope_sin.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
             tables.data_ptr(), tables.shape[1], seq_lens.data_ptr(), plan.query_start_loc.data_ptr(),
-            plan.rows.data_ptr(), plan.num_rows, meta.block_size, attn.scale, quant.PACKED_MAX_ROWS, BF16_GEMM_MIN_ROWS,
+            plan.rows.data_ptr(), plan.num_rows, meta.block_size, attn.scale, quant.PACKED_MAX_ROWS,
+            BF16_GEMM_MIN_ROWS, AMX_MIN_ROWS,
             0 if lora_table is None else lora_table.data_ptr(), 0 if lora_slots is None else lora_slots.data_ptr(),
             lora_num_slots, lora_rank, torch.get_num_threads(),
         )

@@ -23,11 +23,20 @@ from kernels import cpu_native, quant
 # the bf16 products win from a few rows: the default model's 120 projections (weights out of
 # cache), 2 cores of a Xeon with AMX, 16 rows: 9 ms on AMX tiles from the Q4_1 blocks, ~20 ms by
 # MKL's GEMM on the bf16 copies, 29 ms by the float32 kernel on the blocks; 32 rows: 12, 24, 57.
-# 16, not lower, keeps one request's speculative verify steps (up to 9 rows at the adaptive k <= 8)
-# on the float32 path: a request decoding alone gets the same tokens with and without speculation.
+# For MKL's GEMM on bf16 copies (no GGUF blocks, or no AMX) 16, not lower, keeps one request's
+# speculative verify steps (up to 9 rows at the adaptive k <= 8) on the float32 path: a request
+# decoding alone gets the same tokens with and without speculation.
 # Without AMX (AVX512-BF16 only) the crossover is higher: on an AMD EPYC, 16 decode rows ran 272
 # tok/s native against 208 by GEMM in the torch loop; 32 rows 244 against 264-271.
 BF16_GEMM_MIN_ROWS = 16 if torch.cpu._is_amx_tile_supported() else quant.PACKED_MAX_ROWS + 1
+
+# bf16 mode, a GGUF's blocks, a CPU with AMX: rows from which the native loop and the logits
+# multiply the blocks on AMX tiles (kernels/csrc/cpu_qmatmul.c, weft_qmatmul_amx). Every step:
+# one row costs the tiles what the float32 kernel costs (both read the blocks at the memory's
+# speed: 6.1 against 6.5 ms for the default model's projections), 9 rows ~7.5 against ~17. So a
+# speculative verify step costs little more than a plain decode; and since every decode and
+# verify row takes the same bf16 products, batch-invariant row by row, speculation stays lossless.
+AMX_MIN_ROWS = 1
 
 
 def bf16_gemm_available() -> bool:
