@@ -17,7 +17,9 @@ From a quantised GGUF the float32 weights stay the exact de-quantisation of its 
 few-row steps stream those blocks (4-8 bits a weight) as in float32: bf16 copies of the
 weights serve only the bf16 GEMM of steps of many rows (`attach_bf16_gemm`). Decoding at low
 concurrency (and a request's speculative verify steps) is then float32's, bit for bit, and
-prefill and large batches get bf16's rate.
+prefill and large batches get bf16's rate. On a CPU with AMX every decode step multiplies the
+blocks in bf16 on the tiles instead (layers/linear.py's AMX_MIN_ROWS): as fast as float32 at one
+row, several times faster at many, and the same products for every row of any step.
 """
 from __future__ import annotations
 
@@ -77,9 +79,10 @@ def auto_dtype(cls: type, device: torch.device, sharded: bool, lossless: bool, h
     measured = f"bf16 GEMM {bf16:.0f} GFLOPS against float32 {f32:.0f} at [{AUTO_PROBE_ROWS}, {hidden}] x [{hidden}, {inter}]"
     if bf16 < AUTO_MIN_GAIN * f32:
         return torch.float32, f"float32 ({measured})"
-    return torch.bfloat16, (f"bfloat16 ({measured}): prefill and steps of {BF16_GEMM_MIN_ROWS} rows or more "
-                            "multiply in bf16, decoding below that stays float32's; --dtype float32 keeps every "
-                            "step float32")
+    steps = (f"prefill and steps of {BF16_GEMM_MIN_ROWS} rows or more multiply in bf16, decoding below that "
+             "stays float32's") if not cpu_native.has_amx() else \
+        f"prefill from {BF16_GEMM_MIN_ROWS} rows and a GGUF's decode steps multiply in bf16 (AMX)"
+    return torch.bfloat16, f"bfloat16 ({measured}): {steps}; --dtype float32 keeps every step float32"
 
 
 def load_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
