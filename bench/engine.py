@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from bench.common import print_table, throughput_row, write_results
-from bench.llamacpp_batched import bench_llamacpp_batched
+from bench.llamacpp_batched import LlamaCppBatched, bench_llamacpp_batched
 from bench.plot import throughput_plot
 from bench.transformers_peer import bench_transformers
 from bench.workload import Item, make_workload
@@ -111,29 +111,20 @@ def q4km_path(src: Path) -> Path | None:
     return dst
 
 
-def _llamacpp_one(llm, item: Item) -> tuple[float, float]:
-    """One request through llama-cpp-python (one sequence at a time): (TTFT, TPOT) in seconds."""
-    llm.reset()
-    t0 = time.perf_counter()
-    first = None
-    n = 0
-    for _ in llm.generate(item.prompt_ids, temp=0.0, top_k=1, reset=True):
-        if first is None:
-            first = time.perf_counter()
-        n += 1
-        if n == item.max_tokens:
-            break
-    end = time.perf_counter()
-    return first - t0, (end - first) / max(1, n - 1)
+def _llamacpp_one(runner: LlamaCppBatched, item: Item) -> tuple[float, float]:
+    """One request through llama.cpp alone in its context: (TTFT, TPOT) in seconds."""
+    _, ((ttft, tpot),) = runner.run([item], 1)
+    return ttft, tpot
 
 
-def _llamacpp(gguf_path):
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+def _llamacpp(gguf_path: Path, items: list[Item]) -> LlamaCppBatched | None:
+    """llama.cpp with one slot, set up as the batched peer is (use_extra_bufts off: ggml's AMX
+    repacking crashed this process on a Xeon with AMX, as the issue warned for some VMs)."""
+    if not _has_llamacpp():
         print("llama-cpp-python not installed (make bench-peers): skipping llama.cpp")
         return None
-    return Llama(model_path=str(gguf_path), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
+    ctx = max(len(i.prompt_ids) + i.max_tokens for i in items)
+    return LlamaCppBatched(Path(gguf_path), 1, ctx, torch.get_num_threads())
 
 
 def bench_pair_c1(core: EngineCore, gguf_path, items: list[Item], label: str) -> list[dict]:
@@ -142,7 +133,7 @@ def bench_pair_c1(core: EngineCore, gguf_path, items: list[Item], label: str) ->
     system's tokens over its own requests' time. llama.cpp decodes on Weft's engine thread: its
     ggml runs on the process's libgomp, and from a second thread it would start a second OpenMP
     pool, which (service/engine/openmp.py) slowed both systems ~1.8x in this pairing."""
-    llm = _llamacpp(gguf_path)
+    llm = _llamacpp(gguf_path, items)
     if llm is None:
         return []
 
@@ -167,7 +158,10 @@ def bench_pair_c1(core: EngineCore, gguf_path, items: list[Item], label: str) ->
             await engine.shutdown()
         return [throughput_row(f"{who} ({label})", 1, items, wall[0], ttfts, tpots) for who, (ttfts, tpots, wall) in got.items()]
 
-    rows = asyncio.run(run())
+    try:
+        rows = asyncio.run(run())
+    finally:
+        llm.close()
     print_table(rows)
     return rows
 
