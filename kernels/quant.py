@@ -182,23 +182,22 @@ def amx_usable(x: torch.Tensor, p: PackedWeight | None) -> bool:
 
 def qmatmul_amx(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
     """x [m, k] float32 @ W^T -> [m, n] float32 in bf16 products on AMX tiles: x and the de-quantised
-    weights rounded to bf16, float32 sums (bf16 mode's steps of many rows; callers check
+    weights rounded to bf16, float32 sums (bf16 mode's steps on a CPU with AMX; callers check
     `amx_usable` first)."""
-    x = x.contiguous()
-    y = torch.empty(x.shape[0], p.n, dtype=torch.float32)
-    rc = cpu_native.lib().weft_qmatmul_amx(x.data_ptr(), x.shape[0], p.k, p.data.data_ptr(), p.fmt, p.n,
-                                           y.data_ptr(), p.n, torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"weft_qmatmul_amx failed (code {rc})")
-    return y
+    return _native_product("weft_qmatmul_amx", x, p)
 
 
 def qmatmul(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
     """x [m, k] float32 @ W^T -> [m, n] float32 (native; callers check `usable` first)."""
+    return _native_product("weft_qmatmul_f32", x, p)
+
+
+def _native_product(name: str, x: torch.Tensor, p: PackedWeight) -> torch.Tensor:
+    """y = x @ p^T by the native entry point `name` (the two share a signature)."""
     x = x.contiguous()
     y = torch.empty(x.shape[0], p.n, dtype=torch.float32)
-    rc = cpu_native.lib().weft_qmatmul_f32(x.data_ptr(), x.shape[0], p.k, p.data.data_ptr(), p.fmt, p.n,
-                                           y.data_ptr(), p.n, torch.get_num_threads())
+    rc = getattr(cpu_native.lib(), name)(x.data_ptr(), x.shape[0], p.k, p.data.data_ptr(), p.fmt, p.n, y.data_ptr(),
+                                         p.n, torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"weft_qmatmul_f32 failed (code {rc})")
+        raise RuntimeError(f"{name} failed (code {rc})")
     return y

@@ -311,24 +311,18 @@ static inline __attribute__((always_inline)) void amx_block(int fmt, int count, 
         }
     }
     const int64_t r0 = mb0 * AMX_ROWS, r1 = r0 + AMX_ROWS, n1 = n0 + AMX_ROWS;
-    _tile_stored(3, c, 64);
-    AMX_MEMORY_BARRIER();
-    amx_store_c(c, m, r0, n0, y, ldy);
-    if (count > 1) {
-        _tile_stored(4, c, 64);
-        AMX_MEMORY_BARRIER();
-        amx_store_c(c, m, r1, n0, y, ldy);
-    }
-    if (pair > 1) {
-        _tile_stored(6, c, 64);
-        AMX_MEMORY_BARRIER();
-        amx_store_c(c, m, r0, n1, y, ldy);
-        if (count > 1) {
-            _tile_stored(7, c, 64);
-            AMX_MEMORY_BARRIER();
-            amx_store_c(c, m, r1, n1, y, ldy);
-        }
-    }
+    /* A tile number must be a constant: one statement per C tile. */
+#define STORE_C(TILE, R, N)                \
+    do {                                   \
+        _tile_stored(TILE, c, 64);         \
+        AMX_MEMORY_BARRIER();              \
+        amx_store_c(c, m, R, N, y, ldy);   \
+    } while (0)
+    STORE_C(3, r0, n0);
+    if (count > 1) STORE_C(4, r1, n0);
+    if (pair > 1) STORE_C(6, r0, n1);
+    if (pair > 1 && count > 1) STORE_C(7, r1, n1);
+#undef STORE_C
 }
 
 /* Weight rows [n0, n0 + 16 * pair) against every row of x, AMX_MAX_MB m blocks a pass. */
