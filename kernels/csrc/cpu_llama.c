@@ -4,9 +4,10 @@ Called from Python once per step instead of ~15 torch ops and native calls per l
 a single-token step is ~21 ms of weight streaming (GEMV) plus, in Python, ~3 ms of dispatch.
 The matmuls are the BLAS sgemm torch itself calls for F.linear (its address comes from
 libtorch_cpu), with the same arguments, so they are bit-identical to the torch path; so are
-rope, the KV store and silu*mul. Steps with long prefill rows (SDPA) stay in Python. Exception:
+rope, the KV store and silu*mul. Steps with long prefill rows (SDPA) stay in Python. Exceptions:
 with a GGUF's blocks in the table, steps of few rows multiply from those (cpu_qmatmul.c), equal
-to the float32 products within rounding but not bit-identical. LoRA steps stay here too: after
+to the float32 products within rounding but not bit-identical; in bf16 mode (bf16 copies in the
+table) steps multiply in bf16: the blocks on AMX tiles, or the copies by MKL's bf16 GEMM. LoRA steps stay here too: after
 each base product, the adapters' x @ A[s] @ B[s] of the tokens that have one (cpu_lora.c).
 Qwen3's per-head q/k RMSNorm (before RoPE) runs when the layer table has its weights. */
 #include <stdint.h>
@@ -80,28 +81,31 @@ typedef struct {
     int num_threads;
 } step_gemm;
 
-static void qlinear(const float *x, const float *w, const float *bias, int64_t packed, int64_t fmt, int64_t w16,
-                    const step_gemm *g, float *y, int t, int n, int k) {
-    const int num_threads = g->num_threads;
-    int done = 0;
-    if (w16) {
-        /* From a GGUF's blocks on AMX tiles where it can (their bytes, not the bf16 copy's), else
-           MKL's bf16 GEMM on the copy: both bf16 products of the same bf16 weights. */
-        if (packed && fmt && t >= g->amx_min_rows &&
-            weft_qmatmul_amx(x, t, k, (const uint8_t *)packed, (int)fmt, n, y, n, num_threads) == 0)
-            done = 1;
-        else if (t >= g->bf16_min_rows &&
-                 weft_bf16_linear_f32(x, (const uint16_t *)w16, bias, y, t, n, k, g->xb, num_threads) == 0)
-            return;
-    }
-    if (!done && (!packed || !fmt || t > g->packed_max_rows)) {
-        linear(x, w, bias, y, t, n, k);
-        return;
-    }
-    if (!done) weft_qmatmul_f32(x, t, k, (const uint8_t *)packed, (int)fmt, n, y, n, num_threads);
+static void add_bias(float *y, const float *bias, int t, int n) {
     if (bias)
         for (int i = 0; i < t; i++)
             for (int j = 0; j < n; j++) y[(int64_t)i * n + j] += bias[j];
+}
+
+static void qlinear(const float *x, const float *w, const float *bias, int64_t packed, int64_t fmt, int64_t w16,
+                    const step_gemm *g, float *y, int t, int n, int k) {
+    const uint8_t *blocks = packed && fmt ? (const uint8_t *)packed : 0;
+    /* bf16 mode: a GGUF's blocks on AMX tiles where it can (their bytes, not the bf16 copy's),
+       else MKL's bf16 GEMM on the copy; both bf16 products of the same bf16 weights. */
+    if (w16 && blocks && t >= g->amx_min_rows &&
+        weft_qmatmul_amx(x, t, k, blocks, (int)fmt, n, y, n, g->num_threads) == 0) {
+        add_bias(y, bias, t, n);
+        return;
+    }
+    if (w16 && t >= g->bf16_min_rows &&
+        weft_bf16_linear_f32(x, (const uint16_t *)w16, bias, y, t, n, k, g->xb, g->num_threads) == 0)
+        return;
+    if (blocks && t <= g->packed_max_rows) {
+        weft_qmatmul_f32(x, t, k, blocks, (int)fmt, n, y, n, g->num_threads);
+        add_bias(y, bias, t, n);
+        return;
+    }
+    linear(x, w, bias, y, t, n, k);
 }
 
 /* Pointers per layer in `layers` (int64 addresses, 0 = absent), in this order; each *_Q is the
@@ -160,8 +164,8 @@ int weft_llama_layers_f32(
     const float *cos, const float *sin, const int64_t *positions, const int64_t *slots,
     const int64_t *block_tables, int64_t table_stride, const int64_t *seq_lens,
     const int64_t *query_start_loc, const int64_t *rows, int64_t num_rows, int64_t block_size,
-    float scale, int64_t packed_max_rows, int64_t bf16_min_rows, int64_t amx_min_rows, const int64_t *lora, const int64_t *lora_slots, int64_t lora_num_slots,
-    int64_t lora_rank, int num_threads) {
+    float scale, int64_t packed_max_rows, int64_t bf16_min_rows, int64_t amx_min_rows, const int64_t *lora,
+    const int64_t *lora_slots, int64_t lora_num_slots, int64_t lora_rank, int num_threads) {
     if (!sgemm_ptr) return -1;
     const int t = (int)num_tokens, hd = (int)hidden, it = (int)inter;
     const int q_size = (int)(num_heads * head_dim), qkv_size = q_size + 2 * (int)(num_kv_heads * head_dim);
