@@ -121,9 +121,9 @@ def _bind(dll: ctypes.CDLL) -> ctypes.CDLL:
     f.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_float, _i64, _i64, _i64,
                   _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _i64, _i64, _i64,
                   _ptr, _ptr, _i64, _i64, ctypes.c_int]
+    f.restype = ctypes.c_int
     f = dll.weft_bf16_linear_f32
     f.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, ctypes.c_int]
-    f.restype = ctypes.c_int
     f.restype = ctypes.c_int
     f = dll.weft_lora_add_f32
     f.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, ctypes.c_int]
@@ -139,20 +139,23 @@ def _bind(dll: ctypes.CDLL) -> ctypes.CDLL:
     f = dll.weft_qcheck_f32
     f.argtypes = [_ptr, ctypes.c_int, _i64, _i64, _ptr, ctypes.c_int]
     f.restype = _i64
-    global _has_sgemm, _has_bf16_gemm
+    global _has_sgemm, _has_bf16_gemm, _has_amx
+    found = {}
     for setter, name in (("weft_set_sgemm", "sgemm_"), ("weft_set_bf16_gemm", "gemm_bf16bf16f32_")):
         getattr(dll, setter).argtypes = [_ptr]
         getattr(dll, setter).restype = None
-        fn = _torch_blas(name)
-        if fn is not None:
-            getattr(dll, setter)(fn)
-    _has_sgemm = _torch_blas("sgemm_") is not None
-    _has_bf16_gemm = _torch_blas("gemm_bf16bf16f32_") is not None
+        found[name] = _torch_blas(name)
+        if found[name] is not None:
+            getattr(dll, setter)(found[name])
+    _has_sgemm = found["sgemm_"] is not None
+    _has_bf16_gemm = found["gemm_bf16bf16f32_"] is not None
+    _has_amx = bool(dll.weft_qmatmul_amx_available())   # asked once: callers ask every step
     return dll
 
 
 _has_sgemm = False
 _has_bf16_gemm = False
+_has_amx = False
 
 
 def _torch_blas(name: str) -> int | None:
@@ -180,7 +183,7 @@ def has_bf16_gemm() -> bool:
 def has_amx() -> bool:
     """Whether the packed-block kernel on AMX tiles runs here (built with AMX, the CPU has it, and
     Linux granted the tile state)."""
-    return lib() is not None and bool(lib().weft_qmatmul_amx_available())
+    return lib() is not None and _has_amx
 
 
 def bf16_linear(x: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -208,7 +208,7 @@ static inline void tile(int fmt, int mt, const float *x, int64_t ldx, const uint
 #endif
 
 #if defined(__AMX_BF16__) && defined(__AVX512BF16__)
-/* Steps of many rows on a CPU with AMX (bf16 mode only, see weft_qmatmul_amx): the weights'
+/* bf16 mode's steps on a CPU with AMX (see weft_qmatmul_amx): the weights'
    blocks de-quantised 16 rows x 32 at a time, rounded to bf16, into one AMX tile (A), times x's
    rows in bf16 laid out once per call as B tiles (pairs of k per 32-bit column), summed in
    float32 C tiles over the whole row. The blocks stream at 0.75-1.1 bytes a weight instead of a
@@ -217,7 +217,7 @@ static inline void tile(int fmt, int mt, const float *x, int64_t ldx, const uint
 #include <unistd.h>
 
 #define AMX_ROWS 16
-#define AMX_MAX_MB 2   /* m-blocks of 16 rows per pass over W: B tiles 1-2, C tiles 3-4 */
+#define AMX_MAX_MB 2   /* m-blocks of 16 rows per pass over W: B tiles 1-2 */
 
 /* GCC's tile intrinsics are asm statements that name no memory: without this barrier the
    compiler may drop the stores a tile load reads, or read a tile store's buffer early. */
@@ -264,7 +264,6 @@ static inline __attribute__((always_inline)) void amx_load_a(int fmt, const uint
     }
 }
 
-/* Weight rows [n0, n0 + 16) against the m blocks [mb0, mb0 + count) of x. */
 /* One 16 x 16 C tile to y (C rows are weight rows, columns rows of x). */
 static inline void amx_store_c(const float *c, int64_t m, int64_t r0, int64_t n0, float *y, int64_t ldy) {
     for (int64_t r = r0; r < m && r < r0 + AMX_ROWS; r++)
@@ -401,7 +400,7 @@ int weft_qmatmul_f32(const float *x, int64_t m, int64_t k, const uint8_t *w, int
 }
 
 /* y[m, n] = bf16(x) @ bf16(W)^T with float32 sums, on AMX tiles: the product bf16 mode runs for
-   steps of many rows (kernels/csrc/cpu_llama.c). W's weights are de-quantised as the float32
+   a GGUF's blocks on a CPU with AMX (kernels/csrc/cpu_llama.c, the logits in service/models/llama.py). W's weights are de-quantised as the float32
    kernel does, then rounded to bf16 (RNE): torch's .bfloat16() of the float32 weight. Returns 0;
    -1 for FMT_BF16 or an unknown format / shape (n a multiple of 16, k of 32); -2 where this
    build or CPU has no AMX (weft_qmatmul_amx_available says which up front). */
@@ -424,6 +423,11 @@ int weft_qmatmul_amx(const float *x, int64_t m, int64_t k, const uint8_t *w, int
     if (!xv) return -1;
     amx_layout_x(x, m, k, mbs, xv);
     AMX_MEMORY_BARRIER();
+    amx_config cfg = {.palette = 1};   /* every tile 16 rows of 64 bytes */
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = AMX_ROWS;
+        cfg.colsb[t] = 64;
+    }
     int rc = 0;
     const int64_t *h = (const int64_t *)w;
     const int64_t segments = fmt == FMT_SEGMENTS ? h[0] : 1;
@@ -436,11 +440,6 @@ int weft_qmatmul_amx(const float *x, int64_t m, int64_t k, const uint8_t *w, int
             break;
         }
         const int64_t rb = row_bytes(sfmt, nkb);
-        amx_config cfg = {.palette = 1};
-        for (int t = 0; t < 8; t++) {
-            cfg.rows[t] = AMX_ROWS;
-            cfg.colsb[t] = 64;
-        }
         const int64_t blocks = rows / AMX_ROWS;   /* of 16 weight rows, taken two at a time */
 #pragma omp parallel num_threads(num_threads)
         {

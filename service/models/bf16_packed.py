@@ -108,7 +108,9 @@ def attach_bf16_gemm(model: LlamaForCausalLM) -> int:
         if attr == "packed":
             set_bf16_gemm(owner, weight.to(torch.bfloat16).contiguous() if gemm else None)
             count += gemm
-    if gemm and cpu_native.has_bf16_gemm():   # float32 logits from bf16 products
+    # float32 logits from bf16 products; on AMX the lm_head's blocks serve them (compute_logits),
+    # so no bf16 copy is made there.
+    if gemm and cpu_native.has_bf16_gemm() and not (cpu_native.has_amx() and model.lm_head_packed is not None):
         model.lm_head_bf16 = model.lm_head_weight.to(torch.bfloat16).contiguous()
     model.bf16_weights = True
     model.bf16_gemm = gemm
