@@ -22,6 +22,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("WEFT_HOST", "", "host:port of the server `weft run` talks to (unset: it runs the model in-process)"),
     EnvVar("WEFT_NATIVE", "1", "0: no native CPU path (the decoder layers in C); torch ops only"),
     EnvVar("WEFT_PACKED", "1", "0: no GGUF-block matmuls for few-row steps; float32 weights only"),
+    EnvVar("WEFT_BF16_GEMM", "1", "0: bfloat16 on CPU multiplies steps of many rows by sgemm on float32 weights, "
+           "and --dtype auto stays float32"),
+    EnvVar("WEFT_KEEP_HEAP", "1", "0: freed memory goes back to the OS as glibc likes (see common/heap.py)"),
     EnvVar("WEFT_FORCE_TRITON", "0", "1: the Triton kernels on CPU tensors too (with TRITON_INTERPRET=1, for tests)"),
     EnvVar("TRITON_INTERPRET", "0", "Triton's own: 1 runs Triton kernels in its interpreter (no GPU needed)"),
     EnvVar("CC", "cc or gcc on PATH", "the C compiler for the native CPU kernels"),
@@ -73,6 +76,10 @@ def packed_enabled() -> bool:
 
 def bf16_gemm_enabled() -> bool:
     return _on("WEFT_BF16_GEMM", True)
+
+
+def keep_heap() -> bool:
+    return _on("WEFT_KEEP_HEAP", True)
 
 
 def force_triton() -> bool:

@@ -75,7 +75,8 @@ def test_environment_is_read_in_one_module() -> None:
 
 def test_every_variable_is_listed_and_documented() -> None:
     source = (ROOT / "common" / "env.py").read_text()
-    read = set(re.findall(r'_(?:get|on)\("([A-Z_]+)"', source)) | set(re.findall(r'setdefault\("([A-Z_]+)"', source))
+    name = r'"([A-Z][A-Z0-9_]*)"'   # digits too: WEFT_BF16_GEMM
+    read = set(re.findall(r"_(?:get|on)\(" + name, source)) | set(re.findall(r"setdefault\(" + name, source))
     listed = {v.name for v in env.ENV_VARS}
     assert read <= listed, read - listed
     readme = (ROOT / "README.md").read_text()
