@@ -13,6 +13,11 @@ request's acceptance and the measured cost of a step per row count), n-gram with
 at the cost of a second model's forwards). Runs interleave per prompt; each ratio is total time
 without / total time with, over the prompts of a workload. Outputs must be identical (greedy):
 the suite reports how many were.
+Plain decoding of a guided request already appends the tokens its grammar forces without a
+forward pass each (jump-forward: the grammar-aware drafts that need no proposer). For the guided
+workloads (json, agent) a fifth engine decodes with that off, one token per forward as vLLM
+does, and each method's `speedup_vs_one_token_per_step` is taken against it: what grammar-forced
+drafts and a proposer give together. `speedup` stays against plain decoding with jump-forward.
 
 Usage: python -m bench speculative [--model PATH] [--draft-model PATH] [--dtype auto] [--k 4] [--max-tokens 128]
        [--cached-prompts] [--suite-name speculative]
@@ -121,6 +126,9 @@ def main(argv: list[str]) -> int:
     # speculation. With --cached-prompts every run of a prompt, plain or not, finds it cached.
     common = dict(dtype=a.dtype, kv_cache_gb=0.5, progress=False, spec_disable_window=0,
                   enable_prefix_caching=a.cached_prompts)
+    # Plain decoding, one token per forward (no jump-forward), for the guided workloads only: for
+    # the others it is plain decoding itself.
+    one_each = LLM(a.model, guided_jump_forward=False, **common)
     engines = {"ngram": LLM(a.model, speculative_method="ngram", num_speculative_tokens=a.k, **common),
                "suffix": LLM(a.model, speculative_method="suffix", num_speculative_tokens=a.k, **common),
                "ngram_fixed": LLM(a.model, speculative_method="ngram", num_speculative_tokens=a.fixed_k,
@@ -142,32 +150,45 @@ def main(argv: list[str]) -> int:
     # it (a short step's packed float32 products or a long prefill's GEMM, equal only within
     # rounding), so engines whose caches were filled differently may decode differently — for a
     # reason that is not speculation (seen as 5/6 identical copy outputs in the cached run).
-    for llm in engines.values():
+    for llm in [*engines.values(), one_each]:
         _run(llm, _prompt(tok, "Hello"), params(None, False))
     rows: list[dict] = []
     ratios: dict[str, float] = {}
     for workload, tasks in workloads(tok).items():
-        times: dict[str, list[float]] = {"off": []} | {m: [] for m in engines}
+        times: dict[str, list[float]] = {"off": [], "one_each": []} | {m: [] for m in engines}
         tokens = 0
-        identical = {m: 0 for m in engines}
+        identical = {m: 0 for m in engines} | {"one_each": 0}
+        guided_workload = any(g is not None for _, g in tasks)
         stats: dict[str, list[dict]] = {m: [] for m in engines}
         for prompt, guided in tasks:
             if a.cached_prompts:   # one token each, unguided and plain: the prompt's blocks are cached
-                for llm in engines.values():
+                for llm in [*engines.values(), one_each] if guided_workload else engines.values():
                     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, num_speculative_tokens=0))
             # The plain run uses the n-gram engine with speculation off for the request: same
             # engine, same weights, so the difference is speculation alone.
             t_off, ids_off, _ = _run(engines["ngram"], prompt, params(guided, False))
             times["off"].append(t_off)
             tokens += len(ids_off)
+            if guided_workload:
+                t, ids, _ = _run(one_each, prompt, params(guided, False))
+                times["one_each"].append(t)
+                identical["one_each"] += ids == ids_off
             for method, llm in engines.items():
                 t, ids, spec = _run(llm, prompt, params(guided, True))
                 times[method].append(t)
                 identical[method] += ids == ids_off
                 stats[method].append(spec or {})
         total_off = sum(times["off"])
-        rows.append({"workload": workload, "method": "none", "tok_per_s": tokens / total_off,
-                     "ms_per_token": 1000 * total_off / tokens})
+        total_one = sum(times["one_each"])
+        if guided_workload:
+            rows.append({"workload": workload, "method": "none, one token per forward (no jump-forward)",
+                         "tok_per_s": tokens / total_one, "ms_per_token": 1000 * total_one / tokens,
+                         "identical_outputs": f"{identical['one_each']}/{len(tasks)}"})
+            ratios[f"jump_forward_speedup_c1_{workload}"] = total_one / total_off
+        rows.append({"workload": workload, "method": "none" + (" (jump-forward)" if guided_workload else ""),
+                     "tok_per_s": tokens / total_off, "ms_per_token": 1000 * total_off / tokens})
+        if guided_workload:
+            rows[-1]["speedup_vs_one_token_per_step"] = total_one / total_off
         for method in engines:
             drafted = sum(s.get("num_draft_tokens", 0) for s in stats[method])
             accepted = sum(s.get("num_accepted_tokens", 0) for s in stats[method])
@@ -182,7 +203,10 @@ def main(argv: list[str]) -> int:
                 "identical_outputs": f"{identical[method]}/{len(tasks)}",
             })
             ratios[f"{method}_speedup_c1_{workload}"] = total_off / total
-        print_table(rows[-len(engines) - 1:])
+            if guided_workload:
+                rows[-1]["speedup_vs_one_token_per_step"] = total_one / total
+                ratios[f"{method}_speedup_vs_one_token_per_step_c1_{workload}"] = total_one / total
+        print_table(rows[-len(engines) - 1 - guided_workload:])
     print_table(rows)
     print(ratios)
     workload_desc = {"copy_prompts": len(COPY_TASKS), "chat_prompts": len(CHAT_TASKS), "json_schemas": JSON_SCHEMAS,
@@ -191,7 +215,10 @@ def main(argv: list[str]) -> int:
                      "concurrency": 1,
                      "prompts": ("prefix caching on, each prompt cached in every engine before its timed runs"
                                  if a.cached_prompts else "prefix caching off: every run prefills its whole prompt"),
-                     "draft_model": "target itself" if not a.draft_model else a.draft_model}
+                     "draft_model": "target itself" if not a.draft_model else a.draft_model,
+                     "baselines": "speedup: against plain decoding, which appends grammar-forced tokens without a "
+                                  "forward each (jump-forward); speedup_vs_one_token_per_step (json, agent): "
+                                  "against plain decoding with jump-forward off (guided_jump_forward=False)"}
     cmd = "make bench BENCH=speculative" + (f" ARGS='{' '.join(argv)}'" if argv else "")
     print("wrote", write_results(a.suite_name, workload_desc, rows, ratios, cmd))
     return 0

@@ -65,6 +65,9 @@ class EngineConfig:
                                       "tokens were accepted", 0.2)
     spec_adaptive_k: bool = _opt("speculative", "pick each request's draft length per step from its acceptance and "
                                  "the measured cost of a step per row count (k is then the most it may take)", True)
+    guided_jump_forward: bool = _opt("speculative", "append the tokens a grammar forces (guided decoding, tool calls) "
+                                     "without a forward pass each: drafts that need no proposer and no verify row; "
+                                     "off: one token per forward, as vLLM decodes", True)
     # ---- LoRA adapters (service/engine/lora_manager.py)
     lora: tuple[str, ...] = _opt("lora", "serve the LoRA adapter at PATH (a PEFT directory or a llama.cpp LoRA "
                                  ".gguf) as model NAME (repeatable)", (),

@@ -162,12 +162,15 @@ def test_n_samples_each_get_their_own_guide(llm: LLM) -> None:
     assert len(set(texts)) > 1
 
 
-def test_jump_forward_appends_forced_tokens_without_a_step_each(llm: LLM) -> None:
-    schema = {"type": "object", "properties": {
-        "the_quick_brown_fox_jumps_over_the_lazy_dog": {"type": "boolean"},
-        "pack_my_box_with_five_dozen_liquor_jugs": {"type": "boolean"}},
-        "required": ["the_quick_brown_fox_jumps_over_the_lazy_dog", "pack_my_box_with_five_dozen_liquor_jugs"],
-        "additionalProperties": False}
+LONG_KEYS = {"type": "object", "properties": {
+    "the_quick_brown_fox_jumps_over_the_lazy_dog": {"type": "boolean"},
+    "pack_my_box_with_five_dozen_liquor_jugs": {"type": "boolean"}},
+    "required": ["the_quick_brown_fox_jumps_over_the_lazy_dog", "pack_my_box_with_five_dozen_liquor_jugs"],
+    "additionalProperties": False}
+
+
+def _generate_counting_steps(llm: LLM, params: SamplingParams):
+    """One guided generation; returns (its output, the engine steps it took)."""
     steps = 0
     step = llm.engine.step
 
@@ -178,14 +181,24 @@ def test_jump_forward_appends_forced_tokens_without_a_step_each(llm: LLM) -> Non
 
     llm.engine.step = counting_step
     try:
-        out = llm.generate(chat(llm, "JSON please."), SamplingParams(
-            max_tokens=64, temperature=0, guided=GuidedSpec("json_schema", schema)))[0].outputs[0]
+        out = llm.generate(chat(llm, "JSON please."), params)[0].outputs[0]
     finally:
         del llm.engine.step
-    jsonschema.validate(json.loads(out.text), schema)
+    return out, steps
+
+
+def test_jump_forward_appends_forced_tokens_without_a_step_each(llm: LLM, smollm2_dir: Path) -> None:
+    params = SamplingParams(max_tokens=64, temperature=0, guided=GuidedSpec("json_schema", LONG_KEYS))
+    out, steps = _generate_counting_steps(llm, params)
+    jsonschema.validate(json.loads(out.text), LONG_KEYS)
     assert out.finish_reason == "stop"
     # ~30 tokens of keys and punctuation are forced; only the two booleans are sampled
     assert len(out.token_ids) >= 20 and steps <= 8, (steps, len(out.token_ids))
+    # --no-guided-jump-forward: the same output, one forward per token (the first from the prefill)
+    plain = LLM(str(smollm2_dir), progress=False, guided_jump_forward=False)
+    one_each, one_each_steps = _generate_counting_steps(plain, params)
+    assert one_each.token_ids == out.token_ids
+    assert one_each_steps >= len(out.token_ids), (one_each_steps, len(out.token_ids))
 
 
 def test_eos_only_when_complete_and_length_truncation(llm: LLM) -> None:

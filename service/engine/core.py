@@ -508,7 +508,7 @@ class EngineCore:
             if guide.is_terminated():
                 self._finish_guided(req)
                 break
-            if req.params.logprobs is not None or not jump_forward:
+            if req.params.logprobs is not None or not jump_forward or not self.config.guided_jump_forward:
                 break
             forced = guide.forced_tokens()
             if not forced:
