@@ -270,14 +270,20 @@ def test_qmatmul_amx_matches_matmul_in_bf16(gguf_type: str) -> None:
     for n, k in [(48, 256), (304, k_big)]:
         p = quant.from_gguf_blocks(random_rows(gguf_type, n, k, gen), gguf_type, k)
         w16 = quant.dequantize(p).bfloat16().double()
-        for m in (1, 16, 17, 33, 40):
+        for m in (1, 16, 17, 33, 40, 100):
             x = torch.randn(m, k, generator=gen)
             assert quant.amx_usable(x, p)
             out = quant.qmatmul_amx(x, p)
             ref = torch.nn.functional.linear(x.bfloat16().double(), w16)
             mag = torch.nn.functional.linear(x.bfloat16().double().abs(), w16.abs())
             assert out.shape == (m, n) and ((out.double() - ref).abs() <= 1e-5 * mag + 1e-6).all(), (n, k, m)
+            # Past 32 rows the weights are de-quantised once and every pass reads them back: each
+            # row's sums stay those of the row multiplied alone, bit for bit (batch invariance:
+            # a prefill chunk's rows and a decode's, a verify row and a plain one).
+            for i in {0, m // 2, m - 1}:
+                assert torch.equal(out[i:i + 1], quant.qmatmul_amx(x[i:i + 1], p)), (n, k, m, i)
     odd = quant.from_gguf_blocks(random_rows(gguf_type, 40, 256, gen), gguf_type, 256)
+    assert not quant.amx_usable(torch.randn(20, 256), odd)   # 40 rows: not whole tiles
     with pytest.raises(RuntimeError, match="weft_qmatmul_amx failed"):
         quant.qmatmul_amx(torch.randn(20, 256, generator=gen), odd)
     assert not quant.amx_usable(torch.randn(20, 64), quant.from_bf16(torch.randn(16, 64)))
