@@ -40,8 +40,7 @@ def _hf_with_bf16_gemm(path, round_weights: bool = True, min_rows: int = BF16_GE
     """transformers in float32 on bf16-rounded weights whose decoder projections multiply forwards
     of at least `min_rows` tokens in bf16 products, as our steps of that many rows do
     (service/models/layers/linear.py), and the logits of that many sequences (`_bf16_gemm_logits`).
-    min_rows=AMX_MIN_ROWS: every product, as a GGUF's decode steps on AMX tiles (prefill still
-    from BF16_GEMM_MIN_ROWS, which every prompt here passes)."""
+    min_rows=AMX_MIN_ROWS: every product, as a GGUF's steps on AMX tiles (decode and prefill)."""
     hf = _hf_on_bf16_weights(path) if round_weights else load_hf(path)
     for module in hf.model.layers.modules():
         if isinstance(module, torch.nn.Linear):

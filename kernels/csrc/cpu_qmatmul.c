@@ -345,6 +345,29 @@ static inline __attribute__((always_inline)) void amx_store_tiles(int count, int
 #undef STORE_C
 }
 
+static inline __attribute__((always_inline)) void amx_zero_tiles(int count, int pair) {
+    _tile_zero(3);
+    if (count > 1) _tile_zero(4);
+    if (pair > 1) _tile_zero(6);
+    if (pair > 1 && count > 1) _tile_zero(7);
+}
+
+/* One k block: A tiles a0 (and a1 when pair > 1) times the B tiles at b (b + 256 the second m
+   block), into C tiles 3-4 (a0) and 6-7 (a1). */
+static inline __attribute__((always_inline)) void amx_k_step(int count, int pair, const uint16_t *a0,
+                                                             const uint16_t *a1, const uint32_t *b) {
+    _tile_loadd(0, a0, 64);
+    _tile_loadd(1, b, 64);
+    if (pair > 1) _tile_loadd(5, a1, 64);
+    _tile_dpbf16ps(3, 0, 1);
+    if (pair > 1) _tile_dpbf16ps(6, 5, 1);
+    if (count > 1) {
+        _tile_loadd(2, b + 256, 64);
+        _tile_dpbf16ps(4, 0, 2);
+        if (pair > 1) _tile_dpbf16ps(7, 5, 2);
+    }
+}
+
 /* Weight rows [n0, n0 + 16 * pair) (one or two A tiles: 0 and 5) against the m blocks [mb0,
    mb0 + count) of x (B tiles 1-2); C tiles 3-4 for the first A tile, 6-7 for the second. Two A
    tiles share each B tile load and give the tiles four independent sums. */
@@ -355,10 +378,7 @@ static inline __attribute__((always_inline)) void amx_block(int fmt, int count, 
     /* Two A buffers, alternating: the next block's de-quantised stores need not wait for the
        tile loads of the current one. */
     __attribute__((aligned(64))) uint16_t a[2][2 * AMX_ROWS * QK];
-    _tile_zero(3);
-    if (count > 1) _tile_zero(4);
-    if (pair > 1) _tile_zero(6);
-    if (pair > 1 && count > 1) _tile_zero(7);
+    amx_zero_tiles(count, pair);
     /* The rows are read as 16-32 (Q8_0) to 48-96 (Q4_1: scales, offsets, quants) interleaved
        streams, more than the hardware prefetchers follow: measured, the blocks came at ~5 GB/s.
        The next rows are one contiguous range; each block step asks for its share of it. */
@@ -371,45 +391,23 @@ static inline __attribute__((always_inline)) void amx_block(int fmt, int count, 
         amx_load_a(fmt, w, rb, nb, kb, ak);
         if (pair > 1) amx_load_a(fmt, w + AMX_ROWS * rb, rb, nb, kb, ak + AMX_ROWS * QK);
         AMX_MEMORY_BARRIER();
-        const uint32_t *b = xv + amx_x_tile(kb, mb0, nb) * 256;   /* mb0 even: mb0 + 1 follows */
-        _tile_loadd(0, ak, 64);
-        _tile_loadd(1, b, 64);
-        if (pair > 1) _tile_loadd(5, ak + AMX_ROWS * QK, 64);
-        _tile_dpbf16ps(3, 0, 1);
-        if (pair > 1) _tile_dpbf16ps(6, 5, 1);
-        if (count > 1) {
-            _tile_loadd(2, b + 256, 64);
-            _tile_dpbf16ps(4, 0, 2);
-            if (pair > 1) _tile_dpbf16ps(7, 5, 2);
-        }
+        /* mb0 even: the B tile of mb0 + 1 follows */
+        amx_k_step(count, pair, ak, ak + AMX_ROWS * QK, xv + amx_x_tile(kb, mb0, nb) * 256);
     }
     amx_store_tiles(count, pair, mb0, m, n0, y, ldy);
 }
 
 /* As amx_block, the A tiles read from `abuf` (the weight rows de-quantised once by amx_rows:
-   tile kb of the first 16 rows at 2 kb, of the second at 2 kb + 1: one stream). The same tiles multiplied in the
-   same order: the same sums, bit for bit, as a step of few rows gets for its rows. */
+   tile kb of the first 16 rows at 2 kb, of the second at 2 kb + 1: one stream). The same tiles
+   multiplied in the same order: the same sums, bit for bit, as a step of few rows gets. */
 static inline __attribute__((always_inline)) void amx_block_cached(int count, int pair, const uint16_t *abuf,
                                                                    int64_t nb, const uint32_t *xv, int64_t mbs,
                                                                    int64_t mb0, int64_t m, int64_t n0, float *y,
                                                                    int64_t ldy) {
-    _tile_zero(3);
-    if (count > 1) _tile_zero(4);
-    if (pair > 1) _tile_zero(6);
-    if (pair > 1 && count > 1) _tile_zero(7);
-    for (int64_t kb = 0; kb < nb; kb++) {
-        const uint32_t *b = xv + amx_x_tile(kb, mb0, nb) * 256;   /* mb0 even: mb0 + 1 follows */
-        _tile_loadd(0, abuf + 2 * kb * AMX_ROWS * QK, 64);
-        _tile_loadd(1, b, 64);
-        if (pair > 1) _tile_loadd(5, abuf + (2 * kb + 1) * AMX_ROWS * QK, 64);
-        _tile_dpbf16ps(3, 0, 1);
-        if (pair > 1) _tile_dpbf16ps(6, 5, 1);
-        if (count > 1) {
-            _tile_loadd(2, b + 256, 64);
-            _tile_dpbf16ps(4, 0, 2);
-            if (pair > 1) _tile_dpbf16ps(7, 5, 2);
-        }
-    }
+    amx_zero_tiles(count, pair);
+    for (int64_t kb = 0; kb < nb; kb++)
+        amx_k_step(count, pair, abuf + 2 * kb * AMX_ROWS * QK, abuf + (2 * kb + 1) * AMX_ROWS * QK,
+                   xv + amx_x_tile(kb, mb0, nb) * 256);
     amx_store_tiles(count, pair, mb0, m, n0, y, ldy);
 }
 
