@@ -573,6 +573,20 @@ def token_logprobs(logits: torch.Tensor, rows: Sequence[SampleRequest], tokens: 
     return _logprobs(logits, rows, tokens, None)
 
 
+SUM_CHUNK = 1024
+
+
+def _row_sums(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, n].sum(-1, keepdim=True), each row summed in the same order whatever the number of
+    rows: torch splits one long row's sum across threads but gives many rows a thread each, so a
+    speculative verify step's logprobs differed from plain decoding's in the last bits. Chunks of
+    SUM_CHUNK are summed each on one thread, then their sums in order."""
+    rows, n = x.shape
+    whole = n - n % SUM_CHUNK
+    total = x[:, :whole].reshape(rows, whole // SUM_CHUNK, SUM_CHUNK).sum(-1).sum(-1, keepdim=True)
+    return total + x[:, whole:].sum(-1, keepdim=True) if whole < n else total
+
+
 def _logprobs(
     logits: torch.Tensor, rows: Sequence[SampleRequest], tokens: torch.Tensor, scratch: _Scratch | None
 ) -> list[TokenLogprobs | None]:
@@ -591,7 +605,7 @@ def _logprobs(
     k_max = min(max(rows[i].params.logprobs or 0 for i in wanted), x.shape[1])
     top = torch.topk(x, k_max, dim=-1, sorted=True) if k_max else None
     peak = x.amax(dim=-1, keepdim=True)
-    lse = peak + x.sub_(peak).exp_().sum(dim=-1, keepdim=True).log_()
+    lse = peak + _row_sums(x.sub_(peak).exp_()).log_()
     chosen = (chosen_logit - lse).squeeze(1).tolist()
     chosen_ids = chosen_t.tolist()
     top_vals: list[list[float]] = [[] for _ in wanted]

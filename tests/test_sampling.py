@@ -462,6 +462,21 @@ def test_empty_batch() -> None:
 # ---- logprobs -----------------------------------------------------------------------------------
 
 
+def test_a_rows_logprobs_do_not_depend_on_the_batch() -> None:
+    """A speculative verify step scores several rows of one request at once; each row's logprobs
+    must equal what a step of that row alone reports, bit for bit. A vocabulary as wide as the
+    default model's (torch splits one long row's sum over threads) and one with a remainder."""
+    torch.manual_seed(3)
+    for vocab in (49152, 49152 + 37):
+        # Normalised logits: logsumexp ~0, whose float32 ulp is fine enough to show a sum's order.
+        logits = torch.log_softmax(torch.randn(9, vocab) * 3, -1)
+        rows = [row(SamplingParams(logprobs=2, temperature=0)) for _ in range(9)]
+        tokens, batch = Sampler()(logits, rows)
+        for i in range(9):
+            alone_tokens, alone = Sampler()(logits[i:i + 1].clone(), rows[i:i + 1])
+            assert alone_tokens == [tokens[i]] and alone[0] == batch[i], (vocab, i)
+
+
 def test_logprobs_are_raw_log_softmax_with_sorted_top() -> None:
     torch.manual_seed(13)
     logits = torch.randn(5, 400) * 3

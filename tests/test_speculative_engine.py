@@ -105,6 +105,27 @@ def test_ngram_greedy_equals_plain(smol_prompts, smol_reference, setting) -> Non
         assert llm.engine.scheduler.num_preemptions > 0
 
 
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def test_bfloat16_speculation_equals_plain(smol_prompts, method) -> None:
+    """bf16 on CPU: on a CPU with AMX every decode and verify row multiplies the GGUF's blocks in
+    bf16 on the tiles (elsewhere few-row steps stay float32); each row's sums must not depend on
+    how many rows share its step, or a verify step would pick other tokens than plain decoding."""
+    from service.loader import default_model_path
+
+    def run(llm: LLM) -> list:
+        # The chosen tokens' logprobs too: equal bit for bit only if each verify row's logits are
+        # the plain step's (greedy tokens alone would hide a difference in the last bits).
+        outs = [llm.generate([p], _greedy(32, logprobs=0))[0].outputs[0] for p in smol_prompts]
+        return [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outs]
+
+    reference = run(LLM(str(default_model_path()), dtype="bfloat16", progress=False, num_blocks=128))
+    llm = LLM(str(default_model_path()), dtype="bfloat16", progress=False, num_blocks=128,
+              speculative_method=method, num_speculative_tokens=K, spec_disable_window=0)
+    assert run(llm) == reference
+    drafted, accepted = _spec_totals(llm)
+    assert accepted > 0 and drafted > accepted     # verify steps of several rows ran
+
+
 def test_request_can_turn_speculation_off_and_on(smol_prompts, smol_reference) -> None:
     # Server default off: a request that asks still speculates (n-gram), one that says 0 does not.
     llm = _smol(num_blocks=64)

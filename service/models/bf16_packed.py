@@ -81,7 +81,7 @@ def auto_dtype(cls: type, device: torch.device, sharded: bool, lossless: bool, h
         return torch.float32, f"float32 ({measured})"
     steps = (f"prefill and steps of {BF16_GEMM_MIN_ROWS} rows or more multiply in bf16, decoding below that "
              "stays float32's") if not cpu_native.has_amx() else \
-        f"prefill from {BF16_GEMM_MIN_ROWS} rows and a GGUF's decode steps multiply in bf16 (AMX)"
+        "every step of a GGUF's blocks, decode and prefill, multiplies in bf16 on AMX tiles"
     return torch.bfloat16, f"bfloat16 ({measured}): {steps}; --dtype float32 keeps every step float32"
 
 
