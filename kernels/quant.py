@@ -174,12 +174,16 @@ def usable(x: torch.Tensor, p: PackedWeight | None, max_rows: int = PACKED_MAX_R
             and cpu_native.usable(x))
 
 
-def amx_usable(x: torch.Tensor, p: PackedWeight | None) -> bool:
-    """Whether qmatmul_amx can run x @ p^T: GGUF blocks (not FMT_BF16) in whole tiles (16 rows of
-    each segment, k a multiple of 32), float32 CPU, AMX."""
+def amx_shaped(p: PackedWeight | None) -> bool:
+    """Whether qmatmul_amx takes `p`: GGUF blocks (not FMT_BF16) in whole tiles (16 rows of each
+    segment, k a multiple of 32)."""
     return (p is not None and p.fmt != FMT_BF16 and p.k % BLOCK == 0
-            and all(part.n % 16 == 0 for part in p.segments or (p,))
-            and enabled() and x.dim() == 2 and cpu_native.usable(x) and cpu_native.has_amx())
+            and all(part.n % 16 == 0 for part in p.segments or (p,)))
+
+
+def amx_usable(x: torch.Tensor, p: PackedWeight | None) -> bool:
+    """Whether qmatmul_amx can run x @ p^T: `amx_shaped` blocks, float32 CPU, AMX."""
+    return amx_shaped(p) and enabled() and x.dim() == 2 and cpu_native.usable(x) and cpu_native.has_amx()
 
 
 def qmatmul_amx(x: torch.Tensor, p: PackedWeight) -> torch.Tensor:

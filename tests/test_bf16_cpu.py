@@ -15,7 +15,8 @@ from decoding.sampling import SamplingParams
 from kernels import cpu_native, quant
 from service.models.bf16_packed import AUTO_MIN_GAIN
 from service.llm import LLM
-from service.models.layers.linear import AMX_MIN_ROWS, BF16_GEMM_MIN_ROWS, bf16_gemm_available, bf16_matmul
+from service.models.layers.linear import (AMX_MIN_ROWS, BF16_GEMM_MIN_ROWS, bf16_gemm_available, bf16_matmul,
+                                          bf16_weight)
 from tests.hf_reference import hf_greedy, load_hf
 
 pytestmark = pytest.mark.skipif(cpu_native.lib() is None or not cpu_native.has_sgemm(),
@@ -181,9 +182,10 @@ def _hf_greedy_decisive(model: torch.nn.Module, prompt_ids: list[int], max_new_t
 
 def test_smollm2_bf16_matches_transformers_bf16(smollm2_dir) -> None:
     """The default model (a Q4_1/Q8_0 GGUF) with dtype bfloat16: prefill of many rows is bf16
-    GEMM; decoding is float32's on the GGUF's blocks, bit for bit, or, on a CPU with AMX, bf16
-    products of those blocks on the tiles; its tokens are transformers' with the same products,
-    and transformers' bf16 tokens wherever transformers' own choice is not a bf16 tie."""
+    GEMM; decoding is float32's on the GGUF's blocks, bit for bit, or, on a CPU with AMX, every
+    step is bf16 products of those blocks on the tiles (and no bf16 copies are made); its tokens
+    are transformers' with the same products, and transformers' bf16 tokens wherever transformers'
+    own choice is not a bf16 tie."""
     from tests.test_engine_exact import CHATS
 
     # No prefix caching: each prompt's prefill is one step of its own length, as in transformers.
@@ -194,11 +196,13 @@ def test_smollm2_bf16_matches_transformers_bf16(smollm2_dir) -> None:
     projections = [m for layer in model.layers for m in layer.projections()]
     assert all(m.packed is not None and m.packed.fmt != quant.FMT_BF16 for m in projections)   # the GGUF's blocks
     assert torch.equal(projections[0].weight, f32.engine.model.layers[0].projections()[0].weight)   # not rounded
+    amx = cpu_native.has_amx()
+    # bf16 copies for the GEMM only where the tiles do not multiply the blocks (no AMX).
+    assert all((bf16_weight(m) is None) == amx for m in projections)
     tok = llm.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": c}]), add_special_tokens=False)
                for c in CHATS]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    amx = cpu_native.has_amx()
     short = [p[:BF16_GEMM_MIN_ROWS - 1] for p in prompts]
     if not amx:   # prompts of fewer than BF16_GEMM_MIN_ROWS tokens never leave the few-row path
         assert _generate_one_by_one(llm, short, params) == _generate_one_by_one(f32, short, params)

@@ -70,8 +70,9 @@ static void linear(const float *x, const float *w, const float *bias, float *y, 
     sgemm_ptr("T", "N", &n, &t, &k, &one, w, &k, x, &k, &beta, y, &n);
 }
 
-/* Which copy of a weight a step multiplies: in bf16 mode (w16 != 0), its blocks on AMX tiles
-   in steps of at least amx_min_rows rows, its bf16 copy by bf16 GEMM in steps of at least
+/* Which copy of a weight a step multiplies: in bf16 mode, its blocks on AMX tiles in steps of
+   at least amx_min_rows rows (the caller passes more rows than any step has outside bf16 mode),
+   its bf16 copy (w16; 0 where the tiles serve every step) by bf16 GEMM in steps of at least
    bf16_min_rows; its GGUF blocks (cpu_qmatmul.c) when the layer table has them
    (fmt != 0) and the step is small enough for them to win (t <= packed_max_rows); else sgemm on
    the float32 weight. */
@@ -92,7 +93,7 @@ static void qlinear(const float *x, const float *w, const float *bias, int64_t p
     const uint8_t *blocks = packed && fmt ? (const uint8_t *)packed : 0;
     /* bf16 mode: a GGUF's blocks on AMX tiles where it can (their bytes, not the bf16 copy's),
        else MKL's bf16 GEMM on the copy; both bf16 products of the same bf16 weights. */
-    if (w16 && blocks && t >= g->amx_min_rows &&
+    if (blocks && t >= g->amx_min_rows &&
         weft_qmatmul_amx(x, t, k, blocks, (int)fmt, n, y, n, g->num_threads) == 0) {
         add_bias(y, bias, t, n);
         return;

@@ -17,9 +17,10 @@ From a quantised GGUF the float32 weights stay the exact de-quantisation of its 
 few-row steps stream those blocks (4-8 bits a weight) as in float32: bf16 copies of the
 weights serve only the bf16 GEMM of steps of many rows (`attach_bf16_gemm`). Decoding at low
 concurrency (and a request's speculative verify steps) is then float32's, bit for bit, and
-prefill and large batches get bf16's rate. On a CPU with AMX every decode step multiplies the
-blocks in bf16 on the tiles instead (layers/linear.py's AMX_MIN_ROWS): as fast as float32 at one
-row, several times faster at many, and the same products for every row of any step.
+prefill and large batches get bf16's rate. On a CPU with AMX every step, decode and prefill,
+multiplies the blocks in bf16 on the tiles instead (layers/linear.py's AMX_MIN_ROWS): as fast as
+float32 at one row, several times faster at many, the same products for every row of any step,
+and no bf16 copies.
 """
 from __future__ import annotations
 
@@ -106,7 +107,10 @@ def attach_bf16_gemm(model: LlamaForCausalLM) -> int:
     count = 0
     for owner, attr, weight in packed_targets(model):
         if attr == "packed":
-            set_bf16_gemm(owner, weight.to(torch.bfloat16).contiguous() if gemm else None)
+            # On AMX the blocks themselves multiply in bf16 on the tiles at every row count: no copy
+            # (2 bytes a weight, 212 MB for the default model) for the GEMM.
+            tiles = gemm and cpu_native.has_amx() and quant.amx_shaped(owner.packed)
+            set_bf16_gemm(owner, weight.to(torch.bfloat16).contiguous() if gemm and not tiles else None, tiles)
             count += gemm
     # float32 logits from bf16 products; on AMX the lm_head's blocks serve them (compute_logits),
     # so no bf16 copy is made there.
@@ -115,7 +119,7 @@ def attach_bf16_gemm(model: LlamaForCausalLM) -> int:
     model.bf16_weights = True
     model.bf16_gemm = gemm
     log.info("dtype bfloat16 on CPU from a GGUF: float32 on its de-quantised weights, its blocks for steps of "
-             "few rows, %s for steps of many rows", f"bf16 GEMM ({count} projections)" if gemm else
+             "few rows, %s for steps of many rows", f"bf16 products ({count} projections)" if gemm else
              f"sgemm ({NO_BF16_GEMM})")
     return count
 

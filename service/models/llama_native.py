@@ -24,6 +24,9 @@ from torch import nn
 from kernels import cpu_native, quant
 from kernels.attention import AttentionMetadata, native_plan
 from service.models.layers.linear import AMX_MIN_ROWS, BF16_GEMM_MIN_ROWS, bf16_weight
+
+# amx_min_rows for a model not in bf16 mode: no step has that many rows (the C loop keys AMX on it).
+NO_AMX = 1 << 62
 from service.models.layers.norms import RMSNorm
 from service.models.lora import PROJECTIONS, LoRAStacks, LoRAStep
 
@@ -105,7 +108,7 @@ class NativeLayers:
             model.rope_cos.data_ptr(), model.rope_sin.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
             tables.data_ptr(), tables.shape[1], seq_lens.data_ptr(), plan.query_start_loc.data_ptr(),
             plan.rows.data_ptr(), plan.num_rows, meta.block_size, attn.scale, quant.PACKED_MAX_ROWS,
-            BF16_GEMM_MIN_ROWS, AMX_MIN_ROWS,
+            BF16_GEMM_MIN_ROWS, AMX_MIN_ROWS if getattr(model, "bf16_gemm", False) else NO_AMX,
             0 if lora_table is None else lora_table.data_ptr(), 0 if lora_slots is None else lora_slots.data_ptr(),
             lora_num_slots, lora_rank, torch.get_num_threads(),
         )

@@ -59,10 +59,12 @@ def gemm_gflops(rows: int, k: int, n: int, dtype: torch.dtype, repeats: int = 5)
     return 2.0 * rows * k * n / best / 1e9
 
 
-def set_bf16_gemm(proj: nn.Module, weight: torch.Tensor | None) -> None:
+def set_bf16_gemm(proj: nn.Module, weight: torch.Tensor | None, tiles: bool = False) -> None:
     """Give `proj` (an nn.Linear) the bf16 [out, in] weight that steps of many rows multiply, or
-    take it away (None)."""
+    take it away (None); `tiles`: its GGUF blocks multiply in bf16 on AMX tiles instead (every
+    step, no copy needed)."""
     proj.__dict__["bf16_gemm"] = weight
+    proj.__dict__["bf16_tiles"] = tiles
 
 
 def bf16_weight(proj: nn.Module) -> torch.Tensor | None:
@@ -84,17 +86,16 @@ def bf16_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def project(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
     """proj(x) for one step. bf16 mode: a GGUF's blocks on AMX tiles, as the native loop
-    multiplies them (the same sums as MKL's GEMM on the bf16 copy, bit for bit, and faster at
-    every row count since the rows are de-quantised once per call); else bf16 GEMM on the copy when
-    the step has many rows. Otherwise F.linear on its own weight."""
-    w16 = bf16_weight(proj)
-    if w16 is not None:
-        packed = proj.__dict__.get("packed")
-        if x.shape[0] >= AMX_MIN_ROWS and quant.amx_usable(x, packed):
-            y = quant.qmatmul_amx(x, packed)
-            if proj.bias is not None:
-                y += proj.bias
-            return y
-        if x.shape[0] >= BF16_GEMM_MIN_ROWS:
-            return bf16_matmul(x, w16, proj.bias)
+    multiplies them (the same sums as MKL's GEMM on a bf16 copy, bit for bit, and faster at every
+    row count: the rows are de-quantised once per call); else bf16 GEMM on the copy when the step
+    has many rows. Otherwise F.linear on its own weight."""
+    d = proj.__dict__
+    if d.get("bf16_tiles") and x.shape[0] >= AMX_MIN_ROWS and quant.amx_usable(x, d.get("packed")):
+        y = quant.qmatmul_amx(x, d["packed"])
+        if proj.bias is not None:
+            y += proj.bias
+        return y
+    w16 = d.get("bf16_gemm")
+    if w16 is not None and x.shape[0] >= BF16_GEMM_MIN_ROWS:
+        return bf16_matmul(x, w16, proj.bias)
     return F.linear(x, proj.weight, proj.bias)
