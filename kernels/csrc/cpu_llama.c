@@ -6,10 +6,10 @@ The matmuls are the BLAS sgemm torch itself calls for F.linear (its address come
 libtorch_cpu), with the same arguments, so they are bit-identical to the torch path; so are
 rope, the KV store and silu*mul. Steps with long prefill rows (SDPA) stay in Python. Exceptions:
 with a GGUF's blocks in the table, steps of few rows multiply from those (cpu_qmatmul.c), equal
-to the float32 products within rounding but not bit-identical; in bf16 mode (bf16 copies in the
-table) steps multiply in bf16: the blocks on AMX tiles, or the copies by MKL's bf16 GEMM. LoRA steps stay here too: after
-each base product, the adapters' x @ A[s] @ B[s] of the tokens that have one (cpu_lora.c).
-Qwen3's per-head q/k RMSNorm (before RoPE) runs when the layer table has its weights. */
+to the float32 products within rounding but not bit-identical; in bf16 mode steps multiply in
+bf16: the blocks on AMX tiles, or the table's bf16 copies by MKL's bf16 GEMM. LoRA steps stay
+here too: after each base product, the adapters' x @ A[s] @ B[s] of the tokens that have one
+(cpu_lora.c). Qwen3's per-head q/k RMSNorm (before RoPE) runs when the layer table has its weights. */
 #include <stdint.h>
 #include <string.h>
 

@@ -5,10 +5,11 @@ NATIVE_MAX_QUERIES tokens): those are the steps where Python's per-op dispatch, 
 is what the CPU spends its time on besides streaming the weights. Anything else (long prefill
 rows, other dtypes, no compiler, WEFT_NATIVE=0) returns None and the model runs its torch loop.
 Projections that carry a GGUF's blocks (service/models/gguf_packed.py) multiply from those in
-steps of at most quant.PACKED_MAX_ROWS rows, from the float32 weights above; projections with a
-bf16 copy (dtype bfloat16 on CPU, service/models/bf16_packed.py) multiply in bf16: a GGUF's
-blocks on AMX tiles in every step where the CPU has AMX (AMX_MIN_ROWS), else the copy by bf16 GEMM
-in steps of at least BF16_GEMM_MIN_ROWS rows, as the torch loop does (layers/linear.py).
+steps of at most quant.PACKED_MAX_ROWS rows, from the float32 weights above. In bf16 mode (dtype
+bfloat16 on CPU, service/models/bf16_packed.py) projections multiply in bf16: a GGUF's blocks on
+AMX tiles in every step where the CPU has AMX (AMX_MIN_ROWS; no bf16 copy then), else the bf16
+copy by bf16 GEMM in steps of at least BF16_GEMM_MIN_ROWS rows, as the torch loop does
+(layers/linear.py).
 
 Steps with LoRA adapters stay native: the C loop adds each token's adapter after every base
 product (kernels/csrc/cpu_lora.c) from the stacks of service/models/lora.py's LoRAStacks.
@@ -24,11 +25,11 @@ from torch import nn
 from kernels import cpu_native, quant
 from kernels.attention import AttentionMetadata, native_plan
 from service.models.layers.linear import AMX_MIN_ROWS, BF16_GEMM_MIN_ROWS, bf16_weight
+from service.models.layers.norms import RMSNorm
+from service.models.lora import PROJECTIONS, LoRAStacks, LoRAStep
 
 # amx_min_rows for a model not in bf16 mode: no step has that many rows (the C loop keys AMX on it).
 NO_AMX = 1 << 62
-from service.models.layers.norms import RMSNorm
-from service.models.lora import PROJECTIONS, LoRAStacks, LoRAStep
 
 
 def _qk_norms(attn: nn.Module, eps: float) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
