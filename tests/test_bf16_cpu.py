@@ -15,8 +15,8 @@ from decoding.sampling import SamplingParams
 from kernels import cpu_native, quant
 from service.models.bf16_packed import AUTO_MIN_GAIN
 from service.llm import LLM
-from service.models.layers.linear import (AMX_MIN_ROWS, BF16_GEMM_MIN_ROWS, bf16_gemm_available, bf16_matmul,
-                                          bf16_weight)
+from service.models.layers.linear import (AMX_MIN_ROWS, BF16_GEMM_MIN_ROWS, LONE_AMX_MIN_ROWS, bf16_gemm_available,
+                                          bf16_matmul, bf16_weight)
 from tests.hf_reference import hf_greedy, load_hf
 
 pytestmark = pytest.mark.skipif(cpu_native.lib() is None or not cpu_native.has_sgemm(),
@@ -41,7 +41,7 @@ def _hf_with_bf16_gemm(path, round_weights: bool = True, min_rows: int = BF16_GE
     """transformers in float32 on bf16-rounded weights whose decoder projections multiply forwards
     of at least `min_rows` tokens in bf16 products, as our steps of that many rows do
     (service/models/layers/linear.py), and the logits of that many sequences (`_bf16_gemm_logits`).
-    min_rows=AMX_MIN_ROWS: every product, as a GGUF's steps on AMX tiles (decode and prefill)."""
+    min_rows=1: every product, as a GGUF's steps of several sequences on AMX tiles, decodes too."""
     hf = _hf_on_bf16_weights(path) if round_weights else load_hf(path)
     for module in hf.model.layers.modules():
         if isinstance(module, torch.nn.Linear):
@@ -180,10 +180,11 @@ def _hf_greedy_decisive(model: torch.nn.Module, prompt_ids: list[int], max_new_t
     return generated
 
 
-def test_smollm2_bf16_matches_transformers_bf16(smollm2_dir) -> None:
-    """The default model (a Q4_1/Q8_0 GGUF) with dtype bfloat16: prefill of many rows is bf16
-    GEMM; decoding is float32's on the GGUF's blocks, bit for bit, or, on a CPU with AMX, every
-    step is bf16 products of those blocks on the tiles (and no bf16 copies are made); its tokens
+def test_smollm2_bf16_matches_transformers_bf16(smollm2_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default model (a Q4_1/Q8_0 GGUF) with dtype bfloat16: steps of many rows (prefill) are
+    bf16 products (bf16 GEMM, or the blocks on AMX tiles); a sequence's steps of few rows decoding
+    alone are float32's on the GGUF's blocks, bit for bit; on AMX, steps of several sequences from
+    AMX_MIN_ROWS rows, decodes too, multiply on the tiles (and no bf16 copies are made). Its tokens
     are transformers' with the same products, and transformers' bf16 tokens wherever transformers'
     own choice is not a bf16 tie."""
     from tests.test_engine_exact import CHATS
@@ -203,19 +204,27 @@ def test_smollm2_bf16_matches_transformers_bf16(smollm2_dir) -> None:
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": c}]), add_special_tokens=False)
                for c in CHATS]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    # The rows of the logits each step multiplies on AMX tiles (the layers' are the native loop's).
+    tiled: list[int] = []
+    amx_product = quant.qmatmul_amx
+
+    def counting(x: torch.Tensor, p: quant.PackedWeight) -> torch.Tensor:
+        if p is model.lm_head_packed:
+            tiled.append(x.shape[0])
+        return amx_product(x, p)
+
+    monkeypatch.setattr(quant, "qmatmul_amx", counting)
+    # Prompts of fewer than BF16_GEMM_MIN_ROWS (and LONE_AMX_MIN_ROWS) tokens decoding alone never
+    # leave the few-row path: float32's tokens and logits.
     short = [p[:BF16_GEMM_MIN_ROWS - 1] for p in prompts]
-    if not amx:   # prompts of fewer than BF16_GEMM_MIN_ROWS tokens never leave the few-row path
-        assert _generate_one_by_one(llm, short, params) == _generate_one_by_one(f32, short, params)
+    assert _generate_one_by_one(llm, short, params) == _generate_one_by_one(f32, short, params)
     ours = _generate_one_by_one(llm, prompts, params)
-    # What we compute for these 36-38-token prompts: their prefill projections by bf16 GEMM, the
-    # rest float32 (AMX: bf16 products too). Not bit for bit (our q/k/v and gate/up are fused, and
-    # the tiles sum in their own order), so compared where the two best logits are more than 0.1
-    # apart.
-    hooked = _hf_with_bf16_gemm(smollm2_dir, round_weights=False, min_rows=AMX_MIN_ROWS if amx else BF16_GEMM_MIN_ROWS)
-    if amx:   # the short prompts too: bf16 products in every step
-        decisive = [_hf_greedy_decisive(hooked, p, 24, margin=0.1) for p in short]
-        assert [o[:len(d)] for o, d in zip(_generate_one_by_one(llm, short, params), decisive)] == decisive
-        assert sum(map(len, decisive)) >= 24
+    assert tiled == []   # one logits row a step, a lone sequence's: float32
+    # What we compute for these 36-38-token prompts: their prefill projections in bf16 products,
+    # the rest float32. Not bit for bit (our q/k/v and gate/up are fused, and the tiles sum in their
+    # own order), so compared where the two best logits are more than 0.1 apart.
+    hooked = _hf_with_bf16_gemm(smollm2_dir, round_weights=False,
+                                min_rows=LONE_AMX_MIN_ROWS if amx else BF16_GEMM_MIN_ROWS)
     decisive = [_hf_greedy_decisive(hooked, p, 24, margin=0.1) for p in prompts]
     assert [o[:len(d)] for o, d in zip(ours, decisive)] == decisive
     assert sum(map(len, decisive)) >= 24
@@ -226,6 +235,15 @@ def test_smollm2_bf16_matches_transformers_bf16(smollm2_dir) -> None:
     decisive = [_hf_greedy_decisive(hf16, p, 24) for p in prompts]
     assert [o[:len(d)] for o, d in zip(ours, decisive)] == decisive
     assert sum(map(len, decisive)) >= 24
+    if amx:   # several sequences at once: every step has AMX_MIN_ROWS rows or more, all on the tiles
+        batch = prompts + short
+        assert len(batch) >= AMX_MIN_ROWS
+        together = [r.outputs[0].token_ids for r in llm.generate(batch, params)]
+        assert tiled and min(tiled) >= AMX_MIN_ROWS and max(tiled) == len(batch)
+        every = _hf_with_bf16_gemm(smollm2_dir, round_weights=False, min_rows=1)
+        decisive = [_hf_greedy_decisive(every, p, 24, margin=0.1) for p in batch]
+        assert [o[:len(d)] for o, d in zip(together, decisive)] == decisive
+        assert sum(map(len, decisive)) >= 48
     assert llm.engine.pool_is_whole()
 
 
@@ -261,9 +279,9 @@ def _auto_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_dtype_auto_says_what_it_chose_and_runs_it(smollm2_dir, caplog: pytest.LogCaptureFixture) -> None:
     """`--dtype auto` on a CPU times bf16 GEMM against sgemm at the model's shapes and logs the
-    choice with the figures; the engine runs what the log says. The default model (a GGUF: its
-    decoding stays float32's either way, except on AMX tiles) takes bfloat16 where bf16 GEMM
-    measured faster."""
+    choice with the figures; the engine runs what the log says. The default model (a GGUF: a
+    request decoding alone stays float32's either way) takes bfloat16 where bf16 GEMM measured
+    faster."""
     with caplog.at_level("INFO", logger="weft.engine"):
         llm = LLM(str(smollm2_dir), progress=False, kv_cache_gb=0.1)
     said = _auto_lines(caplog)
@@ -278,18 +296,12 @@ def test_dtype_auto_says_what_it_chose_and_runs_it(smollm2_dir, caplog: pytest.L
         assert chosen == ("bfloat16" if bf16 >= AUTO_MIN_GAIN * f32 else "float32")
     else:
         assert chosen == "float32" and "no AVX512-BF16 or AMX" in said[0]
-    # Short prompts and decodes are float32's whichever was chosen, except bfloat16 on a CPU with
-    # AMX, whose decode steps multiply the GGUF's blocks in bf16 on the tiles.
+    # A short prompt decoding alone is float32's whichever was chosen (bf16 products serve steps of
+    # many rows, or of several sequences on AMX tiles).
     prompt = llm.tokenizer.encode("The capital of France is")
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    ours = llm.generate([prompt], params)[0].outputs[0].token_ids
-    if chosen == "bfloat16" and cpu_native.has_amx():
-        decisive = _hf_greedy_decisive(_hf_with_bf16_gemm(smollm2_dir, round_weights=False, min_rows=AMX_MIN_ROWS),
-                                       prompt, 12, margin=0.1)
-        assert len(decisive) >= 4 and ours[:len(decisive)] == decisive
-    else:
-        f32 = LLM(str(smollm2_dir), dtype="float32", progress=False, kv_cache_gb=0.1)
-        assert ours == f32.generate([prompt], params)[0].outputs[0].token_ids
+    f32 = LLM(str(smollm2_dir), dtype="float32", progress=False, kv_cache_gb=0.1)
+    assert llm.generate([prompt], params)[0].outputs[0].token_ids == f32.generate([prompt], params)[0].outputs[0].token_ids
 
 
 def test_dtype_auto_keeps_float32_where_bf16_would_cost(tiny_llama, tiny_model_factory,

@@ -107,9 +107,12 @@ def test_ngram_greedy_equals_plain(smol_prompts, smol_reference, setting) -> Non
 
 @pytest.mark.parametrize("method", ["ngram", "suffix"])
 def test_bfloat16_speculation_equals_plain(smol_prompts, method) -> None:
-    """bf16 on CPU: on a CPU with AMX every decode and verify row multiplies the GGUF's blocks in
-    bf16 on the tiles (elsewhere few-row steps stay float32); each row's sums must not depend on
-    how many rows share its step, or a verify step would pick other tokens than plain decoding."""
+    """bf16 on CPU: a request decoding alone keeps its verify steps (K + 1 rows) on the products of
+    its plain decode steps (float32 on the GGUF's blocks), though on a CPU with AMX steps of that
+    many rows from several sequences multiply on the tiles; each row's sums must not depend on how
+    many rows share its step, or a verify step would pick other tokens than plain decoding."""
+    from service.models.layers.linear import AMX_MIN_ROWS
+    assert K + 1 >= AMX_MIN_ROWS   # so a verify step's row count alone would take it to the tiles
     from service.loader import default_model_path
 
     def run(llm: LLM) -> list:

@@ -6,8 +6,8 @@ The matmuls are the BLAS sgemm torch itself calls for F.linear (its address come
 libtorch_cpu), with the same arguments, so they are bit-identical to the torch path; so are
 rope, the KV store and silu*mul. Steps with long prefill rows (SDPA) stay in Python. Exceptions:
 with a GGUF's blocks in the table, steps of few rows multiply from those (cpu_qmatmul.c), equal
-to the float32 products within rounding but not bit-identical; in bf16 mode steps multiply in
-bf16: the blocks on AMX tiles, or the table's bf16 copies by MKL's bf16 GEMM. LoRA steps stay
+to the float32 products within rounding but not bit-identical; in bf16 mode steps of many rows
+multiply in bf16: the blocks on AMX tiles, or the table's bf16 copies by MKL's bf16 GEMM. LoRA steps stay
 here too: after each base product, the adapters' x @ A[s] @ B[s] of the tokens that have one
 (cpu_lora.c). Qwen3's per-head q/k RMSNorm (before RoPE) runs when the layer table has its weights. */
 #include <stdint.h>
@@ -72,7 +72,7 @@ static void linear(const float *x, const float *w, const float *bias, float *y, 
 
 /* Which copy of a weight a step multiplies: in bf16 mode, its blocks on AMX tiles in steps of
    at least amx_min_rows rows (the caller passes more rows than any step has outside bf16 mode),
-   its bf16 copy (w16; 0 where the tiles serve every step) by bf16 GEMM in steps of at least
+   its bf16 copy (w16; 0 where the tiles serve the steps of many rows) by bf16 GEMM in steps of at least
    bf16_min_rows; its GGUF blocks (cpu_qmatmul.c) when the layer table has them
    (fmt != 0) and the step is small enough for them to win (t <= packed_max_rows); else sgemm on
    the float32 weight. */

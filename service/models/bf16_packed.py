@@ -17,10 +17,12 @@ From a quantised GGUF the float32 weights stay the exact de-quantisation of its 
 few-row steps stream those blocks (4-8 bits a weight) as in float32: bf16 copies of the
 weights serve only the bf16 GEMM of steps of many rows (`attach_bf16_gemm`). Decoding at low
 concurrency (and a request's speculative verify steps) is then float32's, bit for bit, and
-prefill and large batches get bf16's rate. On a CPU with AMX every step, decode and prefill,
-multiplies the blocks in bf16 on the tiles instead (layers/linear.py's AMX_MIN_ROWS): as fast as
-float32 at one row, several times faster at many, the same products for every row of any step,
-and no bf16 copies.
+prefill and large batches get bf16's rate. On a CPU with AMX the blocks themselves multiply in
+bf16 on the tiles (no bf16 copies) in steps of AMX_MIN_ROWS rows or more from several sequences,
+and in a sequence's own steps from LONE_AMX_MIN_ROWS (layers/linear.py's amx_min_rows): several
+times faster than float32 at many rows, from ~5 rows on; below that the float32 kernel is faster
+(one row: 3.6 ms against 6.3 for the default model's projections), and a request decoding alone
+keeps float32's products in its plain and its verify steps alike.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from common import env
 from kernels import cpu_native, quant
 from kernels.quant import equals_weight, from_bf16
 from service.models.gguf_packed import packed_targets
-from service.models.layers.linear import (BF16_GEMM_MIN_ROWS, bf16_gemm_available, gemm_gflops,
+from service.models.layers.linear import (AMX_MIN_ROWS, BF16_GEMM_MIN_ROWS, bf16_gemm_available, gemm_gflops,
                                           set_bf16_gemm)
 from service.models.llama import LlamaForCausalLM
 
@@ -82,7 +84,8 @@ def auto_dtype(cls: type, device: torch.device, sharded: bool, lossless: bool, h
         return torch.float32, f"float32 ({measured})"
     steps = (f"prefill and steps of {BF16_GEMM_MIN_ROWS} rows or more multiply in bf16, decoding below that "
              "stays float32's") if not cpu_native.has_amx() else \
-        "every step of a GGUF's blocks, decode and prefill, multiplies in bf16 on AMX tiles"
+        (f"prefill and steps of {AMX_MIN_ROWS} rows or more from several sequences multiply a GGUF's blocks in "
+         "bf16 on AMX tiles, a request decoding alone stays float32's")
     return torch.bfloat16, f"bfloat16 ({measured}): {steps}; --dtype float32 keeps every step float32"
 
 
@@ -107,7 +110,7 @@ def attach_bf16_gemm(model: LlamaForCausalLM) -> int:
     count = 0
     for owner, attr, weight in packed_targets(model):
         if attr == "packed":
-            # On AMX the blocks themselves multiply in bf16 on the tiles at every row count: no copy
+            # On AMX the blocks themselves multiply in bf16 on the tiles in steps of many rows: no copy
             # (2 bytes a weight, 212 MB for the default model) for the GEMM.
             tiles = gemm and cpu_native.has_amx() and quant.amx_shaped(owner.packed)
             set_bf16_gemm(owner, weight.to(torch.bfloat16).contiguous() if gemm and not tiles else None, tiles)

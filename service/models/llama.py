@@ -18,7 +18,7 @@ from kernels import cpu_native, quant
 from kernels.attention import AttentionMetadata
 from kernels.rope import StepRope
 from service.models.layers.attention import Attention
-from service.models.layers.linear import AMX_MIN_ROWS, BF16_GEMM_MIN_ROWS
+from service.models.layers.linear import AMX_MIN_ROWS, BF16_GEMM_MIN_ROWS, amx_min_rows
 from service.models.layers.mlp import GatedMLP
 from service.models.layers.norms import RMSNorm
 from service.models.layers.rotary import rope_cos_sin
@@ -85,6 +85,8 @@ class LlamaForCausalLM(nn.Module):
         # logits too where that GEMM's output is float32 (a bf16 copy of the lm_head, else None).
         self.bf16_gemm = False
         self.lm_head_bf16: torch.Tensor | None = None
+        # The rows from which the current step multiplies on AMX tiles (bf16 mode; set by forward).
+        self.step_tile_rows = AMX_MIN_ROWS
         cos, sin = rope_cos_sin(config, self.head_dim, max_positions)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -97,6 +99,9 @@ class LlamaForCausalLM(nn.Module):
         lora: LoRAStep | None = None,
     ) -> torch.Tensor:
         h = self.embed_tokens.forward(input_ids)   # a vocabulary share under tensor parallelism
+        # bf16 mode on AMX: whether this step's products are bf16 on tiles depends on its rows and
+        # sequences; its logits (compute_logits, next) follow the same rule.
+        self.step_tile_rows = amx_min_rows(len(meta.seq_lens))
         if self.native is not None and (self.min_window is None or max(meta.seq_lens) <= self.min_window):
             # The native loop knows no windows; it adds LoRA adapters itself (kernels/csrc/cpu_lora.c).
             out = self.native(self, h, positions, kv_caches, slot_mapping, meta, lora)
@@ -111,7 +116,7 @@ class LlamaForCausalLM(nn.Module):
             x = layer.input_layernorm.add_forward(h, delta)
             delta = layer.self_attn.forward(x, rope, k_cache, v_cache, slot_mapping, meta, lora, i)
             x = layer.post_attention_layernorm.add_forward(h, delta)
-            delta = layer.mlp.forward(x, lora, i)
+            delta = layer.mlp.forward(x, lora, i, self.step_tile_rows)
         return self.norm.add_forward(h, delta)
 
     def lora_shapes(self) -> BaseShapes:
@@ -127,7 +132,7 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.bf16_gemm and hidden.shape[0] >= AMX_MIN_ROWS and quant.amx_usable(hidden, self.lm_head_packed):
+        if self.bf16_gemm and hidden.shape[0] >= self.step_tile_rows and quant.amx_usable(hidden, self.lm_head_packed):
             return quant.qmatmul_amx(hidden, self.lm_head_packed)   # a GGUF's blocks on AMX tiles, as the layers
         if self.lm_head_bf16 is not None and hidden.shape[0] >= BF16_GEMM_MIN_ROWS:
             return cpu_native.bf16_linear(hidden, self.lm_head_bf16)

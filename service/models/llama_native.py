@@ -6,10 +6,10 @@ is what the CPU spends its time on besides streaming the weights. Anything else 
 rows, other dtypes, no compiler, WEFT_NATIVE=0) returns None and the model runs its torch loop.
 Projections that carry a GGUF's blocks (service/models/gguf_packed.py) multiply from those in
 steps of at most quant.PACKED_MAX_ROWS rows, from the float32 weights above. In bf16 mode (dtype
-bfloat16 on CPU, service/models/bf16_packed.py) projections multiply in bf16: a GGUF's blocks on
-AMX tiles in every step where the CPU has AMX (AMX_MIN_ROWS; no bf16 copy then), else the bf16
-copy by bf16 GEMM in steps of at least BF16_GEMM_MIN_ROWS rows, as the torch loop does
-(layers/linear.py).
+bfloat16 on CPU, service/models/bf16_packed.py) projections of steps of many rows multiply in
+bf16: a GGUF's blocks on AMX tiles where the CPU has AMX (from the model's step_tile_rows,
+layers/linear.py's amx_min_rows; no bf16 copy then), else the bf16 copy by bf16 GEMM in steps of
+at least BF16_GEMM_MIN_ROWS rows, as the torch loop does (layers/linear.py).
 
 Steps with LoRA adapters stay native: the C loop adds each token's adapter after every base
 product (kernels/csrc/cpu_lora.c) from the stacks of service/models/lora.py's LoRAStacks.
@@ -24,7 +24,7 @@ from torch import nn
 
 from kernels import cpu_native, quant
 from kernels.attention import AttentionMetadata, native_plan
-from service.models.layers.linear import AMX_MIN_ROWS, BF16_GEMM_MIN_ROWS, bf16_weight
+from service.models.layers.linear import BF16_GEMM_MIN_ROWS, bf16_weight
 from service.models.layers.norms import RMSNorm
 from service.models.lora import PROJECTIONS, LoRAStacks, LoRAStep
 
@@ -109,7 +109,7 @@ class NativeLayers:
             model.rope_cos.data_ptr(), model.rope_sin.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
             tables.data_ptr(), tables.shape[1], seq_lens.data_ptr(), plan.query_start_loc.data_ptr(),
             plan.rows.data_ptr(), plan.num_rows, meta.block_size, attn.scale, quant.PACKED_MAX_ROWS,
-            BF16_GEMM_MIN_ROWS, AMX_MIN_ROWS if getattr(model, "bf16_gemm", False) else NO_AMX,
+            BF16_GEMM_MIN_ROWS, model.step_tile_rows if getattr(model, "bf16_gemm", False) else NO_AMX,
             0 if lora_table is None else lora_table.data_ptr(), 0 if lora_slots is None else lora_slots.data_ptr(),
             lora_num_slots, lora_rank, torch.get_num_threads(),
         )

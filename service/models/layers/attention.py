@@ -11,7 +11,7 @@ from torch import nn
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.kv_store import store_kv
 from kernels.rope import StepRope, rope_store, rotate_ref
-from service.models.layers.linear import project
+from service.models.layers.linear import amx_min_rows, project
 from service.models.layers.weights import CheckpointWeights
 from service.models.lora import LoRAStep
 
@@ -56,7 +56,8 @@ class Attention(nn.Module):
         lora: LoRAStep | None = None, layer: int = 0,
     ) -> torch.Tensor:
         t = x.shape[0]
-        qkv = project(x, self.qkv_proj)
+        tile_rows = amx_min_rows(len(meta.seq_lens))
+        qkv = project(x, self.qkv_proj, tile_rows)
         if lora is not None:
             lora.add_(qkv, x, layer, "qkv")
         if self.q_norm is not None:
@@ -66,7 +67,7 @@ class Attention(nn.Module):
         else:
             q = self._partial_rope_store(qkv, rope, k_cache, v_cache, slot_mapping)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window, self.softcap).reshape(t, self.q_size)
-        out = project(o, self.o_proj)
+        out = project(o, self.o_proj, tile_rows)
         if lora is not None:
             lora.add_(out, o, layer, "o")
         if self.reduce is not None:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from decoding.sampling import MAX_SPECULATIVE_TOKENS
 from kernels import cpu_native, quant
 
 # Rows from which a bf16 weight multiplies in bf16 (a GGUF's blocks on AMX tiles, else bf16 GEMM);
@@ -30,13 +31,23 @@ from kernels import cpu_native, quant
 # tok/s native against 208 by GEMM in the torch loop; 32 rows 244 against 264-271.
 BF16_GEMM_MIN_ROWS = 16 if torch.cpu._is_amx_tile_supported() else quant.PACKED_MAX_ROWS + 1
 
-# bf16 mode, a GGUF's blocks, a CPU with AMX: rows from which the native loop and the logits
-# multiply the blocks on AMX tiles (kernels/csrc/cpu_qmatmul.c, weft_qmatmul_amx). Every step:
-# one row costs the tiles what the float32 kernel costs (both read the blocks at the memory's
-# speed: 6.1 against 6.5 ms for the default model's projections), 9 rows ~7.5 against ~17. So a
-# speculative verify step costs little more than a plain decode; and since every decode and
-# verify row takes the same bf16 products, batch-invariant row by row, speculation stays lossless.
-AMX_MIN_ROWS = 1
+# bf16 mode, a GGUF's blocks, a CPU with AMX: rows from which a step multiplies the blocks in bf16
+# on AMX tiles (kernels/csrc/cpu_qmatmul.c, weft_qmatmul_amx), in the native loop, the torch loop
+# and the logits; fewer rows take the float32 kernel on the same blocks. The float32 kernel's cost
+# grows with the rows, the tiles' hardly, and one row costs the tiles more (de-quantising to bf16
+# and storing the A tile): the default model's 120 projections, weights out of cache, 2 cores of
+# a Xeon with AMX, ms: 1 row 3.6 float32 against 6.3 tiles, 4 rows 6.2 / 6.8, 5 rows 7.1 / 6.9,
+# 8 rows 11.3 / 7.4, 16 rows 20.7 / 7.1 (kernels/NOTES.md, "Prefetching the rows").
+AMX_MIN_ROWS = 5
+# ... but a step of one sequence alone stays float32 below this many rows: its speculative verify
+# steps (up to k + 1 rows) then take the same products as its plain decode steps, so a request
+# decoding alone gets the same tokens with and without speculation, at every k.
+LONE_AMX_MIN_ROWS = MAX_SPECULATIVE_TOKENS + 2
+
+
+def amx_min_rows(sequences: int) -> int:
+    """bf16 mode on AMX: the rows from which a step of `sequences` sequences multiplies on tiles."""
+    return AMX_MIN_ROWS if sequences > 1 else LONE_AMX_MIN_ROWS
 
 
 def bf16_gemm_available() -> bool:
@@ -84,13 +95,13 @@ def bf16_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y
 
 
-def project(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
-    """proj(x) for one step. bf16 mode: a GGUF's blocks on AMX tiles, as the native loop
-    multiplies them (the same sums as MKL's GEMM on a bf16 copy, bit for bit, and faster at every
-    row count: the rows are de-quantised once per call); else bf16 GEMM on the copy when the step
-    has many rows. Otherwise F.linear on its own weight."""
+def project(x: torch.Tensor, proj: nn.Linear, tile_rows: int = AMX_MIN_ROWS) -> torch.Tensor:
+    """proj(x) for one step of the torch loop. bf16 mode: a GGUF's blocks on AMX tiles when the step
+    has at least `tile_rows` rows (`amx_min_rows` of its sequences), as the native loop multiplies
+    them (the same sums as MKL's GEMM on a bf16 copy, bit for bit); else bf16 GEMM on the copy when
+    the step has many rows. Otherwise F.linear on its own weight."""
     d = proj.__dict__
-    if d.get("bf16_tiles") and x.shape[0] >= AMX_MIN_ROWS and quant.amx_usable(x, d.get("packed")):
+    if d.get("bf16_tiles") and x.shape[0] >= tile_rows and quant.amx_usable(x, d.get("packed")):
         y = quant.qmatmul_amx(x, d["packed"])
         if proj.bias is not None:
             y += proj.bias

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.models.layers.linear import project
+from service.models.layers.linear import AMX_MIN_ROWS, project
 from service.models.layers.weights import CheckpointWeights
 from service.models.lora import LoRAStep
 
@@ -44,13 +44,14 @@ class GatedMLP(nn.Module):
         # Tensor parallel: sums the partial down_proj outputs of the ranks (service/models/parallel.py).
         self.reduce: Callable[[torch.Tensor], None] | None = None
 
-    def forward(self, x: torch.Tensor, lora: LoRAStep | None = None, layer: int = 0) -> torch.Tensor:
-        gate_up = project(x, self.gate_up_proj)
+    def forward(self, x: torch.Tensor, lora: LoRAStep | None = None, layer: int = 0,
+                tile_rows: int = AMX_MIN_ROWS) -> torch.Tensor:
+        gate_up = project(x, self.gate_up_proj, tile_rows)
         if lora is not None:
             lora.add_(gate_up, x, layer, "gate_up")
         gate, up = gate_up.split(self.inter, dim=-1)
         act = self.act(gate) * up
-        out = project(act, self.down_proj)
+        out = project(act, self.down_proj, tile_rows)
         if lora is not None:
             lora.add_(out, act, layer, "down")
         if self.reduce is not None:
