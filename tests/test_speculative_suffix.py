@@ -192,3 +192,34 @@ def test_one_rejected_first_draft_does_not_turn_speculation_off_for_good() -> No
     for _ in range(200):                                    # many rejections: now it is the traffic
         spec.record(SimpleNamespace(request_id="poor"), 8, 0)
     assert spec._best_k(SimpleNamespace(request_id="next"), 8, None, 0, 0, 0.0, 1) == 0
+
+
+def test_a_proposers_scores_are_scaled_by_how_well_they_predicted() -> None:
+    """A suffix tree's frequencies are raw counts (a continuation seen once scores 1.0). The engine
+    keeps the draft tokens accepted against the tokens the scores predicted, and scales new scores
+    by that: after many sure-looking drafts that were mostly rejected, a new request's sure-looking
+    draft is cut short; where such drafts were accepted, it is kept whole."""
+    from types import SimpleNamespace
+
+    from decoding.sampling import Sampler
+    from service.config import EngineConfig
+    from service.engine.speculation import Speculator
+
+    def trained(accepted: int) -> Speculator:
+        spec = Speculator(EngineConfig(speculative_method="suffix", num_speculative_tokens=8), Sampler(), [0], 1)
+        for rows in range(1, 10):
+            for _ in range(3):
+                spec.observe_step(rows, 0.010 + 0.001 * rows)   # extra rows cost 10% of a step each
+        for i in range(50):
+            spec._predicted[f"r{i}"] = [1.0] * 8                # as propose() keeps a draft's scores
+            spec.record(SimpleNamespace(request_id=f"r{i}"), 8, accepted)
+        return spec
+
+    sure = [1.0] * 8
+    fresh = Speculator(EngineConfig(speculative_method="suffix", num_speculative_tokens=8), Sampler(), [0], 1)
+    for rows in range(1, 10):
+        for _ in range(3):
+            fresh.observe_step(rows, 0.010 + 0.001 * rows)
+    assert fresh._best_k(SimpleNamespace(request_id="next"), 8, sure, 0, 0, 0.0, 1) == 8
+    assert trained(8)._best_k(SimpleNamespace(request_id="next"), 8, sure, 0, 0, 0.0, 1) == 8
+    assert trained(1)._best_k(SimpleNamespace(request_id="next"), 8, sure, 0, 0, 0.0, 1) <= 1

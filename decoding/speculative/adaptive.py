@@ -126,6 +126,21 @@ def position_probs(rate: float, k: int, confidence: Sequence[float] | None = Non
     return [w * rate + (1 - w) * c for c in confidence[:k]]
 
 
+def confidence_scale(accepted: float, predicted: float) -> float:
+    """How far a proposer's scores are to be trusted on this engine: the draft tokens accepted over
+    the tokens its scores predicted (`expected_tokens` - 1 of each verified draft), blended with 1
+    (worth PRIOR_WEIGHT tokens). A suffix tree's frequencies are raw counts: a continuation seen
+    once scores 1.0, and on free chat (17% of such drafts accepted) they drafted ~3 tokens a step
+    at 0.90x plain decoding's speed."""
+    return (accepted + PRIOR_WEIGHT) / (predicted + PRIOR_WEIGHT)
+
+
+def calibrated(confidence: Sequence[float], scale: float) -> list[float]:
+    """Per-position scores times `scale` (at most 1): scaling every conditional by one factor
+    under-counts long drafts, which errs towards plain decoding."""
+    return [min(1.0, c * scale) for c in confidence]
+
+
 def expected_tokens(probs: Sequence[float] | float, k: int) -> float:
     """Tokens a draft of k yields: 1 + p1 + p1*p2 + ... (p a per-position list, or one rate)."""
     if isinstance(probs, (int, float)):

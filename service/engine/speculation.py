@@ -29,7 +29,8 @@ from decoding.speculative import (
     constrain_to_guide,
 )
 from decoding.sampling import MAX_SPECULATIVE_TOKENS
-from decoding.speculative.adaptive import StepCost, acceptance, best_k, engine_prior, position_probs
+from decoding.speculative.adaptive import (StepCost, acceptance, best_k, calibrated, confidence_scale, engine_prior,
+                                          expected_tokens, position_probs)
 from service.config import EngineConfig
 from service.engine.request import Request
 
@@ -66,6 +67,10 @@ class Speculator:
         # rejection that ends a draft: accepted / trials estimates the per-token acceptance.
         self._trials: dict[str, list[int]] = {}
         self._prior = [0.0, 0.0]    # the same over every request's recent drafts, the prior of a new one
+        # A scoring proposer's recent drafts: [tokens accepted, tokens its scores predicted], and
+        # the scores of each request's draft in flight (confidence_scale).
+        self._scored = [0.0, 0.0]
+        self._predicted: dict[str, list[float]] = {}
         self._draft_s_per_token = 0.0   # what proposing costs per draft token (a draft model's forwards)
         self._constrain_s = 0.0   # masking this step's drafts to their grammars, counted into its cost
 
@@ -122,6 +127,8 @@ class Speculator:
                 draft = self._constrain(req, draft)
                 self._constrain_s += time.perf_counter() - t1
             req.spec_draft = draft if draft.tokens else None
+            if draft.tokens and draft.confidence:
+                self._predicted[req.request_id] = draft.confidence
 
     def _adapts(self, req: Request) -> bool:
         """A seeded sampled request keeps a fixed k: each verification draws k + 1 uniforms from
@@ -140,6 +147,8 @@ class Speculator:
                 other_tokens: int, draft_s_per_token: float, own_rows: int) -> int:
         prior = engine_prior(*self._prior, DEFAULT_ACCEPTANCE)
         mine = self._trials.get(req.request_id, (0, 0))
+        if confidence is not None:
+            confidence = calibrated(confidence, confidence_scale(*self._scored))
         probs = position_probs(acceptance(mine[0], mine[1], prior), max_k, confidence, mine[1])
         return best_k(probs, max_k, self.cost, other_rows, float(other_tokens), draft_s_per_token, own_rows,
                       probe_plain=not self.proposer.cheap)
@@ -169,6 +178,12 @@ class Speculator:
                 book[1] += trials
             if self._prior[1] > PRIOR_WINDOW:   # an exponential window: old counts fade
                 self._prior = [c * PRIOR_WINDOW / self._prior[1] for c in self._prior]
+        scores = self._predicted.pop(req.request_id, None)
+        if scores is not None and num_drafts:   # the verified draft: scores of its first num_drafts tokens
+            self._scored[0] += num_accepted
+            self._scored[1] += expected_tokens(scores, num_drafts) - 1.0
+            if self._scored[1] > PRIOR_WINDOW:
+                self._scored = [c * PRIOR_WINDOW / self._scored[1] for c in self._scored]
         self.tracker.record(req.request_id, num_drafts, num_accepted)
         if not self.tracker.enabled(req.request_id):
             self.proposer.free(req.request_id)   # decodes normally from now on
@@ -177,6 +192,7 @@ class Speculator:
 
     def preempted(self, req: Request) -> None:
         self.proposer.free(req.request_id)
+        self._predicted.pop(req.request_id, None)
 
     def finished(self, req: Request) -> dict | None:
         """Forget a finished request; its counters for the final response (None if it never could speculate)."""
@@ -184,6 +200,7 @@ class Speculator:
             self.proposer.complete(req.request_id, req.token_ids, req.num_prompt_tokens, req.cache_salt)
         self.proposer.free(req.request_id)
         self._trials.pop(req.request_id, None)
+        self._predicted.pop(req.request_id, None)
         stats = self.tracker.finish(req.request_id)
         return stats.as_dict() if req.num_speculative_tokens else None
 
