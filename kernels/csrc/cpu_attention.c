@@ -137,21 +137,12 @@ typedef struct {
     int64_t lines_per_row, row_floats, block_size, per_call;
 } prefetcher;
 
-static inline void prefetch_line(const char *p) {
-#if defined(__x86_64__)
-    /* GCC 12 at -O1 and above deleted some loops of __builtin_prefetch (they write nothing). */
-    __asm__ volatile("prefetcht2 %0" : : "m"(*p));
-#else
-    __builtin_prefetch(p, 0, 1);
-#endif
-}
-
 /* Ask for up to n more lines of the planned rows (a key's K line, then its V line). */
 static inline void prefetch_some(prefetcher *pf, int64_t n) {
     for (; n > 0 && pf->j < pf->jb; n -= 2) {
         const int64_t at = (pf->table[pf->j / pf->block_size] * pf->block_size + pf->j % pf->block_size) * pf->row_floats;
-        prefetch_line((const char *)(pf->k_cache + at) + pf->line * 64);
-        prefetch_line((const char *)(pf->v_cache + at) + pf->line * 64);
+        weft_prefetch_l2((const char *)(pf->k_cache + at) + pf->line * 64);
+        weft_prefetch_l2((const char *)(pf->v_cache + at) + pf->line * 64);
         if (++pf->line == pf->lines_per_row) {
             pf->line = 0;
             pf->j++;

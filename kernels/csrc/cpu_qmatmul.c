@@ -100,15 +100,6 @@ static void dequant_block_ref(int fmt, const uint8_t *row, int64_t nb, int64_t b
     }
 }
 
-/* Asks for one cache line into L2 (inline asm: GCC 12 deleted loops of __builtin_prefetch). */
-static inline void prefetch_l2(const uint8_t *p) {
-#if defined(__x86_64__)
-    __asm__ volatile("prefetcht2 %0" : : "m"(*p));
-#else
-    __builtin_prefetch(p, 0, 1);
-#endif
-}
-
 /* How far ahead of its reads a thread asks for the weight rows it reads next (they follow in
    memory: a thread's rows are one range). Without it the hardware prefetchers alone kept a core
    at ~6 GB/s and the de-quantising waited on memory: the default model's 120 projections at one
@@ -179,7 +170,7 @@ static inline __attribute__((always_inline)) void tile(int fmt, int mt, const fl
         const int64_t block_bytes = rb / nb;   /* a step covers two blocks' share of the row: ~a line */
         for (; b + 1 < nb; b += 2) {   /* two blocks a step: constant accumulator indices */
             __m512 lo0, hi0, lo1, hi1;
-            prefetch_l2(ahead + b * block_bytes);
+            weft_prefetch_l2(ahead + b * block_bytes);
             dequant_block(fmt, wr, nb, b, &lo0, &hi0);
             dequant_block(fmt, wr, nb, b + 1, &lo1, &hi1);
             for (int r = 0; r < mt; r++) {
@@ -404,7 +395,7 @@ static inline __attribute__((always_inline)) void amx_block(int fmt, int count, 
     const uint8_t *next = w + span;
     const int64_t ahead = (span + nb * 64 - 1) / (nb * 64) * 64;   /* bytes per block step */
     for (int64_t kb = 0; kb < nb; kb++) {
-        for (int64_t off = kb * ahead; off < (kb + 1) * ahead && off < span; off += 64) prefetch_l2(next + off);
+        for (int64_t off = kb * ahead; off < (kb + 1) * ahead && off < span; off += 64) weft_prefetch_l2(next + off);
         uint16_t *ak = a[kb & 1];
         amx_load_a(fmt, w, rb, nb, kb, ak);
         if (pair > 1) amx_load_a(fmt, w + AMX_ROWS * rb, rb, nb, kb, ak + AMX_ROWS * QK);
