@@ -210,9 +210,8 @@ def test_a_proposers_scores_are_scaled_by_how_well_they_predicted() -> None:
         for rows in range(1, 10):
             for _ in range(3):
                 spec.observe_step(rows, 0.010 + 0.001 * rows)   # extra rows cost 10% of a step each
-        for i in range(50):
-            spec._predicted[f"r{i}"] = [1.0] * 8                # as propose() keeps a draft's scores
-            spec.record(SimpleNamespace(request_id=f"r{i}"), 8, accepted)
+        for i in range(50):   # drafts of 8 tokens, each scored 1.0
+            spec.record(SimpleNamespace(request_id=f"r{i}"), 8, accepted, [1.0] * 8)
         return spec
 
     sure = [1.0] * 8

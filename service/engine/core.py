@@ -383,10 +383,10 @@ class EngineCore:
             return []
         reqs, results, outputs = self._rows_or_fail(out, rows, self.spec.verify)
         for req, res in zip(reqs, results):
-            drafted, accepted = len(req.spec_draft.tokens), res.num_accepted
+            draft, accepted = req.spec_draft, res.num_accepted
             req.spec_draft = None
             req.num_computed_tokens += accepted     # the accepted drafts' KV was computed this step
-            self.spec.record(req, drafted, accepted)
+            self.spec.record(req, len(draft.tokens), accepted, draft.confidence)
             outputs += self._commit(req, res.token_ids, res.logprobs)
             if not req.finished:
                 self._register_blocks(req)   # after the commit: hashes cover committed tokens only

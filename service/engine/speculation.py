@@ -43,6 +43,14 @@ DEFAULT_ACCEPTANCE = 0.7
 PRIOR_WINDOW = 512
 
 
+def _fade(book: list[float]) -> None:
+    """Engine-wide counts [x, total] keep about PRIOR_WINDOW of total: an exponential window in
+    which old counts fade."""
+    if book[1] > PRIOR_WINDOW:
+        book[0] = book[0] * PRIOR_WINDOW / book[1]
+        book[1] = book[1] * PRIOR_WINDOW / book[1]
+
+
 class Speculator:
     def __init__(self, config: EngineConfig, sampler: Sampler, eos_token_ids: Sequence[int],
                  bitmask_words: int, proposer: Proposer | None = None, query_limit: int | None = None) -> None:
@@ -67,10 +75,9 @@ class Speculator:
         # rejection that ends a draft: accepted / trials estimates the per-token acceptance.
         self._trials: dict[str, list[int]] = {}
         self._prior = [0.0, 0.0]    # the same over every request's recent drafts, the prior of a new one
-        # A scoring proposer's recent drafts: [tokens accepted, tokens its scores predicted], and
-        # the scores of each request's draft in flight (confidence_scale).
+        # A scoring proposer's recent drafts: [tokens accepted, tokens its scores predicted]
+        # (confidence_scale).
         self._scored = [0.0, 0.0]
-        self._predicted: dict[str, list[float]] = {}
         self._draft_s_per_token = 0.0   # what proposing costs per draft token (a draft model's forwards)
         self._constrain_s = 0.0   # masking this step's drafts to their grammars, counted into its cost
 
@@ -127,8 +134,6 @@ class Speculator:
                 draft = self._constrain(req, draft)
                 self._constrain_s += time.perf_counter() - t1
             req.spec_draft = draft if draft.tokens else None
-            if draft.tokens and draft.confidence:
-                self._predicted[req.request_id] = draft.confidence
 
     def _adapts(self, req: Request) -> bool:
         """A seeded sampled request keeps a fixed k: each verification draws k + 1 uniforms from
@@ -170,20 +175,19 @@ class Speculator:
                 for r in reqs]
         return self.verifier(logits, rows)
 
-    def record(self, req: Request, num_drafts: int, num_accepted: int) -> None:
+    def record(self, req: Request, num_drafts: int, num_accepted: int, scores: Sequence[float] | None = None) -> None:
+        """A verified draft of `num_drafts` tokens, `num_accepted` of them accepted; `scores`: the
+        proposer's per-position scores of those tokens, if it scores them."""
         if num_drafts:
             trials = num_accepted + (num_accepted < num_drafts)
             for book in (self._trials.setdefault(req.request_id, [0, 0]), self._prior):
                 book[0] += num_accepted
                 book[1] += trials
-            if self._prior[1] > PRIOR_WINDOW:   # an exponential window: old counts fade
-                self._prior = [c * PRIOR_WINDOW / self._prior[1] for c in self._prior]
-        scores = self._predicted.pop(req.request_id, None)
-        if scores is not None and num_drafts:   # the verified draft: scores of its first num_drafts tokens
-            self._scored[0] += num_accepted
-            self._scored[1] += expected_tokens(scores, num_drafts) - 1.0
-            if self._scored[1] > PRIOR_WINDOW:
-                self._scored = [c * PRIOR_WINDOW / self._scored[1] for c in self._scored]
+            _fade(self._prior)
+            if scores:
+                self._scored[0] += num_accepted
+                self._scored[1] += expected_tokens(scores, num_drafts) - 1.0
+                _fade(self._scored)
         self.tracker.record(req.request_id, num_drafts, num_accepted)
         if not self.tracker.enabled(req.request_id):
             self.proposer.free(req.request_id)   # decodes normally from now on
@@ -192,7 +196,6 @@ class Speculator:
 
     def preempted(self, req: Request) -> None:
         self.proposer.free(req.request_id)
-        self._predicted.pop(req.request_id, None)
 
     def finished(self, req: Request) -> dict | None:
         """Forget a finished request; its counters for the final response (None if it never could speculate)."""
@@ -200,7 +203,6 @@ class Speculator:
             self.proposer.complete(req.request_id, req.token_ids, req.num_prompt_tokens, req.cache_salt)
         self.proposer.free(req.request_id)
         self._trials.pop(req.request_id, None)
-        self._predicted.pop(req.request_id, None)
         stats = self.tracker.finish(req.request_id)
         return stats.as_dict() if req.num_speculative_tokens else None
 
