@@ -114,7 +114,7 @@ class LlamaForCausalLM(nn.Module):
         delta = None
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             x = layer.input_layernorm.add_forward(h, delta)
-            delta = layer.self_attn.forward(x, rope, k_cache, v_cache, slot_mapping, meta, lora, i)
+            delta = layer.self_attn.forward(x, rope, k_cache, v_cache, slot_mapping, meta, lora, i, self.step_tile_rows)
             x = layer.post_attention_layernorm.add_forward(h, delta)
             delta = layer.mlp.forward(x, lora, i, self.step_tile_rows)
         return self.norm.add_forward(h, delta)

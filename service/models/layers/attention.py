@@ -11,7 +11,7 @@ from torch import nn
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.kv_store import store_kv
 from kernels.rope import StepRope, rope_store, rotate_ref
-from service.models.layers.linear import amx_min_rows, project
+from service.models.layers.linear import AMX_MIN_ROWS, project
 from service.models.layers.weights import CheckpointWeights
 from service.models.lora import LoRAStep
 
@@ -53,10 +53,11 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: StepRope,
         k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, meta: AttentionMetadata,
-        lora: LoRAStep | None = None, layer: int = 0,
+        lora: LoRAStep | None = None, layer: int = 0, tile_rows: int = AMX_MIN_ROWS,
     ) -> torch.Tensor:
+        """`tile_rows`: the step's rows from which bf16 mode multiplies on AMX tiles (layers/linear.py,
+        amx_min_rows)."""
         t = x.shape[0]
-        tile_rows = amx_min_rows(len(meta.seq_lens))
         qkv = project(x, self.qkv_proj, tile_rows)
         if lora is not None:
             lora.add_(qkv, x, layer, "qkv")
