@@ -330,7 +330,7 @@ static inline __attribute__((always_inline)) void amx_load_a(int fmt, const uint
 
 /* One 16 x 16 C tile to y (C rows are weight rows, columns rows of x). A whole block of x's rows
    is transposed in registers and stored as 16 vectors: element by element, the stores took about
-   as long as the tiles' products (the Q8_0 lm_head at 128 rows: 11.5 ms). */
+   as long as the tiles' products (the Q8_0 lm_head at 64 rows: 6.8 ms, 3.9 this way). */
 static inline void amx_store_c(const float *c, int64_t m, int64_t r0, int64_t n0, float *y, int64_t ldy) {
     if (r0 + AMX_ROWS <= m) {
         __m512i in[AMX_ROWS], out[AMX_ROWS];
@@ -390,7 +390,7 @@ static inline __attribute__((always_inline)) void amx_k_step(int count, int pair
    mb0 + count) of x (B tiles 1-2); C tiles 3-4 for the first A tile, 6-7 for the second. Two A
    tiles share each B tile load and give the tiles four independent sums. */
 static inline __attribute__((always_inline)) void amx_block(int fmt, int count, int pair, const uint8_t *w,
-                                                            int64_t rb, int64_t nb, const uint32_t *xv, int64_t mbs,
+                                                            int64_t rb, int64_t nb, const uint32_t *xv,
                                                             int64_t mb0, int64_t m, int64_t n0, float *y,
                                                             int64_t ldy) {
     /* Two A buffers, alternating: the next block's de-quantised stores need not wait for the
@@ -419,7 +419,7 @@ static inline __attribute__((always_inline)) void amx_block(int fmt, int count, 
    tile kb of the first 16 rows at 2 kb, of the second at 2 kb + 1: one stream). The same tiles
    multiplied in the same order: the same sums, bit for bit, as a step of few rows gets. */
 static inline __attribute__((always_inline)) void amx_block_cached(int count, int pair, const uint16_t *abuf,
-                                                                   int64_t nb, const uint32_t *xv, int64_t mbs,
+                                                                   int64_t nb, const uint32_t *xv,
                                                                    int64_t mb0, int64_t m, int64_t n0, float *y,
                                                                    int64_t ldy) {
     amx_zero_tiles(count, pair);
@@ -442,10 +442,10 @@ static void amx_rows(int fmt, int pair, const uint8_t *w, int64_t rb, int64_t nb
         AMX_MEMORY_BARRIER();
         for (int64_t mb = 0; mb < mbs; mb += AMX_MAX_MB) {
             const int count = mbs - mb < AMX_MAX_MB ? (int)(mbs - mb) : AMX_MAX_MB;
-            if (count == 2 && pair == 2) amx_block_cached(2, 2, abuf, nb, xv, mbs, mb, m, n0, y, ldy);
-            else if (count == 1 && pair == 2) amx_block_cached(1, 2, abuf, nb, xv, mbs, mb, m, n0, y, ldy);
-            else if (count == 2) amx_block_cached(2, 1, abuf, nb, xv, mbs, mb, m, n0, y, ldy);
-            else amx_block_cached(1, 1, abuf, nb, xv, mbs, mb, m, n0, y, ldy);
+            if (count == 2 && pair == 2) amx_block_cached(2, 2, abuf, nb, xv, mb, m, n0, y, ldy);
+            else if (count == 1 && pair == 2) amx_block_cached(1, 2, abuf, nb, xv, mb, m, n0, y, ldy);
+            else if (count == 2) amx_block_cached(2, 1, abuf, nb, xv, mb, m, n0, y, ldy);
+            else amx_block_cached(1, 1, abuf, nb, xv, mb, m, n0, y, ldy);
         }
         return;
     }
@@ -453,7 +453,7 @@ static void amx_rows(int fmt, int pair, const uint8_t *w, int64_t rb, int64_t nb
         const int count = mbs - mb < AMX_MAX_MB ? (int)(mbs - mb) : AMX_MAX_MB;
         switch (fmt) {
 #define SHAPE_CASE(F, C, P) \
-    if (count == C && pair == P) amx_block(F, C, P, w, rb, nb, xv, mbs, mb, m, n0, y, ldy);
+    if (count == C && pair == P) amx_block(F, C, P, w, rb, nb, xv, mb, m, n0, y, ldy);
 #define FMT_CASE(F)                                                                   \
     case F:                                                                           \
         SHAPE_CASE(F, 1, 1) SHAPE_CASE(F, 2, 1) SHAPE_CASE(F, 1, 2) SHAPE_CASE(F, 2, 2) \
