@@ -111,9 +111,10 @@ def test_bfloat16_speculation_equals_plain(smol_prompts, method) -> None:
     its plain decode steps (float32 on the GGUF's blocks), though on a CPU with AMX steps of that
     many rows from several sequences multiply on the tiles; each row's sums must not depend on how
     many rows share its step, or a verify step would pick other tokens than plain decoding."""
-    from service.models.layers.linear import AMX_MIN_ROWS
-    assert K + 1 >= AMX_MIN_ROWS   # so a verify step's row count alone would take it to the tiles
     from service.loader import default_model_path
+    from service.models.layers.linear import AMX_MIN_ROWS
+
+    assert K + 1 >= AMX_MIN_ROWS   # so a verify step's row count alone would take it to the tiles
 
     def run(llm: LLM) -> list:
         # The chosen tokens' logprobs too: equal bit for bit only if each verify row's logits are
