@@ -35,7 +35,7 @@ def paged_attention(
         from kernels.triton_attention import paged_attention_triton
 
         return paged_attention_triton(q, k_cache, v_cache, meta, scale, window=window, softcap=softcap)
-    if window is None and softcap is None and cpu_native.usable(q, k_cache, v_cache):
+    if window is None and softcap is None and cpu_native.usable(q) and cpu_native.kv_usable(k_cache, v_cache):
         return paged_attention_native(q, k_cache, v_cache, meta, scale)
     return paged_attention_ref(q, k_cache, v_cache, meta, scale, window, softcap)
 
@@ -63,7 +63,8 @@ def paged_attention_native(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """float32 on CPU: short rows in the C kernel (reads the blocks in place), long ones in SDPA."""
+    """float32 queries on CPU: short rows in the C kernel (reads the blocks in place, float32 or
+    bf16), long ones in SDPA."""
     plan = native_plan(meta)
     q = q.contiguous()
     out = torch.empty_like(q)
@@ -74,7 +75,7 @@ def paged_attention_native(
             q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
             tables.data_ptr(), tables.shape[1], seq_lens.data_ptr(), plan.query_start_loc.data_ptr(),
             plan.rows.data_ptr(), plan.num_rows, q.shape[1], k_cache.shape[2], q.shape[2],
-            meta.block_size, scale, torch.get_num_threads(),
+            meta.block_size, scale, cpu_native.kv_bf16(k_cache), torch.get_num_threads(),
         )
         if rc != 0:
             raise MemoryError("paged attention: could not allocate scratch memory")

@@ -106,10 +106,11 @@ def lib() -> ctypes.CDLL | None:
 def _bind(dll: ctypes.CDLL) -> ctypes.CDLL:
     f = dll.weft_paged_attention_f32
     f.argtypes = [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64,
-                  _i64, _i64, _i64, _i64, ctypes.c_float, ctypes.c_int]
+                  _i64, _i64, _i64, _i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     f.restype = ctypes.c_int
     f = dll.weft_rope_store_f32
-    f.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int]
+    f.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int,
+                  ctypes.c_int]
     f.restype = None
     f = dll.weft_add_rms_norm_f32
     f.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, ctypes.c_int]
@@ -119,8 +120,8 @@ def _bind(dll: ctypes.CDLL) -> ctypes.CDLL:
     f.restype = None
     f = dll.weft_llama_layers_f32
     f.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_float, _i64, _i64, _i64,
-                  _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _i64, _i64, _i64,
-                  _ptr, _ptr, _i64, _i64, ctypes.c_int]
+                  _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, ctypes.c_int,
+                  _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, ctypes.c_int]
     f.restype = ctypes.c_int
     f = dll.weft_bf16_linear_f32
     f.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, ctypes.c_int]
@@ -217,3 +218,18 @@ def usable(*tensors: torch.Tensor) -> bool:
     """Float32 CPU tensors, native kernels enabled and built."""
     return (enabled() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and lib() is not None)
+
+
+# KV cache dtypes the native kernels read and write (the kv_bf16 flag of their entry points).
+KV_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def kv_usable(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """A pair of CPU caches, both float32 or both bfloat16, the native kernels enabled and built."""
+    return (enabled() and k_cache.device.type == "cpu" and k_cache.dtype in KV_DTYPES
+            and v_cache.dtype == k_cache.dtype and lib() is not None)
+
+
+def kv_bf16(cache: torch.Tensor) -> int:
+    """The kernels' kv_bf16 flag for a cache."""
+    return int(cache.dtype == torch.bfloat16)

@@ -42,7 +42,7 @@ def rope_store(
     num_kv_heads: int,
     head_dim: int,
 ) -> torch.Tensor:                # q rotated, [T, H, D]
-    if (cpu_native.usable(qkv, k_cache, v_cache, rope.cos_table) and qkv.stride(-1) == 1
+    if (cpu_native.usable(qkv, rope.cos_table) and cpu_native.kv_usable(k_cache, v_cache) and qkv.stride(-1) == 1
             and k_cache.is_contiguous() and v_cache.is_contiguous()):
         return rope_store_native(qkv, rope, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
     return rope_store_ref(qkv, rope, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
@@ -62,13 +62,13 @@ def rope_store_ref(qkv: torch.Tensor, rope: StepRope, k_cache: torch.Tensor, v_c
 
 def rope_store_native(qkv: torch.Tensor, rope: StepRope, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
-    """float32 CPU, bit-identical to rope_store_ref."""
+    """float32 CPU (caches float32 or bf16), bit-identical to rope_store_ref."""
     t = qkv.shape[0]
     q = torch.empty((t, num_heads, head_dim), dtype=qkv.dtype)
     positions, slots = rope.positions.contiguous(), slot_mapping.contiguous()
     cpu_native.lib().weft_rope_store_f32(
         qkv.data_ptr(), qkv.stride(0), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         rope.cos_table.data_ptr(), rope.sin_table.data_ptr(), positions.data_ptr(), slots.data_ptr(),
-        t, num_heads, num_kv_heads, head_dim, torch.get_num_threads(),
+        t, num_heads, num_kv_heads, head_dim, cpu_native.kv_bf16(k_cache), torch.get_num_threads(),
     )
     return q

@@ -16,6 +16,7 @@ from decoding.sampling import MAX_SPECULATIVE_TOKENS
 
 SPECULATIVE_METHODS = (None, "ngram", "suffix", "draft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SECTIONS = ("model", "cache", "scheduler", "speculative", "lora", "parallel", "output")
 
 
@@ -40,6 +41,9 @@ class EngineConfig:
     kv_cache_gb: float = _opt("cache", "KV pool budget in GiB", 2.0)
     num_blocks: int | None = _opt("cache", "exact KV pool size in blocks (overrides --kv-cache-gb)", None)
     enable_prefix_caching: bool = _opt("cache", "reuse the KV of full blocks shared with earlier requests", True)
+    kv_cache_dtype: str = _opt("cache", "what the KV cache stores: auto = the model's dtype (bfloat16 under --dtype "
+                               "bfloat16, whose CPU arithmetic stays float32); float32 or bfloat16 on CPU", "auto",
+                               choices=("auto", *KV_DTYPES))
     # ---- scheduler
     max_num_batched_tokens: int = _opt("scheduler", "token budget of one step (decodes + prefill chunks)", 1024)
     max_num_seqs: int = _opt("scheduler", "sequences running at once", 256)
@@ -128,6 +132,20 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         return DTYPES[self.dtype]
+
+    def kv_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's dtype for a model configured (resolved) as `model_dtype`. Only CPU caches
+        take another dtype than the model's: the native kernels read float32 and bf16 blocks into
+        float32 arithmetic (kernels/csrc/cpu_attention.c), the torch paths convert as they gather."""
+        if self.kv_cache_dtype == "auto":
+            return model_dtype
+        if self.kv_cache_dtype not in KV_DTYPES:
+            raise InvalidArgumentError("kv_cache_dtype", f"must be one of auto, {', '.join(KV_DTYPES)}; "
+                                       f"got {self.kv_cache_dtype!r}")
+        if not self.device.startswith("cpu") and KV_DTYPES[self.kv_cache_dtype] != model_dtype:
+            raise InvalidArgumentError("kv_cache_dtype", f"{self.kv_cache_dtype} differs from the model's dtype "
+                                       f"({str(model_dtype).removeprefix('torch.')}): only CPU caches may; use auto")
+        return KV_DTYPES[self.kv_cache_dtype]
 
     def section(self, name: str) -> dict[str, Any]:
         """The fields of one section and their values."""

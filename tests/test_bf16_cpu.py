@@ -1,7 +1,9 @@
 """dtype bfloat16 on CPU, Llama family (service/models/bf16_packed.py): bf16 weights, float32
 activations; few-row steps stream the weights' bf16 bits (FMT_BF16) through the native loop, steps
 of many rows multiply them by bf16 GEMM (service/models/layers/linear.py). From a GGUF, few-row
-steps stream its blocks as float32 does and only the GEMM is bf16."""
+steps stream its blocks as float32 does and only the GEMM is bf16. The KV cache holds bf16 (its
+keys and values rounded, attention float32) unless --kv-cache-dtype float32: transformers, the
+oracle, runs with a cache that rounds them the same way (tests/hf_reference.py's Bf16KVCache)."""
 from __future__ import annotations
 
 import random
@@ -11,13 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.errors import InvalidArgumentError
 from decoding.sampling import SamplingParams
 from kernels import cpu_native, quant
 from service.models.bf16_packed import AUTO_MIN_GAIN
 from service.llm import LLM
 from service.models.layers.linear import (AMX_MIN_ROWS, BF16_GEMM_MIN_ROWS, LONE_AMX_MIN_ROWS, bf16_gemm_available,
                                           bf16_matmul, bf16_weight)
-from tests.hf_reference import hf_greedy, load_hf
+from tests.hf_reference import hf_greedy, load_hf, with_bf16_kv
 
 pytestmark = pytest.mark.skipif(cpu_native.lib() is None or not cpu_native.has_sgemm(),
                                 reason="no native kernels (the bf16 copies are read by the native loop)")
@@ -28,13 +31,15 @@ def _prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
 
 
-def _hf_on_bf16_weights(path) -> torch.nn.Module:
-    """transformers in float32 on the checkpoint's weights rounded to bf16: what we compute."""
+def _hf_on_bf16_weights(path, round_weights: bool = True) -> torch.nn.Module:
+    """transformers in float32 on the checkpoint's weights rounded to bf16 (round_weights), keys
+    and values rounded to bf16 in its cache: what we compute."""
     hf = load_hf(path)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.copy_(p.bfloat16())
-    return hf
+    if round_weights:
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.copy_(p.bfloat16())
+    return with_bf16_kv(hf)
 
 
 def _hf_with_bf16_gemm(path, round_weights: bool = True, min_rows: int = BF16_GEMM_MIN_ROWS) -> torch.nn.Module:
@@ -42,7 +47,7 @@ def _hf_with_bf16_gemm(path, round_weights: bool = True, min_rows: int = BF16_GE
     of at least `min_rows` tokens in bf16 products, as our steps of that many rows do
     (service/models/layers/linear.py), and the logits of that many sequences (`_bf16_gemm_logits`).
     min_rows=1: every product, as a GGUF's steps of several sequences on AMX tiles, decodes too."""
-    hf = _hf_on_bf16_weights(path) if round_weights else load_hf(path)
+    hf = _hf_on_bf16_weights(path, round_weights)
     for module in hf.model.layers.modules():
         if isinstance(module, torch.nn.Linear):
             module.forward = _bf16_gemm_forward(module, min_rows)
@@ -95,7 +100,7 @@ def test_tiny_llama_bf16_matches_transformers(tiny_llama) -> None:
     llm = LLM(str(tiny_llama), dtype="bfloat16", progress=False, num_blocks=64)
     model = llm.engine.model
     assert model.bf16_weights and model.embed_tokens.weight.dtype == torch.float32
-    assert llm.engine.runner.kv_tensor.dtype == torch.float32
+    assert llm.engine.runner.kv_tensor.dtype == torch.bfloat16
     projections = [m for layer in model.layers for m in layer.projections()]
     assert all(m.packed.fmt == quant.FMT_BF16 for m in projections)
     assert model.lm_head_packed.fmt == quant.FMT_BF16
@@ -119,7 +124,8 @@ def test_tiny_llama_bf16_matches_transformers(tiny_llama) -> None:
 
 def test_tiny_llama_bf16_without_gemm_is_float32_on_bf16_weights(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> None:
     """WEFT_BF16_GEMM=0 (what a CPU without AVX512-BF16 or AMX gets): every step computes float32
-    arithmetic on the bf16 weights, transformers in float32 on them is exact, batched or not."""
+    arithmetic on the bf16 weights (and bf16 KV), transformers in float32 on them is exact, batched
+    or not."""
     monkeypatch.setenv("WEFT_BF16_GEMM", "0")
     llm = LLM(str(tiny_llama), dtype="bfloat16", progress=False, num_blocks=64)
     assert not llm.engine.model.bf16_gemm
@@ -183,7 +189,7 @@ def _hf_greedy_decisive(model: torch.nn.Module, prompt_ids: list[int], max_new_t
 def test_smollm2_bf16_matches_transformers_bf16(smollm2_dir, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default model (a Q4_1/Q8_0 GGUF) with dtype bfloat16: steps of many rows (prefill) are
     bf16 products (bf16 GEMM, or the blocks on AMX tiles); a sequence's steps of few rows decoding
-    alone are float32's on the GGUF's blocks, bit for bit; on AMX, steps of several sequences from
+    alone are float32's on the GGUF's blocks (with bf16 KV blocks), bit for bit; on AMX, steps of several sequences from
     AMX_MIN_ROWS rows, decodes too, multiply on the tiles (and no bf16 copies are made). Its tokens
     are transformers' with the same products, and transformers' bf16 tokens wherever transformers'
     own choice is not a bf16 tie."""
@@ -191,9 +197,10 @@ def test_smollm2_bf16_matches_transformers_bf16(smollm2_dir, monkeypatch: pytest
 
     # No prefix caching: each prompt's prefill is one step of its own length, as in transformers.
     llm = LLM(str(smollm2_dir), dtype="bfloat16", progress=False, kv_cache_gb=0.25, enable_prefix_caching=False)
-    f32 = LLM(str(smollm2_dir), dtype="float32", progress=False, kv_cache_gb=0.25, enable_prefix_caching=False)
+    f32 = LLM(str(smollm2_dir), dtype="float32", progress=False, kv_cache_gb=0.25, enable_prefix_caching=False,
+              kv_cache_dtype="bfloat16")
     model = llm.engine.model
-    assert model.bf16_weights and llm.engine.runner.kv_tensor.dtype == torch.float32
+    assert model.bf16_weights and llm.engine.runner.kv_tensor.dtype == torch.bfloat16
     projections = [m for layer in model.layers for m in layer.projections()]
     assert all(m.packed is not None and m.packed.fmt != quant.FMT_BF16 for m in projections)   # the GGUF's blocks
     assert torch.equal(projections[0].weight, f32.engine.model.layers[0].projections()[0].weight)   # not rounded
@@ -215,7 +222,7 @@ def test_smollm2_bf16_matches_transformers_bf16(smollm2_dir, monkeypatch: pytest
 
     monkeypatch.setattr(quant, "qmatmul_amx", counting)
     # Prompts of fewer than BF16_GEMM_MIN_ROWS (and LONE_AMX_MIN_ROWS) tokens decoding alone never
-    # leave the few-row path: float32's tokens and logits.
+    # leave the few-row path: float32's tokens and logits (over the same bf16 KV blocks).
     short = [p[:BF16_GEMM_MIN_ROWS - 1] for p in prompts]
     assert _generate_one_by_one(llm, short, params) == _generate_one_by_one(f32, short, params)
     ours = _generate_one_by_one(llm, prompts, params)
@@ -296,11 +303,12 @@ def test_dtype_auto_says_what_it_chose_and_runs_it(smollm2_dir, caplog: pytest.L
         assert chosen == ("bfloat16" if bf16 >= AUTO_MIN_GAIN * f32 else "float32")
     else:
         assert chosen == "float32" and "no AVX512-BF16 or AMX" in said[0]
-    # A short prompt decoding alone is float32's whichever was chosen (bf16 products serve steps of
-    # many rows, or of several sequences on AMX tiles).
+    # A short prompt decoding alone is float32's (over the KV blocks of the chosen dtype) whichever
+    # was chosen (bf16 products serve steps of many rows, or of several sequences on AMX tiles).
+    assert llm.engine.kv_dtype == getattr(torch, chosen)
     prompt = llm.tokenizer.encode("The capital of France is")
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    f32 = LLM(str(smollm2_dir), dtype="float32", progress=False, kv_cache_gb=0.1)
+    f32 = LLM(str(smollm2_dir), dtype="float32", progress=False, kv_cache_gb=0.1, kv_cache_dtype=chosen)
     assert llm.generate([prompt], params)[0].outputs[0].token_ids == f32.generate([prompt], params)[0].outputs[0].token_ids
 
 
@@ -337,3 +345,36 @@ def test_bf16_draft_model_keeps_its_gguf_blocks(smollm2_dir) -> None:
     plain = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
                                                   num_speculative_tokens=0))[0].outputs[0]
     assert spec.token_ids == plain.token_ids and spec.spec["num_accepted_tokens"] > 0
+
+
+def test_kv_cache_dtype(tiny_llama) -> None:
+    """--kv-cache-dtype: bfloat16 blocks under a float32 model equal transformers in float32 with a
+    cache that rounds keys and values to bf16, exactly; float32 blocks under --dtype bfloat16 keep
+    what that mode computed before bf16 blocks (a lone request float32's, decode by decode);
+    bf16 blocks hold twice the tokens of the same budget; a bad value is refused by name."""
+    prompts = _prompts(128, [1, 7, 33, 80], seed=11)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    f32_bf16kv = LLM(str(tiny_llama), dtype="float32", kv_cache_dtype="bfloat16", progress=False, kv_cache_gb=0.01)
+    assert f32_bf16kv.engine.runner.kv_tensor.dtype == torch.bfloat16
+    ours = _generate_one_by_one(f32_bf16kv, prompts, params)
+    assert ours == [hf_greedy(with_bf16_kv(load_hf(tiny_llama)), p, 24) for p in prompts]
+    plain = LLM(str(tiny_llama), dtype="float32", progress=False, kv_cache_gb=0.01)
+    assert plain.engine.runner.kv_tensor.dtype == torch.float32
+    assert f32_bf16kv.engine.num_blocks // 2 == plain.engine.num_blocks   # the budget over half the bytes
+    assert _generate_one_by_one(plain, prompts, params) != ours   # the rounding is really there
+    bf16_f32kv = LLM(str(tiny_llama), dtype="bfloat16", kv_cache_dtype="float32", progress=False, num_blocks=64)
+    assert bf16_f32kv.engine.runner.kv_tensor.dtype == torch.float32
+    short = [p for p in prompts if len(p) < BF16_GEMM_MIN_ROWS]
+    assert _generate_one_by_one(bf16_f32kv, short, params) == [hf_greedy(_hf_on_bf16_weights_f32kv(tiny_llama), p, 24)
+                                                                for p in short]
+    with pytest.raises(InvalidArgumentError, match="kv_cache_dtype"):
+        LLM(str(tiny_llama), dtype="float32", kv_cache_dtype="float16", progress=False, num_blocks=16)
+
+
+def _hf_on_bf16_weights_f32kv(path) -> torch.nn.Module:
+    """transformers in float32 on the weights rounded to bf16, its own float32 cache."""
+    hf = load_hf(path)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.bfloat16())
+    return hf

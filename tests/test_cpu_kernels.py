@@ -22,8 +22,11 @@ def _meta_for_rows(q_lens: list[int], seq_lens: list[int], tables: torch.Tensor,
                              num_decodes=sum(1 for n in q_lens if n == 1), block_size=block_size)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group,block_size,head_dim", [(1, 16, 64), (3, 16, 64), (3, 24, 64), (4, 32, 40), (8, 16, 128)])
-def test_attention_matches_reference(group: int, block_size: int, head_dim: int) -> None:
+def test_attention_matches_reference(group: int, block_size: int, head_dim: int, kv_dtype: torch.dtype) -> None:
+    """float32 blocks, or bf16 ones (--kv-cache-dtype) read into the same float32 arithmetic: the
+    reference is float64 attention over the blocks' exact values. head_dim 40 takes the plain loop."""
     torch.manual_seed(group * 100 + block_size + head_dim)
     num_kv_heads = 2
     # Decodes (one at a single key), short multi-query rows (speculative verification) and
@@ -32,6 +35,7 @@ def test_attention_matches_reference(group: int, block_size: int, head_dim: int)
     pre = [(0, 3), (40, 5), (7, 16), (0, 40), (33, 70)]
     q, k_cache, v_cache, meta = make_attention_batch(dec, pre, group * num_kv_heads, num_kv_heads, head_dim,
                                                      block_size, torch.float32, "cpu")
+    k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
     scale = head_dim ** -0.5
     ref = paged_attention_ref(q.double(), k_cache.double(), v_cache.double(), meta, scale)
     out = paged_attention_native(q, k_cache, v_cache, meta, scale)
@@ -42,10 +46,11 @@ def test_attention_matches_reference(group: int, block_size: int, head_dim: int)
     assert (out - low).abs().max() < 1e-5
 
 
-def test_attention_rows_do_not_depend_on_the_batch() -> None:
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_attention_rows_do_not_depend_on_the_batch(kv_dtype: torch.dtype) -> None:
     """Each query's result is the same bits alone or in any batch: a speculative verify row's
     queries equal one-token decodes at their positions, and a long decode (split over the
-    threads in chunks of keys) equals itself beside other rows."""
+    threads in chunks of keys) equals itself beside other rows; over bf16 blocks too."""
     torch.manual_seed(1)
     block_size, hkv, h, d = 16, 3, 9, 64
     q_lens, seq_lens = [5, 1, 1, 3], [300, 2100, 37, 70]
@@ -56,7 +61,7 @@ def test_attention_rows_do_not_depend_on_the_batch() -> None:
     for r, n in enumerate(nb):
         tables[r, :n] = perm[i:i + n]
         i += n
-    k_cache = torch.randn(sum(nb), block_size, hkv, d)
+    k_cache = torch.randn(sum(nb), block_size, hkv, d).to(kv_dtype)
     v_cache = torch.randn_like(k_cache)
     q = torch.randn(sum(q_lens), h, d)
     batch = paged_attention_native(q, k_cache, v_cache, _meta_for_rows(q_lens, seq_lens, tables, block_size), d ** -0.5)
@@ -101,8 +106,10 @@ def test_disabled_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not cpu_native.usable(torch.zeros(1, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (4, 4, 40), (8, 2, 128)])
-def test_rope_store_is_bit_identical(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+def test_rope_store_is_bit_identical(num_heads: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> None:
+    """q, and the k, v stored: float32 ones, or bf16 ones rounded as torch's .to(bfloat16) rounds."""
     from kernels.rope import StepRope, rope_store_native, rope_store_ref
 
     torch.manual_seed(num_heads + head_dim)
@@ -114,7 +121,7 @@ def test_rope_store_is_bit_identical(num_heads: int, num_kv_heads: int, head_dim
     positions = torch.randint(0, 200, (t,))
     slots = torch.randperm(blocks * bs)[:t]
     slots[5] = -1   # padding: stores nothing
-    caches = [torch.randn(blocks, bs, num_kv_heads, head_dim) for _ in range(4)]
+    caches = [torch.randn(blocks, bs, num_kv_heads, head_dim).to(kv_dtype) for _ in range(4)]
     keep = slots >= 0
     scratch = [torch.zeros_like(caches[0]) for _ in range(2)]
     q_ref = rope_store_ref(qkv, StepRope(cos, sin, positions), *scratch, slots.clamp(min=0),
@@ -160,10 +167,10 @@ def test_silu_mul_is_bit_identical() -> None:
         assert torch.equal(out, torch.nn.functional.silu(gate) * up)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_native_layers_equal_the_python_loop(bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("bias,kv_dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16)])
+def test_native_layers_equal_the_python_loop(bias: bool, kv_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """One native call for all layers gives bit-identical hidden states and KV to the layer loop
-    (which uses the same kernels one by one and torch's matmuls)."""
+    (which uses the same kernels one by one and torch's matmuls), float32 or bf16 KV blocks."""
     from transformers import LlamaConfig
 
     import service.models.llama as llama
@@ -190,7 +197,7 @@ def test_native_layers_equal_the_python_loop(bias: bool, monkeypatch: pytest.Mon
     slots = torch.cat([tables[r, torch.arange(s - n, s) // block_size] * block_size + torch.arange(s - n, s) % block_size
                        for r, (n, s) in enumerate(zip(q_lens, seq_lens))])
     ids = torch.randint(0, 97, (sum(q_lens),))
-    kv = torch.randn(3, 2, sum(nb) + 3, block_size, 2, 16)
+    kv = torch.randn(3, 2, sum(nb) + 3, block_size, 2, 16).to(kv_dtype)
 
     def run(native: bool) -> tuple[torch.Tensor, torch.Tensor]:
         cache = kv.clone()
@@ -205,7 +212,9 @@ def test_native_layers_equal_the_python_loop(bias: bool, monkeypatch: pytest.Mon
                                                 [(c.clone(), v.clone()) for c, v in caches], slots, meta), out)
         return out, cache
 
+    steps = model.native.steps
     (out, cache), (ref, ref_cache) = run(True), run(False)
+    assert model.native.steps == steps + 2   # the model's own call and the check's
     assert torch.equal(out, ref)
     assert torch.equal(cache, ref_cache)
 

@@ -1,4 +1,7 @@
-/* Paged attention for the CPU, float32: queries read K/V straight out of the cache blocks.
+/* Paged attention for the CPU, float32: queries read K/V straight out of the cache blocks,
+float32 ones or bfloat16 ones (kv_bf16) widened on load (a shift: exact), the arithmetic float32
+either way. bf16 blocks halve what a step streams: at 32 sequences, attention over the float32
+cache was a third of a bf16-mode step, all of it memory-bound.
 
 The torch reference gathers every row's blocks into a contiguous copy, then permutes it for
 the matmuls: per layer and step that writes and re-reads the whole batch's KV two more times,
@@ -18,16 +21,23 @@ is one thread pool, not two competing for the cores).
 #include "weft_cpu.h"
 
 #define LANES 16
+#define INLINE static inline __attribute__((always_inline))
+
+/* Element `at` of a cache, float32 or bf16: the one branch every caller takes with a constant
+   kv_bf16, so each kernel below is compiled twice, once per layout, and the branch disappears. */
+INLINE float kv_at(const void *cache, int64_t at, int kv_bf16) {
+    return kv_bf16 ? weft_from_bf16(((const uint16_t *)cache)[at]) : ((const float *)cache)[at];
+}
 
 /* Dot product in LANES independent partial sums (one vector register), then a fixed tree:
    the result does not depend on thread count or on where the row sits in the batch. */
-static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+INLINE float dot(const float *restrict a, const void *cache, int64_t at, int64_t n, int kv_bf16) {
     float acc[LANES] = {0};
     int64_t d = 0;
     for (; d + LANES <= n; d += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += a[d + l] * b[d + l];
+        for (int l = 0; l < LANES; l++) acc[l] += a[d + l] * kv_at(cache, at + d + l, kv_bf16);
     float tail = 0.0f;
-    for (; d < n; d++) tail += a[d] * b[d];
+    for (; d < n; d++) tail += a[d] * kv_at(cache, at + d, kv_bf16);
     for (int w = LANES / 2; w; w >>= 1)
         for (int l = 0; l < w; l++) acc[l] += acc[l + w];
     return acc[0] + tail;
@@ -54,19 +64,18 @@ static inline float exp_nonpos(float d) {
 }
 
 /* One (token, KV head) item: scores over keys [0, num_keys), softmax, weighted sum of V. */
-static void attend(const float *q, float *out, const float *k_cache, const float *v_cache,
+static void attend(const float *q, float *out, const void *k_cache, const void *v_cache,
                    const int64_t *table, int64_t num_keys, int64_t kvh, int64_t group,
                    int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
-                   float *scores) {
+                   float *scores, int kv_bf16) {
     const int64_t row_stride = num_kv_heads * head_dim;      /* one token slot in a block */
     for (int64_t j0 = 0, blk = 0; j0 < num_keys; j0 += block_size, blk++) {
         const int64_t base = (table[blk] * block_size * num_kv_heads + kvh) * head_dim;
         const int64_t n = num_keys - j0 < block_size ? num_keys - j0 : block_size;
-        for (int64_t o = 0; o < n; o++) {
-            const float *kp = k_cache + base + o * row_stride;
+        for (int64_t o = 0; o < n; o++)
             for (int64_t g = 0; g < group; g++)
-                scores[g * num_keys + j0 + o] = dot(q + g * head_dim, kp, head_dim) * scale;
-        }
+                scores[g * num_keys + j0 + o] = dot(q + g * head_dim, k_cache, base + o * row_stride, head_dim,
+                                                    kv_bf16) * scale;
     }
     for (int64_t g = 0; g < group; g++) {
         float *s = scores + g * num_keys;
@@ -84,11 +93,11 @@ static void attend(const float *q, float *out, const float *k_cache, const float
         const int64_t base = (table[blk] * block_size * num_kv_heads + kvh) * head_dim;
         const int64_t n = num_keys - j0 < block_size ? num_keys - j0 : block_size;
         for (int64_t o = 0; o < n; o++) {
-            const float *vp = v_cache + base + o * row_stride;
+            const int64_t vp = base + o * row_stride;
             for (int64_t g = 0; g < group; g++) {
                 const float p = scores[g * num_keys + j0 + o];
                 float *restrict dst = out + g * head_dim;
-                for (int64_t d = 0; d < head_dim; d++) dst[d] += p * vp[d];
+                for (int64_t d = 0; d < head_dim; d++) dst[d] += p * kv_at(v_cache, vp + d, kv_bf16);
             }
         }
     }
@@ -98,6 +107,8 @@ static void attend(const float *q, float *out, const float *k_cache, const float
 
 typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));   /* unaligned loads, aliases float */
 typedef int32_t i16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t bf16x16 __attribute__((vector_size(32), aligned(2), may_alias));
 #ifdef __clang__
 #define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
@@ -119,6 +130,13 @@ static inline v16 hsum4(v16 a0, v16 a1, v16 a2, v16 a3) {
          + SHUF(d, d, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7);
 }
 
+/* 16 cache elements from `at` as floats: bf16 ones widened (zero-extend, shift into the high half). */
+INLINE v16 kv_load16(const void *cache, int64_t at, int kv_bf16) {
+    if (kv_bf16)
+        return (v16)(__builtin_convertvector(*(const bf16x16 *)((const uint16_t *)cache + at), u32x16) << 16);
+    return *(const v16 *)((const float *)cache + at);
+}
+
 #define MAX_GROUP 8
 #define MAX_CHUNKS 16   /* head_dim <= 256 */
 
@@ -131,18 +149,18 @@ static inline v16 hsum4(v16 a0, v16 a1, v16 a2, v16 a3) {
    way (a noisy machine), ~8.3 with the whole KV in cache. The rows of a paged block table break the hardware
    prefetchers' streams every block, and a core otherwise keeps too few misses in flight. */
 typedef struct {
-    const float *k_cache, *v_cache;
+    const char *k_cache, *v_cache;
     const int64_t *table;
     int64_t j, jb, line;                      /* next key, end of the keys, next line of its row */
-    int64_t lines_per_row, row_floats, block_size, per_call;
+    int64_t lines_per_row, row_bytes, block_size, per_call;
 } prefetcher;
 
 /* Ask for up to n more lines of the planned rows (a key's K line, then its V line). */
 static inline void prefetch_some(prefetcher *pf, int64_t n) {
     for (; n > 0 && pf->j < pf->jb; n -= 2) {
-        const int64_t at = (pf->table[pf->j / pf->block_size] * pf->block_size + pf->j % pf->block_size) * pf->row_floats;
-        weft_prefetch_l2((const char *)(pf->k_cache + at) + pf->line * 64);
-        weft_prefetch_l2((const char *)(pf->v_cache + at) + pf->line * 64);
+        const int64_t at = (pf->table[pf->j / pf->block_size] * pf->block_size + pf->j % pf->block_size) * pf->row_bytes;
+        weft_prefetch_l2(pf->k_cache + at + pf->line * 64);
+        weft_prefetch_l2(pf->v_cache + at + pf->line * 64);
         if (++pf->line == pf->lines_per_row) {
             pf->line = 0;
             pf->j++;
@@ -161,28 +179,27 @@ static inline void prefetch_plan(prefetcher *pf, const int64_t *table, int64_t j
    largest score m, l = the sum of exp(score - m), and o = the sum of exp(score - m) * v, not yet
    divided by l. part: `group` rows of head_dim + 2 floats (o, then m and l). Every 4 keys of
    each pass it asks `pf` for a few more lines of the next item. */
-static void attend_part_v16(const float *q, const float *k_cache, const float *v_cache, const int64_t *table,
+INLINE void attend_part_v16(const float *q, const void *k_cache, const void *v_cache, const int64_t *table,
                             int64_t ja, int64_t jb, int64_t kvh, int64_t group, int64_t num_kv_heads,
                             int64_t head_dim, int64_t block_size, float scale, float *scores, float *part,
-                            prefetcher *pf) {
+                            prefetcher *pf, int kv_bf16) {
     const int64_t row_stride = num_kv_heads * head_dim, chunks = head_dim / 16, nk = jb - ja;
     for (int64_t j = ja; j < jb;) {
         const int64_t off = j % block_size, n = block_size - off < jb - j ? block_size - off : jb - j;
-        const float *kb = k_cache + ((table[j / block_size] * block_size + off) * num_kv_heads + kvh) * head_dim;
+        const int64_t kb = ((table[j / block_size] * block_size + off) * num_kv_heads + kvh) * head_dim;
         int64_t o = 0;
         for (; o + 4 <= n; o += 4) {
             prefetch_some(pf, pf->per_call);
-            const v16 *k0 = (const v16 *)(kb + o * row_stride), *k1 = (const v16 *)(kb + (o + 1) * row_stride);
-            const v16 *k2 = (const v16 *)(kb + (o + 2) * row_stride), *k3 = (const v16 *)(kb + (o + 3) * row_stride);
+            const int64_t k0 = kb + o * row_stride, k1 = k0 + row_stride, k2 = k1 + row_stride, k3 = k2 + row_stride;
             for (int64_t g = 0; g < group; g++) {
                 const v16 *qg = (const v16 *)(q + g * head_dim);
                 v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
                 for (int64_t c = 0; c < chunks; c++) {
                     const v16 qc = qg[c];
-                    a0 += qc * k0[c];
-                    a1 += qc * k1[c];
-                    a2 += qc * k2[c];
-                    a3 += qc * k3[c];
+                    a0 += qc * kv_load16(k_cache, k0 + c * 16, kv_bf16);
+                    a1 += qc * kv_load16(k_cache, k1 + c * 16, kv_bf16);
+                    a2 += qc * kv_load16(k_cache, k2 + c * 16, kv_bf16);
+                    a3 += qc * kv_load16(k_cache, k3 + c * 16, kv_bf16);
                 }
                 const v16 sum = hsum4(a0, a1, a2, a3);
                 float *dst = scores + g * nk + (j - ja) + o;
@@ -191,7 +208,7 @@ static void attend_part_v16(const float *q, const float *k_cache, const float *v
         }
         for (; o < n; o++)
             for (int64_t g = 0; g < group; g++)
-                scores[g * nk + (j - ja) + o] = dot(q + g * head_dim, kb + o * row_stride, head_dim) * scale;
+                scores[g * nk + (j - ja) + o] = dot(q + g * head_dim, k_cache, kb + o * row_stride, head_dim, kv_bf16) * scale;
         j += n;
     }
     for (int64_t g = 0; g < group; g++) {
@@ -208,13 +225,13 @@ static void attend_part_v16(const float *q, const float *k_cache, const float *v
     for (int64_t i = 0; i < group * chunks; i++) acc[i] = (v16){0};
     for (int64_t j = ja; j < jb;) {
         const int64_t off = j % block_size, n = block_size - off < jb - j ? block_size - off : jb - j;
-        const float *vb = v_cache + ((table[j / block_size] * block_size + off) * num_kv_heads + kvh) * head_dim;
+        const int64_t vb = ((table[j / block_size] * block_size + off) * num_kv_heads + kvh) * head_dim;
         for (int64_t o = 0; o < n; o++) {
             if (o % 4 == 0) prefetch_some(pf, pf->per_call);
-            const v16 *vp = (const v16 *)(vb + o * row_stride);
-            for (int64_t g = 0; g < group; g++) {
-                const float p = scores[g * nk + (j - ja) + o];
-                for (int64_t c = 0; c < chunks; c++) acc[g * chunks + c] += p * vp[c];
+            const int64_t vp = vb + o * row_stride;
+            for (int64_t c = 0; c < chunks; c++) {
+                const v16 vc = kv_load16(v_cache, vp + c * 16, kv_bf16);
+                for (int64_t g = 0; g < group; g++) acc[g * chunks + c] += scores[g * nk + (j - ja) + o] * vc;
             }
         }
         j += n;
@@ -224,6 +241,22 @@ static void attend_part_v16(const float *q, const float *k_cache, const float *v
             const v16 a = acc[g * chunks + c];
             __builtin_memcpy(part + g * (head_dim + 2) + c * 16, &a, sizeof a);
         }
+}
+
+/* attend_part_v16 compiled for each cache layout. */
+static void attend_part_f32(const float *q, const void *k_cache, const void *v_cache, const int64_t *table, int64_t ja,
+                            int64_t jb, int64_t kvh, int64_t group, int64_t num_kv_heads, int64_t head_dim,
+                            int64_t block_size, float scale, float *scores, float *part, prefetcher *pf) {
+    attend_part_v16(q, k_cache, v_cache, table, ja, jb, kvh, group, num_kv_heads, head_dim, block_size, scale, scores,
+                    part, pf, 0);
+}
+
+static void attend_part_bf16(const float *q, const void *k_cache, const void *v_cache, const int64_t *table,
+                             int64_t ja, int64_t jb, int64_t kvh, int64_t group, int64_t num_kv_heads,
+                             int64_t head_dim, int64_t block_size, float scale, float *scores, float *part,
+                             prefetcher *pf) {
+    attend_part_v16(q, k_cache, v_cache, table, ja, jb, kvh, group, num_kv_heads, head_dim, block_size, scale, scores,
+                    part, pf, 1);
 }
 
 /* Keys a work item of the fast path covers (the last item of a query may have fewer). */
@@ -240,11 +273,11 @@ static inline int64_t chunk_end(int64_t ja, int64_t num_keys) {
    (token, head) joins its chunks, in order. The split depends on the query's own key count
    alone, so a row's result does not depend on its batch (a verify row equals the plain decode of
    its token, bit for bit). Returns 0, or -1 if scratch memory could not be allocated. */
-static int attention_chunked(const float *q, float *out, const float *k_cache, const float *v_cache,
+static int attention_chunked(const float *q, float *out, const void *k_cache, const void *v_cache,
                              const int64_t *block_tables, int64_t table_stride, const int64_t *tok_of,
                              const int64_t *row_of, const int64_t *key_count, const int64_t *query_start_loc,
                              int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                             int64_t block_size, float scale, int threads) {
+                             int64_t block_size, float scale, int kv_bf16, int threads) {
     const int64_t group = num_heads / num_kv_heads, part_size = num_heads * (head_dim + 2);
     int64_t *first = malloc(sizeof(int64_t) * (num_tokens + 1));   /* first[k]: token k's first item */
     if (!first) return -1;
@@ -267,10 +300,9 @@ static int attention_chunked(const float *q, float *out, const float *k_cache, c
         }
         /* Items it, it + threads, ...: a thread knows its next item, and prefetches it. */
         const int nth = omp_get_num_threads(), me = omp_get_thread_num();
-        const int64_t row_floats = num_kv_heads * head_dim;
+        const int64_t row_bytes = num_kv_heads * head_dim * (kv_bf16 ? 2 : 4);
         /* lines of an item's rows spread over its 2 * num_kv_heads passes of chunk / 4 calls */
-        prefetcher pf = {k_cache, v_cache, 0, 0, 0, 0, row_floats * (int64_t)sizeof(float) / 64, row_floats,
-                         block_size, head_dim / 4};
+        prefetcher pf = {k_cache, v_cache, 0, 0, 0, 0, (row_bytes + 63) / 64, row_bytes, block_size, head_dim / 4};
         for (int64_t it = me; it < num_items && scores; it += nth) {
             const int64_t k = item_tok[it], t = tok_of[k], r = row_of[k];
             const int64_t ja = (it - first[k]) * KEY_CHUNK, jb = chunk_end(ja, key_count[k]);
@@ -289,9 +321,10 @@ static int attention_chunked(const float *q, float *out, const float *k_cache, c
                 prefetch_plan(&pf, block_tables + row_of[k2] * table_stride, ja2, chunk_end(ja2, key_count[k2]));
             }
             for (int64_t kvh = 0; kvh < num_kv_heads; kvh++)
-                attend_part_v16(q + (t * num_heads + kvh * group) * head_dim, k_cache, v_cache, table, ja, jb, kvh,
-                                group, num_kv_heads, head_dim, block_size, scale, scores,
-                                parts + it * part_size + kvh * group * (head_dim + 2), &pf);
+                (kv_bf16 ? attend_part_bf16 : attend_part_f32)(
+                    q + (t * num_heads + kvh * group) * head_dim, k_cache, v_cache, table, ja, jb, kvh, group,
+                    num_kv_heads, head_dim, block_size, scale, scores,
+                    parts + it * part_size + kvh * group * (head_dim + 2), &pf);
             prefetch_some(&pf, INT64_MAX);   /* what a short last chunk left */
         }
         free(scores);
@@ -328,11 +361,11 @@ static int attention_chunked(const float *q, float *out, const float *k_cache, c
    q, out: [T, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim];
    all contiguous. Returns 0, or -1 if scratch memory could not be allocated. */
 int weft_paged_attention_f32(
-    const float *q, float *out, const float *k_cache, const float *v_cache,
+    const float *q, float *out, const void *k_cache, const void *v_cache,
     const int64_t *block_tables, int64_t table_stride, const int64_t *seq_lens,
     const int64_t *query_start_loc, const int64_t *rows, int64_t num_rows,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-    float scale, int num_threads) {
+    float scale, int kv_bf16, int num_threads) {
     const int64_t group = num_heads / num_kv_heads;
     int64_t num_tokens = 0, max_keys = 1, work = 0;
     for (int64_t i = 0; i < num_rows; i++) {
@@ -362,7 +395,7 @@ int weft_paged_attention_f32(
     if (fast) {
         const int rc = attention_chunked(q, out, k_cache, v_cache, block_tables, table_stride, tok_of, row_of, key_count,
                                          query_start_loc, num_tokens, num_heads, num_kv_heads, head_dim, block_size,
-                                         scale, threads);
+                                         scale, kv_bf16, threads);
         free(tok_of);
         return rc;
     }
@@ -383,7 +416,7 @@ int weft_paged_attention_f32(
             const int64_t t = tok_of[k], r = row_of[k];
             const int64_t off = (t * num_heads + kvh * group) * head_dim;
             attend(q + off, out + off, k_cache, v_cache, block_tables + r * table_stride, key_count[k], kvh, group,
-                   num_kv_heads, head_dim, block_size, scale, scores);
+                   num_kv_heads, head_dim, block_size, scale, scores, kv_bf16);
         }
         free(scores);
     }

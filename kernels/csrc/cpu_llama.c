@@ -32,13 +32,6 @@ static bf16_gemm_fn bf16_gemm_ptr;
 
 void weft_set_bf16_gemm(void *fn) { bf16_gemm_ptr = (bf16_gemm_fn)fn; }
 
-/* float32 -> bfloat16, round to nearest even (torch's .bfloat16() for finite values). */
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 /* y[T, N] = bf16(x[T, K]) @ w16[N, K]^T (+ bias), float32 sums and output; xb: T * K scratch.
    Returns -1 without the GEMM. */
 int weft_bf16_linear_f32(const float *x, const uint16_t *w16, const float *bias, float *y, int64_t t, int64_t n,
@@ -47,7 +40,7 @@ int weft_bf16_linear_f32(const float *x, const uint16_t *w16, const float *bias,
     const int64_t total = t * k;
     const int threads = total < 65536 ? 1 : num_threads;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < total; i++) xb[i] = to_bf16(x[i]);
+    for (int64_t i = 0; i < total; i++) xb[i] = weft_to_bf16(x[i]);
     const int ti = (int)t, ni = (int)n, ki = (int)k;
     const float one = 1.0f;
     float beta = 0.0f;
@@ -156,6 +149,7 @@ static void lora_add(const lora_step *ls, int64_t layer, int which, float *y, co
 /* h: [T, hidden] embeddings in, residual stream (updated in place); out: [T, hidden] final norm.
    scratch: T * (2 * hidden + (H + 2 * Hkv) * D + 2 * H * D + 3 * inter + max(hidden, H * D, inter) / 2)
    floats (the last part x in bf16 for bf16 GEMM, rounded up).
+   kv_bf16: the KV caches hold bfloat16 (else float32).
    lora: num_layers * NUM_LORA_PTRS addresses or 0; lora_slots: [T] slot per token (-1: base).
    Returns 0, -1 without an sgemm, -2 if attention could not allocate. */
 int weft_llama_layers_f32(
@@ -165,8 +159,8 @@ int weft_llama_layers_f32(
     const float *cos, const float *sin, const int64_t *positions, const int64_t *slots,
     const int64_t *block_tables, int64_t table_stride, const int64_t *seq_lens,
     const int64_t *query_start_loc, const int64_t *rows, int64_t num_rows, int64_t block_size,
-    float scale, int64_t packed_max_rows, int64_t bf16_min_rows, int64_t amx_min_rows, const int64_t *lora,
-    const int64_t *lora_slots, int64_t lora_num_slots, int64_t lora_rank, int num_threads) {
+    float scale, int kv_bf16, int64_t packed_max_rows, int64_t bf16_min_rows, int64_t amx_min_rows,
+    const int64_t *lora, const int64_t *lora_slots, int64_t lora_num_slots, int64_t lora_rank, int num_threads) {
     if (!sgemm_ptr) return -1;
     const int t = (int)num_tokens, hd = (int)hidden, it = (int)inter;
     const int q_size = (int)(num_heads * head_dim), qkv_size = q_size + 2 * (int)(num_kv_heads * head_dim);
@@ -185,7 +179,7 @@ int weft_llama_layers_f32(
     const float *pending = 0;   /* the previous sub-layer's output, added to h by the next norm */
     for (int64_t l = 0; l < num_layers; l++) {
         const int64_t *p = layers + l * NUM_PTRS;
-        float *k_cache = (float *)p[K_CACHE], *v_cache = (float *)p[V_CACHE];
+        void *k_cache = (void *)p[K_CACHE], *v_cache = (void *)p[V_CACHE];
         weft_add_rms_norm_f32(h, pending, (const float *)p[LN1], x, num_tokens, hidden, eps, num_threads);
         qlinear(x, (const float *)p[QKV_W], (const float *)p[QKV_B], p[QKV_Q], p[QKV_FMT], p[QKV_W16], &g, qkv, t,
                 qkv_size, hd);
@@ -194,10 +188,10 @@ int weft_llama_layers_f32(
             qk_norm(qkv, num_tokens, qkv_size, (const float *)p[Q_NORM], (const float *)p[K_NORM], num_heads,
                     num_kv_heads, head_dim, eps, attn, num_threads);
         weft_rope_store_f32(qkv, qkv_size, q, k_cache, v_cache, cos, sin, positions, slots, num_tokens,
-                            num_heads, num_kv_heads, head_dim, num_threads);
+                            num_heads, num_kv_heads, head_dim, kv_bf16, num_threads);
         if (weft_paged_attention_f32(q, attn, k_cache, v_cache, block_tables, table_stride, seq_lens,
                                      query_start_loc, rows, num_rows, num_heads, num_kv_heads, head_dim,
-                                     block_size, scale, num_threads))
+                                     block_size, scale, kv_bf16, num_threads))
             return -2;
         qlinear(attn, (const float *)p[O_W], (const float *)p[O_B], p[O_Q], p[O_FMT], p[O_W16], &g, delta, t, hd,
                 q_size);

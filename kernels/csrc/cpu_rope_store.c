@@ -31,12 +31,13 @@ NO_FMA static void rotate(const float *restrict x, float *restrict out, const fl
 }
 
 /* qkv: [T, qkv_stride] rows holding q (H*D), k (Hkv*D), v (Hkv*D); cos/sin: [max_pos, D];
-   q_out: [T, H, D]; caches [num_blocks, block_size, Hkv, D] seen as [slots, Hkv, D].
+   q_out: [T, H, D]; caches [num_blocks, block_size, Hkv, D] seen as [slots, Hkv, D], float32 or
+   (kv_bf16) bfloat16: k rotated in float32, then each value rounded as torch's .to(bfloat16).
    A negative slot skips the token's store (padding). */
-void weft_rope_store_f32(const float *qkv, int64_t qkv_stride, float *q_out, float *k_cache,
-                         float *v_cache, const float *cos, const float *sin, const int64_t *positions,
+void weft_rope_store_f32(const float *qkv, int64_t qkv_stride, float *q_out, void *k_cache,
+                         void *v_cache, const float *cos, const float *sin, const int64_t *positions,
                          const int64_t *slots, int64_t num_tokens, int64_t num_heads,
-                         int64_t num_kv_heads, int64_t head_dim, int num_threads) {
+                         int64_t num_kv_heads, int64_t head_dim, int kv_bf16, int num_threads) {
     const int64_t kv = num_kv_heads * head_dim;
     const int threads = num_tokens * (num_heads + 2 * num_kv_heads) * head_dim < 32768 ? 1 : num_threads;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -48,8 +49,19 @@ void weft_rope_store_f32(const float *qkv, int64_t qkv_stride, float *q_out, flo
         const int64_t slot = slots[t];
         if (slot < 0) continue;
         const float *k = row + num_heads * head_dim;
-        for (int64_t h = 0; h < num_kv_heads; h++)
-            rotate(k + h * head_dim, k_cache + slot * kv + h * head_dim, c, s, head_dim);
-        memcpy(v_cache + slot * kv, k + kv, sizeof(float) * kv);
+        if (!kv_bf16) {
+            float *k_out = (float *)k_cache + slot * kv;
+            for (int64_t h = 0; h < num_kv_heads; h++)
+                rotate(k + h * head_dim, k_out + h * head_dim, c, s, head_dim);
+            memcpy((float *)v_cache + slot * kv, k + kv, sizeof(float) * kv);
+            continue;
+        }
+        float rotated[kv];
+        for (int64_t h = 0; h < num_kv_heads; h++) rotate(k + h * head_dim, rotated + h * head_dim, c, s, head_dim);
+        uint16_t *k_out = (uint16_t *)k_cache + slot * kv, *v_out = (uint16_t *)v_cache + slot * kv;
+        for (int64_t i = 0; i < kv; i++) {
+            k_out[i] = weft_to_bf16(rotated[i]);
+            v_out[i] = weft_to_bf16(k[kv + i]);
+        }
     }
 }

@@ -13,17 +13,30 @@ static inline void weft_prefetch_l2(const void *p) {
 #endif
 }
 
+/* float32 -> bfloat16, round to nearest even (torch's .bfloat16() for finite values), and back. */
+static inline uint16_t weft_to_bf16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static inline float weft_from_bf16(uint16_t b) {
+    union { uint32_t u; float f; } v = {(uint32_t)b << 16};
+    return v.f;
+}
+
+/* The KV caches of the next two entry points hold float32, or bfloat16 where kv_bf16 is set
+   (--kv-cache-dtype): stored rounded, read back into float32 arithmetic. */
 int weft_paged_attention_f32(
-    const float *q, float *out, const float *k_cache, const float *v_cache,
+    const float *q, float *out, const void *k_cache, const void *v_cache,
     const int64_t *block_tables, int64_t table_stride, const int64_t *seq_lens,
     const int64_t *query_start_loc, const int64_t *rows, int64_t num_rows,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-    float scale, int num_threads);
+    float scale, int kv_bf16, int num_threads);
 
-void weft_rope_store_f32(const float *qkv, int64_t qkv_stride, float *q_out, float *k_cache,
-                         float *v_cache, const float *cos, const float *sin, const int64_t *positions,
+void weft_rope_store_f32(const float *qkv, int64_t qkv_stride, float *q_out, void *k_cache,
+                         void *v_cache, const float *cos, const float *sin, const int64_t *positions,
                          const int64_t *slots, int64_t num_tokens, int64_t num_heads,
-                         int64_t num_kv_heads, int64_t head_dim, int num_threads);
+                         int64_t num_kv_heads, int64_t head_dim, int kv_bf16, int num_threads);
 
 void weft_add_rms_norm_f32(float *h, const float *delta, const float *w, float *out, int64_t num_tokens,
                            int64_t n, float eps, int num_threads);

@@ -61,10 +61,16 @@ class EngineCore:
             self.close()
             raise
         self.model = model
+        try:
+            kv_dtype = config.kv_torch_dtype(dtype)   # bf16 blocks for bf16 weights on CPU too
+        except Exception:
+            self.close()
+            raise
         dtype = run_dtype(model, dtype)   # float32 for bf16 weights on CPU (service/models/bf16_packed.py)
+        self.kv_dtype = kv_dtype
 
         # Per rank under tensor parallelism: each holds its KV heads of every block.
-        block_bytes = ModelRunner.kv_bytes_per_block(model, config.block_size, dtype)
+        block_bytes = ModelRunner.kv_bytes_per_block(model, config.block_size, kv_dtype)
         num_blocks = config.num_blocks or max(1, int(config.kv_cache_gb * 2**30) // block_bytes)
         self.num_blocks = num_blocks
         self.max_model_len = min(config.max_model_len or context, context, num_blocks * config.block_size)
@@ -79,7 +85,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len), self.kv, self.lora
         )
-        self.runner = ModelRunner(model, self.kv, num_blocks, config.block_size, dtype, self.device,
+        self.runner = ModelRunner(model, self.kv, num_blocks, config.block_size, kv_dtype, self.device,
                                   self.lora.stacks if self.lora is not None else None, self.tp)
         # Each rank's (weight bytes, KV bytes), rank 0 first: what sharding saved, measured.
         self.rank_memory: list[tuple[int, int]] = [(tensor_bytes(model.parameters()),

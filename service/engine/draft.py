@@ -27,7 +27,7 @@ from service.engine.kv_cache import KVCacheManager
 from service.engine.runner import ModelRunner
 from service.engine.step import SeqInput
 from service.loader import load_model
-from service.models.bf16_packed import load_dtype, run_dtype
+from service.models.bf16_packed import load_dtype
 from service.models.build import build_model
 from service.tokenizer import Tokenizer
 
@@ -52,13 +52,13 @@ class DraftModelProposer(Proposer):
     deterministic = False
     cheap = False
 
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype,
                  device: torch.device, vocab_size: int, bitmask_words: int, eos_token_ids: Sequence[int],
                  token_budget: int, enable_prefix_caching: bool = True) -> None:
         # Its own prefix cache: a prompt prefix the draft has computed for one request is reused by
         # the next, exactly as the target's is (same hashes, its own blocks).
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
-        self.runner = ModelRunner(model, self.kv, num_blocks, block_size, dtype, device)
+        self.runner = ModelRunner(model, self.kv, num_blocks, block_size, kv_dtype, device)
         self.num_blocks = num_blocks
         self.vocab_size = vocab_size          # the target's: q rows and masks are this wide
         self.words = bitmask_words
@@ -74,9 +74,9 @@ class DraftModelProposer(Proposer):
         loaded = load_model(path, dtype=load_dtype(device, dtype), progress=config.progress)
         check_same_tokenizer(tokenizer, loaded.tokenizer)
         model, _ = build_model(loaded, device, dtype)
-        dtype = run_dtype(model, dtype)   # float32 for bf16 weights on CPU (service/models/bf16_packed.py)
-        return cls(model, num_blocks, config.block_size, dtype, device, vocab_size, bitmask_words,
-                   tokenizer.eos_token_ids, config.max_num_batched_tokens, config.enable_prefix_caching)
+        # The KV cache as the target's: bf16 blocks for bf16 weights unless --kv-cache-dtype says otherwise.
+        return cls(model, num_blocks, config.block_size, config.kv_torch_dtype(dtype), device, vocab_size,
+                   bitmask_words, tokenizer.eos_token_ids, config.max_num_batched_tokens, config.enable_prefix_caching)
 
     def pool_is_whole(self) -> bool:
         return self.kv.num_free_blocks == self.num_blocks

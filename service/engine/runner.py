@@ -15,7 +15,7 @@ from service.models.lora import LoRAStacks, LoRAStep
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv: KVCacheManager | None, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, lora_stacks: LoRAStacks | None = None,
+                 kv_dtype: torch.dtype, device: torch.device, lora_stacks: LoRAStacks | None = None,
                  tp: TPGroup | None = None) -> None:
         self.model = model
         self.kv = kv   # None on tensor-parallel ranks other than 0: rank 0 sends the block tables
@@ -28,9 +28,9 @@ class ModelRunner:
         # kv_planes 2: a K and a V tensor per layer; 1: one tensor passed as both (MLA's latent rows).
         planes = model.kv_planes
         shape = (n_layers, planes, num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        self.kv_tensor = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv_tensor = torch.zeros(shape, dtype=kv_dtype, device=device)
         self.kv_caches = [(self.kv_tensor[i, 0], self.kv_tensor[i, planes - 1]) for i in range(n_layers)]
-        if self.kv_tensor.device.type == "cpu" and dtype == torch.float32:
+        if self.kv_tensor.device.type == "cpu" and kv_dtype in cpu_native.KV_DTYPES:
             cpu_native.lib()   # build the native kernels now (~1 s, once per machine), not on the first request
 
     def fast_path_max_queries(self) -> int | None:
@@ -38,7 +38,7 @@ class ModelRunner:
         model's one-call native path (CPU float32 Llama family); None where there is no such
         path. Past it the *whole* step runs the torch loop, several times dearer per row at
         decode sizes: a cliff that speculation must not push a request over."""
-        if getattr(self.model, "native", None) is None or not cpu_native.usable(self.kv_tensor):
+        if getattr(self.model, "native", None) is None or not cpu_native.kv_usable(self.kv_tensor, self.kv_tensor):
             return None
         return NATIVE_MAX_QUERIES if cpu_native.has_sgemm() else None
 

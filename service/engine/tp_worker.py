@@ -39,7 +39,7 @@ def serve_rank(config: EngineConfig) -> int:
     dtype = config.torch_dtype()
     model, _ = build_model(load_model(config.model, dtype=dtype, progress=False), device, dtype, group)
     num_blocks, block_size, *theirs = group.recv_ints(2 + len(model_fingerprint(model, dtype)))
-    runner = ModelRunner(model, None, num_blocks, block_size, dtype, device, tp=group)
+    runner = ModelRunner(model, None, num_blocks, block_size, config.kv_torch_dtype(dtype), device, tp=group)
     # Ranks started by hand on other hosts may have been given another model or dtype: say so
     # (rank 0 refuses to start) rather than compute garbage.
     same = int(theirs == model_fingerprint(model, dtype))

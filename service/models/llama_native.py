@@ -108,7 +108,8 @@ class NativeLayers:
             model.norm.weight.data_ptr(), cfg.rms_norm_eps, heads, kv_heads, head_dim,
             model.rope_cos.data_ptr(), model.rope_sin.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
             tables.data_ptr(), tables.shape[1], seq_lens.data_ptr(), plan.query_start_loc.data_ptr(),
-            plan.rows.data_ptr(), plan.num_rows, meta.block_size, attn.scale, quant.PACKED_MAX_ROWS,
+            plan.rows.data_ptr(), plan.num_rows, meta.block_size, attn.scale, cpu_native.kv_bf16(kv_caches[0][0]),
+            quant.PACKED_MAX_ROWS,
             BF16_GEMM_MIN_ROWS, model.step_tile_rows if getattr(model, "bf16_gemm", False) else NO_AMX,
             0 if lora_table is None else lora_table.data_ptr(), 0 if lora_slots is None else lora_slots.data_ptr(),
             lora_num_slots, lora_rank, torch.get_num_threads(),
@@ -149,9 +150,12 @@ class NativeLayers:
 
     def _layer_table(self, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
         """Addresses the C loop reads per layer (order: cpu_llama.c's enum), cached while neither the
-        weights nor the caches move; None if some tensor is not float32 and contiguous."""
+        weights nor the caches move; None if some tensor is not contiguous, a weight not float32,
+        or the caches of another dtype than float32 or bf16."""
         use_packed = quant.enabled()
         key = (model.embed_tokens.weight.data_ptr(), kv_caches[0][0].data_ptr(), len(kv_caches), use_packed)
+        if not cpu_native.kv_usable(*kv_caches[0]):
+            return None
         if self._table_key == key:
             return self._table
         rows = []
@@ -162,9 +166,12 @@ class NativeLayers:
                 return None
             tensors = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
                        attn.o_proj.bias, layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight,
-                       mlp.down_proj.weight, k_cache, v_cache]
+                       mlp.down_proj.weight]
             if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous()) for t in (*tensors, *norms)):
                 return None
+            if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == kv_caches[0][0].dtype):
+                return None
+            tensors += [k_cache, v_cache]
             projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)   # the C enum's order
             w16 = [bf16_weight(m) for m in projections]
             if any(w is not None and not w.is_contiguous() for w in w16):
