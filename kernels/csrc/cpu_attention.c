@@ -1,7 +1,8 @@
 /* Paged attention for the CPU, float32: queries read K/V straight out of the cache blocks,
 float32 ones or bfloat16 ones (kv_bf16) widened on load (a shift: exact), the arithmetic float32
-either way. bf16 blocks halve what a step streams: at 32 sequences, attention over the float32
-cache was a third of a bf16-mode step, all of it memory-bound.
+either way. bf16 blocks halve what a step streams; at 32 sequences of the engine bench that made
+a bf16-mode step ~5% faster, not the sixth the halved bytes promised: the kernel is not bound by
+its bytes alone (its prefetches of the next item's rows are its hottest instructions, perf says).
 
 The torch reference gathers every row's blocks into a contiguous copy, then permutes it for
 the matmuls: per layer and step that writes and re-reads the whole batch's KV two more times,
