@@ -244,20 +244,41 @@ INLINE void attend_part_v16(const float *q, const void *k_cache, const void *v_c
         }
 }
 
-/* attend_part_v16 compiled for each cache layout. */
-static void attend_part_f32(const float *q, const void *k_cache, const void *v_cache, const int64_t *table, int64_t ja,
-                            int64_t jb, int64_t kvh, int64_t group, int64_t num_kv_heads, int64_t head_dim,
-                            int64_t block_size, float scale, float *scores, float *part, prefetcher *pf) {
-    attend_part_v16(q, k_cache, v_cache, table, ja, jb, kvh, group, num_kv_heads, head_dim, block_size, scale, scores,
-                    part, pf, 0);
+/* attend_part_v16 compiled for each cache layout, and with the common group sizes and head sizes
+   as constants (GQA groups 1-8 of heads of 64 or 128): the group * chunks sums of V then live in
+   registers and the loops unroll, instead of a load, FMA and store per vector per key. Measured
+   in the engine, SmolLM2-135M (group 3, head 64), c32 decode step in bf16 mode, 2 cores of a
+   Xeon: 33.2 -> 32.0 and 32.2 -> 31.0 ms (medians of 120 steps, two sets of four passes,
+   alternating builds). The price: the one-time build of the kernels, 4 s before, takes 12 s on 2 cores. */
+#define PART_ARGS                                                                                          \
+    const float *q, const void *k_cache, const void *v_cache, const int64_t *table, int64_t ja, int64_t jb, \
+        int64_t kvh, int64_t group, int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, \
+        float *scores, float *part, prefetcher *pf
+#define PART_CALL(G, D, BF16)                                                                              \
+    attend_part_v16(q, k_cache, v_cache, table, ja, jb, kvh, G, num_kv_heads, D, block_size, scale, scores, \
+                    part, pf, BF16)
+#define FIXED(G, D, BF16)     \
+    case (G) * 1000 + (D):    \
+        PART_CALL(G, D, BF16); \
+        return;
+#define FIXED_GROUPS(D, BF16)                                                                           \
+    FIXED(1, D, BF16) FIXED(2, D, BF16) FIXED(3, D, BF16) FIXED(4, D, BF16) FIXED(5, D, BF16) FIXED(6, D, BF16) \
+        FIXED(7, D, BF16) FIXED(8, D, BF16)
+
+static void attend_part_f32(PART_ARGS) {
+    switch (group * 1000 + head_dim) {
+        FIXED_GROUPS(64, 0)
+        FIXED_GROUPS(128, 0)
+        default: PART_CALL(group, head_dim, 0);
+    }
 }
 
-static void attend_part_bf16(const float *q, const void *k_cache, const void *v_cache, const int64_t *table,
-                             int64_t ja, int64_t jb, int64_t kvh, int64_t group, int64_t num_kv_heads,
-                             int64_t head_dim, int64_t block_size, float scale, float *scores, float *part,
-                             prefetcher *pf) {
-    attend_part_v16(q, k_cache, v_cache, table, ja, jb, kvh, group, num_kv_heads, head_dim, block_size, scale, scores,
-                    part, pf, 1);
+static void attend_part_bf16(PART_ARGS) {
+    switch (group * 1000 + head_dim) {
+        FIXED_GROUPS(64, 1)
+        FIXED_GROUPS(128, 1)
+        default: PART_CALL(group, head_dim, 1);
+    }
 }
 
 /* Keys a work item of the fast path covers (the last item of a query may have fewer). */

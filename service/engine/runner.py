@@ -31,7 +31,7 @@ class ModelRunner:
         self.kv_tensor = torch.zeros(shape, dtype=kv_dtype, device=device)
         self.kv_caches = [(self.kv_tensor[i, 0], self.kv_tensor[i, planes - 1]) for i in range(n_layers)]
         if self.kv_tensor.device.type == "cpu" and kv_dtype in cpu_native.KV_DTYPES:
-            cpu_native.lib()   # build the native kernels now (~1 s, once per machine), not on the first request
+            cpu_native.lib()   # build the native kernels now (~12 s on 2 cores, once per machine), not on the first request
 
     def fast_path_max_queries(self) -> int | None:
         """The most query rows one sequence may bring to a step for the step to stay on the
