@@ -13,10 +13,12 @@ import torch
 
 from common.errors import InvalidArgumentError
 from decoding.sampling import MAX_SPECULATIVE_TOKENS
+from kernels import cpu_native
 
 SPECULATIVE_METHODS = (None, "ngram", "suffix", "draft")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# What --kv-cache-dtype may name: the cache dtypes the native CPU kernels read and write.
+KV_DTYPES = {str(d).removeprefix("torch."): d for d in cpu_native.KV_DTYPES}
 SECTIONS = ("model", "cache", "scheduler", "speculative", "lora", "parallel", "output")
 
 

@@ -31,15 +31,15 @@ def _prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
 
 
-def _hf_on_bf16_weights(path, round_weights: bool = True) -> torch.nn.Module:
+def _hf_on_bf16_weights(path, round_weights: bool = True, bf16_kv: bool = True) -> torch.nn.Module:
     """transformers in float32 on the checkpoint's weights rounded to bf16 (round_weights), keys
-    and values rounded to bf16 in its cache: what we compute."""
+    and values rounded to bf16 in its cache (bf16_kv): what we compute."""
     hf = load_hf(path)
     if round_weights:
         with torch.no_grad():
             for p in hf.parameters():
                 p.copy_(p.bfloat16())
-    return with_bf16_kv(hf)
+    return with_bf16_kv(hf) if bf16_kv else hf
 
 
 def _hf_with_bf16_gemm(path, round_weights: bool = True, min_rows: int = BF16_GEMM_MIN_ROWS) -> torch.nn.Module:
@@ -365,16 +365,8 @@ def test_kv_cache_dtype(tiny_llama) -> None:
     bf16_f32kv = LLM(str(tiny_llama), dtype="bfloat16", kv_cache_dtype="float32", progress=False, num_blocks=64)
     assert bf16_f32kv.engine.runner.kv_tensor.dtype == torch.float32
     short = [p for p in prompts if len(p) < BF16_GEMM_MIN_ROWS]
-    assert _generate_one_by_one(bf16_f32kv, short, params) == [hf_greedy(_hf_on_bf16_weights_f32kv(tiny_llama), p, 24)
+    assert _generate_one_by_one(bf16_f32kv, short, params) == [hf_greedy(_hf_on_bf16_weights(tiny_llama, bf16_kv=False), p, 24)
                                                                 for p in short]
     with pytest.raises(InvalidArgumentError, match="kv_cache_dtype"):
         LLM(str(tiny_llama), dtype="float32", kv_cache_dtype="float16", progress=False, num_blocks=16)
 
-
-def _hf_on_bf16_weights_f32kv(path) -> torch.nn.Module:
-    """transformers in float32 on the weights rounded to bf16, its own float32 cache."""
-    hf = load_hf(path)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.copy_(p.bfloat16())
-    return hf

@@ -24,8 +24,9 @@ is one thread pool, not two competing for the cores).
 #define LANES 16
 #define INLINE static inline __attribute__((always_inline))
 
-/* Element `at` of a cache, float32 or bf16: the one branch every caller takes with a constant
-   kv_bf16, so each kernel below is compiled twice, once per layout, and the branch disappears. */
+/* Element `at` of a cache, float32 or bf16. The fast path passes kv_bf16 as a constant (it is
+   compiled once per layout, and the branch disappears); the plain loop for other head sizes
+   branches per element. */
 INLINE float kv_at(const void *cache, int64_t at, int kv_bf16) {
     return kv_bf16 ? weft_from_bf16(((const uint16_t *)cache)[at]) : ((const float *)cache)[at];
 }

@@ -53,6 +53,7 @@ class EngineCore:
         self.tokenizer = loaded.tokenizer
         hf = loaded.config
         config.validate_parallel()
+        self.kv_dtype = config.kv_torch_dtype(dtype)   # bf16 blocks for bf16 weights on CPU too
         # Tensor parallel: this process is rank 0; the other ranks build their shards meanwhile.
         self.tp: TPGroup | None = start_group(config) if config.tensor_parallel_size > 1 else None
         try:
@@ -61,13 +62,8 @@ class EngineCore:
             self.close()
             raise
         self.model = model
-        try:
-            kv_dtype = config.kv_torch_dtype(dtype)   # bf16 blocks for bf16 weights on CPU too
-        except Exception:
-            self.close()
-            raise
+        kv_dtype = self.kv_dtype
         dtype = run_dtype(model, dtype)   # float32 for bf16 weights on CPU (service/models/bf16_packed.py)
-        self.kv_dtype = kv_dtype
 
         # Per rank under tensor parallelism: each holds its KV heads of every block.
         block_bytes = ModelRunner.kv_bytes_per_block(model, config.block_size, kv_dtype)

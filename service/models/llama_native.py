@@ -154,8 +154,6 @@ class NativeLayers:
         or the caches of another dtype than float32 or bf16."""
         use_packed = quant.enabled()
         key = (model.embed_tokens.weight.data_ptr(), kv_caches[0][0].data_ptr(), len(kv_caches), use_packed)
-        if not cpu_native.kv_usable(*kv_caches[0]):
-            return None
         if self._table_key == key:
             return self._table
         rows = []
@@ -169,7 +167,8 @@ class NativeLayers:
                        mlp.down_proj.weight]
             if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous()) for t in (*tensors, *norms)):
                 return None
-            if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == kv_caches[0][0].dtype):
+            if not (cpu_native.kv_usable(k_cache, v_cache) and k_cache.dtype == kv_caches[0][0].dtype
+                    and k_cache.is_contiguous() and v_cache.is_contiguous()):
                 return None
             tensors += [k_cache, v_cache]
             projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)   # the C enum's order
