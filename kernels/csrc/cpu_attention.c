@@ -193,19 +193,28 @@ INLINE void attend_part_v16(const float *q, const void *k_cache, const void *v_c
         for (; o + 4 <= n; o += 4) {
             prefetch_some(pf, pf->per_call);
             const int64_t k0 = kb + o * row_stride, k1 = k0 + row_stride, k2 = k1 + row_stride, k3 = k2 + row_stride;
-            for (int64_t g = 0; g < group; g++) {
-                const v16 *qg = (const v16 *)(q + g * head_dim);
-                v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            /* Up to 4 query heads at once: each K vector is loaded (and widened) once for all of
+               them, not once per head, and the 4 x 4 sums stay in registers. */
+            for (int64_t g0 = 0; g0 < group; g0 += 4) {
+                const int64_t gn = group - g0 < 4 ? group - g0 : 4;
+                v16 a[4][4];
+                for (int64_t g = 0; g < gn; g++) a[g][0] = a[g][1] = a[g][2] = a[g][3] = (v16){0};
                 for (int64_t c = 0; c < chunks; c++) {
-                    const v16 qc = qg[c];
-                    a0 += qc * kv_load16(k_cache, k0 + c * 16, kv_bf16);
-                    a1 += qc * kv_load16(k_cache, k1 + c * 16, kv_bf16);
-                    a2 += qc * kv_load16(k_cache, k2 + c * 16, kv_bf16);
-                    a3 += qc * kv_load16(k_cache, k3 + c * 16, kv_bf16);
+                    const v16 kc0 = kv_load16(k_cache, k0 + c * 16, kv_bf16), kc1 = kv_load16(k_cache, k1 + c * 16, kv_bf16);
+                    const v16 kc2 = kv_load16(k_cache, k2 + c * 16, kv_bf16), kc3 = kv_load16(k_cache, k3 + c * 16, kv_bf16);
+                    for (int64_t g = 0; g < gn; g++) {
+                        const v16 qc = ((const v16 *)(q + (g0 + g) * head_dim))[c];
+                        a[g][0] += qc * kc0;
+                        a[g][1] += qc * kc1;
+                        a[g][2] += qc * kc2;
+                        a[g][3] += qc * kc3;
+                    }
                 }
-                const v16 sum = hsum4(a0, a1, a2, a3);
-                float *dst = scores + g * nk + (j - ja) + o;
-                for (int l = 0; l < 4; l++) dst[l] = sum[l] * scale;
+                for (int64_t g = 0; g < gn; g++) {
+                    const v16 sum = hsum4(a[g][0], a[g][1], a[g][2], a[g][3]);
+                    float *dst = scores + (g0 + g) * nk + (j - ja) + o;
+                    for (int l = 0; l < 4; l++) dst[l] = sum[l] * scale;
+                }
             }
         }
         for (; o < n; o++)

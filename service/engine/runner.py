@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu_native
+from kernels import cpu_native, host_memory
 from kernels.attention import NATIVE_MAX_QUERIES, AttentionMetadata
 from kernels.lora import make_plan
 from service.engine.kv_cache import KVCacheManager
@@ -28,7 +28,9 @@ class ModelRunner:
         # kv_planes 2: a K and a V tensor per layer; 1: one tensor passed as both (MLA's latent rows).
         planes = model.kv_planes
         shape = (n_layers, planes, num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        self.kv_tensor = torch.zeros(shape, dtype=kv_dtype, device=device)
+        # On the CPU on huge pages: a step reads its blocks from all over the cache (host_memory.py).
+        self.kv_tensor = (host_memory.zeros(shape, kv_dtype) if device.type == "cpu"
+                          else torch.zeros(shape, dtype=kv_dtype, device=device))
         self.kv_caches = [(self.kv_tensor[i, 0], self.kv_tensor[i, planes - 1]) for i in range(n_layers)]
         if self.kv_tensor.device.type == "cpu" and kv_dtype in cpu_native.KV_DTYPES:
             cpu_native.lib()   # build the native kernels now (~12 s on 2 cores, once per machine), not on the first request
