@@ -5,8 +5,10 @@ against the faster of the two; and, when llama-cpp-python is installed (make ben
 llama.cpp on the same GGUF with continuous batching at every level, as llama-server runs it
 (bench/llamacpp_batched.py). Levels 1, 8, 32 and 128 of ~100-token prompts and 16-256 new tokens;
 a long-prompt workload (2,000-token prompts, 64 new tokens, one at a time) for prefill speed and
-TTFT; and with llama.cpp a Q4_K_M pair at concurrency 1: the GGUF re-quantised by llama.cpp's own
-quantiser, Weft and llama.cpp decoding that file request by request. Weft runs in its default
+TTFT; and with llama.cpp two pairs at concurrency 1, Weft and llama.cpp decoding request by request
+in A-B-B-A order: the GGUF itself (`c1_decode_vs_llamacpp` is read from this pair, both systems
+under the same load; the level rows' c1 figures ran minutes apart) and the GGUF re-quantised to
+Q4_K_M by llama.cpp's own quantiser. Weft runs in its default
 dtype `auto` (the "weft" rows every ratio is of: bfloat16 where the CPU's bf16 GEMM measures
 faster, i.e. bf16 GEMMs for steps of many rows, decoding float32's) and again in the other of
 float32 and bfloat16 ("weft (float32)" or "weft (bfloat16)"), with ratios bf16 over float32. The
@@ -218,6 +220,11 @@ def main(argv: list[str]) -> int:
     if source.suffix == ".gguf" and not a.skip_llamacpp and _has_llamacpp():
         got, workload["llamacpp"] = bench_llamacpp_batched(source, workloads, label, threads)
         rows += got
+        if 1 in workloads:
+            # c1 decode, the ratio the issue names, again side by side: the level rows above ran
+            # minutes apart, and a shared machine's speed moves 10-20% in that time.
+            rows += bench_pair_c1(core, source, workloads[1], f"{label}, paired")
+            workload["c1_pair_order"] = "Weft and llama.cpp request by request, A-B-B-A, both warmed up"
         if long:
             rows += _long_rows(bench_llamacpp_batched(source, long, label, threads)[0], a.long_prompt)
         q4km = q4km_path(source) if "Q4_K_M" not in source.name and not a.skip_q4km else None
@@ -277,7 +284,12 @@ def _ratios(rows: list[dict], levels: list[int], label: str, chosen: str) -> dic
     w, t, l = find(level_rows, "weft"), best_transformers(level_rows, 1, "tpot_ms", False), find(level_rows, llama)
     if w and t:
         ratios["c1_decode_vs_best_transformers"] = t["tpot_ms"] / w["tpot_ms"]
-    if w and l:
+    wp, lp = find(level_rows, f"weft ({label}, paired)"), find(level_rows, f"llama.cpp ({label}, paired)")
+    if wp and lp:   # side by side, request by request: the figure the target is read from
+        ratios["c1_decode_vs_llamacpp"] = lp["tpot_ms"] / wp["tpot_ms"]
+        if w and l:
+            ratios["c1_decode_vs_llamacpp_level_rows"] = l["tpot_ms"] / w["tpot_ms"]
+    elif w and l:
         ratios["c1_decode_vs_llamacpp"] = l["tpot_ms"] / w["tpot_ms"]
     w, t, l = find(long_rows, "weft"), best_transformers(long_rows, 1, "prefill_tok_per_s", True), find(long_rows, llama)
     if w and t:
