@@ -203,6 +203,17 @@ def bf16_linear(x: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None = 
     return y
 
 
+def silu_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
+    """silu(gate) * up of a fused float32 [T, 2 * inter] gate/up product -> [T, inter] in one pass
+    (kernels/csrc/cpu_act.c; bit-identical to torch's F.silu(gate) * up, which reads and writes
+    the rows three times). Callers check `usable` first."""
+    gate_up = gate_up.contiguous()
+    out = torch.empty(*gate_up.shape[:-1], inter, dtype=torch.float32)
+    lib().weft_silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter), inter,
+                            torch.get_num_threads())
+    return out
+
+
 def lora_add(out: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, rank: int,
              part_cols: torch.Tensor, token_slots: torch.Tensor, num_slots: int, num_threads: int | None = None) -> None:
     """out[t] += x[t] @ a_stack[s] @ b_stack[s] for each token t whose slot s = token_slots[t] is

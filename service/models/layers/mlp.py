@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import cpu_native
 from service.models.layers.linear import AMX_MIN_ROWS, project
 from service.models.layers.weights import CheckpointWeights
 from service.models.lora import LoRAStep
@@ -49,8 +50,11 @@ class GatedMLP(nn.Module):
         gate_up = project(x, self.gate_up_proj, tile_rows)
         if lora is not None:
             lora.add_(gate_up, x, layer, "gate_up")
-        gate, up = gate_up.split(self.inter, dim=-1)
-        act = self.act(gate) * up
+        if self.act is F.silu and cpu_native.usable(gate_up):
+            act = cpu_native.silu_mul(gate_up, self.inter)   # prefill rows: one pass instead of three
+        else:
+            gate, up = gate_up.split(self.inter, dim=-1)
+            act = self.act(gate) * up
         out = project(act, self.down_proj, tile_rows)
         if lora is not None:
             lora.add_(out, act, layer, "down")
