@@ -53,7 +53,3 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return empty(shape, dtype).zero_()
 
-
-def copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of CPU tensor `t` on huge pages."""
-    return empty(tuple(t.shape), t.dtype).copy_(t)

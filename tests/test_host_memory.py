@@ -44,11 +44,6 @@ def test_small_tensors_are_plain() -> None:
     assert t.shape == (7, 3) and not t.any()
 
 
-def test_copy_equals_its_source() -> None:
-    src = torch.randn(1 << 20)
-    assert torch.equal(host_memory.copy(src), src)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not THP.exists()
                     or "[never]" in THP.read_text(), reason="no transparent huge pages on this machine")
 def test_marked_for_huge_pages() -> None:
