@@ -27,6 +27,7 @@ import torch
 
 from decoding.guided.spec import GuidedSpec
 from common.errors import InvalidArgumentError
+from kernels import cpu_native
 
 # Temperatures below this are treated as greedy (vLLM's _SAMPLING_EPS): dividing by them would
 # overflow float32 logits into inf and the draw into NaN.
@@ -281,13 +282,14 @@ def _float_rows(src: torch.Tensor, rows: list[int] | None, scratch: _Scratch | N
 
 def _argmax_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """Greedy tokens; ties go to the lowest id (torch.max returns the first maximal index)."""
-    # max(dim) is several times faster than argmax on CPU and has the same tie rule. Reducing
-    # every row is cheaper than copying out the greedy ones first.
-    values, tokens = x.max(dim=-1)
+    # max(dim) is several times faster than argmax on CPU and has the same tie rule; the native
+    # kernel ~3x faster again (torch's keeps its running index in a scalar loop). Reducing every
+    # row is cheaper than copying out the greedy ones first.
+    values, tokens = cpu_native.argmax_rows(x) if x.dim() == 2 and cpu_native.usable(x) else x.max(dim=-1)
     if len(rows) != x.shape[0]:
         idx = _index(rows, x.device)
         values, tokens = values[idx], tokens[idx]
-    bad = torch.isnan(values) | (values == float("-inf"))
+    bad = ~(values > float("-inf"))   # NaN, or every token masked out
     if bool(bad.any()):
         raise NoValidTokenError([rows[i] for i in bad.nonzero().flatten().tolist()])
     return tokens

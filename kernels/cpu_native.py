@@ -26,7 +26,8 @@ from common import env
 log = logging.getLogger("weft.kernels")
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("cpu_attention.c", "cpu_rope_store.c", "cpu_norm.c", "cpu_act.c", "cpu_llama.c", "cpu_qmatmul.c", "cpu_lora.c")
+SOURCES = ("cpu_attention.c", "cpu_rope_store.c", "cpu_norm.c", "cpu_act.c", "cpu_llama.c", "cpu_qmatmul.c", "cpu_lora.c",
+           "cpu_argmax.c")
 # -march=native: the build is cached per machine (the CPU flags are part of the key). Wide
 # vectors: gcc otherwise caps AVX-512 machines at 256-bit vectors.
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
@@ -117,6 +118,9 @@ def _bind(dll: ctypes.CDLL) -> ctypes.CDLL:
     f.restype = None
     f = dll.weft_silu_mul_f32
     f.argtypes = [_ptr, _ptr, _i64, _i64, ctypes.c_int]
+    f.restype = None
+    f = dll.weft_argmax_rows_f32
+    f.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, ctypes.c_int]
     f.restype = None
     f = dll.weft_llama_layers_f32
     f.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_float, _i64, _i64, _i64,
@@ -212,6 +216,19 @@ def silu_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
     lib().weft_silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter), inter,
                             torch.get_num_threads())
     return out
+
+
+def argmax_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of each row's maximum of float32 x [B, V] (rows contiguous), as
+    x.max(dim=-1) gives them (ties: the lowest index), except that a row holding a NaN has the
+    value NaN and index 0 (kernels/csrc/cpu_argmax.c). Callers check `usable` first."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    values = torch.empty(x.shape[0], dtype=torch.float32)
+    indices = torch.empty(x.shape[0], dtype=torch.long)
+    lib().weft_argmax_rows_f32(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), indices.data_ptr(),
+                               values.data_ptr(), torch.get_num_threads())
+    return values, indices
 
 
 def lora_add(out: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, rank: int,

@@ -168,6 +168,30 @@ def test_silu_mul_is_bit_identical() -> None:
         assert torch.equal(out, torch.nn.functional.silu(gate) * up)
 
 
+def test_argmax_rows_equal_torch_max() -> None:
+    """Greedy tokens from the native kernel are torch.max's: the first of tied maxima, any row
+    length (tails of fewer than 16), rows with a stride (a view of wider rows); a row with a NaN
+    reports NaN, one with nothing but -inf reports -inf (the sampler fails both)."""
+    torch.manual_seed(0)
+    for b, v in ((1, 49152), (32, 49152), (3, 1000), (2, 17), (4, 5)):
+        x = torch.randn(b, v) * 3
+        if v > 9:
+            x[-1, 9] = x[-1, 2] = x[-1].max() + 1   # a tie: index 2 wins
+        values, tokens = cpu_native.argmax_rows(x)
+        ref_values, ref_tokens = x.max(dim=-1)
+        assert torch.equal(tokens, ref_tokens) and torch.equal(values, ref_values), (b, v)
+    wide = torch.randn(6, 300)
+    values, tokens = cpu_native.argmax_rows(wide[:, :257])
+    assert torch.equal(tokens, wide[:, :257].max(dim=-1).indices)
+    odd = torch.randn(3, 100)
+    odd[0, 40] = float("nan")
+    odd[1] = float("-inf")
+    odd[2] = -0.0
+    odd[2, 7] = 0.0   # +0 and -0 tie: the first index
+    values, tokens = cpu_native.argmax_rows(odd)
+    assert torch.isnan(values[0]) and values[1] == float("-inf") and tokens[1] == 0 and tokens[2] == 0
+
+
 @pytest.mark.parametrize("bias,kv_dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16)])
 def test_native_layers_equal_the_python_loop(bias: bool, kv_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """One native call for all layers gives bit-identical hidden states and KV to the layer loop

@@ -43,6 +43,9 @@ void weft_add_rms_norm_f32(float *h, const float *delta, const float *w, float *
 
 void weft_silu_mul_f32(const float *gate_up, float *out, int64_t num_tokens, int64_t inter, int num_threads);
 
+void weft_argmax_rows_f32(const float *x, int64_t rows, int64_t n, int64_t ld, int64_t *index, float *value,
+                          int num_threads);
+
 /* y[m, n] = x[m, k] @ W^T, W as GGUF Q8_0 (fmt 1) or Q4_1 (fmt 2) rows (kernels/csrc/cpu_qmatmul.c). */
 int weft_qmatmul_f32(const float *x, int64_t m, int64_t k, const uint8_t *w, int fmt, int64_t n, float *y,
                      int64_t ldy, int num_threads);
