@@ -1,9 +1,9 @@
 """Large CPU tensors on 2 MiB pages (transparent huge pages, asked for with madvise).
 
 The paged KV cache is read a block (a few KB) at a time from wherever its blocks lie in
-gigabytes, and the weights are streamed whole every step: on 4 KB pages nearly every block and
-every few KB of weights costs a TLB miss and a page walk, which the attention kernel's
-prefetches then wait on. Linux gives huge pages to memory that asks for them (madvise) when
+gigabytes: on 4 KB pages nearly every block costs a TLB miss and a page walk, which the
+attention kernel's prefetches then wait on. (The weights, streamed in order, gained nothing
+from huge pages when measured: kernels/NOTES.md, "Huge pages".) Linux gives huge pages to memory that asks for them (madvise) when
 /sys/kernel/mm/transparent_hugepage/enabled is `madvise` (the common default) or `always`; the
 pages are taken at the first touch, so the buffer is asked for before anything is written to it.
 Anywhere else (not Linux, THP off) these are plain tensors.
@@ -38,7 +38,7 @@ def _madvise() -> ctypes._CFuncPtr | None:
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor whose memory starts on a huge-page boundary and is
     marked for huge pages (when under one huge page, or without madvise: torch.empty)."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     madvise = _madvise()
     if madvise is None or nbytes < HUGE_PAGE:
         return torch.empty(shape, dtype=dtype)
@@ -52,4 +52,3 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return empty(shape, dtype).zero_()
-
