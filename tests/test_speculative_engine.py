@@ -271,8 +271,10 @@ def test_prefix_cache_hit_with_speculation_keeps_output(smol_prompts, smol_refer
 
 
 def test_draft_model_kv_uses_its_own_prefix_cache(tiny_llama, prompts, reference) -> None:
+    # Fixed k: a draft model as large as the target never pays, and adaptive k, measuring that
+    # from the start, would not draft at all.
     llm = _engine(tiny_llama, num_blocks=64, speculative_method="draft", draft_model=str(tiny_llama),
-                  num_speculative_tokens=K, spec_disable_window=0)
+                  num_speculative_tokens=K, spec_disable_window=0, spec_adaptive_k=False)
     draft = llm.engine.spec.proposer
     long_prompt = prompts[2]                     # 130 tokens: 8 full blocks
     assert _ids(llm, [long_prompt], _greedy())[0] == reference[2]
@@ -287,3 +289,20 @@ def test_draft_model_kv_uses_its_own_prefix_cache(tiny_llama, prompts, reference
     assert tokens == reference[2]
     assert draft.kv.stats.hits == hits           # another tenant's salt: no hit in the draft's cache either
     assert llm.engine.pool_is_whole()
+
+
+def test_adaptive_k_step_costs_are_measured_before_the_first_request(tiny_llama, prompts, reference) -> None:
+    """The start-up calibration times a lone sequence's steps of 1 .. k + 1 rows on borrowed KV
+    blocks: every count is known before any request, the pool is whole again, nothing entered
+    the prefix cache, and the first request decodes as without it."""
+    llm = _engine(tiny_llama, num_blocks=64, speculative_method="ngram", num_speculative_tokens=K)
+    table = llm.engine.spec.cost.table()
+    assert sorted(table) == list(range(1, K + 2)) and all(t > 0 for t in table.values())
+    assert llm.engine.pool_is_whole() and llm.engine.kv.stats.queries == 0
+    assert _ids(llm, [prompts[1]], _greedy())[0] == reference[1]
+    # The calibration's tokens (zeros) were never registered as cached blocks.
+    assert llm.generate([[0] * 64], _greedy(4))[0].num_cached_tokens == 0
+    assert llm.generate([[0] * 64], _greedy(4))[0].num_cached_tokens > 0   # control: such blocks do hit
+    fixed = _engine(tiny_llama, num_blocks=64, speculative_method="ngram", num_speculative_tokens=K,
+                    spec_adaptive_k=False)
+    assert fixed.engine.spec.cost.table() == {}   # nothing adapts: nothing measured

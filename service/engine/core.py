@@ -29,7 +29,7 @@ from service.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from service.engine.speculation import Speculator
 from service.engine.stats import EngineStats
 from service.engine.tensor_parallel import TPGroup, model_fingerprint, start_group, tensor_bytes
-from service.engine.step import StepOutput
+from service.engine.step import SeqInput, StepOutput
 from service.loader import LoadedModel, load_model
 from service.models.bf16_packed import load_dtype, run_dtype
 from service.models.build import auto_dtype, build_model
@@ -37,6 +37,12 @@ from service.models.layers.windows import kv_window
 from service.models.lora import LoRAStacks, LoRAWeights, load_lora
 
 log = logging.getLogger("weft.engine")
+
+# Adaptive k's start-up measurement runs on a scratch sequence of this many tokens (attention's
+# share of a step grows with the context; a chat turn's is of this order), before any request
+# exists and freed before the first one comes.
+CALIBRATION_CONTEXT = 256
+CALIBRATION_ID = "calibration"
 
 
 class EngineCore:
@@ -116,6 +122,30 @@ class EngineCore:
                 bitmask_words=self.guide_compiler.bitmask_words)
         self.spec = Speculator(config, self.sampler, self.eos_token_ids, self.guide_compiler.bitmask_words, proposer,
                                query_limit=self.runner.fast_path_max_queries())
+        self._calibrate_speculation()
+
+    def _calibrate_speculation(self) -> None:
+        """Adaptive k's step costs, measured before the first request (`Speculator.calibrate`) on
+        a scratch sequence: its KV blocks are borrowed from the pool and given back, and nothing
+        of it reaches the prefix cache."""
+        rows = self.spec.calibration_rows
+        context = min(CALIBRATION_CONTEXT, self.max_model_len - rows)
+        if not rows or context < 1 or not self.kv.allocate(CALIBRATION_ID, context + rows):
+            return
+        greedy = SamplingParams(temperature=0, max_tokens=1)
+
+        def step(n: int) -> float:   # a verify step's work: the model, then each row's argmax
+            t0 = time.perf_counter()
+            out = self.runner.run([SeqInput(CALIBRATION_ID, [0] * n, context, n)])
+            self.sampler(out.logits, [SampleRequest(greedy, (), ())] * n)
+            return time.perf_counter() - t0
+
+        try:
+            self.runner.run([SeqInput(CALIBRATION_ID, [0] * context, 0, 1)])   # what the rows attend to
+            table = self.spec.calibrate(step)
+            log.info("speculation: step ms by rows %s", {r: round(1000 * s, 2) for r, s in table.items()})
+        finally:
+            self.kv.free(CALIBRATION_ID)
 
     # ---- requests in -------------------------------------------------------------------------
 

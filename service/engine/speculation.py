@@ -10,7 +10,7 @@ step and never reaches the prefix cache. See decoding/speculative/DESIGN.md.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -92,6 +92,25 @@ class Speculator:
         cost a mask, which is part of what a longer draft costs."""
         self.cost.observe(rows, seconds + self._constrain_s)
         self._constrain_s = 0.0
+
+    @property
+    def calibration_rows(self) -> int:
+        """The most rows `calibrate` runs a step of (0: adaptive k is off, nothing to calibrate)."""
+        return 1 + min(self.default_k, self._room(1)) if self.adaptive and self.default_k > 0 else 0
+
+    def calibrate(self, step: Callable[[int], float], repeats: int = 3) -> dict[int, float]:
+        """Measure, before the first request, what a lone sequence's step costs for each row count
+        its drafts can bring (1 .. k + 1, within the fast path), `repeats` times each after one
+        unmeasured run: `step(rows)` runs such a step and returns its seconds. Without it the
+        first drafts were priced by guesses (a row count not measured yet is assumed as cheap as
+        the largest one measured) and a new server's first requests paid for the tries: on free
+        chat, three 9-row steps that each cost 3.6 one-row steps, for nothing accepted. The
+        engine's own step timings replace these as they come (`StepCost` keeps the recent ones)."""
+        for rows in range(1, self.calibration_rows + 1):
+            step(rows)   # first-call allocations and this row count's code paths, not timed
+            for _ in range(repeats):
+                self.cost.observe(rows, step(rows))
+        return self.cost.table()
 
     def propose(self, reqs: Sequence[Request]) -> None:
         """Give each request that may speculate its draft for the next step (`req.spec_draft`).
