@@ -222,3 +222,20 @@ def test_a_proposers_scores_are_scaled_by_how_well_they_predicted() -> None:
     assert fresh._best_k(SimpleNamespace(request_id="next"), 8, sure, 0, 0, 0.0, 1) == 8
     assert trained(8)._best_k(SimpleNamespace(request_id="next"), 8, sure, 0, 0, 0.0, 1) == 8
     assert trained(1)._best_k(SimpleNamespace(request_id="next"), 8, sure, 0, 0, 0.0, 1) <= 1
+
+
+def test_oracle_replay_counts_the_steps_a_perfect_k_would_take() -> None:
+    """bench/spec_bound's oracle: a proposer that knows the output needs ceil(n / (k + 1)) steps,
+    each priced by its rows; one that is always wrong needs a one-row step per token; a partly
+    right draft is verified up to its first wrong token."""
+    from bench.spec_bound import replay
+    out = list(range(100, 120))
+    cost = {r: float(r) for r in range(1, 6)}.__getitem__
+    seq = [1, 2, 3] + out
+    oracle = lambda rid, toks, n0, k: seq[len(toks):len(toks) + k]   # noqa: E731
+    assert replay([1, 2, 3], out, oracle, "r", 4, cost) == (20.0, 4)   # 4 steps of 5 rows
+    wrong = lambda rid, toks, n0, k: [0] * k   # noqa: E731
+    assert replay([1, 2, 3], out, wrong, "r", 4, cost) == (20.0, 20)
+    half = lambda rid, toks, n0, k: (seq[len(toks):len(toks) + 2] + [0] * k)[:k]   # noqa: E731
+    seconds, steps = replay([1, 2, 3], out, half, "r", 4, cost)
+    assert steps == 7 and seconds == 6 * 3.0 + 2.0   # 3 tokens a step, the last step 2 of them
