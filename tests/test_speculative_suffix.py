@@ -239,3 +239,31 @@ def test_oracle_replay_counts_the_steps_a_perfect_k_would_take() -> None:
     half = lambda rid, toks, n0, k: (seq[len(toks):len(toks) + 2] + [0] * k)[:k]   # noqa: E731
     seconds, steps = replay([1, 2, 3], out, half, "r", 4, cost)
     assert steps == 7 and seconds == 6 * 3.0 + 2.0   # 3 tokens a step, the last step 2 of them
+
+
+def test_a_draft_after_a_whole_accepted_one_is_priced_by_what_follows_whole_ones() -> None:
+    """Acceptance is counted in two states: after a draft accepted whole, and otherwise. A request
+    that alternates copied runs (drafts accepted whole until the run ends) with stretches away
+    from its source (drafts rejected at once) drafts long inside a run and not at all outside one;
+    one rate over both (~0.7 here) would draft alike in both."""
+    from types import SimpleNamespace
+
+    from decoding.sampling import Sampler
+    from service.config import EngineConfig
+    from service.engine.speculation import Speculator
+
+    spec = Speculator(EngineConfig(speculative_method="ngram", num_speculative_tokens=8), Sampler(), [0], 1)
+    for rows in range(1, 10):
+        for _ in range(3):
+            spec.observe_step(rows, 0.010 + 0.005 * rows)   # extra rows cost a third of a step each
+    req = SimpleNamespace(request_id="copier")
+    for _ in range(20):
+        for _ in range(10):
+            spec.record(req, 4, 0)   # away from the source
+        spec.record(req, 4, 4)       # a run starts ...
+        for _ in range(5):
+            spec.record(req, 4, 4)   # ... goes on ...
+        spec.record(req, 4, 0)       # ... and ends
+    assert spec._best_k(req, 8, None, 0, 0, 0.0, 1) == 0   # last draft rejected
+    spec.record(req, 2, 2)
+    assert spec._best_k(req, 8, None, 0, 0, 0.0, 1) >= 4   # last draft whole: a run goes on
