@@ -267,3 +267,27 @@ def test_a_draft_after_a_whole_accepted_one_is_priced_by_what_follows_whole_ones
     assert spec._best_k(req, 8, None, 0, 0, 0.0, 1) == 0   # last draft rejected
     spec.record(req, 2, 2)
     assert spec._best_k(req, 8, None, 0, 0, 0.0, 1) >= 4   # last draft whole: a run goes on
+
+
+def test_a_requests_own_record_scales_its_proposers_scores() -> None:
+    """Scores are trusted engine-wide and per request: where the engine's traffic made a
+    proposer's sure-looking drafts good (copying), a request whose own sure-looking drafts were
+    all rejected (a chat turn after it) drafts little, while a new request still drafts long."""
+    from types import SimpleNamespace
+
+    from decoding.sampling import Sampler
+    from service.config import EngineConfig
+    from service.engine.speculation import Speculator
+
+    spec = Speculator(EngineConfig(speculative_method="suffix", num_speculative_tokens=8), Sampler(), [0], 1)
+    for rows in range(1, 10):
+        for _ in range(3):
+            spec.observe_step(rows, 0.010 + 0.002 * rows)
+    for i in range(50):   # the engine's traffic: sure-looking drafts, accepted whole
+        spec.record(SimpleNamespace(request_id=f"copy{i}"), 4, 4, [1.0] * 4)
+    chat = SimpleNamespace(request_id="chat")
+    for _ in range(4):
+        spec.record(chat, 2, 0, [1.0] * 2)   # this request's: rejected at once
+    sure = [1.0] * 8
+    assert spec._best_k(SimpleNamespace(request_id="new"), 8, sure, 0, 0, 0.0, 1) >= 4
+    assert spec._best_k(chat, 8, sure, 0, 0, 0.0, 1) <= 1   # engine-wide scores alone: 4 or more

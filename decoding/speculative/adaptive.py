@@ -126,13 +126,15 @@ def position_probs(rate: float, k: int, confidence: Sequence[float] | None = Non
     return [w * rate + (1 - w) * c for c in confidence[:k]]
 
 
-def confidence_scale(accepted: float, predicted: float) -> float:
-    """How far a proposer's scores are to be trusted on this engine: the draft tokens accepted over
-    the tokens its scores predicted (`expected_tokens` - 1 of each verified draft), blended with 1
-    (worth PRIOR_WEIGHT tokens). A suffix tree's frequencies are raw counts: a continuation seen
-    once scores 1.0, and on free chat (17% of such drafts accepted) they drafted ~3 tokens a step
-    at 0.90x plain decoding's speed."""
-    return (accepted + PRIOR_WEIGHT) / (predicted + PRIOR_WEIGHT)
+def confidence_scale(accepted: float, predicted: float, prior: float = 1.0) -> float:
+    """How far a proposer's scores are to be trusted: the draft tokens accepted over the tokens its
+    scores predicted (`expected_tokens` - 1 of each verified draft), blended with `prior` (worth
+    PRIOR_WEIGHT tokens). A suffix tree's frequencies are raw counts: a continuation seen once
+    scores 1.0, and on free chat (17% of such drafts accepted) they drafted ~3 tokens a step at
+    0.90x plain decoding's speed. Kept engine-wide (prior 1) and per request (prior: the engine's
+    scale), as text the engine's traffic made predictable (copying) may not be in one request (a
+    chat turn after it kept drafting 3 tokens a step, each draft rejected whole)."""
+    return (accepted + PRIOR_WEIGHT * prior) / (predicted + PRIOR_WEIGHT)
 
 
 def calibrated(confidence: Sequence[float], scale: float) -> list[float]:

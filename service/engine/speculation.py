@@ -184,7 +184,10 @@ class Speculator:
         prior = engine_prior(*self._prior[state], DEFAULT_ACCEPTANCE)
         mine = book.counts[state] if book is not None else (0, 0)
         if confidence is not None:
-            confidence = calibrated(confidence, confidence_scale(*self._scored))
+            scale = confidence_scale(*self._scored)
+            if book is not None:
+                scale = confidence_scale(*book.scored, prior=scale)
+            confidence = calibrated(confidence, scale)
         probs = position_probs(acceptance(mine[0], mine[1], prior), max_k, confidence, mine[1])
         return best_k(probs, max_k, self.cost, other_rows, float(other_tokens), draft_s_per_token, own_rows,
                       probe_plain=not self.proposer.cheap)
@@ -220,8 +223,10 @@ class Speculator:
             _fade(self._prior[book.streak])
             book.streak = int(num_accepted == num_drafts)
             if scores:
-                self._scored[0] += num_accepted
-                self._scored[1] += expected_tokens(scores, num_drafts) - 1.0
+                predicted = expected_tokens(scores, num_drafts) - 1.0
+                for scored in (book.scored, self._scored):
+                    scored[0] += num_accepted
+                    scored[1] += predicted
                 _fade(self._scored)
         self.tracker.record(req.request_id, num_drafts, num_accepted)
         if not self.tracker.enabled(req.request_id):
@@ -254,6 +259,7 @@ class _Book:
     and long at the turns."""
     counts: list[list[int]] = field(default_factory=lambda: [[0, 0], [0, 0]])
     streak: int = 0
+    scored: list[float] = field(default_factory=lambda: [0.0, 0.0])   # a scoring proposer's: [accepted, predicted]
 
 
 def _own_rows(req: Request) -> int:
