@@ -62,9 +62,11 @@ class LLM:
         prompts: str | Sequence[str] | Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         lora: str | None | Sequence[str | None] = None,
+        cache_salt: str | None = None,
     ) -> list[GenerateResult]:
         """Run the prompts together to completion. `lora` names a loaded adapter for every
-        prompt, or one per prompt (None: the base model)."""
+        prompt, or one per prompt (None: the base model). `cache_salt` keeps the prompts' cached
+        blocks and suffix decoding's store of outputs apart from other salts' (a tenant's)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt, as text or as ids
         params = params or SamplingParams()
@@ -79,7 +81,8 @@ class LLM:
             # Guided specs compile here, synchronously (cached: a repeated spec compiles once).
             grammar = self.engine.guide_compiler.compile_sync(p.guided) if p.guided is not None else None
             n_prompt = self.engine.add_request(
-                rid, list(prompt) if not isinstance(prompt, str) else prompt, p, guide=grammar, lora=adapter)
+                rid, list(prompt) if not isinstance(prompt, str) else prompt, p, cache_salt=cache_salt, guide=grammar,
+                lora=adapter)
             results[rid] = GenerateResult(rid, n_prompt, 0, [Completion(i) for i in range(p.n)])
             order.append(rid)
         while self.engine.has_unfinished():
