@@ -27,7 +27,7 @@ log = logging.getLogger("weft.kernels")
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("cpu_attention.c", "cpu_rope_store.c", "cpu_norm.c", "cpu_act.c", "cpu_llama.c", "cpu_qmatmul.c", "cpu_lora.c",
-           "cpu_argmax.c")
+           "cpu_argmax.c", "cpu_mask.c")
 # -march=native: the build is cached per machine (the CPU flags are part of the key). Wide
 # vectors: gcc otherwise caps AVX-512 machines at 256-bit vectors.
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
@@ -121,6 +121,9 @@ def _bind(dll: ctypes.CDLL) -> ctypes.CDLL:
     f.restype = None
     f = dll.weft_argmax_rows_f32
     f.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, ctypes.c_int]
+    f.restype = None
+    f = dll.weft_apply_bitmask_f32
+    f.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _i64, _i64]
     f.restype = None
     f = dll.weft_llama_layers_f32
     f.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, ctypes.c_float, _i64, _i64, _i64,
@@ -229,6 +232,18 @@ def argmax_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lib().weft_argmax_rows_f32(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), indices.data_ptr(),
                                values.data_ptr(), torch.get_num_threads())
     return values, indices
+
+
+def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """kernels/mask.py's apply_token_bitmask_ on float32 CPU logits [B, V] (rows contiguous),
+    bitmask int32 [B, >= ceil(V / 32)], rows int64 or None (kernels/csrc/cpu_mask.c). Callers
+    check `usable` and the shapes first."""
+    bitmask = bitmask if bitmask.stride(-1) == 1 else bitmask.contiguous()
+    if rows is not None:
+        rows = rows.to(torch.long).contiguous()
+    lib().weft_apply_bitmask_f32(logits.data_ptr(), logits.stride(0), bitmask.data_ptr(), bitmask.stride(0),
+                                 0 if rows is None else rows.data_ptr(),
+                                 logits.shape[0] if rows is None else rows.numel(), logits.shape[1])
 
 
 def lora_add(out: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, rank: int,

@@ -46,6 +46,11 @@ void weft_silu_mul_f32(const float *gate_up, float *out, int64_t num_tokens, int
 void weft_argmax_rows_f32(const float *x, int64_t rows, int64_t n, int64_t ld, int64_t *index, float *value,
                           int num_threads);
 
+/* Guided decoding's token bitmask (bit j of word w: token 32 w + j allowed), in place: -inf where
+   a bit is 0. rows: indices into logits and mask alike, or 0 for 0 .. num_rows-1. */
+void weft_apply_bitmask_f32(float *logits, int64_t ld, const int32_t *mask, int64_t ldm, const int64_t *rows,
+                            int64_t num_rows, int64_t vocab);
+
 /* y[m, n] = x[m, k] @ W^T, W as GGUF Q8_0 (fmt 1) or Q4_1 (fmt 2) rows (kernels/csrc/cpu_qmatmul.c). */
 int weft_qmatmul_f32(const float *x, int64_t m, int64_t k, const uint8_t *w, int fmt, int64_t n, float *y,
                      int64_t ldy, int num_threads);
