@@ -10,8 +10,8 @@ step and never reaches the prefix cache. See decoding/speculative/DESIGN.md.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
