@@ -154,6 +154,17 @@ def test_reset_prefix_cache(tiny_llama) -> None:
     assert llm.generate([prompt], GREEDY)[0].num_cached_tokens == 0
 
 
+def test_offline_generate_keeps_salts_apart(tiny_llama) -> None:
+    """LLM.generate's cache_salt: a prompt cached under one salt is a miss under another and
+    without one, a hit under the same."""
+    llm = LLM(str(tiny_llama), dtype="float32", progress=False, num_blocks=64)
+    prompt = list(range(3100, 3140))
+    assert llm.generate([prompt], GREEDY, cache_salt="a")[0].num_cached_tokens == 0
+    assert llm.generate([prompt], GREEDY, cache_salt="b")[0].num_cached_tokens == 0
+    assert llm.generate([prompt], GREEDY)[0].num_cached_tokens == 0
+    assert llm.generate([prompt], GREEDY, cache_salt="a")[0].num_cached_tokens == 32
+
+
 def test_caching_can_be_turned_off(tiny_llama) -> None:
     llm = LLM(str(tiny_llama), dtype="float32", progress=False, num_blocks=64, enable_prefix_caching=False)
     prompt = list(range(3000, 3040))
