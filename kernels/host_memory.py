@@ -3,9 +3,10 @@
 The paged KV cache is read a block (a few KB) at a time from wherever its blocks lie in
 gigabytes: on 4 KB pages nearly every block costs a TLB miss and a page walk, which the
 attention kernel's prefetches then wait on. (The weights, streamed in order, gained nothing
-from huge pages when measured: kernels/NOTES.md, "Huge pages".) Linux gives huge pages to memory that asks for them (madvise) when
-/sys/kernel/mm/transparent_hugepage/enabled is `madvise` (the common default) or `always`; the
-pages are taken at the first touch, so the buffer is asked for before anything is written to it.
+from huge pages when measured: kernels/NOTES.md, "Huge pages".) Linux gives huge pages to
+memory that asks for them (madvise) when /sys/kernel/mm/transparent_hugepage/enabled is
+`madvise` (the common default) or `always`; the pages are taken at the first touch, so the
+buffer is asked for before anything is written to it.
 Anywhere else (not Linux, THP off) these are plain tensors.
 """
 from __future__ import annotations
